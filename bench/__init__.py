@@ -1,0 +1,1 @@
+"""Benchmarks. Results from real runs live in bench/results/ as JSON."""

@@ -1,0 +1,1 @@
+"""Checkpoint readers: GGUF files and HF directories -> (ModelConfig, Weights, Tokenizer)."""

@@ -1,0 +1,208 @@
+"""Tokenizers: HF `tokenizers` built from GGUF metadata, or loaded from an HF `tokenizer.json`.
+
+For GGUF byte-level BPE vocabularies the text is split before BPE the way llama.cpp splits it for
+the file's `tokenizer.ggml.pre` (the way the model's own tokenizer.json does). For SmolLM2
+("smollm") that is: every digit on its own, then the GPT-2 pattern.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from xlaserve.checkpoints.base import CheckpointError
+from xlaserve.checkpoints.chat import render_chat
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _gpt2():
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2():
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
+
+
+def _llama3():
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+# tokenizer.ggml.pre -> pre-tokenizer, following llama.cpp's llama-vocab.cpp.
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), _gpt2),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), _digits_then_gpt2
+    ),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx", "pixtral"), _llama3),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class Tokenizer:
+    """Text <-> ids, the model's special tokens and its chat template."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        chat_template: str | None,
+        source: str,
+    ):
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.source = source
+        self.special_ids = frozenset(
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError(f"{self.source}: the model has no chat template; pass plain prompts instead")
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages) -> list[int]:
+        """Ids of the rendered chat; the template writes any BOS itself, so none is added."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def tokenizer_from_gguf(meta: dict, path) -> Tokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise CheckpointError(path, "the file has no tokenizer (tokenizer.ggml.tokens is missing)")
+    if kind != "gpt2":
+        raise CheckpointError(
+            path, f"tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(
+            path, f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise CheckpointError(path, "the BPE tokenizer has no merges (tokenizer.ggml.merges is missing)")
+
+    alphabet = _bytes_to_unicode()
+    letters = set(alphabet.values())
+    spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode()) for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    backend = tokenizers.Tokenizer(bpe)
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    control = [t for t, ty in zip(spelled, types, strict=False) if ty == 3 and set(t) <= letters]
+    user = [t for t, ty in zip(spelled, types, strict=False) if ty == 4]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return spelled[i] if i is not None and 0 <= i < len(spelled) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
+    if add_bos or add_eos:
+        pieces = ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
+        special = [(t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t]
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(pieces), special_tokens=special
+        )
+    return Tokenizer(
+        backend,
+        bos_token=bos,
+        eos_token=eos,
+        chat_template=meta.get("tokenizer.chat_template"),
+        source=str(path),
+    )
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_from_hf_dir(directory: Path) -> Tokenizer:
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(file, "tokenizer file is missing (xlaserve needs tokenizer.json)")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:
+        raise CheckpointError(file, f"cannot read tokenizer: {e}") from None
+    config = {}
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(config_file, f"invalid JSON: {e}") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja_file = directory / "chat_template.jinja"
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text()
+    return Tokenizer(
+        backend,
+        bos_token=_token_content(config.get("bos_token")),
+        eos_token=_token_content(config.get("eos_token")),
+        chat_template=template,
+        source=str(directory),
+    )

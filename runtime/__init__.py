@@ -1,0 +1,1 @@
+"""Model families, KV cache, the device programs, sampling, engine and scheduler."""

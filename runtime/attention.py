@@ -1,0 +1,120 @@
+"""Paged KV cache and the XLA attention over it.
+
+Dimension letters: B sequences, T query tokens per sequence, L layers, N pages in the pool, P tokens
+per page, W page-table width (pages per sequence), H kv heads, G query heads per kv head, D head dim.
+
+One function serves prefill (B=1, T=chunk) and decode (B=slots, T=1): queries at absolute positions
+`q_pos[B, T]` attend to keys at positions `< kv_len[B]` that are `<= q_pos` (causal). Keys are read
+from the pages in `page_table[B, W]` one block of `block` tokens at a time with an online softmax, and
+the loop stops at the longest `kv_len` of the batch, so the cost follows the real context length.
+
+When the table is exactly one block wide there is no loop: decode cuts the table to a KV-length
+bucket and attends densely, because on CPU each loop iteration costs ~0.1 ms per layer, more than
+the attention itself at short contexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# A finite "minus infinity": exp() of it underflows to 0 without producing NaN in max-subtraction.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, N, P, H, D]
+    v: jax.Array  # [L, N, P, H, D]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+
+def write_kv(cache: KVCache, layer, k, v, pages, offsets) -> KVCache:
+    """Store k, v [B, T, H, D] at (pages, offsets) [B, T] of `layer`. A page index ≥ N is dropped;
+    callers use it for padding tokens and idle slots."""
+    idx = (layer, pages, offsets)
+    return KVCache(
+        cache.k.at[idx].set(k.astype(cache.k.dtype), mode="drop"),
+        cache.v.at[idx].set(v.astype(cache.v.dtype), mode="drop"),
+    )
+
+
+def token_slots(page_table, positions, valid, page_size: int, num_pages: int):
+    """(page, offset) [B, T] where the tokens at `positions` [B, T] live. Tokens that are not
+    `valid`, or fall past the end of the table, map to page `num_pages` (dropped on write)."""
+    width = page_table.shape[1]
+    page_idx = positions // page_size
+    in_table = valid & (page_idx < width)
+    pages = jnp.take_along_axis(page_table, jnp.clip(page_idx, 0, width - 1), axis=1)
+    return jnp.where(in_table, pages, num_pages), positions % page_size
+
+
+def paged_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, *, block: int):
+    """softmax(q k^T / sqrt(D)) v over the paged cache of `layer`.
+
+    q [B, T, H, G, D]; page_table [B, W] (W a multiple of block / P); q_pos [B, T]; kv_len [B].
+    Returns [B, T, H, G, D] in q's dtype. A sequence with kv_len 0 gets zeros, never NaN.
+    """
+    assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
+    b, t, h, g, d = q.shape
+    page_size = cache.page_size
+    pages_per_block = block // page_size
+    scale = d**-0.5
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    n_blocks = (jnp.max(kv_len) + block - 1) // block
+
+    def body(j, carry):
+        peak, total, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * pages_per_block, pages_per_block, axis=1)
+        k = cache.k[layer, pages].reshape(b, block, h, d)  # gather: [B, block, H, D]
+        v = cache.v[layer, pages].reshape(b, block, h, d)
+        s = jnp.einsum("bthgd,bshd->bthgs", q, k, precision=precision, preferred_element_type=jnp.float32)
+        s = s * scale
+        kv_pos = j * block + jnp.arange(block)
+        visible = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (
+            kv_pos[None, None, :] < kv_len[:, None, None]
+        )
+        visible = visible[:, :, None, None, :]  # [B, T, 1, 1, block]
+        s = jnp.where(visible, s, MASK_VALUE)
+        peak_new = jnp.maximum(peak, s.max(axis=-1))
+        p = jnp.where(visible, jnp.exp(s - peak_new[..., None]), 0.0)
+        correction = jnp.exp(peak - peak_new)
+        total = total * correction + p.sum(axis=-1)
+        pv = jnp.einsum(
+            "bthgs,bshd->bthgd", p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+        )
+        return peak_new, total, acc * correction[..., None] + pv
+
+    init = (
+        jnp.full((b, t, h, g), MASK_VALUE, jnp.float32),
+        jnp.zeros((b, t, h, g), jnp.float32),
+        jnp.zeros((b, t, h, g, d), jnp.float32),
+    )
+    if page_table.shape[1] == pages_per_block:
+        _, total, acc = body(0, init)
+    else:
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(total == 0.0, 1.0, total)[..., None]
+    return out.astype(q.dtype)
+
+
+def reference_attention(q, k_seq, v_seq, q_pos, kv_len):
+    """Dense masked attention for tests: q [B, T, H, G, D], k/v [B, S, H, D] already gathered."""
+    d = q.shape[-1]
+    s = jnp.einsum("bthgd,bshd->bthgs", q, k_seq, precision=jax.lax.Precision.HIGHEST) * d**-0.5
+    kv_pos = jnp.arange(k_seq.shape[1])
+    visible = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
+    s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(jnp.isnan(p), 0.0, p)
+    return jnp.einsum("bthgs,bshd->bthgd", p, v_seq, precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,208 @@
+"""Model configuration (what the checkpoint is) and engine configuration (how we serve it).
+
+The two are kept apart on purpose: a `ModelConfig` is fixed by the weights, an `EngineConfig` is
+serving policy (slots, pages, buckets, dtypes) and may change between runs of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding. `kind`: "default", "linear" (positions / factor) or "llama3" (frequency bands).
+
+    `freq_factors` are per-frequency divisors as llama.cpp stores them (`rope_freqs.weight`); when
+    given they replace the llama3 formula.
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    freq_factors: tuple[float, ...] | None = None
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2], float32, computed as HF transformers does."""
+        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        inv = (1.0 / (self.theta**exponent)).astype(np.float32)
+        if self.freq_factors is not None:
+            return (inv / np.asarray(self.freq_factors, np.float32)).astype(np.float32)
+        if self.kind == "linear":
+            return (inv / np.float32(self.factor)).astype(np.float32)
+        if self.kind == "llama3":
+            low_wavelen = self.original_max_position / self.low_freq_factor
+            high_wavelen = self.original_max_position / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder. Shapes use: D=hidden, F=ffn, Hq/Hkv heads, Dh=head_dim, V=vocab."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def param_count(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        heads = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + heads + d
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving policy. None means "choose for the backend" (see `resolve`).
+
+    - max_slots: decode batch size (concurrent sequences).
+    - page_size: tokens per KV page. num_pages: pool size (None: every slot can reach max_model_len).
+    - max_model_len: longest sequence (prompt + output) served; ≤ the model's context.
+    - prefill_buckets: padded prompt-chunk lengths; the largest is the chunk size for long prompts.
+    - attn_block: tokens of KV visited per step of prefill's blocked attention loop (a multiple of
+      page_size).
+    - kv_buckets: KV lengths (tokens) the decode program is compiled for; a dispatch uses the
+      smallest that holds every active sequence. None: 64, 256, 1024, ... and the longest.
+    - slot_buckets: decode batch sizes compiled; a dispatch uses the smallest holding the highest
+      busy slot (on CPU an idle row costs nearly as much as a busy one). None: 1 and max_slots.
+    - decode_steps: decode steps run per dispatch (k); the host sees tokens every k steps.
+    - max_logprobs: the most top-N alternatives a request may ask for.
+    - dtype: activations/KV/weights ("float32", "bfloat16"); None: float32 on CPU, bfloat16 elsewhere.
+    - quantized: keep GGUF-quantized weights quantized in memory (dequantized inside the programs;
+      on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
+      dequantized at load. None: quantized.
+    - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
+    """
+
+    max_slots: int = 8
+    page_size: int = 16
+    num_pages: int | None = None
+    max_model_len: int | None = None
+    prefill_buckets: tuple[int, ...] = (32, 128, 512)
+    attn_block: int = 256
+    kv_buckets: tuple[int, ...] | None = None
+    slot_buckets: tuple[int, ...] | None = None
+    decode_steps: int = 1
+    max_logprobs: int = 20
+    dtype: str | None = None
+    quantized: bool | None = None
+    compile_cache: str | None = None
+
+    def resolve(self, model: ModelConfig, backend: str) -> EngineConfig:
+        """Fill in backend defaults and check every field against its limit."""
+        on_cpu = backend == "cpu"
+        max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
+        cfg = dataclasses.replace(
+            self,
+            dtype=self.dtype or ("float32" if on_cpu else "bfloat16"),
+            quantized=True if self.quantized is None else self.quantized,
+            max_model_len=max_len,
+            prefill_buckets=tuple(sorted(set(self.prefill_buckets))),
+        )
+        _check(cfg.max_slots >= 1, "max_slots", cfg.max_slots, "must be ≥ 1")
+        _check(cfg.page_size >= 1, "page_size", cfg.page_size, "must be ≥ 1")
+        _check(
+            1 <= max_len <= model.max_position_embeddings,
+            "max_model_len",
+            max_len,
+            f"must be in [1, {model.max_position_embeddings}] (the model's context)",
+        )
+        _check(
+            cfg.attn_block >= cfg.page_size and cfg.attn_block % cfg.page_size == 0,
+            "attn_block",
+            cfg.attn_block,
+            f"must be a positive multiple of page_size ({cfg.page_size})",
+        )
+        _check(
+            bool(cfg.prefill_buckets) and cfg.prefill_buckets[0] >= 1,
+            "prefill_buckets",
+            cfg.prefill_buckets,
+            "must be non-empty positive lengths",
+        )
+        longest = cfg.pages_per_seq * cfg.page_size
+        buckets = cfg.kv_buckets or tuple(b for b in (64 * 4**i for i in range(12)) if b < longest)
+        _check(
+            all(0 < b <= longest for b in buckets),
+            "kv_buckets",
+            cfg.kv_buckets,
+            f"must be lengths in [1, {longest}]",
+        )
+        rounded = {-(-b // cfg.page_size) * cfg.page_size for b in buckets} | {longest}
+        cfg = dataclasses.replace(cfg, kv_buckets=tuple(sorted(rounded)))
+        slots = cfg.slot_buckets or (1,)
+        _check(
+            all(1 <= b <= cfg.max_slots for b in slots),
+            "slot_buckets",
+            cfg.slot_buckets,
+            f"must be batch sizes in [1, {cfg.max_slots}] (max_slots)",
+        )
+        cfg = dataclasses.replace(cfg, slot_buckets=tuple(sorted(set(slots) | {cfg.max_slots})))
+        _check(cfg.decode_steps >= 1, "decode_steps", cfg.decode_steps, "must be ≥ 1")
+        _check(0 <= cfg.max_logprobs <= 100, "max_logprobs", cfg.max_logprobs, "must be in [0, 100]")
+        _check(
+            cfg.dtype in ("float32", "bfloat16", "float16"),
+            "dtype",
+            cfg.dtype,
+            "must be float32, bfloat16 or float16",
+        )
+        min_pages = cfg.pages_per_seq
+        _check(
+            cfg.num_pages is None or cfg.num_pages >= min_pages,
+            "num_pages",
+            cfg.num_pages,
+            f"must be ≥ {min_pages} (one sequence of max_model_len)",
+        )
+        return cfg
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Width of a page-table row: enough pages for max_model_len, rounded up to whole attn blocks."""
+        assert self.max_model_len is not None, "resolve() first"
+        tokens = -(-self.max_model_len // self.attn_block) * self.attn_block
+        return tokens // self.page_size
+
+    @property
+    def total_pages(self) -> int:
+        return self.num_pages if self.num_pages is not None else self.max_slots * self.pages_per_seq
+
+
+def _check(ok: bool, field: str, value, limit: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} {limit}")

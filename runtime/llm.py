@@ -1,0 +1,179 @@
+"""`xlaserve.LLM`: load a model, compile it, and run prompts through the slot manager.
+
+llm = LLM("smollm2")
+out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
+for delta in llm.stream("Tell me a story", SamplingParams(max_tokens=64)):
+    print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+from xlaserve.checkpoints import registry
+from xlaserve.checkpoints.load import load_model
+from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
+from xlaserve.runtime.runner import Runner
+from xlaserve.runtime.sampling import SamplingParams, with_seed
+
+log = logging.getLogger("xlaserve")
+
+Prompt = str | Sequence[int]
+
+
+def enable_compile_cache(path: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache (None: the default location; "": off)."""
+    if path == "":
+        return None
+    path = path or os.environ.get("XLASERVE_COMPILE_CACHE") or str(registry.home() / "jax-cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str = registry.DEFAULT_MODEL,
+        *,
+        engine_config: EngineConfig | None = None,
+        progress: Callable[[str], None] | None = None,
+        **engine_fields,
+    ):
+        """model: an alias ("smollm2", pulled on first use), a .gguf file or an HF directory.
+        engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
+        quantized, decode_steps, prefill_buckets, ...), overriding `engine_config`."""
+        progress = progress or (lambda msg: log.info(msg))
+        base = engine_config or EngineConfig()
+        unknown = set(engine_fields) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        base = EngineConfig(**{**base.__dict__, **engine_fields})
+        enable_compile_cache(base.compile_cache)
+        on_cpu = jax.default_backend() == "cpu"
+        dtype = base.dtype or ("float32" if on_cpu else "bfloat16")
+        quantized = True if base.quantized is None else base.quantized
+        path = registry.resolve(model, log=progress)
+        progress(f"loading {path}")
+        t0 = time.perf_counter()
+        loaded = load_model(path, dequantize=not quantized, dtype=dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self.model_path, self.config, self.tokenizer = str(path), loaded.config, loaded.tokenizer
+        self.quantization = loaded.quantization
+        self.engine = Engine(loaded.config, loaded.weights, base, progress=progress)
+        self.runner = Runner(self.engine, self.tokenizer)
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng()
+        self.eos_ids = frozenset(loaded.config.eos_token_ids)
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.engine.ecfg
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Prompt text (or chat messages with chat=True) -> ids, checked against the engine's limits."""
+        if chat:
+            ids = self.tokenizer.encode_chat(prompt)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} is out of range [0, {self.config.vocab_size})")
+        limit = self.engine_config.max_model_len - 1
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        if len(ids) > limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; the limit is {limit} (max_model_len - 1)")
+        return ids
+
+    def make_request(
+        self, prompt: Prompt, params: SamplingParams, *, chat: bool = False, request_id: str | None = None
+    ) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.logprobs is not None and params.logprobs > self.engine_config.max_logprobs:
+            raise ValueError(
+                f"logprobs={params.logprobs} exceeds max_logprobs={self.engine_config.max_logprobs}"
+            )
+        bad = next((t for t in params.stop_token_ids if t >= self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids contains {bad}, out of range [0, {self.config.vocab_size})")
+        ids = self.encode(prompt, chat=chat)
+        return Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=ids,
+            params=params,
+            seed=with_seed(params, self._rng),
+            eos_ids=self.eos_ids,
+            timings=Timings(arrival=time.perf_counter()),
+        )
+
+    def _run(self, requests: list[Request]) -> Iterator[Delta]:
+        for r in requests:
+            self.runner.submit(r)
+        pending = {r.request_id for r in requests}
+        while pending:
+            for delta in self.runner.step():
+                yield delta
+                if delta.request.finished:
+                    pending.discard(delta.request.request_id)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+        on_delta: Callable[[int, Delta], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs in prompt order. With chat=True each
+        prompt is a list of {"role", "content"} messages (the model's template is applied).
+        on_delta(i, delta) is called as prompt i produces tokens."""
+        prompts = _as_list(prompts, chat)
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        requests = [self.make_request(p, sp, chat=chat) for p, sp in zip(prompts, plist, strict=True)]
+        index = {r.request_id: i for i, r in enumerate(requests)}
+        for delta in self._run(requests):
+            if on_delta is not None:
+                on_delta(index[delta.request.request_id], delta)
+        return [r.output() for r in requests]
+
+    def chat(self, messages, params: SamplingParams | None = None) -> RequestOutput:
+        """One conversation (a list of messages) -> the assistant's reply."""
+        return self.generate([messages], params, chat=True)[0]
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False
+    ) -> Iterator[Delta]:
+        """Deltas of one request as they are produced; the last has delta.request.finished."""
+        yield from self._run([self.make_request(prompt, params or SamplingParams(), chat=chat)])
+
+
+def _as_list(prompts, chat: bool) -> list:
+    if chat:
+        # one conversation (a list of dicts) or several
+        if isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], dict):
+            return [prompts]
+        return list(prompts)
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int | np.integer) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+    return list(prompts)

@@ -1,0 +1,218 @@
+"""Sampling parameters (validated on the host) and token selection on device, per slot.
+
+Order of operations follows HF transformers: repetition penalty, then temperature, then top-k,
+top-p and min-p, then a draw. Temperature 0 is greedy (argmax of the penalized logits). Each filter
+becomes a logit threshold; a token tied with the threshold is kept. The draw for the token at
+absolute position p of a request uses the key fold_in(seed, p), so a seed reproduces its output
+whatever else shares the batch. Log-probs are those of the model's own distribution
+(log_softmax of the raw logits), which is what scoring and evals need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler. Invalid values raise ValueError naming the field.
+
+    top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters; repetition_penalty 1 disables it.
+    logprobs None returns no log-probs; 0 the chosen token's; N also the top N alternatives.
+    stop: strings that end the output (not included in the text); stop_token_ids likewise for ids.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _int("max_tokens", self.max_tokens, 1, 1 << 20)
+        _num("temperature", self.temperature, 0.0, 100.0)
+        _int("top_k", self.top_k, -1, 1 << 31)
+        _num("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _num("min_p", self.min_p, 0.0, 1.0)
+        _num("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
+        if self.seed is not None:
+            _int("seed", self.seed, 0, MAX_SEED)
+        if len(self.stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
+            raise ValueError("stop must be at most 16 non-empty strings of at most 256 characters")
+        for i, t in enumerate(self.stop_token_ids):
+            _int(f"stop_token_ids[{i}]", t, 0, 1 << 31)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0, 100)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _int(field: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+        raise ValueError(f"{field}={value!r} must be an integer in [{lo}, {hi}]")
+
+
+def _num(field: str, value, lo: float, hi: float, low_open: bool = False) -> None:
+    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo < value if low_open else lo <= value) and value <= hi
+    if not ok:
+        raise ValueError(f"{field}={value!r} must be a number in {'(' if low_open else '['}{lo}, {hi}]")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingState:
+    """Per-slot sampler settings on device; every field is [S] (seed_words [S, 2])."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    seed_words: jax.Array  # uint32 [S, 2]: the 64-bit seed as a threefry key
+    n_top: jax.Array  # int32: top alternatives wanted (0: none)
+
+    @staticmethod
+    def zeros(slots: int) -> SamplingState:
+        f = lambda v: np.full((slots,), v, np.float32)
+        return SamplingState(
+            temperature=f(0.0),
+            top_k=np.zeros((slots,), np.int32),
+            top_p=f(1.0),
+            min_p=f(0.0),
+            repetition_penalty=f(1.0),
+            seed_words=np.zeros((slots, 2), np.uint32),
+            n_top=np.zeros((slots,), np.int32),
+        )
+
+    @staticmethod
+    def of(params: SamplingParams, seed: int) -> SamplingState:
+        """One row for `params`; `seed` replaces params.seed when that is None."""
+        top_k = 0 if params.top_k < 0 else params.top_k
+        return SamplingState(
+            temperature=np.float32([params.temperature]),
+            top_k=np.int32([min(top_k, 2**31 - 1)]),
+            top_p=np.float32([params.top_p]),
+            min_p=np.float32([params.min_p]),
+            repetition_penalty=np.float32([params.repetition_penalty]),
+            seed_words=np.array([[seed >> 32, seed & 0xFFFFFFFF]], np.uint32),
+            n_top=np.int32([params.logprobs or 0]),
+        )
+
+
+def sample(logits, state: SamplingState, seen, positions, *, max_top: int):
+    """Choose one token per row.
+
+    logits [B, V] float32; seen [B, V] bool (tokens the repetition penalty applies to); positions [B]
+    (absolute position of the token being chosen). Returns tokens [B] int32, their log-probs [B],
+    and the top `max_top` (ids [B, max_top], log-probs [B, max_top]) of the raw distribution.
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalty = state.repetition_penalty[:, None]
+    penalized = jnp.where(
+        seen & (penalty != 1.0), jnp.where(logits > 0, logits / penalty, logits * penalty), logits
+    )
+    greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    is_greedy = state.temperature == 0.0
+
+    def draw(_):
+        x = penalized / jnp.where(is_greedy, 1.0, state.temperature)[:, None]
+        x = filter_logits(x, state.top_k, state.top_p, state.min_p)
+        keys = jax.vmap(lambda w, p: jax.random.fold_in(jax.random.wrap_key_data(w), p))(
+            state.seed_words, positions
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        return jnp.where(is_greedy, greedy_tokens, drawn)
+
+    tokens = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, draw, None)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    if max_top == 0:
+        b = logits.shape[0]
+        return tokens, chosen, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
+
+    def top(_):
+        lp, ids = jax.lax.top_k(logprobs, max_top)
+        return ids.astype(jnp.int32), lp
+
+    def none(_):
+        b = logits.shape[0]
+        return jnp.zeros((b, max_top), jnp.int32), jnp.zeros((b, max_top), jnp.float32)
+
+    top_ids, top_lps = jax.lax.cond(jnp.any(state.n_top > 0), top, none, None)
+    return tokens, chosen, top_ids, top_lps
+
+
+def _order_key(x):
+    """uint32 keys with the same order as the float32 values x (so thresholds can be bisected)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_threshold(key, enough):
+    """Per row, the largest uint32 t with enough(key >= t) true; `enough` must be monotone (true for
+    t = 0). 32 halvings of [0, 2^32 - 1] find it exactly. key [B, V] -> [B]."""
+    b = key.shape[0]
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = enough(key >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(
+        0, 32, halve, (jnp.zeros((b,), jnp.uint32), jnp.full((b,), 2**32 - 1, jnp.uint32))
+    )
+    return lo
+
+
+def filter_logits(x, top_k, top_p, min_p):
+    """Set to -inf every logit below the row's top-k / top-p / min-p threshold. x [B, V].
+
+    Thresholds are found by bisection over the values' order keys rather than by sorting the
+    vocabulary (XLA:CPU sorts 8 x 49k logits in ~70 ms; the bisection takes ~2 ms), and are exact:
+    top-k keeps the values ≥ the k-th largest; top-p keeps the values ≥ the largest t whose
+    {x ≥ t} holds at least top_p of the (top-k-filtered) probability mass.
+    """
+
+    def filtered(x):
+        key = _order_key(x)
+        k = jnp.where(top_k > 0, top_k, 1)
+        thr_k = _largest_threshold(key, lambda keep: jnp.sum(keep, axis=-1) >= k)
+        thr_k = jnp.where(top_k > 0, thr_k, 0)
+        probs = jax.nn.softmax(jnp.where(key >= thr_k[:, None], x, -jnp.inf), axis=-1)
+        thr_p = _largest_threshold(key, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p)
+        thr = jnp.maximum(thr_k, jnp.where(top_p < 1.0, thr_p, 0))
+        thr_m = jnp.max(x, axis=-1) + jnp.log(jnp.maximum(min_p, 1e-30))
+        keep = (key >= thr[:, None]) & ((min_p <= 0.0)[:, None] | (x >= thr_m[:, None]))
+        return jnp.where(keep, x, -jnp.inf)
+
+    needed = jnp.any((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))
+    return jax.lax.cond(needed, filtered, lambda x: x, x)
+
+
+def with_seed(params: SamplingParams, rng: np.random.Generator) -> int:
+    """The request's seed, or a fresh one for unseeded requests."""
+    if params.seed is not None:
+        return params.seed
+    return int(rng.integers(0, MAX_SEED, dtype=np.uint64))

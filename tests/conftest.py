@@ -1,0 +1,47 @@
+"""Shared fixtures: the real model (required, never skipped), one compiled engine per session, and
+the HF transformers reference loading the same GGUF file."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from helpers import TEST_ENGINE
+
+warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    from xlaserve.checkpoints import registry
+
+    try:
+        return registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
+    except registry.PullError as e:
+        pytest.fail(f"the default model is required for the test suite and could not be pulled: {e}")
+
+
+@pytest.fixture(scope="session")
+def llm(model_path):
+    from xlaserve import LLM
+
+    return LLM(str(model_path), **TEST_ENGINE)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    import torch  # the reference stack is required: a missing torch is an error, not a skip
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)

