@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from xlaserve import LLM
     from xlaserve.checkpoints import registry
 

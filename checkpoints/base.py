@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.llama import Layer, Weights
 from xlaserve.runtime.quant import QuantArray, dequantize

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 from xlaserve.checkpoints.base import CheckpointError, Loaded, finish_matrix, stack_layers
 from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
 from xlaserve.runtime.config import ModelConfig, RopeConfig

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+
 from xlaserve.checkpoints.base import CheckpointError, Loaded, stack_layers
 from xlaserve.checkpoints.safetensors import read_safetensors
 from xlaserve.checkpoints.tokenizer import tokenizer_from_hf_dir

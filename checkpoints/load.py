@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+
 from xlaserve.checkpoints.base import CheckpointError, Loaded
 from xlaserve.checkpoints.gguf import load_gguf
 from xlaserve.checkpoints.hf import load_hf_dir

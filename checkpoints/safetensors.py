@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
 from xlaserve.checkpoints.base import CheckpointError
 
 DTYPES = {

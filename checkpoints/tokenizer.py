@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
 from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.chat import render_chat
 

@@ -104,6 +104,11 @@ class EngineConfig:
       busy slot (on CPU an idle row costs nearly as much as a busy one). None: 1 and max_slots.
     - decode_steps: decode steps run per dispatch (k); the host sees tokens every k steps.
     - max_logprobs: the most top-N alternatives a request may ask for.
+    - prefill_token_budget: prompt tokens prefilled per step across all prompts (None: the largest
+      prefill bucket), bounding how long running streams wait for a new prompt.
+    - prefix_cache: reuse the K/V pages of prompt prefixes seen before.
+    - admission: max_queue waiting requests; max_per_client requests in flight per client id (None:
+      no limit); max_prompt_tokens / max_new_tokens (None: max_model_len - 1).
     - dtype: activations/KV/weights ("float32", "bfloat16"); None: float32 on CPU, bfloat16 elsewhere.
     - quantized: keep GGUF-quantized weights quantized in memory (dequantized inside the programs;
       on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
@@ -121,6 +126,12 @@ class EngineConfig:
     slot_buckets: tuple[int, ...] | None = None
     decode_steps: int = 1
     max_logprobs: int = 20
+    prefill_token_budget: int | None = None
+    prefix_cache: bool = True
+    max_queue: int = 4096
+    max_per_client: int | None = None
+    max_prompt_tokens: int | None = None
+    max_new_tokens: int | None = None
     dtype: str | None = None
     quantized: bool | None = None
     compile_cache: str | None = None
@@ -175,6 +186,10 @@ class EngineConfig:
         )
         cfg = dataclasses.replace(cfg, slot_buckets=tuple(sorted(set(slots) | {cfg.max_slots})))
         _check(cfg.decode_steps >= 1, "decode_steps", cfg.decode_steps, "must be ≥ 1")
+        _check(cfg.max_queue >= 1, "max_queue", cfg.max_queue, "must be ≥ 1")
+        for name in ("max_per_client", "max_prompt_tokens", "max_new_tokens", "prefill_token_budget"):
+            value = getattr(cfg, name)
+            _check(value is None or value >= 1, name, value, "must be ≥ 1 (or None)")
         _check(0 <= cfg.max_logprobs <= 100, "max_logprobs", cfg.max_logprobs, "must be in [0, 100]")
         _check(
             cfg.dtype in ("float32", "bfloat16", "float16"),

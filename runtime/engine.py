@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from xlaserve.runtime import llama, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, ModelConfig

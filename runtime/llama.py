@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from xlaserve.runtime.attention import KVCache, paged_attention, token_slots, write_kv
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.quant import QuantArray, linear, take_rows

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+
 from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.load import load_model
 from xlaserve.runtime.config import EngineConfig
@@ -91,16 +92,22 @@ class LLM:
             bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
             if bad is not None:
                 raise ValueError(f"prompt token id {bad} is out of range [0, {self.config.vocab_size})")
-        limit = self.engine_config.max_model_len - 1
         if not ids:
             raise ValueError("prompt is empty (0 tokens)")
-        if len(ids) > limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; the limit is {limit} (max_model_len - 1)")
         return ids
 
     def make_request(
-        self, prompt: Prompt, params: SamplingParams, *, chat: bool = False, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        chat: bool = False,
+        request_id: str | None = None,
+        priority: int = 0,
+        client_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> Request:
+        """A validated request (ValueError / RequestTooLarge name the field and the limit)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.logprobs is not None and params.logprobs > self.engine_config.max_logprobs:
@@ -111,24 +118,43 @@ class LLM:
         if bad is not None:
             raise ValueError(f"stop_token_ids contains {bad}, out of range [0, {self.config.vocab_size})")
         ids = self.encode(prompt, chat=chat)
-        return Request(
+        now = time.perf_counter()
+        req = Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_ids=ids,
             params=params,
             seed=with_seed(params, self._rng),
             eos_ids=self.eos_ids,
-            timings=Timings(arrival=time.perf_counter()),
+            timings=Timings(arrival=now),
+            priority=priority,
+            client_id=client_id,
+            deadline=None if timeout_s is None else now + timeout_s,
         )
+        self.runner.scheduler.check(req)
+        return req
+
+    def stats(self) -> dict:
+        """Slots busy, pages free/used/cached, queue length, prefix hit rate, preemptions, ..."""
+        return self.runner.stats()
 
     def _run(self, requests: list[Request]) -> Iterator[Delta]:
-        for r in requests:
-            self.runner.submit(r)
-        pending = {r.request_id for r in requests}
-        while pending:
-            for delta in self.runner.step():
-                yield delta
-                if delta.request.finished:
-                    pending.discard(delta.request.request_id)
+        submitted = []
+        try:
+            for r in requests:
+                self.runner.submit(r)
+                submitted.append(r)
+            pending = {r.request_id for r in requests}
+            while pending:
+                for delta in self.runner.step():
+                    yield delta
+                    if delta.request.finished:
+                        pending.discard(delta.request.request_id)
+        finally:  # an error or an abandoned stream: nothing stays queued or holds a slot
+            for r in submitted:
+                if not r.finished:
+                    self.runner.cancel(r.request_id)
+            while self.runner.busy and not self.runner.seqs:
+                self.runner.step()  # read the last in-flight dispatch
 
     def generate(
         self,

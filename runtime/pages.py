@@ -1,16 +1,29 @@
-"""The KV page pool on the host: a free list with reference counts. No JAX here.
+"""The KV page pool on the host: reference counts, a free list and a prefix cache. No JAX here.
 
-A page is owned by every sequence whose page table lists it; it returns to the free list when the
-last owner lets go. Freeing a page nobody holds is a bug and raises.
+A page is held by every sequence whose page table lists it and returns to the pool when the last
+holder lets go. A *full* page can be published under the hash of its tokens chained with the hash
+of the page before it, so a later sequence whose prompt starts with the same tokens maps those
+pages instead of recomputing them (published pages are never written again: a sequence only
+writes past its shared prefix, into pages of its own). Published pages nobody holds stay cached,
+least recently used first in line for eviction when the free list is empty.
+
+Invariants (checked by `check()` and a property test): every page is exactly one of free, cached
+(published, unheld) or held (refcount > 0); a published page's hash maps back to it.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 
 class OutOfPages(RuntimeError):
     pass
+
+
+def chain_hash(previous: int | None, tokens: Sequence[int]) -> int:
+    """Hash of a full page given the hash of the page before it (None for the first)."""
+    return hash((previous, tuple(tokens)))
 
 
 class PageAllocator:
@@ -18,28 +31,53 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free: deque[int] = deque(range(num_pages))
         self._refs = [0] * num_pages
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unheld published pages, LRU first
+        self._by_hash: dict[int, int] = {}
+        self._page_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # page -> (hash, tokens)
+        self.evictions = 0
+
+    # -- counts -----------------------------------------------------------------------------------
 
     @property
     def free_count(self) -> int:
-        return len(self._free)
+        """Pages an allocation can take: free ones and cached ones (evicted on demand)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def cached_count(self) -> int:
+        return len(self._cached)
 
     @property
     def used_count(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.free_count
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
+
+    # -- holding and releasing ----------------------------------------------------------------------
 
     def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free of {self.num_pages}")
-        pages = [self._free.popleft() for _ in range(n)]
-        for p in pages:
-            self._refs[p] = 1
+        if n > self.free_count:
+            raise OutOfPages(f"asked for {n} pages, {self.free_count} available of {self.num_pages}")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page = self._free.popleft()
+            else:
+                page, _ = self._cached.popitem(last=False)
+                self._unpublish(page)
+                self.evictions += 1
+            self._refs[page] = 1
+            pages.append(page)
         return pages
 
     def share(self, pages) -> None:
-        """One more owner for pages already in use (prefix sharing)."""
+        """One more holder for pages that are held or cached (a prefix-cache hit)."""
         for p in pages:
-            if self._refs[p] <= 0:
-                raise ValueError(f"page {p} is free and cannot be shared")
+            if self._refs[p] == 0:
+                if p not in self._cached:
+                    raise ValueError(f"page {p} is free and cannot be shared")
+                del self._cached[p]
             self._refs[p] += 1
 
     def release(self, pages) -> None:
@@ -48,7 +86,42 @@ class PageAllocator:
                 raise ValueError(f"page {p} released more times than it was taken")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                if p in self._page_key:
+                    self._cached[p] = None  # most recently used: last to be evicted
+                else:
+                    self._free.append(p)
 
-    def refs(self, page: int) -> int:
-        return self._refs[page]
+    # -- the prefix cache ---------------------------------------------------------------------------
+
+    def publish(self, page: int, h: int, tokens: Sequence[int]) -> None:
+        """Make a held, full page findable by its chain hash. A hash already published keeps its
+        first page (two sequences that computed the same prefix apart hold equal copies)."""
+        if self._refs[page] <= 0:
+            raise ValueError(f"page {page} is not held and cannot be published")
+        if h in self._by_hash or page in self._page_key:
+            return
+        self._by_hash[h] = page
+        self._page_key[page] = (h, tuple(tokens))
+
+    def lookup(self, h: int, tokens: Sequence[int]) -> int | None:
+        """The page published under `h` holding exactly `tokens`, if any."""
+        page = self._by_hash.get(h)
+        if page is None or self._page_key[page][1] != tuple(tokens):
+            return None
+        return page
+
+    def _unpublish(self, page: int) -> None:
+        h, _ = self._page_key.pop(page)
+        del self._by_hash[h]
+
+    def check(self) -> None:
+        """Assert the pool's invariants (tests)."""
+        free, cached = set(self._free), set(self._cached)
+        held = {p for p in range(self.num_pages) if self._refs[p] > 0}
+        assert len(free) == len(self._free), "a page is on the free list twice"
+        assert not (free & cached) and not (free & held) and not (cached & held), "a page is in two states"
+        assert free | cached | held == set(range(self.num_pages)), "a page leaked"
+        assert all(r >= 0 for r in self._refs)
+        assert all(self._by_hash[h] == p for p, (h, _) in self._page_key.items())
+        assert cached <= set(self._page_key), "an unpublished page is cached"
+        assert not (free & set(self._page_key)), "a free page is still published"

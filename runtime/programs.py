@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from xlaserve.runtime import llama
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import ModelConfig

@@ -90,6 +90,9 @@ class Request:
     seed: int
     eos_ids: frozenset[int]
     timings: Timings = field(default_factory=Timings)
+    priority: int = 0  # higher runs first
+    client_id: str | None = None  # for the per-client concurrency limit
+    deadline: float | None = None  # time.perf_counter() after which the request ends (DEADLINE)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # emitted text (stop strings never included)

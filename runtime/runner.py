@@ -1,50 +1,72 @@
 """Carries out the scheduler's plans on the engine and turns sampled tokens into request output.
 
-One `step()`: free preempted slots, run the planned prompt chunks, dispatch one decode for the
-running slots, then insert the sequences whose prompt just finished (after the dispatch, so a slot
-never decodes before the scheduler has given it pages). Used by `LLM` directly and by the server's
-engine thread.
+One `step()`:
+  1. end requests past their deadline; plan; free preempted slots on device;
+  2. dispatch the planned prompt chunks, then one decode dispatch for the running slots, then
+     insert the sequences whose prompt just finished (after the dispatch, so a slot never decodes
+     before the scheduler gave it pages);
+  3. only then read the *previous* decode dispatch's tokens (already on the host: its copy was
+     started when it was dispatched) and the first tokens of the prompts just finished, and do the
+     host bookkeeping (detokenize, stop checks, publish pages) while the device runs step 2.
+A sequence that finishes is therefore decoded once more in the dispatch already queued; those
+tokens are dropped. Nothing here blocks on the device except reading results.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.programs import Sampled
-from xlaserve.runtime.request import Delta, Request, TokenLogprob
+from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
-from xlaserve.runtime.scheduler import Scheduler, Seq
+from xlaserve.runtime.scheduler import Limits, Scheduler, Seq, State
 
 
 class Runner:
     def __init__(self, engine: Engine, tokenizer):
         e = engine.ecfg
         self.engine, self.tokenizer = engine, tokenizer
+        limits = Limits(
+            max_prompt_tokens=min(e.max_prompt_tokens or e.max_model_len - 1, e.max_model_len - 1),
+            max_new_tokens=min(e.max_new_tokens or e.max_model_len - 1, e.max_model_len - 1),
+            max_model_len=e.max_model_len,
+            max_queue=e.max_queue,
+            max_per_client=e.max_per_client,
+        )
         self.scheduler = Scheduler(
             max_slots=e.max_slots,
             page_size=e.page_size,
             pages_per_seq=e.pages_per_seq,
             num_pages=e.total_pages,
-            max_model_len=e.max_model_len,
             decode_steps=e.decode_steps,
             chunk=e.prefill_buckets[-1],
+            limits=limits,
+            token_budget=e.prefill_token_budget,
+            prefix_cache=e.prefix_cache,
         )
         self._rows: dict[Seq, SamplingState] = {}
         self.seqs: dict[str, Seq] = {}
+        self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
+        self.finished = {reason.value: 0 for reason in FinishReason}
+        self.prompt_tokens_computed = 0
 
     @property
     def busy(self) -> bool:
-        return self.scheduler.busy
+        return self.scheduler.busy or self._inflight is not None
 
     def submit(self, req: Request) -> None:
+        """Queue a request; raises RequestTooLarge or Overloaded (nothing queued) when refused."""
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
         seq = self.scheduler.add(req)
         self._rows[seq] = SamplingState.of(req.params, req.seed)
         self.seqs[req.request_id] = seq
 
-    def cancel(self, request_id: str, reason) -> Request | None:
-        """End a request now (cancelled or past its deadline); its slot and pages are released."""
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request | None:
+        """End a request now; its slot and pages are released before the next step."""
         seq = self.seqs.get(request_id)
         if seq is None:
             return None
@@ -52,37 +74,69 @@ class Runner:
         self._retire(seq)
         return seq.req
 
+    def stats(self) -> dict:
+        return {
+            **self.scheduler.stats(),
+            "requests_running": len(self.seqs) - len(self.scheduler.waiting),
+            "requests_finished": dict(self.finished),
+            "prefill_tokens_computed": self.prompt_tokens_computed,
+        }
+
     def step(self) -> list[Delta]:
+        deltas = []
+        for seq in self.scheduler.expired(time.perf_counter()):
+            seq.req.finish(FinishReason.DEADLINE)
+            deltas.append(Delta(seq.req, [], "", []))
+            self._retire(seq)
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
             self.engine.free(slot)
-        deltas, ready = [], []
+        ready = []
         for chunk in plan.prefills:
             seq = chunk.seq
-            presence = self._presence(seq)
             packed = self.engine.prefill(
-                chunk.tokens, chunk.start, self.scheduler.page_table[seq.slot], self._rows[seq], presence
+                chunk.tokens,
+                chunk.start,
+                self.scheduler.page_table[seq.slot],
+                self._rows[seq],
+                self._presence(seq),
             )
+            self.prompt_tokens_computed += len(chunk.tokens)
             self.scheduler.prefilled(chunk)
             if chunk.last:
-                deltas.append(self._emit(seq, Sampled.unpack(np.asarray(packed)), (0,)))
-                if not seq.req.finished:
-                    ready.append((seq, packed))
+                ready.append((seq, packed))
+        previous, self._inflight = self._inflight, None
         if plan.decode:
             busy = 1 + max(seq.slot for seq in plan.decode)
             packed = self.engine.generate(self.scheduler.page_table, plan.kv_tokens, busy)
-            result = Sampled.unpack(np.asarray(packed))  # [k, S]
-            for seq in plan.decode:
-                for i in range(result.tokens.shape[0]):
-                    deltas.append(self._emit(seq, result, (i, seq.slot)))
-                    if seq.req.finished:
-                        break
+            packed.copy_to_host_async()
+            self.scheduler.dispatched(plan.decode)
+            self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode])
         for seq, packed in ready:
-            self.engine.insert(seq.slot, packed, seq.length, self._rows[seq], self._presence(seq))
+            self.engine.insert(seq.slot, packed, len(seq.tokens()), self._rows[seq], self._presence(seq))
+        # Host work from here on overlaps the device running the dispatches above.
+        if previous is not None:
+            deltas += self._read_decode(*previous)
+        for seq, packed in ready:
+            deltas.append(self._emit(seq, Sampled.unpack(np.asarray(packed)), (0,)))
         for d in deltas:
-            if d.request.finished and d.request.request_id in self.seqs:
-                self._retire(self.seqs[d.request.request_id])
+            seq = self.seqs.get(d.request.request_id)
+            if d.request.finished and seq is not None:
+                self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.request.finished]
+
+    def _read_decode(self, packed, members) -> list[Delta]:
+        result = Sampled.unpack(np.asarray(packed))  # [k, rows]
+        deltas = []
+        for seq, slot in members:
+            if seq.state is not State.RUNNING or seq.slot != slot:
+                continue  # preempted or ended since the dispatch: its tokens are dropped
+            for i in range(result.tokens.shape[0]):
+                deltas.append(self._emit(seq, result, (i, slot)))
+                if seq.req.finished:
+                    break
+            self.scheduler.decoded(seq)
+        return deltas
 
     def _presence(self, seq: Seq) -> np.ndarray:
         """The tokens so far, as a [V] mask (what the repetition penalty applies to)."""
@@ -105,8 +159,9 @@ class Runner:
         return Delta(req, ids, text, [logprob] if logprob is not None and ids else [])
 
     def _retire(self, seq: Seq) -> None:
-        if seq.slot is not None:
+        if seq.slot is not None and seq.state in (State.PREFILL, State.RUNNING):
             self.engine.free(seq.slot)
         self.scheduler.finish(seq)
         self._rows.pop(seq, None)
-        self.seqs.pop(seq.req.request_id, None)
+        if self.seqs.pop(seq.req.request_id, None) is not None and seq.req.finish_reason is not None:
+            self.finished[seq.req.finish_reason.value] += 1

@@ -1,24 +1,53 @@
 """The slot manager: which requests run, where their KV lives. Plain Python, no JAX.
 
-Each step the scheduler returns a `Plan` (prefill chunks to run, whether to dispatch a decode) and
-the executor (`runner.py`) carries it out on the engine, then reports back. Requests wait in a FIFO
-queue; a free decode slot admits the next one; its prompt is prefilled in chunks, at most
-`token_budget` prompt tokens per step, so a long prompt never stalls the running streams for more
-than one chunk; then it joins the decode batch. Pages are allocated lazily: a prompt chunk takes the
-pages it writes, a decode dispatch the pages its k tokens will fill. When the pool runs dry the
-newest running sequence is preempted: its pages return to the pool and it waits at the head of the
-queue to be recomputed from its prompt and the tokens it already produced.
+Each step the scheduler returns a `Plan` (prompt chunks to prefill, the slots to decode) and the
+executor (`runner.py`) carries it out on the engine, then reports back. Requests wait ordered by
+priority (higher first), then arrival; a free decode slot admits the next one. Its prompt is
+looked up in the prefix cache page by page, and only the rest is prefilled, in chunks of at most
+`token_budget` tokens per step across all prompts, so a long prompt never stalls running streams for
+more than one chunk. Then it joins the decode batch. Pages are taken lazily: a chunk takes the pages
+it writes, a decode dispatch the pages its k tokens will fill. Full pages are published to the
+prefix cache as soon as their K/V is written. When the pool runs dry the victim (lowest priority,
+then the most recent) is preempted: its pages go back and it is recomputed later from its prompt and
+the tokens it already produced; its published pages usually survive in the cache, so recomputing it
+is mostly cache hits.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-from xlaserve.runtime.pages import OutOfPages, PageAllocator
+
+from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.request import Request
+
+
+class Rejected(Exception):
+    """A request refused at admission. `limit` names the limit, `value` what the request asked."""
+
+    def __init__(self, message: str, *, limit: str, value):
+        super().__init__(message)
+        self.limit, self.value = limit, value
+
+
+class RequestTooLarge(Rejected, ValueError):
+    """The request can never fit (prompt or output too long): the client must change it."""
+
+
+class Overloaded(Rejected):
+    """The server is full right now (queue, per-client limit): the client may retry later."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_model_len: int
+    max_queue: int
+    max_per_client: int | None = None
 
 
 class State(enum.Enum):
@@ -26,6 +55,9 @@ class State(enum.Enum):
     PREFILL = "prefill"
     RUNNING = "running"
     DONE = "done"
+
+
+_order = itertools.count()
 
 
 @dataclass(eq=False)
@@ -36,7 +68,11 @@ class Seq:
     state: State = State.WAITING
     slot: int | None = None
     pages: list[int] = field(default_factory=list)
-    computed: int = 0  # tokens of `tokens()` already in the cache
+    computed: int = 0  # tokens of `tokens()` whose K/V is in the cache (or being written)
+    inflight: int = 0  # decode tokens dispatched whose results the host has not seen yet
+    hashes: list[int] = field(default_factory=list)  # chain hashes of its full pages, in order
+    published: int = 0  # leading pages already published to the prefix cache
+    order: int = field(default_factory=lambda: next(_order))
 
     def tokens(self) -> list[int]:
         """What the cache must hold before decoding: the prompt, then (after a preemption) the
@@ -45,8 +81,14 @@ class Seq:
 
     @property
     def length(self) -> int:
-        """Tokens in the cache while RUNNING: all but the last sampled (the next decode input)."""
+        """Tokens in the cache while RUNNING as far as the host knows: all but the last sampled
+        (the next decode input)."""
         return len(self.req.prompt_ids) + len(self.req.output_ids) - 1
+
+    @property
+    def rank(self) -> tuple:
+        """Queue order: higher priority first, then earlier arrival."""
+        return (-self.req.priority, self.req.timings.arrival, self.order)
 
 
 @dataclass
@@ -76,21 +118,25 @@ class Scheduler:
         page_size: int,
         pages_per_seq: int,
         num_pages: int,
-        max_model_len: int,
         decode_steps: int,
         chunk: int,
+        limits: Limits,
         token_budget: int | None = None,
+        prefix_cache: bool = True,
     ):
         self.page_size = page_size
-        self.max_model_len = max_model_len
         self.decode_steps = decode_steps
         self.chunk = chunk
+        self.limits = limits
         self.token_budget = token_budget or chunk
+        self.prefix_cache = prefix_cache
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
-        self.waiting: deque[Seq] = deque()
+        self.waiting: list[Seq] = []  # kept sorted by rank
         self.preemptions = 0
+        self.prompt_tokens = 0  # prompt tokens admitted to a slot
+        self.cached_tokens = 0  # of which served from the prefix cache
         self._freed: list[int] = []
 
     # -- queries ----------------------------------------------------------------------------------
@@ -102,17 +148,75 @@ class Scheduler:
     def running(self) -> list[Seq]:
         return [s for s in self.slots if s is not None and s.state is State.RUNNING]
 
-    # -- events -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "slots_total": len(self.slots),
+            "slots_busy": sum(s is not None for s in self.slots),
+            "queue_length": len(self.waiting),
+            "pages_total": self.pages.num_pages,
+            "pages_free": self.pages.free_count - self.pages.cached_count,
+            "pages_cached": self.pages.cached_count,
+            "pages_used": self.pages.used_count,
+            "prefix_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "prefill_tokens_saved": self.cached_tokens,
+            "preemptions": self.preemptions,
+            "evictions": self.pages.evictions,
+        }
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Refuse a request that can never run (RequestTooLarge); nothing changes."""
+        lim, n, new = self.limits, len(req.prompt_ids), req.params.max_tokens
+        if n > lim.max_prompt_tokens:
+            raise RequestTooLarge(
+                f"prompt has {n} tokens; the limit is {lim.max_prompt_tokens}",
+                limit="max_prompt_tokens",
+                value=n,
+            )
+        if new > lim.max_new_tokens:
+            raise RequestTooLarge(
+                f"max_tokens={new} exceeds the limit of {lim.max_new_tokens}",
+                limit="max_new_tokens",
+                value=new,
+            )
+        if n + new > lim.max_model_len:
+            raise RequestTooLarge(
+                f"prompt ({n} tokens) + max_tokens ({new}) = {n + new} exceeds the context of "
+                f"{lim.max_model_len} tokens",
+                limit="max_model_len",
+                value=n + new,
+            )
 
     def add(self, req: Request) -> Seq:
+        """Queue a request, or refuse it (RequestTooLarge, Overloaded) leaving everything as it was."""
+        self.check(req)
+        lim = self.limits
+        if len(self.waiting) >= lim.max_queue:
+            raise Overloaded(
+                f"the queue is full ({lim.max_queue} requests waiting)",
+                limit="max_queue",
+                value=len(self.waiting) + 1,
+            )
+        if lim.max_per_client is not None and req.client_id is not None:
+            mine = sum(1 for s in self._all() if s.req.client_id == req.client_id)
+            if mine >= lim.max_per_client:
+                raise Overloaded(
+                    f"client {req.client_id!r} already has {mine} requests in flight; the limit is "
+                    f"{lim.max_per_client}",
+                    limit="max_per_client",
+                    value=mine + 1,
+                )
         seq = Seq(req)
-        self.waiting.append(seq)
+        self._enqueue(seq)
         return seq
+
+    # -- steps ------------------------------------------------------------------------------------
 
     def plan(self) -> Plan:
         self._admit()
         prefills, budget = [], self.token_budget
-        for seq in self._by_arrival(State.PREFILL):
+        for seq in self._in_slots(State.PREFILL):
             todo, start = seq.tokens(), seq.computed
             while budget > 0 and start < len(todo):
                 n = min(len(todo) - start, self.chunk, budget)
@@ -121,23 +225,41 @@ class Scheduler:
                 prefills.append(Chunk(seq, start, todo[start : start + n]))
                 start, budget = start + n, budget - n
         decode = self._decode_batch()
-        stuck = self._by_arrival(State.PREFILL)
+        stuck = self._in_slots(State.PREFILL)
         if not prefills and not decode and len(stuck) > 1:
-            # Every slot is mid-prefill and the pool is dry: the newest gives its pages back.
-            self._preempt(stuck[-1])
-        kv = max((s.length + self.decode_steps for s in decode), default=0)
+            # Every busy slot is mid-prefill and the pool is dry: the last in line gives its pages back.
+            self._preempt(self._victim(stuck))
+        kv = max((s.length + s.inflight + self.decode_steps for s in decode), default=0)
         freed, self._freed = self._freed, []
         return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed)
 
     def prefilled(self, chunk: Chunk) -> None:
-        """A chunk ran; after the last one the sequence decodes (its first new token was sampled)."""
+        """A chunk was dispatched; after the last one the sequence decodes."""
         seq = chunk.seq
         seq.computed = chunk.start + len(chunk.tokens)
+        self._publish(seq, seq.computed)
         if chunk.last:
             seq.state = State.RUNNING
 
+    def dispatched(self, seqs: list[Seq]) -> None:
+        """A decode dispatch for `seqs` is in flight."""
+        for s in seqs:
+            s.inflight += self.decode_steps
+
+    def decoded(self, seq: Seq) -> None:
+        """The host has read a dispatch's results for `seq` (its output_ids grew)."""
+        seq.inflight = max(0, seq.inflight - self.decode_steps)
+        if seq.state is State.RUNNING:
+            self._publish(seq, seq.length)
+
+    def expired(self, now: float) -> list[Seq]:
+        """Sequences (waiting or in a slot) whose deadline has passed."""
+        return [s for s in self._all() if s.req.deadline is not None and now >= s.req.deadline]
+
     def finish(self, seq: Seq) -> None:
-        """Release the slot and pages of a finished (or cancelled) sequence."""
+        """Release the slot and pages of a finished, cancelled or expired sequence."""
+        if seq.state is State.DONE:
+            return
         if seq.state is State.WAITING:
             self.waiting.remove(seq)
         elif seq.slot is not None:
@@ -150,16 +272,63 @@ class Scheduler:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _by_arrival(self, state: State) -> list[Seq]:
-        seqs = [s for s in self.slots if s is not None and s.state is state]
-        return sorted(seqs, key=lambda s: s.req.timings.arrival)
+    def _all(self) -> list[Seq]:
+        return [s for s in self.slots if s is not None] + self.waiting
+
+    def _enqueue(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+        self.waiting.sort(key=lambda s: s.rank)
+
+    def _in_slots(self, state: State) -> list[Seq]:
+        return sorted((s for s in self.slots if s is not None and s.state is state), key=lambda s: s.rank)
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self.slots):
             if occupant is None and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot, seq.state, seq.computed = slot, State.PREFILL, 0
+                seq = self.waiting.pop(0)
+                seq.slot, seq.state, seq.computed, seq.inflight = slot, State.PREFILL, 0, 0
                 self.slots[slot] = seq
+                self._hit_prefix(seq)
+
+    def _hit_prefix(self, seq: Seq) -> None:
+        """Map the longest cached prefix of whole pages (never the last token: its logits are needed)."""
+        tokens, ps = seq.tokens(), self.page_size
+        seq.hashes, seq.published = [], 0
+        prev = None
+        for i in range(len(tokens) // ps):
+            prev = chain_hash(prev, tokens[i * ps : (i + 1) * ps])
+            seq.hashes.append(prev)
+        hits = []
+        if self.prefix_cache:
+            for i in range((len(tokens) - 1) // ps):
+                page = self.pages.lookup(seq.hashes[i], tokens[i * ps : (i + 1) * ps])
+                if page is None:
+                    break
+                hits.append(page)
+        self.pages.share(hits)
+        seq.pages = hits
+        self.page_table[seq.slot, : len(hits)] = hits
+        seq.computed = seq.published = len(hits)
+        seq.computed *= ps
+        if not seq.req.output_ids:  # the first admission counts; a recompute after preemption does not
+            self.prompt_tokens += len(tokens)
+            self.cached_tokens += seq.computed
+            seq.req.cached_tokens = seq.computed
+
+    def _publish(self, seq: Seq, written: int) -> None:
+        """Publish the pages entirely below position `written` (their K/V is in the cache)."""
+        if not self.prefix_cache:
+            return
+        tokens, ps = seq.tokens(), self.page_size
+        while len(seq.hashes) < len(tokens) // ps:  # decode filled more pages
+            i = len(seq.hashes)
+            seq.hashes.append(
+                chain_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * ps : (i + 1) * ps])
+            )
+        full = min(written // ps, len(seq.hashes), len(seq.pages))
+        for i in range(seq.published, full):
+            self.pages.publish(seq.pages[i], seq.hashes[i], tokens[i * ps : (i + 1) * ps])
+        seq.published = max(seq.published, full)
 
     def _grow(self, seq: Seq, tokens: int) -> bool:
         """Give `seq` pages for its first `tokens` tokens (capped at the table width)."""
@@ -175,14 +344,20 @@ class Scheduler:
         return True
 
     def _decode_batch(self) -> list[Seq]:
-        """Running sequences with pages for their next k tokens, preempting the newest when the pool
-        is dry."""
+        """Running sequences with pages for their next k tokens (beyond those in flight),
+        preempting victims while the pool is dry."""
         while True:
-            running = self._by_arrival(State.RUNNING)
-            short = next((s for s in running if not self._grow(s, s.length + self.decode_steps)), None)
+            running = self._in_slots(State.RUNNING)
+            need = self.decode_steps
+            short = next((s for s in running if not self._grow(s, s.length + s.inflight + need)), None)
             if short is None:
                 return running
-            self._preempt(running[-1])
+            self._preempt(self._victim(running))
+
+    @staticmethod
+    def _victim(seqs: list[Seq]) -> Seq:
+        """Lowest priority, then the most recent."""
+        return max(seqs, key=lambda s: s.rank)
 
     def _preempt(self, seq: Seq) -> None:
         self.preemptions += 1
@@ -190,5 +365,5 @@ class Scheduler:
         self.slots[seq.slot] = None
         self.page_table[seq.slot] = 0
         self.pages.release(seq.pages)
-        seq.pages, seq.slot, seq.computed, seq.state = [], None, 0, State.WAITING
-        self.waiting.appendleft(seq)
+        seq.pages, seq.slot, seq.computed, seq.inflight, seq.state = [], None, 0, 0, State.WAITING
+        self._enqueue(seq)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from xlaserve.runtime.attention import KVCache, paged_attention, reference_attention, token_slots, write_kv
 
 L, N, P, H, G, D = 2, 40, 8, 2, 3, 16

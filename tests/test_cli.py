@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from helpers import TEST_ENGINE
+
 from xlaserve.checkpoints import registry
 from xlaserve.runtime.sampling import SamplingParams
 from xlaserve.serve import cli

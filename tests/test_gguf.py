@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from gguf import quants
 from tiny_gguf import TYPES, Tiny, tokenizer_meta, write_tiny_gguf
+
 from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.gguf import unpermute_rows
 from xlaserve.checkpoints.load import load_model
@@ -82,6 +83,7 @@ def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     import torch
     from helpers import LOGIT_ATOL, hf_logits
     from transformers import AutoModelForCausalLM
+
     from xlaserve import LLM
 
     path = tmp_path / f"tiny-{kind}.gguf"

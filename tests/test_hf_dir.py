@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+
 from xlaserve import LLM
 from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.load import load_model

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import LOGIT_ATOL, TEST_ENGINE, hf_logits
+
 from xlaserve import LLM, EngineConfig, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

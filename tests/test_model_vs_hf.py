@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.sampling import SamplingParams, SamplingState
 

@@ -4,6 +4,7 @@ strings end the output without ever being streamed, and each stop condition repo
 from __future__ import annotations
 
 import pytest
+
 from xlaserve.runtime.request import FinishReason, Request
 from xlaserve.runtime.sampling import SamplingParams
 

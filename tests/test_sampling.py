@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
 from xlaserve.runtime.sampling import SamplingParams, SamplingState, filter_logits, sample
 
 V = 4096
