@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
         hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     rows, shared = [], []
     for slots in [int(s) for s in args.slots.split(",")]:
-        llm = LLM(str(path), max_slots=slots, max_model_len=1024)
+        # Prompts here are under 160 tokens + outputs: 12 pages a slot is plenty.
+        llm = LLM(str(path), max_slots=slots, max_model_len=512, num_pages=max(12 * slots, 32))
         row = {"slots": slots, "xlaserve": ours(llm, texts, args.max_tokens)}
         if hf_model is not None:
             row["hf"] = hf(hf_model.eval(), hf_tok, texts, args.max_tokens, slots)

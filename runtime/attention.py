@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from xlaserve.runtime.config import XLA_KERNELS, Kernels
+
 # A finite "minus infinity": exp() of it underflows to 0 without producing NaN in max-subtraction.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -59,12 +61,18 @@ def token_slots(page_table, positions, valid, page_size: int, num_pages: int):
     return jnp.where(in_table, pages, num_pages), positions % page_size
 
 
-def paged_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, *, block: int):
+def paged_attention(
+    q, cache: KVCache, layer, page_table, q_pos, kv_len, *, block: int, kernels: Kernels = XLA_KERNELS
+):
     """softmax(q k^T / sqrt(D)) v over the paged cache of `layer`.
 
     q [B, T, H, G, D]; page_table [B, W] (W a multiple of block / P); q_pos [B, T]; kv_len [B].
     Returns [B, T, H, G, D] in q's dtype. A sequence with kv_len 0 gets zeros, never NaN.
+    With kernels.attention == "pallas", decode (T = 1) and one-sequence prefill (B = 1) run our
+    Pallas kernels; q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
     """
+    if kernels.attention == "pallas" and (q.shape[1] == 1 or q.shape[0] == 1):
+        return _pallas_attention(q, cache, layer, page_table, q_pos, kv_len, kernels.interpret)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     b, t, h, g, d = q.shape
     page_size = cache.page_size
@@ -106,6 +114,50 @@ def paged_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, *, bloc
         _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / jnp.where(total == 0.0, 1.0, total)[..., None]
     return out.astype(q.dtype)
+
+
+def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:
+    """Pages per kernel tile: about `tile_tokens` tokens, a power of two dividing the table width."""
+    ppt = 1
+    while ppt * 2 * page_size <= tile_tokens and width % (ppt * 2) == 0:
+        ppt *= 2
+    return ppt
+
+
+def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, interpret: bool):
+    from xlaserve.pallas_kernels import paged_attention as pk
+
+    b, t, h = q.shape[:3]
+    ppt = _pages_per_tile(page_table.shape[1], cache.page_size)
+    if t == 1:
+        tiles = page_table.shape[1] // ppt
+        splits = 1 if interpret else max(1, min(tiles, -(-264 // (b * h))))  # fill ~2 waves of 132 SMs
+        out = pk.decode_attention(
+            q[:, 0],
+            cache.k,
+            cache.v,
+            layer,
+            kv_len,
+            page_table,
+            pages_per_tile=ppt,
+            splits=splits,
+            interpret=interpret,
+        )
+        return out[:, None]
+    block_q = 16 if t % 16 == 0 else t
+    out = pk.prefill_attention(
+        q[0],
+        cache.k,
+        cache.v,
+        layer,
+        q_pos[0, 0],
+        kv_len[0],
+        page_table[0],
+        block_q=block_q,
+        pages_per_tile=ppt,
+        interpret=interpret,
+    )
+    return out[None]
 
 
 def reference_attention(q, k_seq, v_seq, q_pos, kv_len):

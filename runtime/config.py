@@ -52,6 +52,18 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class Kernels:
+    """Which implementation the model's matmuls and attention use (static: part of a program)."""
+
+    attention: str = "xla"  # "xla" or "pallas"
+    matmul: str = "xla"  # "xla" or "pallas" (quantized weights only; dense weights always use XLA)
+    interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
+
+
+XLA_KERNELS = Kernels()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Shapes use: D=hidden, F=ffn, Hq/Hkv heads, Dh=head_dim, V=vocab."""
 
@@ -107,6 +119,7 @@ class EngineConfig:
     - prefill_token_budget: prompt tokens prefilled per step across all prompts (None: the largest
       prefill bucket), bounding how long running streams wait for a new prompt.
     - prefix_cache: reuse the K/V pages of prompt prefixes seen before.
+    - scoring: also compile the scoring programs (log-probs of given tokens, for evals).
     - admission: max_queue waiting requests; max_per_client requests in flight per client id (None:
       no limit); max_prompt_tokens / max_new_tokens (None: max_model_len - 1).
     - dtype: activations/KV/weights ("float32", "bfloat16"); None: float32 on CPU, bfloat16 elsewhere.
@@ -114,6 +127,8 @@ class EngineConfig:
       on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
+    - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto" (Pallas on GPU/TPU, XLA on
+      CPU). On CPU the Pallas kernels run in interpret mode (correct, slow: for tests).
     """
 
     max_slots: int = 8
@@ -128,6 +143,7 @@ class EngineConfig:
     max_logprobs: int = 20
     prefill_token_budget: int | None = None
     prefix_cache: bool = True
+    scoring: bool = True
     max_queue: int = 4096
     max_per_client: int | None = None
     max_prompt_tokens: int | None = None
@@ -135,6 +151,8 @@ class EngineConfig:
     dtype: str | None = None
     quantized: bool | None = None
     compile_cache: str | None = None
+    attention_impl: str = "auto"
+    matmul_impl: str = "auto"
 
     def resolve(self, model: ModelConfig, backend: str) -> EngineConfig:
         """Fill in backend defaults and check every field against its limit."""
@@ -186,6 +204,11 @@ class EngineConfig:
         )
         cfg = dataclasses.replace(cfg, slot_buckets=tuple(sorted(set(slots) | {cfg.max_slots})))
         _check(cfg.decode_steps >= 1, "decode_steps", cfg.decode_steps, "must be ≥ 1")
+        for name in ("attention_impl", "matmul_impl"):
+            value = getattr(cfg, name)
+            _check(value in ("auto", "pallas", "xla"), name, value, "must be auto, pallas or xla")
+            if value == "auto":
+                cfg = dataclasses.replace(cfg, **{name: "xla" if on_cpu else "pallas"})
         _check(cfg.max_queue >= 1, "max_queue", cfg.max_queue, "must be ≥ 1")
         for name in ("max_per_client", "max_prompt_tokens", "max_new_tokens", "prefill_token_budget"):
             value = getattr(cfg, name)

@@ -19,7 +19,7 @@ import numpy as np
 
 from xlaserve.runtime import llama, programs, quant
 from xlaserve.runtime.attention import KVCache
-from xlaserve.runtime.config import EngineConfig, ModelConfig
+from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.programs import DecodeState, Sampled, Statics
 from xlaserve.runtime.sampling import SamplingState
 
@@ -41,14 +41,19 @@ class Engine:
     ):
         self.cfg = cfg
         self.ecfg = ecfg = engine_cfg.resolve(cfg, jax.default_backend())
-        self.st = Statics(cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs)
-        self.weights = jax.device_put(quant.for_backend(weights, jax.default_backend()))
+        backend = jax.default_backend()
+        kernels = Kernels(attention=ecfg.attention_impl, matmul=ecfg.matmul_impl, interpret=backend == "cpu")
+        self.st = Statics(
+            cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
+        )
+        self.weights = jax.device_put(quant.for_backend(weights, backend, ecfg.matmul_impl))
         shape = (cfg.num_layers, ecfg.total_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.cache = KVCache(jnp.zeros(shape, ecfg.dtype), jnp.zeros(shape, ecfg.dtype))
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size))
         self._progress = progress or (lambda msg: None)
         self.compile_seconds: dict[str, float] = {}
         self._prefill: dict[int, jax.stages.Compiled] = {}
+        self._score: dict[int, jax.stages.Compiled] = {}
         self._generate_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
 
@@ -95,6 +100,10 @@ class Engine:
         for t in ecfg.prefill_buckets:
             fn = functools.partial(programs.prefill, st=self.st)
             self._prefill[t] = self._compile(f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t))
+            if ecfg.scoring:
+                fn = functools.partial(programs.score, st=self.st)
+                args = (*self._prefill_args(t)[:6], jax.ShapeDtypeStruct((t,), jnp.int32))
+                self._score[t] = self._compile(f"score[T={t}]", fn, ("cache",), *args)
         self._generate = {
             (rows, kv): self._generate_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
         }
@@ -129,6 +138,21 @@ class Engine:
             self.weights, self.cache, padded, np.int32(start), np.int32(n), page_row, sampling, presence
         )
         return packed
+
+    def score(self, tokens, start: int, page_row: np.ndarray, targets) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill one chunk and return, per chunk position i, the log-prob of targets[i] (the next
+        token) and whether it was the argmax: (float32 [n], bool [n])."""
+        if not self._score:
+            raise ValueError("this engine was built with scoring=False")
+        n = len(tokens)
+        t = self.bucket(n)
+        padded, nxt = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
+        padded[:n], nxt[: len(targets)] = tokens, targets
+        self.cache, out = self._score[t](
+            self.weights, self.cache, padded, np.int32(start), np.int32(n), page_row, nxt
+        )
+        out = np.asarray(out)[:n]
+        return out[:, 0].view(np.float32), out[:, 1].astype(bool)
 
     def insert(self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray) -> None:
         self.state = self._insert(self.state, np.int32(slot), packed, np.int32(length), sampling, presence)

@@ -10,6 +10,7 @@ per kv head, K head dim.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlaserve.runtime.attention import KVCache, paged_attention, token_slots, write_kv
-from xlaserve.runtime.config import ModelConfig
+from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.quant import QuantArray, linear, take_rows
 
 Matrix = jax.Array | QuantArray
@@ -143,6 +144,7 @@ def forward(
     cfg: ModelConfig,
     block: int,
     dtype,
+    kernels: Kernels = XLA_KERNELS,
 ):
     """Run the decoder over tokens [B, T] at `positions` [B, T], writing their K/V into the cache.
 
@@ -155,31 +157,32 @@ def forward(
     inv_freq = cfg.rope.inv_freq(k)
     pages, offsets = token_slots(page_table, positions, valid, cache.page_size, cache.num_pages)
     x = take_rows(weights.embed, tokens, dtype)
+    mm = functools.partial(linear, kernels=kernels)
 
     def layer(carry, xs):
         x, cache = carry
         w, i = xs
         with jax.named_scope("attention"):
             y = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            q = rope(linear(y, w.wq).reshape(b, t, h, g, k), positions, inv_freq)
-            kk = rope(linear(y, w.wk).reshape(b, t, h, k), positions, inv_freq)
-            v = linear(y, w.wv).reshape(b, t, h, k)
+            q = rope(mm(y, w.wq).reshape(b, t, h, g, k), positions, inv_freq)
+            kk = rope(mm(y, w.wk).reshape(b, t, h, k), positions, inv_freq)
+            v = mm(y, w.wv).reshape(b, t, h, k)
             cache = write_kv(cache, i, kk, v, pages, offsets)
-            o = paged_attention(q, cache, i, page_table, positions, kv_len, block=block)
-            x = x + linear(o.reshape(b, t, h * g * k), w.wo)
+            o = paged_attention(q, cache, i, page_table, positions, kv_len, block=block, kernels=kernels)
+            x = x + mm(o.reshape(b, t, h * g * k), w.wo)
         with jax.named_scope("mlp"):
             y = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-            x = x + linear(jax.nn.silu(linear(y, w.w_gate)) * linear(y, w.w_up), w.w_down)
+            x = x + mm(jax.nn.silu(mm(y, w.w_gate)) * mm(y, w.w_up), w.w_down)
         return (x, cache), None
 
     (x, cache), _ = jax.lax.scan(layer, (x, cache), (weights.layers, jnp.arange(cfg.num_layers)))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), cache
 
 
-def logits(weights: Weights, hidden) -> jax.Array:
+def logits(weights: Weights, hidden, kernels: Kernels = XLA_KERNELS) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., V]."""
     head = weights.lm_head if weights.lm_head is not None else weights.embed
-    return linear(hidden, head, out_dtype=jnp.float32)
+    return linear(hidden, head, out_dtype=jnp.float32, kernels=kernels)
 
 
 def cast_weights(weights: Weights, dtype) -> Weights:

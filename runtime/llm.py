@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -28,6 +29,23 @@ from xlaserve.runtime.sampling import SamplingParams, with_seed
 log = logging.getLogger("xlaserve")
 
 Prompt = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Log-probabilities of the scored tokens, each given everything before it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    is_greedy: list[bool]  # the token was the model's argmax
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(self.is_greedy)
 
 
 def enable_compile_cache(path: str | None) -> str | None:
@@ -66,14 +84,26 @@ class LLM:
         progress(f"loading {path}")
         t0 = time.perf_counter()
         loaded = load_model(path, dequantize=not quantized, dtype=dtype)
-        self.load_seconds = time.perf_counter() - t0
-        self.model_path, self.config, self.tokenizer = str(path), loaded.config, loaded.tokenizer
-        self.quantization = loaded.quantization
-        self.engine = Engine(loaded.config, loaded.weights, base, progress=progress)
-        self.runner = Runner(self.engine, self.tokenizer)
+        load_seconds = time.perf_counter() - t0
+        engine = Engine(loaded.config, loaded.weights, base, progress=progress)
+        self._setup(engine, loaded.tokenizer, str(path), loaded.quantization, load_seconds)
+
+    @classmethod
+    def from_engine(
+        cls, engine, tokenizer, *, source: str = "(in memory)", quantization: str = "none"
+    ) -> LLM:
+        """An LLM over an engine built elsewhere (e.g. `MockEngine` in tests)."""
+        self = cls.__new__(cls)
+        self._setup(engine, tokenizer, source, quantization, 0.0)
+        return self
+
+    def _setup(self, engine, tokenizer, source: str, quantization: str, load_seconds: float) -> None:
+        self.engine, self.tokenizer, self.config = engine, tokenizer, engine.cfg
+        self.model_path, self.quantization, self.load_seconds = source, quantization, load_seconds
+        self.runner = Runner(engine, tokenizer)
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
-        self.eos_ids = frozenset(loaded.config.eos_token_ids)
+        self.eos_ids = frozenset(engine.cfg.eos_token_ids)
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -147,7 +177,7 @@ class LLM:
             while pending:
                 for delta in self.runner.step():
                     yield delta
-                    if delta.request.finished:
+                    if delta.finished:
                         pending.discard(delta.request.request_id)
         finally:  # an error or an abandoned stream: nothing stays queued or holds a slot
             for r in submitted:
@@ -179,6 +209,45 @@ class LLM:
                 on_delta(index[delta.request.request_id], delta)
         return [r.output() for r in requests]
 
+    def score_request(self, item, request_id: str | None = None) -> Request:
+        """A scoring request for (context text, continuation text) or (token ids, start index)."""
+        first, second = item
+        if isinstance(first, str) and isinstance(second, str):
+            context = self.tokenizer.encode(first) if first else []
+            if not context:  # the first scored token needs something before it
+                bos = self.config.bos_token_id
+                context = [bos if bos is not None else next(iter(self.eos_ids))]
+            continuation = self.tokenizer.encode(second, add_special_tokens=False)
+            if not continuation:
+                raise ValueError("continuation is empty (0 tokens)")
+            tokens, start = context + continuation, len(context)
+        else:
+            tokens, start = self.encode(list(first)), second
+            if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < len(tokens):
+                raise ValueError(
+                    f"start={start!r} must be an integer in [1, {len(tokens) - 1}] (len(tokens) - 1)"
+                )
+        req = Request(
+            request_id=request_id or f"score-{next(self._ids)}",
+            prompt_ids=tokens,
+            params=SamplingParams(temperature=0.0, max_tokens=1),
+            seed=0,
+            eos_ids=self.eos_ids,
+            timings=Timings(arrival=time.perf_counter()),
+            score_start=start,
+        )
+        self.runner.scheduler.check(req)
+        return req
+
+    def score(self, items) -> list[ScoreResult]:
+        """Log-probs of continuations: each item is (context, continuation) text, or (token ids,
+        start) to score ids[start:]. Runs prefill-only through the slot manager, batched; shared
+        contexts hit the prefix cache."""
+        requests = [self.score_request(item) for item in items]
+        for _ in self._run(requests):
+            pass
+        return [score_result(r) for r in requests]
+
     def chat(self, messages, params: SamplingParams | None = None) -> RequestOutput:
         """One conversation (a list of messages) -> the assistant's reply."""
         return self.generate([messages], params, chat=True)[0]
@@ -186,8 +255,16 @@ class LLM:
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False
     ) -> Iterator[Delta]:
-        """Deltas of one request as they are produced; the last has delta.request.finished."""
+        """Deltas of one request as they are produced; the last has delta.finished."""
         yield from self._run([self.make_request(prompt, params or SamplingParams(), chat=chat)])
+
+
+def score_result(req: Request) -> ScoreResult:
+    return ScoreResult(
+        token_ids=list(req.prompt_ids[req.score_start :]),
+        logprobs=[lp for lp, _ in req.scores],
+        is_greedy=[g for _, g in req.scores],
+    )
 
 
 def _as_list(prompts, chat: bool) -> list:

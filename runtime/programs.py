@@ -20,7 +20,7 @@ import numpy as np
 
 from xlaserve.runtime import llama
 from xlaserve.runtime.attention import KVCache
-from xlaserve.runtime.config import ModelConfig
+from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.sampling import SamplingState, sample
 
 
@@ -54,6 +54,7 @@ class Statics:
     block: int
     dtype: str
     max_top: int
+    kernels: Kernels = XLA_KERNELS
 
 
 def pack(tokens, logprobs, top_ids, top_lps):
@@ -85,6 +86,25 @@ class Sampled:
         )
 
 
+def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Statics):
+    """The decoder over one chunk [T] of one sequence: hidden states [T, D] and the cache."""
+    idx = jnp.arange(tokens.shape[0])
+    hidden, cache = llama.forward(
+        weights,
+        cache,
+        tokens[None, :],
+        (start + idx)[None, :],
+        (idx < n_valid)[None, :],
+        page_row[None, :],
+        (start + n_valid)[None],
+        cfg=st.cfg,
+        block=st.block,
+        dtype=st.dtype,
+        kernels=st.kernels,
+    )
+    return hidden[0], cache
+
+
 def prefill(
     weights,
     cache: KVCache,
@@ -105,28 +125,24 @@ def prefill(
     (for the repetition penalty). Returns (cache, packed [1, C]) and, with all_logits, the
     float32 logits of every chunk position [T, V].
     """
-    t = tokens.shape[0]
-    idx = jnp.arange(t)
-    positions = (start + idx)[None, :]
-    valid = (idx < n_valid)[None, :]
-    hidden, cache = llama.forward(
-        weights,
-        cache,
-        tokens[None, :],
-        positions,
-        valid,
-        page_row[None, :],
-        (start + n_valid)[None],
-        cfg=st.cfg,
-        block=st.block,
-        dtype=st.dtype,
-    )
-    last = jax.lax.dynamic_index_in_dim(hidden[0], n_valid - 1, keepdims=True)  # [1, D]
-    lg = llama.logits(weights, last)
+    hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
+    last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
+    lg = llama.logits(weights, last, st.kernels)
     result = pack(*sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top))
     if all_logits:
-        return cache, result, llama.logits(weights, hidden[0])
+        return cache, result, llama.logits(weights, hidden, st.kernels)
     return cache, result
+
+
+def score(weights, cache: KVCache, tokens, start, n_valid, page_row, targets, *, st: Statics):
+    """One chunk of a sequence being scored: for each position i, the log-probability of
+    targets[i] (the token at position start + i + 1) and whether it is the argmax.
+    Returns (cache, int32 [T, 2]: bitcast log-prob, is-greedy)."""
+    hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
+    lg = llama.logits(weights, hidden, st.kernels)  # [T, V]
+    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[:, None], axis=-1)[:, 0]
+    greedy = jnp.argmax(lg, axis=-1) == targets
+    return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
 
 
 def insert(state: DecodeState, slot, packed, length, sampling: SamplingState, presence) -> DecodeState:
@@ -184,8 +200,9 @@ def generate(
             cfg=st.cfg,
             block=block,
             dtype=st.dtype,
+            kernels=st.kernels,
         )
-        lg = llama.logits(weights, hidden[:, 0])
+        lg = llama.logits(weights, hidden[:, 0], st.kernels)
         tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top)
         out = out.at[i].set(pack(tokens, *rest))
         if with_logits:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.runtime.config import XLA_KERNELS, Kernels
+
 KINDS = ("q8_0", "q4_0", "q4_1")
 
 
@@ -92,9 +94,9 @@ def unpack(w: QuantArray) -> QuantArray:
     return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
 
 
-def for_backend(tree, backend: str):
-    """Quantized matrices in the layout the backend's matmul wants (CPU: unpacked)."""
-    if backend != "cpu":
+def for_backend(tree, backend: str, matmul: str = "xla"):
+    """Quantized matrices in the layout the matmul wants: XLA on CPU unpacked, else packed."""
+    if backend != "cpu" or matmul == "pallas":
         return tree
     return jax.tree.map(
         lambda a: unpack(a) if isinstance(a, QuantArray) else a,
@@ -156,9 +158,16 @@ def _chunked_dot(x, w: QuantArray):
     return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], n)
 
 
-def linear(x: jax.Array, w, *, out_dtype=None) -> jax.Array:
-    """x[..., K] @ W[N, K]^T -> [..., N]; W dense or `QuantArray`. Accumulates in float32."""
-    y = _quant_dot(x, w) if isinstance(w, QuantArray) else _dot(x, w)
+def linear(x: jax.Array, w, *, out_dtype=None, kernels: Kernels = XLA_KERNELS) -> jax.Array:
+    """x[..., K] @ W[N, K]^T -> [..., N]; W dense or `QuantArray`. Accumulates in float32.
+    With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel."""
+    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
+        from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul  # (it imports this module)
+
+        n, k = w.shape
+        y = quantized_matmul(x.reshape(-1, k), w, interpret=kernels.interpret).reshape(*x.shape[:-1], n)
+    else:
+        y = _quant_dot(x, w) if isinstance(w, QuantArray) else _dot(x, w)
     return y.astype(out_dtype or x.dtype)
 
 

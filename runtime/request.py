@@ -21,6 +21,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens, or the engine's max_model_len
     CANCELLED = "cancelled"
     DEADLINE = "deadline"
+    SCORED = "scored"  # a scoring request: its tokens were scored, nothing was generated
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TokenLogprob:
 class Timings:
     arrival: float = 0.0  # time.perf_counter() when submitted
     first_token: float | None = None
+    scheduled: float | None = None  # first admitted to a slot
     finished: float | None = None
 
     @property
@@ -74,12 +76,15 @@ class RequestOutput:
 
 @dataclass
 class Delta:
-    """What one engine step added to a request (for streaming)."""
+    """What one engine step added to a request (for streaming). `finished` says whether this is
+    the request's last delta; read it rather than request.finished, which a consumer on another
+    thread may see change before it has read the earlier deltas."""
 
     request: Request
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob]
+    finished: bool = False
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Request:
     priority: int = 0  # higher runs first
     client_id: str | None = None  # for the per-client concurrency limit
     deadline: float | None = None  # time.perf_counter() after which the request ends (DEADLINE)
+    score_start: int | None = None  # scoring request: report log-probs of prompt_ids[score_start:]
+    scores: list[tuple[float, bool]] = field(default_factory=list)  # (log-prob, is-greedy) per scored token
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # emitted text (stop strings never included)

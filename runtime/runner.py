@@ -86,7 +86,7 @@ class Runner:
         deltas = []
         for seq in self.scheduler.expired(time.perf_counter()):
             seq.req.finish(FinishReason.DEADLINE)
-            deltas.append(Delta(seq.req, [], "", []))
+            deltas.append(Delta(seq.req, [], "", [], finished=True))
             self._retire(seq)
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
@@ -94,14 +94,13 @@ class Runner:
         ready = []
         for chunk in plan.prefills:
             seq = chunk.seq
-            packed = self.engine.prefill(
-                chunk.tokens,
-                chunk.start,
-                self.scheduler.page_table[seq.slot],
-                self._rows[seq],
-                self._presence(seq),
-            )
+            row = self.scheduler.page_table[seq.slot]
             self.prompt_tokens_computed += len(chunk.tokens)
+            if seq.req.score_start is not None:
+                deltas += self._score(chunk, row)
+                self.scheduler.prefilled(chunk)
+                continue
+            packed = self.engine.prefill(chunk.tokens, chunk.start, row, self._rows[seq], self._presence(seq))
             self.scheduler.prefilled(chunk)
             if chunk.last:
                 ready.append((seq, packed))
@@ -121,9 +120,26 @@ class Runner:
             deltas.append(self._emit(seq, Sampled.unpack(np.asarray(packed)), (0,)))
         for d in deltas:
             seq = self.seqs.get(d.request.request_id)
-            if d.request.finished and seq is not None:
+            if d.finished and seq is not None:
                 self._retire(seq)
-        return [d for d in deltas if d.token_ids or d.text or d.request.finished]
+        return [d for d in deltas if d.token_ids or d.text or d.finished]
+
+    def _score(self, chunk, row) -> list[Delta]:
+        """Score one chunk: position i predicts the token at chunk.start + i + 1."""
+        req, tokens = chunk.seq.req, chunk.seq.tokens()
+        end = chunk.start + len(chunk.tokens)
+        logprobs, greedy = self.engine.score(
+            chunk.tokens, chunk.start, row, tokens[chunk.start + 1 : end + 1]
+        )
+        for i in range(len(chunk.tokens)):
+            if req.score_start <= chunk.start + i + 1 < len(tokens):
+                req.scores.append((float(logprobs[i]), bool(greedy[i])))
+        if not chunk.last:
+            return []
+        if req.timings.first_token is None:
+            req.timings.first_token = time.perf_counter()
+        req.finish(FinishReason.SCORED)
+        return [Delta(req, [], "", [], finished=True)]
 
     def _read_decode(self, packed, members) -> list[Delta]:
         result = Sampled.unpack(np.asarray(packed))  # [k, rows]
@@ -156,7 +172,7 @@ class Runner:
             )
             logprob = TokenLogprob(token, float(result.logprobs[index]), top)
         ids, text = req.append(token, logprob, self.tokenizer, self.engine.ecfg.max_model_len)
-        return Delta(req, ids, text, [logprob] if logprob is not None and ids else [])
+        return Delta(req, ids, text, [logprob] if logprob is not None and ids else [], finished=req.finished)
 
     def _retire(self, seq: Seq) -> None:
         if seq.slot is not None and seq.state in (State.PREFILL, State.RUNNING):

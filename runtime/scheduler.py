@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -299,8 +300,15 @@ class Scheduler:
             prev = chain_hash(prev, tokens[i * ps : (i + 1) * ps])
             seq.hashes.append(prev)
         hits = []
+        if seq.req.timings.scheduled is None:
+            seq.req.timings.scheduled = time.perf_counter()
+        # Never cache-hit the last token (its logits are needed), nor, when scoring, any position
+        # whose logits give a scored token's log-prob.
+        needed_from = (
+            len(tokens) - 1 if seq.req.score_start is None else min(len(tokens), seq.req.score_start) - 1
+        )
         if self.prefix_cache:
-            for i in range((len(tokens) - 1) // ps):
+            for i in range(needed_from // ps):
                 page = self.pages.lookup(seq.hashes[i], tokens[i * ps : (i + 1) * ps])
                 if page is None:
                     break

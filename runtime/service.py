@@ -44,7 +44,7 @@ class Stream:
             if isinstance(item, BaseException):
                 raise item
             yield item
-            if item.request.finished:
+            if item.finished:
                 return
 
     def cancel(self) -> None:
@@ -90,16 +90,19 @@ class EngineLoop:
             req = self.runner.cancel(request_id, reason)
             stream = self._streams.pop(request_id, None)
         if stream is not None and req is not None:
-            stream._put(Delta(req, [], "", []))
+            stream._put(Delta(req, [], "", [], finished=True))
 
     def stats(self) -> dict:
         with self._lock:
             return {**self.runner.stats(), "draining": self._draining}
 
-    def drain(self, grace_s: float) -> bool:
-        """Stop admitting; wait up to grace_s for running requests. True if all finished."""
+    def stop_admitting(self) -> None:
         with self._lock:
             self._draining = True
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop admitting; wait up to grace_s for running requests. True if all finished."""
+        self.stop_admitting()
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -141,7 +144,7 @@ class EngineLoop:
                     stream = self._streams.get(d.request.request_id)
                     if stream is not None:
                         routed.append((stream, d))
-                        if d.request.finished:
+                        if d.finished:
                             del self._streams[d.request.request_id]
             for stream, d in routed:
                 stream._put(d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -62,6 +63,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="keep GGUF-quantized weights quantized (default) or dequantize them at load",
     )
     g.add_argument("--compile-cache", help="JAX compilation cache directory ('' turns it off)")
+    g.add_argument(
+        "--attention-impl",
+        choices=["auto", "pallas", "xla"],
+        help="paged attention: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+    )
+    g.add_argument(
+        "--matmul-impl",
+        choices=["auto", "pallas", "xla"],
+        help="quantized matmul: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+    )
 
 
 def engine_kwargs(args) -> dict:
@@ -74,8 +85,12 @@ def engine_kwargs(args) -> dict:
         "dtype",
         "quantized",
         "compile_cache",
+        "max_queue",
+        "max_per_client",
+        "attention_impl",
+        "matmul_impl",
     )
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
 
 
 def sampling_from_args(args):
@@ -137,7 +152,7 @@ class OrderedStream:
 
     def __call__(self, i: int, delta) -> None:
         self.buffers[i].append(delta.text)
-        self.done[i] = self.done[i] or delta.request.finished
+        self.done[i] = self.done[i] or delta.finished
         while self.head < self.n:
             h = self.head
             if not self.started[h]:
@@ -152,15 +167,82 @@ class OrderedStream:
         self.out.flush()
 
 
-def cmd_generate(args) -> int:
-    from xlaserve.runtime.llm import LLM
-
+def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if not prompts or prompts == ["-"]:
         if sys.stdin.isatty():
             raise ValueError("give at least one PROMPT (or '-' to read one from stdin)")
         prompts = [sys.stdin.read()]
+    return prompts
+
+
+def generate_remote(args, prompts: list[str], params) -> int:
+    """`generate --server HOST:PORT`: the same output, produced by a running server."""
+    import grpc
+
+    from xlaserve.serve.client import Client
+
+    sampling = {
+        f: getattr(params, f)
+        for f in (
+            "max_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "seed",
+            "ignore_eos",
+            "logprobs",
+        )
+    }
+    sampling["stop"] = params.stop
+    key = args.api_key or None
+    with Client(args.server, api_key=key, tls=args.tls, root_certificates=_read(args.tls_ca)) as client:
+        for i, prompt in enumerate(prompts):
+            kw = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+            try:
+                if args.output == "json":
+                    out = client.generate(**kw, **sampling)
+                    print(
+                        json.dumps(
+                            {
+                                "prompt": prompt,
+                                "text": out.text,
+                                "token_ids": out.token_ids,
+                                "finish_reason": out.finish_reason,
+                                "stop_reason": out.stop_reason,
+                                "usage": out.usage,
+                                "timings": out.timings,
+                            },
+                            ensure_ascii=False,
+                        )
+                    )
+                    continue
+                if len(prompts) > 1:
+                    print(f"{chr(10) if i else ''}--- [{i + 1}/{len(prompts)}] ---")
+                for msg in client.generate_stream(**kw, **sampling):
+                    if msg.HasField("delta"):
+                        sys.stdout.write(msg.delta.text)
+                        sys.stdout.flush()
+            except grpc.RpcError as e:
+                raise ValueError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+        if args.output == "text":
+            print()
+    return 0
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if not path else open(path, "rb").read()
+
+
+def cmd_generate(args) -> int:
+    prompts = read_prompts(args)
     params = sampling_from_args(args)
+    if args.server:
+        return generate_remote(args, prompts, params)
+    from xlaserve.runtime.llm import LLM
+
     progress = Progress()
     llm = LLM(args.model, progress=progress, **engine_kwargs(args))
     compile_s = sum(llm.engine.compile_seconds.values())
@@ -176,6 +258,60 @@ def cmd_generate(args) -> int:
     else:
         llm.generate(inputs, params, chat=args.chat, on_delta=OrderedStream(len(prompts)))
         print()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from xlaserve.runtime import llama
+    from xlaserve.runtime.llm import LLM
+    from xlaserve.serve.auth import load_keys
+    from xlaserve.serve.server import Server
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = (_read(args.tls_key), _read(args.tls_cert)) if args.tls_cert else None
+    keys = load_keys(args.api_key_file, args.api_keys_env)
+    progress = Progress()
+    names = (args.model, registry.DEFAULT_MODEL) if args.model == registry.DEFAULT_MODEL else (args.model,)
+    server = Server(
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        api_keys=keys,
+        max_workers=args.max_workers,
+        max_message_bytes=args.max_message_bytes,
+        model_names=names,
+    ).start()
+    progress(
+        f"listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
+        f"{', API keys required' if keys else ''}); health NOT_SERVING until the model is compiled"
+    )
+    if args.metrics_port is not None:
+        server.metrics.serve(args.metrics_port, args.host)
+        progress(f"Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    llm = LLM(args.model, progress=progress, **engine_kwargs(args))
+    server.service.model_names = (*names, llm.config.name)
+    server.attach(llm)
+    e, ecfg = llm.engine, llm.engine_config
+    weights_mb = llama.weight_bytes(e.weights) / 2**20
+    kv_mb = 2 * e.cache.k.nbytes / 2**20
+    compile_s = sum(e.compile_seconds.values())
+    progress.done(
+        f"SERVING {llm.config.name} ({llm.quantization}, {ecfg.dtype}) on 1 device; {ecfg.max_slots} slots x "
+        f"{ecfg.max_model_len} tokens; weights {weights_mb:.0f} MiB, KV cache {kv_mb:.0f} MiB; "
+        f"load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s"
+    )
+    stop.wait()
+    server.begin_drain()
+    progress(f"draining: no new requests; {args.grace_period:.0f}s for running streams")
+    finished = server.drain(args.grace_period)
+    progress.done("stopped" + ("" if finished else " (grace period over: remaining streams cancelled)"))
     return 0
 
 
@@ -205,8 +341,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, help="return log-probs with N alternatives (json output)")
     p.add_argument("--output", choices=["text", "json"], default="text")
+    p.add_argument("--server", help="HOST:PORT of a running `xlaserve serve` (instead of a local engine)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("XLASERVE_API_KEY"), help="with --server (env XLASERVE_API_KEY)"
+    )
+    p.add_argument("--tls", action="store_true", help="with --server: connect over TLS")
+    p.add_argument("--tls-ca", help="with --server: CA certificate (PEM) to trust")
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the model over gRPC (xlaserve.v1.Generation, health, reflection)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--api-key-file", help="file of accepted API keys, one per line")
+    p.add_argument(
+        "--api-keys-env", default="XLASERVE_API_KEYS", help="env var with comma-separated API keys"
+    )
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds running streams get on SIGTERM")
+    p.add_argument("--max-workers", type=int, default=256, help="concurrent RPCs (threads)")
+    p.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-per-client", type=int, help="requests in flight per client (x-client-id or API key)"
+    )
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from xlaserve.bench import serve_load
+
+    p = bench.add_parser("serve", help="load-test a server over gRPC (TTFT, ITL, e2e percentiles, tok/s)")
+    serve_load.add_arguments(p)
+    p.set_defaults(func=lambda a: serve_load.run(a) and 0)
     return parser
 
 

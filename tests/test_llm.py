@@ -36,7 +36,7 @@ def test_batched_equals_alone(llm):
 def test_stream_equals_generate(llm):
     params = SamplingParams(temperature=0.0, max_tokens=20)
     deltas = list(llm.stream("Write one sentence about the sea.", params, chat=False))
-    assert deltas[-1].request.finished and not any(d.request.finished for d in deltas[:-1])
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
     out = llm.generate("Write one sentence about the sea.", params)[0]
     assert "".join(d.text for d in deltas) == out.text
     assert [t for d in deltas for t in d.token_ids] == out.token_ids

@@ -1,0 +1,168 @@
+"""Weight-only quantized matmul in Pallas (Triton style): y[M, N] = x[M, K] @ dequant(W)^T, with its
+pure-jnp reference and the 4-bit pack/unpack helpers.
+
+W is a `QuantArray` [N, K] in its packed layout:
+  - int8 ("q8_0"): data int8 [N, K], scale [N, K / g] with g = block (32, or K for per-channel);
+  - 4-bit ("q4_0", "q4_1"), groups of g ∈ {32, 64, 128}: data uint8 [N, K / 2] where byte j of a
+    group holds element j in its low nibble and element j + g/2 in its high nibble (GGUF's order for
+    g = 32); w = d * (q - 8) (q4_0) or d * q + m (q4_1; an AWQ/GPTQ zero point z is m = -d * z).
+Dequantization happens in registers, in the same float32 operations as `runtime.quant.dequantize`;
+products accumulate in float32. For 4-bit weights x is split outside the kernel (a free reshape)
+into the halves of each group that meet the low and the high nibbles, so the kernel never
+interleaves nibbles along K (Triton can only join on the minor axis).
+
+Tilings: decode (M ≤ 16, padded to 16, Triton's smallest dot) runs grid (N / bn, splits) over
+K-splits, partial sums added by XLA; prefill (larger M) runs grid (M / bm, N / bn) over all of K.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from xlaserve.runtime.quant import QuantArray, dequantize
+
+
+def pack_int4(q: np.ndarray, group: int) -> np.ndarray:
+    """Unsigned 4-bit values [N, K] (0..15) -> bytes [N, K / 2] in the half-group layout."""
+    n, k = q.shape
+    g = q.reshape(n, k // group, group).astype(np.uint8)
+    return (g[..., : group // 2] | (g[..., group // 2 :] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed, group: int):
+    """Inverse of pack_int4 (numpy or jax arrays)."""
+    xp = np if isinstance(packed, np.ndarray) else jnp
+    n, half = packed.shape
+    b = packed.reshape(n, half * 2 // group, group // 2)
+    return xp.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(n, half * 2)
+
+
+def _largest_pow2_divisor(n: int, cap: int, least: int) -> int:
+    best = least
+    while best * 2 <= cap and n % (best * 2) == 0:
+        best *= 2
+    if n % best:
+        raise ValueError(f"dimension {n} is not a multiple of {least}")
+    return best
+
+
+def _kernel(
+    x_lo_ref,
+    x_hi_ref,
+    w_ref,
+    d_ref,
+    m_ref,
+    o_ref,
+    *,
+    kind: str,
+    group: int,
+    bk: int,
+    tiles_per_split: int,
+    per_channel: bool,
+):
+    """One (rows, cols, split) program. For 4-bit kinds x_lo/x_hi are [bm, K/2]; for int8 x_hi is
+    unused and x_lo is x [bm, K]."""
+    split = pl.program_id(2)
+    bn = w_ref.shape[0]
+    four_bit = kind != "q8_0"
+    cols = bk // 2 if four_bit else bk  # stored bytes of W per tile along K
+    groups = bk // group if not per_channel else 1
+
+    def expand(s):  # [bn, groups] -> [bn, cols]
+        return jnp.broadcast_to(s[:, :, None], (bn, groups, cols // groups)).reshape(bn, cols)
+
+    def body(t, acc):
+        span = pl.ds(t * cols, cols)
+        w = w_ref[:, span]
+        d = 1.0 if per_channel else expand(d_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
+        x = x_lo_ref[:, span]
+        if not four_bit:
+            return acc + jnp.dot(
+                x, (w.astype(jnp.float32) * d).astype(x.dtype).T, preferred_element_type=jnp.float32
+            )
+        lo, hi = (w & 0x0F), (w >> 4)
+        if kind == "q4_0":
+            lo = d * (lo.astype(jnp.float32) - 8.0)
+            hi = d * (hi.astype(jnp.float32) - 8.0)
+        else:
+            m = expand(m_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
+            lo = d * lo.astype(jnp.float32) + m
+            hi = d * hi.astype(jnp.float32) + m
+        acc += jnp.dot(x, lo.astype(x.dtype).T, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_hi_ref[:, span], hi.astype(x.dtype).T, preferred_element_type=jnp.float32)
+
+    first = split * tiles_per_split
+    acc = jax.lax.fori_loop(
+        first, first + tiles_per_split, body, jnp.zeros((x_lo_ref.shape[0], bn), jnp.float32)
+    )
+    if per_channel:
+        acc = acc * d_ref[...].astype(jnp.float32)[:, 0][None, :]
+    o_ref[...] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "splits", "block_n", "block_k", "block_m"))
+def quantized_matmul(
+    x,
+    w: QuantArray,
+    *,
+    interpret: bool | None = None,
+    splits: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    block_m: int = 64,
+):
+    """x [M, K] @ dequant(w)^T -> [M, N] float32. Decode tiling when M ≤ 16, prefill tiling above."""
+    m, k = x.shape
+    n, k_w = w.shape
+    assert k == k_w, (x.shape, w.shape)
+    four_bit = w.kind != "q8_0"
+    per_channel = not four_bit and w.block == k  # int8 with one scale per row: scaled once, at the end
+    group = k if per_channel else w.block
+    bk = block_k or _largest_pow2_divisor(k, 256, 32 if per_channel else max(group, 32))
+    bn = block_n or _largest_pow2_divisor(n, 128, 16)
+    if not per_channel and bk % group:
+        raise ValueError(f"block_k={bk} must be a multiple of the group size {group}")
+    k_tiles = k // bk
+    decode = m <= 16
+    bm = 16 if decode else block_m
+    mp = -(-m // bm) * bm
+    if decode:
+        want = splits or max(1, min(k_tiles, 256 // max(1, n // bn)))
+        splits = max(s for s in range(1, want + 1) if k_tiles % s == 0)
+    else:
+        splits = 1
+    x = jnp.pad(x, ((0, mp - m), (0, 0)))
+    if four_bit:
+        xg = x.reshape(mp, k // group, group)
+        x_lo = xg[..., : group // 2].reshape(mp, k // 2)
+        x_hi = xg[..., group // 2 :].reshape(mp, k // 2)
+    else:
+        x_lo, x_hi = x, x[:, :1]
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    kernel = functools.partial(
+        _kernel, kind=w.kind, group=group, bk=bk, tiles_per_split=k_tiles // splits, per_channel=per_channel
+    )
+    mins = w.min if w.min is not None else w.scale[:, :1]
+    whole_k = lambda a: pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0))
+    rows_of = lambda a: pl.BlockSpec((bn, a.shape[1]), lambda i, j, s: (j, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(mp // bm, n // bn, splits),
+        in_specs=[whole_k(x_lo), whole_k(x_hi), rows_of(w.data), rows_of(w.scale), rows_of(mins)],
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),
+    )(x_lo, x_hi, w.data, w.scale, mins)
+    return out.sum(axis=0)[:m]
+
+
+def quantized_matmul_reference(x, w: QuantArray):
+    """float32 x @ dequant(w)^T at HIGHEST precision."""
+    return jnp.dot(x.astype(jnp.float32), dequantize(w, jnp.float32).T, precision=jax.lax.Precision.HIGHEST)

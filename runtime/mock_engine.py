@@ -1,0 +1,114 @@
+"""A stand-in for `Engine` with hand-checkable arithmetic, for fast tests of everything above it
+(scheduler, runner, engine loop, server) without compiling anything.
+
+Its "model" continues any sequence with the previous token + 1 (mod V), with log-prob 0 for that
+token and -10 for every other; token 0 is EOS. A prompt ending in 7 therefore streams 8, 9, 10, ...
+Its tokenizer spells token i as "w{i}", words separated by spaces. `step_s` slows each dispatch
+down, to test deadlines and cancellation mid-stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from xlaserve.checkpoints.tokenizer import Tokenizer
+from xlaserve.runtime.config import EngineConfig, ModelConfig
+
+VOCAB = 512
+EOS = 0
+OTHER_LOGPROB = -10.0
+
+
+def mock_config(vocab: int = VOCAB) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_ids=(EOS,),
+        name="mock",
+    )
+
+
+def mock_tokenizer(vocab: int = VOCAB) -> Tokenizer:
+    backend = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}w3{% endif %}"
+    )
+    return Tokenizer(backend, bos_token=None, eos_token="w0", chat_template=template, source="mock")
+
+
+class _OnHost(np.ndarray):
+    """A numpy result that accepts the calls the runner makes on device arrays."""
+
+    def copy_to_host_async(self) -> None:
+        pass
+
+
+class MockEngine:
+    def __init__(self, engine_cfg: EngineConfig | None = None, *, vocab: int = VOCAB, step_s: float = 0.0):
+        self.cfg = mock_config(vocab)
+        self.ecfg = (engine_cfg or EngineConfig()).resolve(self.cfg, "cpu")
+        self.step_s = step_s
+        self.compile_seconds: dict[str, float] = {}
+        self.tokens = np.zeros((self.ecfg.max_slots,), np.int64)
+        self.active = np.zeros((self.ecfg.max_slots,), bool)
+        self.dispatches = 0
+
+    def _packed(self, tokens: np.ndarray, n_top: int) -> _OnHost:
+        out = np.zeros((*tokens.shape, 2 + 2 * self.ecfg.max_logprobs), np.int32)
+        out[..., 0] = tokens
+        out[..., 1] = np.float32(0.0).view(np.int32)
+        if n_top:
+            out[..., 2] = tokens
+            out[..., 3 : 2 + self.ecfg.max_logprobs] = (
+                tokens[..., None] + np.arange(1, self.ecfg.max_logprobs)
+            ) % self.cfg.vocab_size
+            lps = np.full(self.ecfg.max_logprobs, OTHER_LOGPROB, np.float32)
+            lps[0] = 0.0
+            out[..., 2 + self.ecfg.max_logprobs :] = lps.view(np.int32)
+        return out.view(_OnHost)
+
+    def _next(self, token):
+        return (np.asarray(token) + 1) % self.cfg.vocab_size
+
+    def prefill(self, tokens, start, page_row, sampling, presence):
+        time.sleep(self.step_s)
+        return self._packed(self._next([tokens[-1]]), int(sampling.n_top[0]))
+
+    def score(self, tokens, start, page_row, targets):
+        time.sleep(self.step_s)
+        want = self._next(np.asarray(tokens)[: len(targets)])
+        greedy = np.asarray(targets) == want
+        lps = np.where(greedy, 0.0, OTHER_LOGPROB).astype(np.float32)
+        pad = len(tokens) - len(targets)
+        return np.concatenate([lps, np.zeros(pad, np.float32)]), np.concatenate([greedy, np.zeros(pad, bool)])
+
+    def insert(self, slot, packed, length, sampling, presence):
+        self.tokens[slot] = int(np.asarray(packed)[0, 0])
+        self.active[slot] = True
+
+    def free(self, slot):
+        self.active[slot] = False
+
+    def generate(self, page_table, kv_tokens, busy_rows=None):
+        time.sleep(self.step_s)
+        self.dispatches += 1
+        rows = busy_rows or self.ecfg.max_slots
+        steps = []
+        for _ in range(self.ecfg.decode_steps):
+            nxt = np.where(self.active, self._next(self.tokens), self.tokens)
+            steps.append(nxt[:rows].copy())
+            self.tokens = nxt
+        return self._packed(np.stack(steps), self.ecfg.max_logprobs)

@@ -1,0 +1,95 @@
+"""Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
+engine's gauges (slots, pages, queue, prefix hit rate, preemptions) read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from xlaserve.runtime.request import Request
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class EngineCollector:
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        gauges = {
+            "xlaserve_slots_busy": ("Decode slots holding a request", s["slots_busy"]),
+            "xlaserve_slots_total": ("Decode slots", s["slots_total"]),
+            "xlaserve_queue_length": ("Requests waiting for a slot", s["queue_length"]),
+            "xlaserve_kv_pages_used": ("KV pages held by requests", s["pages_used"]),
+            "xlaserve_kv_pages_free": ("KV pages free", s["pages_free"]),
+            "xlaserve_kv_pages_cached": ("KV pages kept by the prefix cache, evictable", s["pages_cached"]),
+            "xlaserve_prefix_cache_hit_rate": (
+                "Prompt tokens served from the prefix cache / prompt tokens",
+                s["prefix_hit_rate"],
+            ),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "xlaserve_preemptions", "Sequences preempted for lack of KV pages", value=s["preemptions"]
+        )
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "xlaserve_time_to_first_token_seconds",
+            "Arrival to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "xlaserve_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "xlaserve_request_latency_seconds",
+            "Arrival to end of request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "xlaserve_queue_time_seconds", "Arrival to first scheduled", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter(
+            "xlaserve_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generated_tokens = Counter("xlaserve_generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("xlaserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        if stats is not None:
+            r.register(EngineCollector(stats))
+
+    def tokens_streamed(self, n: int, seconds_since_last: float | None) -> None:
+        if n and seconds_since_last is not None:
+            for _ in range(n):
+                self.itl.observe(seconds_since_last / n)
+
+    def finished(self, req: Request) -> None:
+        t = req.timings
+        if t.ttft_s is not None:
+            self.ttft.observe(t.ttft_s)
+        if t.scheduled is not None:
+            self.queue.observe(t.scheduled - t.arrival)
+        if t.finished is not None:
+            self.e2e.observe(t.finished - t.arrival)
+        self.prompt_tokens.inc(len(req.prompt_ids))
+        self.generated_tokens.inc(len(req.output_ids))
+        self.requests.labels(outcome=req.finish_reason.value if req.finish_reason else "unknown").inc()
+
+    def rejected(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

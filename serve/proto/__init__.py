@@ -1,0 +1,1 @@
+"""Protocol buffers of the serving API, and the script that generates their Python code."""
