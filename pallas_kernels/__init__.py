@@ -1,1 +1,1 @@
-"""Pallas kernels: one file per kernel (kernel, jitted wrapper, pure-jnp reference). None yet."""
+"""Pallas kernels, one file each: kernel, jitted wrapper, pure-jnp reference (interpret mode on CPU)."""

@@ -15,6 +15,7 @@ the attention itself at short contexts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -72,7 +73,7 @@ def paged_attention(
     Pallas kernels; q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
     """
     if kernels.attention == "pallas" and (q.shape[1] == 1 or q.shape[0] == 1):
-        return _pallas_attention(q, cache, layer, page_table, q_pos, kv_len, kernels.interpret)
+        return _pallas_attention(q, cache, layer, page_table, q_pos, kv_len, kernels)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     b, t, h, g, d = q.shape
     page_size = cache.page_size
@@ -124,40 +125,37 @@ def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:
     return ppt
 
 
-def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, interpret: bool):
+def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, kernels: Kernels):
+    """Our kernels; on a mesh, per shard under shard_map (kv heads split over tp when they divide,
+    the query heads with them; otherwise every device runs all heads)."""
     from xlaserve.pallas_kernels import paged_attention as pk
 
     b, t, h = q.shape[:3]
     ppt = _pages_per_tile(page_table.shape[1], cache.page_size)
     if t == 1:
         tiles = page_table.shape[1] // ppt
-        splits = 1 if interpret else max(1, min(tiles, -(-264 // (b * h))))  # fill ~2 waves of 132 SMs
-        out = pk.decode_attention(
-            q[:, 0],
-            cache.k,
-            cache.v,
-            layer,
-            kv_len,
-            page_table,
-            pages_per_tile=ppt,
-            splits=splits,
-            interpret=interpret,
+        splits = 1 if kernels.interpret else max(1, min(tiles, -(-264 // (b * h))))  # ~2 waves of 132 SMs
+        fn = functools.partial(
+            pk.decode_attention, pages_per_tile=ppt, splits=splits, interpret=kernels.interpret
         )
-        return out[:, None]
-    block_q = 16 if t % 16 == 0 else t
-    out = pk.prefill_attention(
-        q[0],
-        cache.k,
-        cache.v,
-        layer,
-        q_pos[0, 0],
-        kv_len[0],
-        page_table[0],
-        block_q=block_q,
-        pages_per_tile=ppt,
-        interpret=interpret,
-    )
-    return out[None]
+        args, q_in = (layer, kv_len, page_table), q[:, 0]  # q [B, H, G, D]
+    else:
+        block_q = 16 if t % 16 == 0 else t
+        fn = functools.partial(
+            pk.prefill_attention, block_q=block_q, pages_per_tile=ppt, interpret=kernels.interpret
+        )
+        args, q_in = (layer, q_pos[0, 0], kv_len[0], page_table[0]), q[0]  # q [T, H, G, D]
+    mesh = kernels.mesh
+    if mesh is not None:
+        from jax.sharding import PartitionSpec as P
+
+        heads = "tp" if h % mesh.shape["tp"] == 0 else None
+        qs, cs = P(None, heads, None, None), P(None, None, None, heads, None)
+        fn = jax.shard_map(
+            fn, mesh=mesh, in_specs=(qs, cs, cs) + (P(),) * len(args), out_specs=qs, check_vma=False
+        )
+    out = fn(q_in, cache.k, cache.v, *args)
+    return out[:, None] if t == 1 else out[None]
 
 
 def reference_attention(q, k_seq, v_seq, q_pos, kv_len):

@@ -58,6 +58,7 @@ class Kernels:
     attention: str = "xla"  # "xla" or "pallas"
     matmul: str = "xla"  # "xla" or "pallas" (quantized weights only; dense weights always use XLA)
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
+    mesh: object = None  # the ("tp",) jax Mesh the model is sharded over, when more than one device
 
 
 XLA_KERNELS = Kernels()

@@ -16,18 +16,35 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xlaserve.runtime import llama, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.programs import DecodeState, Sampled, Statics
 from xlaserve.runtime.sampling import SamplingState
+from xlaserve.sharding import rules
 
 log = logging.getLogger("xlaserve")
 
 
-def abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+def to_host(x) -> np.ndarray:
+    """A replicated device array as numpy, also when some of its shards live on other processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def abstract(tree, default_sharding=None):
+    """Shapes, dtypes and shardings of a pytree (device arrays keep theirs; host arrays get
+    `default_sharding`)."""
+
+    def one(a):
+        sharding = a.sharding if isinstance(a, jax.Array) else default_sharding
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
 
 
 class Engine:
@@ -37,19 +54,34 @@ class Engine:
         weights: llama.Weights,
         engine_cfg: EngineConfig,
         *,
+        mesh: Mesh | None = None,
         progress: Callable[[str], None] | None = None,
     ):
-        self.cfg = cfg
-        self.ecfg = ecfg = engine_cfg.resolve(cfg, jax.default_backend())
+        """mesh: a ("tp",) mesh to shard the model over (None: the default device)."""
+        self.cfg, self.mesh = cfg, mesh
         backend = jax.default_backend()
-        kernels = Kernels(attention=ecfg.attention_impl, matmul=ecfg.matmul_impl, interpret=backend == "cpu")
+        self.ecfg = ecfg = engine_cfg.resolve(cfg, backend)
+        kernels = Kernels(
+            attention=ecfg.attention_impl,
+            matmul=ecfg.matmul_impl,
+            interpret=backend == "cpu",
+            mesh=mesh if mesh is not None and mesh.size > 1 else None,
+        )
         self.st = Statics(
             cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
         )
-        self.weights = jax.device_put(quant.for_backend(weights, backend, ecfg.matmul_impl))
+        host = quant.for_backend(weights, backend, ecfg.matmul_impl)
         shape = (cfg.num_layers, ecfg.total_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim)
-        self.cache = KVCache(jnp.zeros(shape, ecfg.dtype), jnp.zeros(shape, ecfg.dtype))
-        self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size))
+        self._repl = None if mesh is None else NamedSharding(mesh, P())
+        if mesh is None:
+            self.weights = jax.device_put(host)
+            cache_sharding = None
+        else:
+            self.weights = rules.place(host, rules.weight_shardings(cfg, host, mesh))
+            cache_sharding = NamedSharding(mesh, rules.cache_spec(cfg, mesh))
+        zeros = jax.jit(lambda: jnp.zeros(shape, ecfg.dtype), out_shardings=cache_sharding)
+        self.cache = KVCache(zeros(), zeros())  # created in place, shard by shard
+        self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
         self._progress = progress or (lambda msg: None)
         self.compile_seconds: dict[str, float] = {}
         self._prefill: dict[int, jax.stages.Compiled] = {}
@@ -59,25 +91,45 @@ class Engine:
 
     # -- compilation ------------------------------------------------------------------------------
 
-    def _compile(self, name: str, fn, donate: tuple[str, ...], *args):
+    def _spec(self, shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._repl)
+
+    def _outputs(self, *parts):
+        """out_shardings: the cache keeps its sharding, "state" its own, everything else replicated."""
+        if self.mesh is None:
+            return None
+        table = {
+            "cache": jax.tree.map(lambda a: a.sharding, self.cache),
+            "state": jax.tree.map(lambda a: a.sharding, self.state),
+        }
+        return (
+            tuple(table.get(p, self._repl) for p in parts)
+            if len(parts) > 1
+            else table.get(parts[0], self._repl)
+        )
+
+    def _compile(self, name: str, fn, donate: tuple[str, ...], *args, outputs: tuple[str, ...] = ()):
         self._progress(f"compiling {name}")
         t0 = time.perf_counter()
-        compiled = jax.jit(fn, donate_argnames=donate).lower(*args).compile()
+        jitted = jax.jit(
+            fn, donate_argnames=donate, out_shardings=self._outputs(*outputs) if outputs else None
+        )
+        compiled = jitted.lower(*args).compile()
         self.compile_seconds[name] = dt = time.perf_counter() - t0
         log.info("compiled %s in %.2fs", name, dt)
         return compiled
 
     def _prefill_args(self, t: int):
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        i32 = self._spec((), jnp.int32)
         return (
             abstract(self.weights),
             abstract(self.cache),
-            jax.ShapeDtypeStruct((t,), jnp.int32),
+            self._spec((t,), jnp.int32),
             i32,
             i32,
-            jax.ShapeDtypeStruct((self.ecfg.pages_per_seq,), jnp.int32),
-            abstract(SamplingState.zeros(1)),
-            jax.ShapeDtypeStruct((self.cfg.vocab_size,), bool),
+            self._spec((self.ecfg.pages_per_seq,), jnp.int32),
+            abstract(SamplingState.zeros(1), self._repl),
+            self._spec((self.cfg.vocab_size,), bool),
         )
 
     def _generate_fn(self, rows: int, kv_tokens: int, with_logits: bool = False):
@@ -90,35 +142,48 @@ class Engine:
             rows=rows,
             with_logits=with_logits,
         )
-        table = jax.ShapeDtypeStruct((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32)
+        table = self._spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32)
         name = f"generate{'_logits' if with_logits else ''}[S={rows},k={ecfg.decode_steps},kv={kv_tokens}]"
         args = (abstract(self.weights), abstract(self.cache), abstract(self.state), table)
-        return self._compile(name, fn, ("cache", "state"), *args)
+        outputs = ("cache", "state", "packed", "logits") if with_logits else ("cache", "state", "packed")
+        return self._compile(name, fn, ("cache", "state"), *args, outputs=outputs)
 
     def _compile_all(self) -> None:
-        ecfg, i32 = self.ecfg, jax.ShapeDtypeStruct((), jnp.int32)
+        ecfg, i32 = self.ecfg, self._spec((), jnp.int32)
         for t in ecfg.prefill_buckets:
             fn = functools.partial(programs.prefill, st=self.st)
-            self._prefill[t] = self._compile(f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t))
+            self._prefill[t] = self._compile(
+                f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t), outputs=("cache", "packed")
+            )
             if ecfg.scoring:
                 fn = functools.partial(programs.score, st=self.st)
-                args = (*self._prefill_args(t)[:6], jax.ShapeDtypeStruct((t,), jnp.int32))
-                self._score[t] = self._compile(f"score[T={t}]", fn, ("cache",), *args)
+                args = (*self._prefill_args(t)[:6], self._spec((t,), jnp.int32))
+                self._score[t] = self._compile(
+                    f"score[T={t}]", fn, ("cache",), *args, outputs=("cache", "scores")
+                )
         self._generate = {
             (rows, kv): self._generate_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
         }
-        packed = jax.ShapeDtypeStruct((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
-        row = abstract(SamplingState.zeros(1))
-        presence = jax.ShapeDtypeStruct((self.cfg.vocab_size,), bool)
+        packed = self._spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
+        row = abstract(SamplingState.zeros(1), self._repl)
+        presence = self._spec((self.cfg.vocab_size,), bool)
+        state = abstract(self.state)
         self._insert = self._compile(
-            "insert", programs.insert, ("state",), abstract(self.state), i32, packed, i32, row, presence
+            "insert", programs.insert, ("state",), state, i32, packed, i32, row, presence, outputs=("state",)
         )
-        self._free = self._compile("free", programs.free, ("state",), abstract(self.state), i32)
+        self._free = self._compile("free", programs.free, ("state",), state, i32, outputs=("state",))
         log.info(
             "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
         )
 
     # -- verbs --------------------------------------------------------------------------------------
+
+    def _put(self, *host):
+        """Host inputs as device arrays. Needed across processes (every process supplies the same
+        value for its devices); on one process the executable takes numpy directly."""
+        if self.mesh is None or jax.process_count() == 1:
+            return host
+        return tuple(jax.device_put(x, self._repl) for x in host)
 
     def bucket(self, n: int) -> int:
         """The smallest prefill bucket holding n tokens (the largest bucket if none does)."""
@@ -134,9 +199,8 @@ class Engine:
         assert 0 < n <= t, (n, t)
         padded = np.zeros((t,), np.int32)
         padded[:n] = tokens
-        self.cache, packed = self._prefill[t](
-            self.weights, self.cache, padded, np.int32(start), np.int32(n), page_row, sampling, presence
-        )
+        host = self._put(padded, np.int32(start), np.int32(n), page_row, sampling, presence)
+        self.cache, packed = self._prefill[t](self.weights, self.cache, *host)
         return packed
 
     def score(self, tokens, start: int, page_row: np.ndarray, targets) -> tuple[np.ndarray, np.ndarray]:
@@ -149,13 +213,14 @@ class Engine:
         padded, nxt = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
         padded[:n], nxt[: len(targets)] = tokens, targets
         self.cache, out = self._score[t](
-            self.weights, self.cache, padded, np.int32(start), np.int32(n), page_row, nxt
+            self.weights, self.cache, *self._put(padded, np.int32(start), np.int32(n), page_row, nxt)
         )
-        out = np.asarray(out)[:n]
+        out = to_host(out)[:n]
         return out[:, 0].view(np.float32), out[:, 1].astype(bool)
 
     def insert(self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray) -> None:
-        self.state = self._insert(self.state, np.int32(slot), packed, np.int32(length), sampling, presence)
+        slot, length, sampling, presence = self._put(np.int32(slot), np.int32(length), sampling, presence)
+        self.state = self._insert(self.state, slot, packed, length, sampling, presence)
 
     def kv_bucket(self, kv_tokens: int) -> int:
         """The smallest decode KV bucket holding `kv_tokens` (every active slot's length after the
@@ -171,11 +236,12 @@ class Engine:
         slots); `kv_tokens` bounds every active slot's length after the dispatch. Returns the packed
         results [steps, rows, C] (rows = the slot bucket used), on device."""
         key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens))
-        self.cache, self.state, packed = self._generate[key](self.weights, self.cache, self.state, page_table)
+        (table,) = self._put(page_table)
+        self.cache, self.state, packed = self._generate[key](self.weights, self.cache, self.state, table)
         return packed
 
     def free(self, slot: int) -> None:
-        self.state = self._free(self.state, np.int32(slot))
+        self.state = self._free(self.state, *self._put(np.int32(slot)))
 
     # -- test and debug entry points (compiled on first use, never on the serving path) -------------
 
@@ -183,7 +249,13 @@ class Engine:
     def _prefill_logits(self):
         t = self.ecfg.prefill_buckets[-1]
         fn = functools.partial(programs.prefill, st=self.st, all_logits=True)
-        return self._compile(f"prefill_logits[T={t}]", fn, ("cache",), *self._prefill_args(t))
+        return self._compile(
+            f"prefill_logits[T={t}]",
+            fn,
+            ("cache",),
+            *self._prefill_args(t),
+            outputs=("cache", "packed", "logits"),
+        )
 
     def prefill_with_logits(self, tokens, start, page_row, sampling, presence):
         """Like `prefill` (chunk padded to the largest bucket), also returning logits [n, V]."""
@@ -193,7 +265,7 @@ class Engine:
         self.cache, packed, lg = self._prefill_logits(
             self.weights, self.cache, padded, np.int32(start), np.int32(n), page_row, sampling, presence
         )
-        return packed, np.asarray(lg)[:n]
+        return packed, to_host(lg)[:n]
 
     def generate_with_logits(self, page_table: np.ndarray, kv_tokens: int):
         """Like `generate` (all slots), also returning the logits [steps, S, V] each token was drawn
@@ -204,7 +276,7 @@ class Engine:
         self.cache, self.state, packed, lg = self._generate_logits[key](
             self.weights, self.cache, self.state, page_table
         )
-        return packed, np.asarray(lg)
+        return packed, to_host(lg)
 
 
 __all__ = ["Engine", "Sampled"]

@@ -10,7 +10,6 @@ per kv head, K head dim.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
@@ -157,32 +156,54 @@ def forward(
     inv_freq = cfg.rope.inv_freq(k)
     pages, offsets = token_slots(page_table, positions, valid, cache.page_size, cache.num_pages)
     x = take_rows(weights.embed, tokens, dtype)
-    mm = functools.partial(linear, kernels=kernels)
+    specs = matrix_specs(cfg, weights, kernels)
+    mm = lambda x, w, name: linear(x, w, kernels=kernels, spec=specs[name])
 
     def layer(carry, xs):
         x, cache = carry
         w, i = xs
         with jax.named_scope("attention"):
             y = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            q = rope(mm(y, w.wq).reshape(b, t, h, g, k), positions, inv_freq)
-            kk = rope(mm(y, w.wk).reshape(b, t, h, k), positions, inv_freq)
-            v = mm(y, w.wv).reshape(b, t, h, k)
+            q = rope(mm(y, w.wq, "wq").reshape(b, t, h, g, k), positions, inv_freq)
+            kk = rope(mm(y, w.wk, "wk").reshape(b, t, h, k), positions, inv_freq)
+            v = mm(y, w.wv, "wv").reshape(b, t, h, k)
             cache = write_kv(cache, i, kk, v, pages, offsets)
             o = paged_attention(q, cache, i, page_table, positions, kv_len, block=block, kernels=kernels)
-            x = x + mm(o.reshape(b, t, h * g * k), w.wo)
+            x = x + mm(o.reshape(b, t, h * g * k), w.wo, "wo")
         with jax.named_scope("mlp"):
             y = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-            x = x + mm(jax.nn.silu(mm(y, w.w_gate)) * mm(y, w.w_up), w.w_down)
+            x = x + mm(jax.nn.silu(mm(y, w.w_gate, "w_gate")) * mm(y, w.w_up, "w_up"), w.w_down, "w_down")
         return (x, cache), None
 
     (x, cache), _ = jax.lax.scan(layer, (x, cache), (weights.layers, jnp.arange(cfg.num_layers)))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), cache
 
 
-def logits(weights: Weights, hidden, kernels: Kernels = XLA_KERNELS) -> jax.Array:
+def logits(
+    weights: Weights, hidden, kernels: Kernels = XLA_KERNELS, cfg: ModelConfig | None = None
+) -> jax.Array:
     """hidden [..., D] -> float32 logits [..., V]."""
     head = weights.lm_head if weights.lm_head is not None else weights.embed
-    return linear(hidden, head, out_dtype=jnp.float32, kernels=kernels)
+    spec = matrix_specs(cfg, weights, kernels)["head"] if cfg is not None else (None, None)
+    return linear(hidden, head, out_dtype=jnp.float32, kernels=kernels, spec=spec)
+
+
+def matrix_specs(cfg: ModelConfig, weights: Weights, kernels: Kernels) -> dict:
+    """(output, input) mesh axes of every matrix (all (None, None) without a mesh)."""
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    if kernels.mesh is None:
+        return dict.fromkeys((*names, "head"), (None, None))
+    from xlaserve.sharding.rules import matrix_spec  # (sharding imports this module)
+
+    info = param_info(cfg)
+    block = lambda w: w.block if isinstance(w, QuantArray) else 1
+    specs = {
+        n: matrix_spec(cfg, getattr(info.layers, n), kernels.mesh, block(getattr(weights.layers, n)))
+        for n in names
+    }
+    head = weights.lm_head if weights.lm_head is not None else weights.embed
+    specs["head"] = matrix_spec(cfg, info.lm_head or info.embed, kernels.mesh, block(head))
+    return specs
 
 
 def cast_weights(weights: Weights, dtype) -> Weights:

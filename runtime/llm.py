@@ -22,9 +22,12 @@ from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.load import load_model
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.replicas import Replicas
 from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
 from xlaserve.runtime.sampling import SamplingParams, with_seed
+from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
+from xlaserve.sharding.multihost import LeaderEngine
 
 log = logging.getLogger("xlaserve")
 
@@ -64,10 +67,13 @@ class LLM:
         model: str = registry.DEFAULT_MODEL,
         *,
         engine_config: EngineConfig | None = None,
+        mesh: str | MeshSpec | None = None,
         progress: Callable[[str], None] | None = None,
         **engine_fields,
     ):
         """model: an alias ("smollm2", pulled on first use), a .gguf file or an HF directory.
+        mesh: "tp=4", "dp=2,tp=4", ...: tp shards the model over devices; dp runs that many
+        replicas, each on its own tp group (default: one device).
         engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
         quantized, decode_steps, prefill_buckets, ...), overriding `engine_config`."""
         progress = progress or (lambda msg: log.info(msg))
@@ -85,8 +91,15 @@ class LLM:
         t0 = time.perf_counter()
         loaded = load_model(path, dequantize=not quantized, dtype=dtype)
         load_seconds = time.perf_counter() - t0
-        engine = Engine(loaded.config, loaded.weights, base, progress=progress)
-        self._setup(engine, loaded.tokenizer, str(path), loaded.quantization, load_seconds)
+        spec = parse_mesh(mesh)
+        groups = [None] if spec.devices == 1 and mesh is None else device_groups(spec)
+        engines = [Engine(loaded.config, loaded.weights, base, mesh=g, progress=progress) for g in groups]
+        if jax.process_count() > 1:  # multi-host: process 0 leads, the others replay its calls
+            if len(engines) > 1:
+                raise ValueError("multi-host runs one tensor-parallel model (dp=1); give the mesh as tp=N")
+            if jax.process_index() == 0:
+                engines = [LeaderEngine(engines[0])]
+        self._setup(engines, loaded.tokenizer, str(path), loaded.quantization, load_seconds, spec)
 
     @classmethod
     def from_engine(
@@ -94,20 +107,37 @@ class LLM:
     ) -> LLM:
         """An LLM over an engine built elsewhere (e.g. `MockEngine` in tests)."""
         self = cls.__new__(cls)
-        self._setup(engine, tokenizer, source, quantization, 0.0)
+        self._setup([engine], tokenizer, source, quantization, 0.0, MeshSpec())
         return self
 
-    def _setup(self, engine, tokenizer, source: str, quantization: str, load_seconds: float) -> None:
-        self.engine, self.tokenizer, self.config = engine, tokenizer, engine.cfg
-        self.model_path, self.quantization, self.load_seconds = source, quantization, load_seconds
-        self.runner = Runner(engine, tokenizer)
+    def _setup(
+        self, engines, tokenizer, source: str, quantization: str, load_seconds: float, mesh: MeshSpec
+    ) -> None:
+        self.engines, self.engine, self.tokenizer, self.config = (
+            engines,
+            engines[0],
+            tokenizer,
+            engines[0].cfg,
+        )
+        self.model_path, self.quantization, self.load_seconds, self.mesh = (
+            source,
+            quantization,
+            load_seconds,
+            mesh,
+        )
+        runners = [Runner(e, tokenizer) for e in engines]
+        self.runner = runners[0] if len(runners) == 1 else Replicas(runners)
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
-        self.eos_ids = frozenset(engine.cfg.eos_token_ids)
+        self.eos_ids = frozenset(self.config.eos_token_ids)
 
     @property
     def engine_config(self) -> EngineConfig:
         return self.engine.ecfg
+
+    def describe_mesh(self) -> str:
+        devices = sum(e.mesh.size if e.mesh is not None else 1 for e in self.engines)
+        return f"{self.mesh} over {devices} {jax.default_backend()} device{'s' if devices > 1 else ''}"
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -127,10 +127,10 @@ def prefill(
     """
     hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
     last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
-    lg = llama.logits(weights, last, st.kernels)
+    lg = llama.logits(weights, last, st.kernels, st.cfg)
     result = pack(*sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top))
     if all_logits:
-        return cache, result, llama.logits(weights, hidden, st.kernels)
+        return cache, result, llama.logits(weights, hidden, st.kernels, st.cfg)
     return cache, result
 
 
@@ -139,7 +139,7 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_row, targets, *,
     targets[i] (the token at position start + i + 1) and whether it is the argmax.
     Returns (cache, int32 [T, 2]: bitcast log-prob, is-greedy)."""
     hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
-    lg = llama.logits(weights, hidden, st.kernels)  # [T, V]
+    lg = llama.logits(weights, hidden, st.kernels, st.cfg)  # [T, V]
     lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[:, None], axis=-1)[:, 0]
     greedy = jnp.argmax(lg, axis=-1) == targets
     return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
@@ -202,7 +202,7 @@ def generate(
             dtype=st.dtype,
             kernels=st.kernels,
         )
-        lg = llama.logits(weights, hidden[:, 0], st.kernels)
+        lg = llama.logits(weights, hidden[:, 0], st.kernels, st.cfg)
         tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top)
         out = out.at[i].set(pack(tokens, *rest))
         if with_logits:

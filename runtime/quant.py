@@ -124,12 +124,13 @@ def _dot(x, w):
 CHUNK_ROWS = 4096
 
 
-def _quant_dot(x, w: QuantArray):
+def _quant_dot(x, w: QuantArray, chunk: bool = True):
     """x[..., K] @ dequant(W)^T, W [N, K]. Dequantized values are the exact ones; only the
-    summation order of the packed 4-bit path differs from a dense dot."""
+    summation order of the packed 4-bit path differs from a dense dot. `chunk`: dequantize large
+    matrices a row chunk at a time (not when rows are split over devices)."""
     n, k = w.shape
     if not w.packed:
-        if n > CHUNK_ROWS:
+        if chunk and n > CHUNK_ROWS:
             return _chunked_dot(x, w)
         return _dot(x, _scaled(w, _values(w, jnp)).reshape(n, k))
     if w.kind == "q8_0":
@@ -158,17 +159,45 @@ def _chunked_dot(x, w: QuantArray):
     return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], n)
 
 
-def linear(x: jax.Array, w, *, out_dtype=None, kernels: Kernels = XLA_KERNELS) -> jax.Array:
+def linear(
+    x: jax.Array, w, *, out_dtype=None, kernels: Kernels = XLA_KERNELS, spec=(None, None)
+) -> jax.Array:
     """x[..., K] @ W[N, K]^T -> [..., N]; W dense or `QuantArray`. Accumulates in float32.
-    With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel."""
-    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
-        from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul  # (it imports this module)
 
-        n, k = w.shape
-        y = quantized_matmul(x.reshape(-1, k), w, interpret=kernels.interpret).reshape(*x.shape[:-1], n)
+    With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel; on a mesh
+    the kernel runs per shard under shard_map, `spec` = (output axis, input axis) of W: a split
+    input axis (row-parallel) ends with a psum."""
+    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
+        y = _pallas_linear(x, w, kernels, spec)
+    elif isinstance(w, QuantArray):
+        y = _quant_dot(x, w, chunk=kernels.mesh is None)
     else:
-        y = _quant_dot(x, w) if isinstance(w, QuantArray) else _dot(x, w)
+        y = _dot(x, w)
     return y.astype(out_dtype or x.dtype)
+
+
+def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):
+    from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul  # (it imports this module)
+
+    def local(x, w):
+        y = quantized_matmul(x.reshape(-1, x.shape[-1]), w, interpret=kernels.interpret)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return jax.lax.psum(y, "tp") if in_axis else y
+
+    out_axis, in_axis = spec
+    if kernels.mesh is None or spec == (None, None):
+        return local(x, w)
+    from jax.sharding import PartitionSpec as P
+
+    lead = [None] * (x.ndim - 1)
+    w_spec = map_quant(lambda _: P(out_axis, in_axis), w)
+    return jax.shard_map(
+        local,
+        mesh=kernels.mesh,
+        in_specs=(P(*lead, in_axis), w_spec),
+        out_specs=P(*lead, out_axis),
+        check_vma=False,
+    )(x, w)
 
 
 def take_rows(w, ids: jax.Array, dtype) -> jax.Array:

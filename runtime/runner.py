@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
@@ -117,7 +117,7 @@ class Runner:
         if previous is not None:
             deltas += self._read_decode(*previous)
         for seq, packed in ready:
-            deltas.append(self._emit(seq, Sampled.unpack(np.asarray(packed)), (0,)))
+            deltas.append(self._emit(seq, Sampled.unpack(to_host(packed)), (0,)))
         for d in deltas:
             seq = self.seqs.get(d.request.request_id)
             if d.finished and seq is not None:
@@ -142,7 +142,7 @@ class Runner:
         return [Delta(req, [], "", [], finished=True)]
 
     def _read_decode(self, packed, members) -> list[Delta]:
-        result = Sampled.unpack(np.asarray(packed))  # [k, rows]
+        result = Sampled.unpack(to_host(packed))  # [k, rows]
         deltas = []
         for seq, slot in members:
             if seq.state is not State.RUNNING or seq.slot != slot:

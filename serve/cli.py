@@ -47,7 +47,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=registry.DEFAULT_MODEL,
         help="alias (smollm2), a .gguf file or an HF directory (default: %(default)s)",
     )
-    g.add_argument("--max-slots", type=int, help="concurrent sequences (decode batch)")
+    g.add_argument("--mesh", help="device mesh: tp=N shards the model, dp=M runs replicas (e.g. dp=2,tp=4)")
+    g.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0's jax.distributed coordinator")
+    g.add_argument("--num-processes", type=int, help="multi-host: processes in the job (one per host)")
+    g.add_argument("--process-id", type=int, help="multi-host: this process (0 serves, the others follow)")
+    g.add_argument("--max-slots", type=int, help="concurrent sequences (decode batch, per replica)")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     g.add_argument("--page-size", type=int, help="tokens per KV page")
     g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
@@ -236,7 +240,39 @@ def _read(path: str | None) -> bytes | None:
     return None if not path else open(path, "rb").read()
 
 
+def join_cluster(args) -> bool:
+    """Multi-host: join jax.distributed. True when this process is a follower."""
+    if args.coordinator is None:
+        return False
+    from xlaserve.sharding import multihost
+
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    return args.process_id != 0
+
+
+def follow(args) -> int:
+    """A follower: build the same engine, then replay process 0's calls until it stops."""
+    from xlaserve.runtime.llm import LLM
+    from xlaserve.sharding import multihost
+
+    progress = Progress()
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
+    progress(f"process {args.process_id}: following process 0 on {llm.describe_mesh()}")
+    calls = multihost.follow(llm.engine)
+    progress.done(f"process {args.process_id}: done after {calls} calls")
+    return 0
+
+
+def finish_cluster(llm) -> None:
+    if hasattr(llm.engine, "stop"):  # multi-host leader: release the followers
+        llm.engine.stop()
+
+
 def cmd_generate(args) -> int:
+    if join_cluster(args):
+        return follow(args)
     prompts = read_prompts(args)
     params = sampling_from_args(args)
     if args.server:
@@ -244,7 +280,7 @@ def cmd_generate(args) -> int:
     from xlaserve.runtime.llm import LLM
 
     progress = Progress()
-    llm = LLM(args.model, progress=progress, **engine_kwargs(args))
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
     compile_s = sum(llm.engine.compile_seconds.values())
     progress.done(
         f"ready: {llm.config.name} ({llm.quantization}, {llm.engine_config.dtype}); "
@@ -258,6 +294,7 @@ def cmd_generate(args) -> int:
     else:
         llm.generate(inputs, params, chat=args.chat, on_delta=OrderedStream(len(prompts)))
         print()
+    finish_cluster(llm)
     return 0
 
 
@@ -270,6 +307,8 @@ def cmd_serve(args) -> int:
     from xlaserve.serve.auth import load_keys
     from xlaserve.serve.server import Server
 
+    if join_cluster(args):
+        return follow(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     tls = (_read(args.tls_key), _read(args.tls_cert)) if args.tls_cert else None
@@ -295,22 +334,24 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    llm = LLM(args.model, progress=progress, **engine_kwargs(args))
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
     server.service.model_names = (*names, llm.config.name)
+    server.service.mesh = llm.describe_mesh()
     server.attach(llm)
     e, ecfg = llm.engine, llm.engine_config
     weights_mb = llama.weight_bytes(e.weights) / 2**20
     kv_mb = 2 * e.cache.k.nbytes / 2**20
     compile_s = sum(e.compile_seconds.values())
     progress.done(
-        f"SERVING {llm.config.name} ({llm.quantization}, {ecfg.dtype}) on 1 device; {ecfg.max_slots} slots x "
-        f"{ecfg.max_model_len} tokens; weights {weights_mb:.0f} MiB, KV cache {kv_mb:.0f} MiB; "
-        f"load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s"
+        f"SERVING {llm.config.name} ({llm.quantization}, {ecfg.dtype}) on {llm.describe_mesh()}; "
+        f"{ecfg.max_slots} slots x {ecfg.max_model_len} tokens; weights {weights_mb:.0f} MiB, "
+        f"KV cache {kv_mb:.0f} MiB; load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s"
     )
     stop.wait()
     server.begin_drain()
     progress(f"draining: no new requests; {args.grace_period:.0f}s for running streams")
     finished = server.drain(args.grace_period)
+    finish_cluster(llm)
     progress.done("stopped" + ("" if finished else " (grace period over: remaining streams cancelled)"))
     return 0
 

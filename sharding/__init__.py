@@ -1,1 +1,1 @@
-"""Device meshes, logical-axis sharding rules and multi-host start-up. Not yet implemented."""
+"""Device meshes, the logical-axis sharding rules, weight placement and multi-host start-up."""

@@ -328,7 +328,9 @@ def test_health_across_start_and_drain():
         result = {}
         drainer = threading.Thread(target=lambda: result.setdefault("done", server.drain(grace_s=10)))
         drainer.start()
-        time.sleep(0.1)
+        end = time.time() + 10
+        while client.health() != "NOT_SERVING" and time.time() < end:
+            time.sleep(0.01)
         assert client.health() == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as info:
             client.generate("w1", max_tokens=1)
