@@ -278,6 +278,48 @@ class LLM:
             pass
         return [score_result(r) for r in requests]
 
+    def score_rolling(
+        self, texts, window: int | None = None, prefix_token: int | None = None
+    ) -> list[ScoreResult]:
+        """Log-likelihood of every token of each text (perplexity), predicted `window` tokens at a
+        time (default: the engine's max_model_len - 2): the first window is conditioned on
+        `prefix_token` (default BOS, else EOS), each later one on the token before it, the last
+        (shorter) one on a full window of context. These are lm-evaluation-harness's windows
+        (get_rolling_token_windows with context_len=1, made disjoint)."""
+        limit = self.engine_config.max_model_len - 2
+        window = window or limit
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= limit:
+            raise ValueError(f"window={window!r} must be in [1, {limit}] (max_model_len - 2)")
+        prefix = (
+            prefix_token
+            if prefix_token is not None
+            else (
+                self.config.bos_token_id if self.config.bos_token_id is not None else next(iter(self.eos_ids))
+            )
+        )
+        plans = []
+        for text in texts:
+            ids = text if not isinstance(text, str) else self.tokenizer.encode(text, add_special_tokens=False)
+            pieces = [([prefix, *ids[:window]], 1)] if ids else []
+            done = min(window, len(ids))
+            while done < len(ids):
+                end = min(done + window, len(ids))
+                pieces.append((ids[end - window - 1 : end], window + 1 - (end - done)))
+                done = end
+            plans.append(pieces)
+        flat = self.score([p for pieces in plans for p in pieces])
+        out, i = [], 0
+        for pieces in plans:
+            parts, i = flat[i : i + len(pieces)], i + len(pieces)
+            out.append(
+                ScoreResult(
+                    [t for p in parts for t in p.token_ids],
+                    [x for p in parts for x in p.logprobs],
+                    [g for p in parts for g in p.is_greedy],
+                )
+            )
+        return out
+
     def chat(self, messages, params: SamplingParams | None = None) -> RequestOutput:
         """One conversation (a list of messages) -> the assistant's reply."""
         return self.generate([messages], params, chat=True)[0]

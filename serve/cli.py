@@ -114,6 +114,21 @@ def sampling_from_args(args):
     )
 
 
+def cmd_eval(lm_eval_args: list[str]) -> int:
+    """Everything after `eval` goes to lm_eval's own parser."""
+    try:
+        from xlaserve.evals import lm_eval_backend
+    except ImportError as e:
+        print(
+            f"xlaserve: error: `xlaserve eval` needs lm-evaluation-harness: pip install 'xlaserve[eval]' "
+            f"({e})",
+            file=sys.stderr,
+        )
+        return 2
+    lm_eval_backend.main(lm_eval_args)
+    return 0
+
+
 def cmd_pull(args) -> int:
     print(registry.pull(args.alias))
     return 0
@@ -411,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
+    sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness's command line with the xlaserve backends registered "
+        "(xlaserve eval --model xlaserve --model_args model=smollm2 --tasks ...)",
+    )
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from xlaserve.bench import serve_load
 
@@ -423,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # lm_eval parses its own flags
+        return cmd_eval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")

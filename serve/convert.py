@@ -124,6 +124,7 @@ def model_info(llm, mesh: str, version: str) -> pb.ModelInfo:
         has_chat_template=bool(llm.tokenizer.chat_template),
         version=version,
         max_logprobs=e.max_logprobs,
+        bos_token_id=c.bos_token_id,
     )
 
 

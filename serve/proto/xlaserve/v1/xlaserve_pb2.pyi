@@ -245,7 +245,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "source", "vocab_size", "context_length", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "quantization", "dtype", "mesh", "max_slots", "page_size", "eos_token_ids", "has_chat_template", "version", "max_logprobs")
+    __slots__ = ("name", "architecture", "source", "vocab_size", "context_length", "max_position_embeddings", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "quantization", "dtype", "mesh", "max_slots", "page_size", "eos_token_ids", "has_chat_template", "version", "max_logprobs", "bos_token_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     source: str
@@ -284,7 +285,8 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     version: str
     max_logprobs: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., source: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., mesh: _Optional[str] = ..., max_slots: _Optional[int] = ..., page_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., version: _Optional[str] = ..., max_logprobs: _Optional[int] = ...) -> None: ...
+    bos_token_id: int
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., source: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., mesh: _Optional[str] = ..., max_slots: _Optional[int] = ..., page_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., version: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., bos_token_id: _Optional[int] = ...) -> None: ...
 
 class GetServerStatsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,1 @@
+"""Evaluation: the lm-evaluation-harness backends (`xlaserve`, `xlaserve-grpc`)."""

@@ -1,0 +1,193 @@
+"""lm-evaluation-harness backends: `xlaserve` (an engine in this process) and `xlaserve-grpc` (a
+running `xlaserve serve`). Importing this module registers both.
+
+    import lm_eval, xlaserve.evals.lm_eval_backend
+    lm_eval.simple_evaluate(model="xlaserve", model_args="model=smollm2,max_slots=8", tasks=["..."])
+
+    xlaserve eval --model xlaserve --model_args model=smollm2,mesh=dp=2 --tasks hellaswag
+    xlaserve eval --model xlaserve-grpc --model_args server=127.0.0.1:50051 --tasks hellaswag
+
+(lm_eval's own command line only knows its built-in models; `xlaserve eval` is that command line
+with these two registered.) Requests are tokenized exactly as lm-eval's HF backend tokenizes them
+(TemplateLM: trailing context spaces move to the continuation, context+continuation are encoded
+whole and split) and all of a task's requests go to the engine at once, so the slot manager
+batches them and shared contexts hit the prefix cache. Rolling log-likelihoods use lm-eval's own
+window helpers.
+"""
+
+from __future__ import annotations
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+
+class _XlaserveLM(TemplateLM):
+    """Shared logic; subclasses provide _score(items), _generate(prompts, params), encode/decode."""
+
+    def __init__(self, eos_id: int, bos_id: int | None, max_length: int):
+        super().__init__()
+        self._eos, self._bos, self._max_length = eos_id, bos_id, max_length
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._bos if self._bos is not None else self._eos  # as lm-eval's HF backend
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """(sum of log-probs, all greedy) of each continuation; like the HF backend, the sequence
+        is cut on the left to max_length + 1 tokens."""
+        items = []
+        for _, context, continuation in requests:
+            seq = (context + continuation)[-(self.max_length + 1) :]
+            items.append((seq, len(seq) - len(continuation)))
+        return [(sum(lps), all(greedy)) for lps, greedy in self._score(items)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        plans = []
+        for (text,) in [r.args for r in requests]:
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            plans.append([(ctx + cont, len(ctx)) for ctx, cont in windows])
+        flat = self._score([w for windows in plans for w in windows])
+        out, i = [], 0
+        for windows in plans:
+            out.append(sum(sum(lps) for lps, _ in flat[i : i + len(windows)]))
+            i += len(windows)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        prompts, params = [], []
+        for context, gen_kwargs in [r.args for r in requests]:
+            kw = dict(gen_kwargs)
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.pop("max_gen_toks", 256))
+            sample = bool(kw.pop("do_sample", False))
+            temperature = float(kw.pop("temperature", 0.0)) if sample else 0.0
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :]
+            prompts.append(ids)
+            params.append(
+                dict(max_tokens=max_new, temperature=temperature, stop=tuple(u for u in until if u))
+            )
+        return self._generate(prompts, params)
+
+
+@register_model("xlaserve")
+class XlaserveLM(_XlaserveLM):
+    """The engine in this process. model_args: model (alias, .gguf or HF dir), mesh ("dp=2,tp=2"),
+    max_length (scored context, default max_model_len - 2), and any EngineConfig field. An `llm=`
+    (an xlaserve.LLM) may be passed directly from Python instead."""
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        llm=None,
+        mesh: str | None = None,
+        max_length: int | None = None,
+        batch_size=None,
+        max_batch_size=None,
+        device=None,
+        **engine_fields,
+    ):
+        from xlaserve import LLM
+
+        del batch_size, max_batch_size, device  # lm-eval passes these; the slot manager batches by itself
+        self.llm = llm if llm is not None else LLM(model, mesh=mesh, **engine_fields)
+        cfg = self.llm.config
+        limit = self.llm.engine_config.max_model_len - 2
+        if max_length is not None and not 1 <= int(max_length) <= limit:
+            raise ValueError(f"max_length={max_length} must be in [1, {limit}] (max_model_len - 2)")
+        super().__init__(cfg.eos_token_ids[0], cfg.bos_token_id, int(max_length or limit))
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.llm.model_path
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.llm.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.llm.tokenizer.decode(tokens)
+
+    def _score(self, items):
+        return [(r.logprobs, r.is_greedy) for r in self.llm.score(items)]
+
+    def _generate(self, prompts, params):
+        from xlaserve import SamplingParams
+
+        outs = self.llm.generate(prompts, [SamplingParams(**p) for p in params])
+        return [o.text for o in outs]
+
+
+@register_model("xlaserve-grpc")
+class XlaserveGrpcLM(_XlaserveLM):
+    """A running server. model_args: server (HOST:PORT), api_key, max_length, chunk (items per
+    Score call)."""
+
+    def __init__(
+        self,
+        server: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        max_length: int | None = None,
+        chunk: int = 256,
+        batch_size=None,
+        max_batch_size=None,
+        device=None,
+        **unused,
+    ):
+        from xlaserve.serve.client import Client
+
+        self.client, self.chunk = Client(server, api_key=api_key), int(chunk)
+        info = self.client.model_info()
+        bos = info.bos_token_id if info.HasField("bos_token_id") else None
+        super().__init__(info.eos_token_ids[0], bos, int(max_length or info.context_length - 2))
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.client.tokenize(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.client.detokenize(tokens)
+
+    def _score(self, items):
+        out = []
+        for i in range(0, len(items), self.chunk):
+            out += [
+                (list(r.logprobs), list(r.is_greedy)) for r in self.client.score(items[i : i + self.chunk])
+            ]
+        return out
+
+    def _generate(self, prompts, params):
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(args):
+            ids, p = args
+            return self.client.generate(tokens=ids, **p).text
+
+        with ThreadPoolExecutor(max_workers=16) as pool:  # concurrent streams: the server batches them
+            return list(pool.map(one, zip(prompts, params, strict=True)))
+
+
+def main(argv=None) -> None:
+    """lm_eval's command line with the xlaserve backends registered (`xlaserve eval`)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
