@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,8 @@ class Loaded:
     source: str
     quantization: str = "none"  # e.g. "q4_1" (the dominant GGUF type) or "none"
     info: dict = field(default_factory=dict)
+    # Another copy of the weights placed for a given mesh (None: the host weights serve any mesh).
+    restore: Callable | None = None
 
 
 def stack_layers(per_layer: list[dict], dequant: bool, dtype) -> Layer:

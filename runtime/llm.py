@@ -71,7 +71,8 @@ class LLM:
         progress: Callable[[str], None] | None = None,
         **engine_fields,
     ):
-        """model: an alias ("smollm2", pulled on first use), a .gguf file or an HF directory.
+        """model: an alias ("smollm2", pulled on first use), a .gguf file, an HF directory or an
+        xlaserve checkpoint directory (`xlaserve convert`).
         mesh: "tp=4", "dp=2,tp=4", ...: tp shards the model over devices; dp runs that many
         replicas, each on its own tp group (default: one device).
         engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
@@ -87,13 +88,18 @@ class LLM:
         dtype = base.dtype or ("float32" if on_cpu else "bfloat16")
         quantized = True if base.quantized is None else base.quantized
         path = registry.resolve(model, log=progress)
-        progress(f"loading {path}")
-        t0 = time.perf_counter()
-        loaded = load_model(path, dequantize=not quantized, dtype=dtype)
-        load_seconds = time.perf_counter() - t0
         spec = parse_mesh(mesh)
         groups = [None] if spec.devices == 1 and mesh is None else device_groups(spec)
-        engines = [Engine(loaded.config, loaded.weights, base, mesh=g, progress=progress) for g in groups]
+        progress(f"loading {path}")
+        t0 = time.perf_counter()
+        # an xlaserve checkpoint is restored straight onto the first group's devices
+        loaded = load_model(path, dequantize=not quantized, dtype=dtype, mesh=groups[0])
+        load_seconds = time.perf_counter() - t0
+        weights = lambda i, g: loaded.weights if i == 0 or loaded.restore is None else loaded.restore(g)
+        engines = [
+            Engine(loaded.config, weights(i, g), base, mesh=g, progress=progress)
+            for i, g in enumerate(groups)
+        ]
         if jax.process_count() > 1:  # multi-host: process 0 leads, the others replay its calls
             if len(engines) > 1:
                 raise ValueError("multi-host runs one tensor-parallel model (dp=1); give the mesh as tp=N")

@@ -72,7 +72,8 @@ def _scaled(w: QuantArray, q):
     """Dequantize integer blocks q [..., nb, block] with w's scales: the gguf.quants arithmetic."""
     d = w.scale.astype(np.float32)[..., None]
     if w.kind == "q8_0":
-        return q.astype(np.float32) * d
+        w8 = q.astype(np.float32) * d
+        return w8 if w.min is None else w8 + w.min.astype(np.float32)[..., None]  # asymmetric int8
     if w.kind == "q4_0":
         return d * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
     return d * q.astype(np.float32) + w.min.astype(np.float32)[..., None]
@@ -85,12 +86,71 @@ def dequantize(w: QuantArray, dtype=jnp.float32):
     return out if out.dtype == dtype else out.astype(dtype)
 
 
+def quantize(w: np.ndarray, kind: str, block: int, scale_dtype=np.float16) -> QuantArray:
+    """Round-to-nearest quantization of W[..., N, K] (float) in blocks of `block` along K, in the
+    layout `dequantize` reads (4-bit kinds packed as GGUF packs them).
+
+    q8_0 symmetric: d = absmax / 127, q = round(w / d)                     in [-127, 127]
+    q8_0 with min:  d = (max - min) / 255, q = round((w - min) / d) - 128, m = min + 128 d
+    q4_0 symmetric: d = signed absmax / -8, q = round(w / d) + 8           in [0, 15]  (llama.cpp)
+    q4_1:           d = (max - min) / 15, q = round((w - min) / d), m = min in [0, 15]
+    Scales (and mins) are rounded to `scale_dtype` first and q is computed against the rounded
+    values, so dequantization reproduces exactly what was rounded to. `kind` "q8_1" means q8_0 with
+    a min (asymmetric int8)."""
+    w = np.asarray(w, np.float32)
+    *lead, k = w.shape
+    if k % block:
+        raise ValueError(f"input size {k} is not a multiple of the group size {block}")
+    b = w.reshape(*lead, k // block, block)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    rnd = lambda a: np.asarray(a, scale_dtype).astype(np.float32)
+    inv = lambda d: np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    m = None
+    if kind == "q8_0":
+        d = rnd(np.maximum(-lo, hi) / 127)
+        q = np.clip(np.rint(b * inv(d)), -127, 127).astype(np.int8)
+    elif kind == "q8_1":
+        d = rnd((hi - lo) / 255)
+        m = rnd(lo + 128 * d)
+        q = np.clip(np.rint((b - m) * inv(d)), -128, 127).astype(np.int8)
+    elif kind == "q4_0":
+        signed = np.where(-lo > hi, lo, hi)
+        d = rnd(signed / -8)
+        q = np.clip(np.rint(b * inv(d)) + 8, 0, 15).astype(np.uint8)
+    elif kind == "q4_1":
+        d = rnd((hi - lo) / 15)
+        m = rnd(lo)
+        q = np.clip(np.rint((b - m) * inv(d)), 0, 15).astype(np.uint8)
+    else:
+        raise ValueError(f"unknown quantization kind {kind!r}; expected q8_0, q8_1, q4_0 or q4_1")
+    if kind.startswith("q4"):  # element j in the low nibble, j + block/2 in the high one
+        half = block // 2
+        q = q[..., :half] | (q[..., half:] << np.uint8(4))
+    cast = lambda a: None if a is None else a[..., 0].astype(scale_dtype)
+    return QuantArray(
+        data=q.reshape(*lead, -1),
+        scale=cast(d),
+        min=cast(m),
+        kind="q8_0" if kind == "q8_1" else kind,
+        block=block,
+    )
+
+
 def unpack(w: QuantArray) -> QuantArray:
     """The CPU layout: one value per byte, float32 scales (exact: f16 -> f32 loses nothing)."""
     if not w.packed:
         return w
+    if isinstance(w.data, jax.Array):  # restored onto devices: unpack there, shards stay put
+        return _unpack_on_device(w)
     data = w.data if w.kind == "q8_0" else np.asarray(_values(w, np)).reshape(w.shape)
     f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+    return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
+
+
+@jax.jit
+def _unpack_on_device(w: QuantArray) -> QuantArray:
+    data = w.data if w.kind == "q8_0" else _values(w, jnp).reshape(w.shape)
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
     return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
 
 
@@ -167,13 +227,18 @@ def linear(
     With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel; on a mesh
     the kernel runs per shard under shard_map, `spec` = (output axis, input axis) of W: a split
     input axis (row-parallel) ends with a psum."""
-    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
+    # (the kernel's int8 path has no min: asymmetric int8 takes the XLA path)
+    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas" and not _asym8(w):
         y = _pallas_linear(x, w, kernels, spec)
     elif isinstance(w, QuantArray):
         y = _quant_dot(x, w, chunk=kernels.mesh is None)
     else:
         y = _dot(x, w)
     return y.astype(out_dtype or x.dtype)
+
+
+def _asym8(w: QuantArray) -> bool:
+    return w.kind == "q8_0" and w.min is not None
 
 
 def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):

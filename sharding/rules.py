@@ -102,9 +102,12 @@ def cache_spec(cfg: ModelConfig, mesh: Mesh) -> P:
 
 
 def place(weights: Weights, shardings: Weights) -> Weights:
-    """Host (numpy) weights onto devices: each device receives only its own slice."""
+    """Host (numpy) weights onto devices: each device receives only its own slice. Device arrays
+    are resharded in place (a no-op when a checkpoint was restored with these shardings)."""
 
     def put(host, sharding):
+        if isinstance(host, jax.Array):  # already on devices (a restored checkpoint): reshard there
+            return jax.device_put(host, sharding)
         host = np.asarray(host)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

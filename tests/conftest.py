@@ -45,3 +45,23 @@ def hf_tokenizer(model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+
+
+@pytest.fixture(scope="session")
+def keep_ckpt(model_path, tmp_path_factory):
+    """SmolLM2 converted to an xlaserve checkpoint as it is stored (Q4_1/Q8_0 blocks kept)."""
+    from xlaserve.checkpoints import orbax
+
+    out = tmp_path_factory.mktemp("ckpt") / "smollm2"
+    orbax.convert(model_path, out, quant="keep")
+    return out
+
+
+@pytest.fixture(scope="session")
+def int4_ckpt(model_path, tmp_path_factory):
+    """SmolLM2 requantized at convert time: int4 symmetric, groups of 64."""
+    from xlaserve.checkpoints import orbax
+
+    out = tmp_path_factory.mktemp("ckpt") / "smollm2-int4"
+    orbax.convert(model_path, out, quant="int4", scheme="sym", group_size=64)
+    return out

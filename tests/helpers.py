@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 
 # A small engine shape shared by the end-to-end tests: compiles in ~10 s on 2 cores.
@@ -32,3 +34,9 @@ def hf_greedy(hf_model, ids, n: int) -> list[int]:
             out.append(token)
             inputs = torch.tensor([[token]])
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

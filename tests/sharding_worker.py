@@ -95,6 +95,20 @@ def main() -> None:
             )
         ]
     }
+    # xlaserve checkpoints restored onto meshes (argv[2]: GGUF blocks kept; argv[3]: int4 g64)
+    restored = {}
+    for name, path, mesh in [
+        ("tp=1", sys.argv[2], None),
+        ("tp=2", sys.argv[2], "tp=2"),
+        ("tp=3", sys.argv[2], "tp=3"),
+        ("int4 tp=1", sys.argv[3], None),
+        ("int4 tp=3", sys.argv[3], "tp=3"),
+    ]:
+        llm = LLM(path, mesh=mesh, **ENGINE)
+        restored[name] = {"tokens": [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]}
+        if mesh == "tp=3" and name == "tp=3":
+            restored[name] |= residency(llm)
+    out["restored"] = restored
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import LOGIT_ATOL
+from helpers import LOGIT_ATOL, free_port
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -75,11 +74,10 @@ def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
 
 
 @pytest.fixture(scope="module")
-def results(model_path):
+def results(model_path, keep_ckpt, int4_ckpt):
     worker = Path(__file__).parent / "sharding_worker.py"
-    run = subprocess.run(
-        [sys.executable, str(worker), str(model_path)], capture_output=True, text=True, timeout=2400
-    )
+    args = [sys.executable, str(worker), str(model_path), str(keep_ckpt), str(int4_ckpt)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -111,14 +109,23 @@ def test_each_device_holds_only_its_slice(results, mesh, tp):
     assert share < (0.45 if tp == 3 else 0.65)  # ≈ 1/tp, plus what stays replicated (norms; heads at tp 2, 4)
 
 
+def test_checkpoint_restored_onto_meshes(results):
+    """An xlaserve checkpoint restored straight onto tp=1, 2 and 3 meshes: the same greedy tokens as
+    the GGUF it came from, and each device holding only its slice."""
+    restored = results["restored"]
+    for mesh in ("tp=1", "tp=2", "tp=3"):
+        assert restored[mesh]["tokens"] == results["base"], mesh
+    tp3 = restored["tp=3"]
+    assert (
+        tp3["per_device"] == [tp3["expected_per_device"]] * 3
+        and tp3["expected_per_device"] < 0.45 * tp3["total"]
+    )
+    # requantized at convert time (int4 groups of 64): its own tokens, identical on every mesh
+    assert restored["int4 tp=1"]["tokens"] == restored["int4 tp=3"]["tokens"] != results["base"]
+
+
 def test_pallas_kernels_wrapped_in_shard_map(results):
     assert results["pallas tp=3"]["tokens"] == [t[:6] for t in results["base"][:2]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_under_jax_distributed_equal_one(llm, model_path):
