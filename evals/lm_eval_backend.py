@@ -22,12 +22,73 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 
-class _XlaserveLM(TemplateLM):
-    """Shared logic; subclasses provide _score(items), _generate(prompts, params), encode/decode."""
+def join_ranks(coordinator: str | None, num_processes: int | None, process_id: int | None) -> tuple[int, int]:
+    """(rank, world size) of a data-parallel eval over several processes (hosts), each with its own
+    engine or server: lm-eval gives each rank its share of every task's requests and gathers the
+    metrics on rank 0 through the hooks below. They run over torch.distributed (gloo, TCP) -- lm-eval
+    already depends on torch; JAX is not involved, so each process's engine stays on its own devices.
+    Taken from model_args, else from torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    import os
 
-    def __init__(self, eos_id: int, bos_id: int | None, max_length: int):
+    env = os.environ
+    if num_processes is None and int(env.get("WORLD_SIZE", "1")) > 1:
+        num_processes, process_id = int(env["WORLD_SIZE"]), int(env["RANK"])
+        coordinator = (
+            coordinator or f"{env.get('MASTER_ADDR', '127.0.0.1')}:{env.get('MASTER_PORT', '29500')}"
+        )
+    if num_processes is None or int(num_processes) == 1:
+        return 0, 1
+    num_processes, process_id = int(num_processes), int(process_id if process_id is not None else -1)
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, {num_processes}) (num_processes)")
+    if not coordinator or ":" not in str(coordinator):
+        raise ValueError(f"coordinator={coordinator!r} must be HOST:PORT (process 0's address)")
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{coordinator}",
+            rank=process_id,
+            world_size=num_processes,
+            timeout=datetime.timedelta(hours=2),  # ranks wait for the slowest one's requests
+        )
+    return process_id, num_processes
+
+
+class _XlaserveLM(TemplateLM):
+    """Shared logic; subclasses provide _score(items), _generate(prompts, params), encode/decode.
+    Data-parallel over processes when given (coordinator, num_processes, process_id)."""
+
+    def __init__(self, eos_id: int, bos_id: int | None, max_length: int, ranks: tuple[int, int] = (0, 1)):
         super().__init__()
         self._eos, self._bos, self._max_length = eos_id, bos_id, max_length
+        self._rank, self._world_size = ranks
+        self._device = "cpu"  # where lm-eval puts the request counts it all-gathers
+        self.requests_done = 0  # requests this process answered (its share)
+
+    # lm-eval's hooks for data-parallel evaluation (used only when world_size > 1)
+    def all_gather(self, tensor):
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        import torch.distributed as dist
+
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     @property
     def eot_token_id(self) -> int:
@@ -48,6 +109,7 @@ class _XlaserveLM(TemplateLM):
         for _, context, continuation in requests:
             seq = (context + continuation)[-(self.max_length + 1) :]
             items.append((seq, len(seq) - len(continuation)))
+        self.requests_done += len(items)
         return [(sum(lps), all(greedy)) for lps, greedy in self._score(items)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -63,6 +125,7 @@ class _XlaserveLM(TemplateLM):
                 )
             ]
             plans.append([(ctx + cont, len(ctx)) for ctx, cont in windows])
+        self.requests_done += len(plans)
         flat = self._score([w for windows in plans for w in windows])
         out, i = [], 0
         for windows in plans:
@@ -84,14 +147,16 @@ class _XlaserveLM(TemplateLM):
             params.append(
                 dict(max_tokens=max_new, temperature=temperature, stop=tuple(u for u in until if u))
             )
+        self.requests_done += len(prompts)
         return self._generate(prompts, params)
 
 
 @register_model("xlaserve")
 class XlaserveLM(_XlaserveLM):
-    """The engine in this process. model_args: model (alias, .gguf or HF dir), mesh ("dp=2,tp=2"),
-    max_length (scored context, default max_model_len - 2), and any EngineConfig field. An `llm=`
-    (an xlaserve.LLM) may be passed directly from Python instead."""
+    """The engine in this process. model_args: model (alias, .gguf, HF dir or xlaserve checkpoint),
+    mesh ("dp=2,tp=2": replicas on this host's devices), max_length (scored context, default
+    max_model_len - 2), any EngineConfig field, and for a run over several hosts coordinator
+    (HOST:PORT), num_processes, process_id. An `llm=` (an xlaserve.LLM) may be passed directly."""
 
     def __init__(
         self,
@@ -99,6 +164,9 @@ class XlaserveLM(_XlaserveLM):
         llm=None,
         mesh: str | None = None,
         max_length: int | None = None,
+        coordinator: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
         batch_size=None,
         max_batch_size=None,
         device=None,
@@ -107,12 +175,13 @@ class XlaserveLM(_XlaserveLM):
         from xlaserve import LLM
 
         del batch_size, max_batch_size, device  # lm-eval passes these; the slot manager batches by itself
+        ranks = join_ranks(coordinator, num_processes, process_id)
         self.llm = llm if llm is not None else LLM(model, mesh=mesh, **engine_fields)
         cfg = self.llm.config
         limit = self.llm.engine_config.max_model_len - 2
         if max_length is not None and not 1 <= int(max_length) <= limit:
             raise ValueError(f"max_length={max_length} must be in [1, {limit}] (max_model_len - 2)")
-        super().__init__(cfg.eos_token_ids[0], cfg.bos_token_id, int(max_length or limit))
+        super().__init__(cfg.eos_token_ids[0], cfg.bos_token_id, int(max_length or limit), ranks)
 
     @property
     def tokenizer_name(self) -> str:
@@ -137,7 +206,8 @@ class XlaserveLM(_XlaserveLM):
 @register_model("xlaserve-grpc")
 class XlaserveGrpcLM(_XlaserveLM):
     """A running server. model_args: server (HOST:PORT), api_key, max_length, chunk (items per
-    Score call)."""
+    Score call); coordinator, num_processes, process_id to split a task over several eval processes
+    (each with its own server)."""
 
     def __init__(
         self,
@@ -145,6 +215,9 @@ class XlaserveGrpcLM(_XlaserveLM):
         api_key: str | None = None,
         max_length: int | None = None,
         chunk: int = 256,
+        coordinator: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
         batch_size=None,
         max_batch_size=None,
         device=None,
@@ -152,10 +225,11 @@ class XlaserveGrpcLM(_XlaserveLM):
     ):
         from xlaserve.serve.client import Client
 
+        ranks = join_ranks(coordinator, num_processes, process_id)
         self.client, self.chunk = Client(server, api_key=api_key), int(chunk)
         info = self.client.model_info()
         bos = info.bos_token_id if info.HasField("bos_token_id") else None
-        super().__init__(info.eos_token_ids[0], bos, int(max_length or info.context_length - 2))
+        super().__init__(info.eos_token_ids[0], bos, int(max_length or info.context_length - 2), ranks)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.client.tokenize(string, add_special_tokens=bool(add_special_tokens))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import LOGIT_ATOL, hf_logits
+from helpers import LOGIT_ATOL, TEST_ENGINE, free_port, hf_logits
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,6 +172,54 @@ def test_grpc_backend_equals_the_in_process_one(llm, ours_lm):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     assert got[1][0] == pytest.approx(expected[1][0], abs=1e-3)
     assert got[2] == expected[2]
+
+
+DP_WORKER = """
+import json, sys
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+from xlaserve.evals.lm_eval_backend import XlaserveLM
+
+model, coordinator, rank, tasks, engine = sys.argv[1:]
+lm = XlaserveLM(model=model, max_length=64, coordinator=coordinator, num_processes=2, process_id=int(rank),
+                **json.loads(engine))
+out = simple_evaluate(model=lm, tasks=["xlaserve_mc20", "xlaserve_ppl"],
+                      task_manager=TaskManager(include_path=tasks), log_samples=False)
+print("RESULT " + json.dumps({"rank": lm.rank, "done": lm.requests_done, "results": out and out["results"]}))
+"""
+
+
+def test_two_processes_split_a_task_through_lm_evals_rank_hooks(model_path, ours_lm, tmp_path):
+    """Data-parallel evals over processes (hosts): each rank scores its share of the requests on
+    its own engine; rank 0 reports the same metrics as one process scoring everything."""
+    single = evaluate(ours_lm, tmp_path / "single")
+    tasks, coordinator = task_dir(tmp_path / "dp"), f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = lambda rank: [sys.executable, "-c", DP_WORKER, str(model_path), coordinator, str(rank), str(tasks)]
+    procs = [
+        subprocess.Popen(
+            [*args(r), json.dumps(TEST_ENGINE)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    rank0, rank1 = (
+        json.loads(next(x for x in o.splitlines() if x.startswith("RESULT "))[7:]) for o, _ in outs
+    )
+    assert rank1["results"] is None and rank0["rank"] == 0 and rank1["rank"] == 1
+    total = 20 * 4 + 2  # 20 questions x 4 choices, 2 perplexity documents
+    assert 0 < rank0["done"] < total and 0 < rank1["done"] < total and rank0["done"] + rank1["done"] >= total
+    got = rank0["results"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert got["xlaserve_mc20"][metric] == single["xlaserve_mc20"][metric], metric
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert got["xlaserve_ppl"][metric] == pytest.approx(single["xlaserve_ppl"][metric], rel=1e-5), metric
 
 
 def test_xlaserve_eval_command(model_path, tmp_path):
