@@ -55,6 +55,11 @@ def test_restored_model_generates_what_the_gguf_does(llm, keep_ckpt):
     assert restored.load_seconds > 0 and "q4_1" in restored.quantization
     ours = [o.token_ids for o in restored.generate(GREEDY_PROMPTS, params)]
     assert ours == [o.token_ids for o in llm.generate(GREEDY_PROMPTS, params)]
+    # quantized=False: the restored blocks dequantized on device at load (the same engine shapes
+    # as test_llm's dequantized run)
+    dense = LLM(str(keep_ckpt), **{**TEST_ENGINE, "max_slots": 2}, quantized=False, decode_steps=3)
+    assert dense.engine.weights.layers.w_up.dtype == np.float32 and dense.quantization == "none"
+    assert [o.token_ids for o in dense.generate(GREEDY_PROMPTS, params)] == ours
 
 
 def test_quantized_round_trip_and_deterministic_convert(model_path, tmp_path):
