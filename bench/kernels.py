@@ -3,7 +3,8 @@
     python -m xlaserve.bench.kernels           # H100/H200: bench/results/<device>-kernels-<date>.json
     python -m xlaserve.bench.kernels --smoke   # tiny shapes, interpret mode: checks the script runs
 
-- copy bandwidth: a large device-to-device copy (read + write bytes / time), the yardstick;
+- copy bandwidth: a large device-to-device copy (read + write bytes / time; `bench/decode.py`'s),
+  the yardstick;
 - decode attention over the paged cache, Llama-3-8B heads (8 kv heads x 4 queries, head_dim 128,
   bf16, page 16), batch {1, 8, 32, 64} x context {512, 2k, 8k, 32k}: achieved K/V bytes read / time
   for the Pallas kernel and for the XLA path, and the kernel as % of copy bandwidth;
@@ -28,6 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xlaserve.bench.decode import copy_bandwidth
 
 FULL = dict(
     copy_mib=1024,
@@ -62,13 +65,6 @@ def timed(fn, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def copy_bandwidth(mib: int, repeats: int) -> float:
-    """Bytes/s of x + 1 over a `mib` MiB float32 array: reads and writes every byte once."""
-    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-    seconds = timed(jax.jit(lambda a: a + 1), x, repeats=repeats)
-    return 2 * x.nbytes / seconds
 
 
 def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> list[dict]:
@@ -169,10 +165,15 @@ def matmul_rows(cfg: dict, repeats: int, interpret: bool) -> list[dict]:
 
 
 def device_info() -> dict:
+    from xlaserve.bench.report import device_slug
+
     d = jax.devices()[0]
-    kind = d.device_kind
-    slug = "cpu" if d.platform == "cpu" else kind.lower().replace("nvidia ", "").replace(" ", "-")
-    return {"platform": d.platform, "kind": kind, "count": jax.device_count(), "slug": slug}
+    return {
+        "platform": d.platform,
+        "kind": d.device_kind,
+        "count": jax.device_count(),
+        "slug": device_slug(d.device_kind),
+    }
 
 
 def main(argv=None) -> dict:
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (1 if args.smoke else 20)
     dev = device_info()
     interpret = dev["platform"] == "cpu"
-    copy_bw = copy_bandwidth(cfg["copy_mib"], repeats)
+    copy_bw = copy_bandwidth(cfg["copy_mib"] * 2**20, repeats=max(repeats, 3))
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
     result = {
         "kind": "kernels",

@@ -150,9 +150,16 @@ def format_table(result: dict) -> str:
 def _device() -> dict:
     import jax
 
+    from xlaserve.bench.report import device_slug
+
     d = jax.devices()[0]
     name = d.device_kind if d.platform != "cpu" else (platform.processor() or platform.machine())
-    return {"platform": d.platform, "kind": name, "count": jax.device_count(), "slug": d.platform}
+    return {
+        "platform": d.platform,
+        "kind": name,
+        "count": jax.device_count(),
+        "slug": device_slug(d.device_kind),
+    }
 
 
 def _jax_version() -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from xlaserve.bench import report
 from xlaserve.bench.offline import prompts
 
 
@@ -173,7 +174,7 @@ def run(args) -> dict:
             server.stop()
     print(table(rows))
     result = {
-        "benchmark": "serve",
+        "kind": "serve",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "server": args.server or f"in-process, {args.model}, {args.max_slots} slots",
         "client_machine": {"platform": platform.platform(), "backend": jax.default_backend()},
@@ -187,9 +188,7 @@ def run(args) -> dict:
         / "results"
         / f"{jax.default_backend()}-serve-{datetime.date.today().isoformat()}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.write(result, out)  # JSON + markdown
     return result
 
 

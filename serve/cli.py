@@ -497,11 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from xlaserve.bench import serve_load
+    from xlaserve.bench import decode, serve_load
 
     p = bench.add_parser("serve", help="load-test a server over gRPC (TTFT, ITL, e2e percentiles, tok/s)")
     serve_load.add_arguments(p)
     p.set_defaults(func=lambda a: serve_load.run(a) and 0)
+    p = bench.add_parser(
+        "decode", help="decode/prefill roofline: step time, tok/s, %% of memory bandwidth, TTFT, compile time"
+    )
+    decode.add_arguments(p)
+    p.set_defaults(func=lambda a: decode.run(a) and 0)
     return parser
 
 
