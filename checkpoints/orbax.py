@@ -124,13 +124,7 @@ def from_tree(tree: dict, tensors: dict) -> Weights:
             data=node["data"], scale=node["scale"], min=node.get("min"), kind=t["kind"], block=t["block"]
         )
 
-    layers = Layer(**{g.name: leaf(f"layers.{g.name}") for g in dataclasses.fields(Layer)})
-    return Weights(
-        embed=leaf("embed"),
-        layers=layers,
-        final_norm=leaf("final_norm"),
-        lm_head=leaf("lm_head") if "lm_head" in tensors else None,
-    )
+    return _rebuild({name: leaf(name) for name in tensors})
 
 
 def _describe(weights: Weights) -> dict:
@@ -212,7 +206,7 @@ def quantize_weights(
         done[name] = quantize(w, kind, block, np.float32 if per_channel else np.float16)
     if progress:
         progress(len(entries), len(entries), "done")
-    return _rebuild(weights, done)
+    return _rebuild(done)
 
 
 def group_block(name: str, k: int, group_size: int) -> int:
@@ -228,7 +222,8 @@ def group_block(name: str, k: int, group_size: int) -> int:
     raise ValueError(f"{name}: input size {k} is not a multiple of any group size <= {group_size}")
 
 
-def _rebuild(weights: Weights, by_name: dict) -> Weights:
+def _rebuild(by_name: dict) -> Weights:
+    """Weights from {"embed": ..., "layers.wq": ..., ...} (lm_head absent when tied)."""
     layers = Layer(**{g.name: by_name[f"layers.{g.name}"] for g in dataclasses.fields(Layer)})
     return Weights(
         embed=by_name["embed"],
@@ -240,7 +235,6 @@ def _rebuild(weights: Weights, by_name: dict) -> Weights:
 
 def _cast_dense(weights: Weights, dtype) -> Weights:
     return _rebuild(
-        weights,
         {
             name: leaf if isinstance(leaf, QuantArray) else np.asarray(leaf).astype(dtype)
             for name, leaf in _entries(weights)
@@ -416,17 +410,7 @@ def _abstract(meta: dict, cfg: ModelConfig) -> Weights:
             by_name[name] = QuantArray(
                 data=sds["data"], scale=sds["scale"], min=sds.get("min"), kind=t["kind"], block=t["block"]
             )
-    return _rebuild_abstract(by_name)
-
-
-def _rebuild_abstract(by_name: dict) -> Weights:
-    layers = Layer(**{g.name: by_name[f"layers.{g.name}"] for g in dataclasses.fields(Layer)})
-    return Weights(
-        embed=by_name["embed"],
-        layers=layers,
-        final_norm=by_name["final_norm"],
-        lm_head=by_name.get("lm_head"),
-    )
+    return _rebuild(by_name)
 
 
 def restore_weights(

@@ -8,6 +8,7 @@ compile; JAX's persistent compilation cache makes later start-ups fast.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +46,10 @@ def abstract(tree, default_sharding=None):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
+
+
+# Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
+SCORE_TOKENS = 256
 
 
 class Engine:
@@ -85,7 +90,7 @@ class Engine:
         self._progress = progress or (lambda msg: None)
         self.compile_seconds: dict[str, float] = {}
         self._prefill: dict[int, jax.stages.Compiled] = {}
-        self._score: dict[int, jax.stages.Compiled] = {}
+        self._score: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, bucket)
         self._generate_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
 
@@ -151,16 +156,26 @@ class Engine:
     def _compile_all(self) -> None:
         ecfg, i32 = self.ecfg, self._spec((), jnp.int32)
         for t in ecfg.prefill_buckets:
-            fn = functools.partial(programs.prefill, st=self.st)
+            st = dataclasses.replace(self.st, block=ecfg.attn_block_for(t))
+            fn = functools.partial(programs.prefill, st=st)
             self._prefill[t] = self._compile(
                 f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t), outputs=("cache", "packed")
             )
             if ecfg.scoring:
-                fn = functools.partial(programs.score, st=self.st)
-                args = (*self._prefill_args(t)[:6], self._spec((t,), jnp.int32))
-                self._score[t] = self._compile(
-                    f"score[T={t}]", fn, ("cache",), *args, outputs=("cache", "scores")
-                )
+                fn = functools.partial(programs.score, st=st)
+                for rows in self.score_rows(t):
+                    args = (
+                        abstract(self.weights),
+                        abstract(self.cache),
+                        self._spec((rows, t), jnp.int32),
+                        self._spec((rows,), jnp.int32),
+                        self._spec((rows,), jnp.int32),
+                        self._spec((rows, ecfg.pages_per_seq), jnp.int32),
+                        self._spec((rows, t), jnp.int32),
+                    )
+                    self._score[rows, t] = self._compile(
+                        f"score[B={rows},T={t}]", fn, ("cache",), *args, outputs=("cache", "scores")
+                    )
         self._generate = {
             (rows, kv): self._generate_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
         }
@@ -187,7 +202,7 @@ class Engine:
 
     def bucket(self, n: int) -> int:
         """The smallest prefill bucket holding n tokens (the largest bucket if none does)."""
-        return next((t for t in self.ecfg.prefill_buckets if t >= n), self.ecfg.prefill_buckets[-1])
+        return self.ecfg.prefill_bucket(n)
 
     def prefill(
         self, tokens, start: int, page_row: np.ndarray, sampling: SamplingState, presence: np.ndarray
@@ -203,20 +218,40 @@ class Engine:
         self.cache, packed = self._prefill[t](self.weights, self.cache, *host)
         return packed
 
+    def score_rows(self, t: int) -> tuple[int, ...]:
+        """Batch sizes the scoring program is compiled for at chunk bucket t: 1, and as many rows
+        as fit SCORE_TOKENS tokens (at most max_slots). One call over many short sequences costs
+        little more than over one on CPU, and it keeps a GPU busy."""
+        most = min(self.ecfg.max_slots, max(1, SCORE_TOKENS // t))
+        return (1,) if most == 1 else (1, most)
+
     def score(self, tokens, start: int, page_row: np.ndarray, targets) -> tuple[np.ndarray, np.ndarray]:
         """Prefill one chunk and return, per chunk position i, the log-prob of targets[i] (the next
         token) and whether it was the argmax: (float32 [n], bool [n])."""
+        return self.score_batch([(tokens, start, page_row, targets)])[0]
+
+    def score_batch(self, items) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`score` for several (tokens, start, page_row, targets) chunks of distinct sequences in
+        one call; all in one prefill bucket, at most score_rows(bucket)[-1] of them."""
         if not self._score:
             raise ValueError("this engine was built with scoring=False")
-        n = len(tokens)
-        t = self.bucket(n)
-        padded, nxt = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
-        padded[:n], nxt[: len(targets)] = tokens, targets
-        self.cache, out = self._score[t](
-            self.weights, self.cache, *self._put(padded, np.int32(start), np.int32(n), page_row, nxt)
+        t = self.bucket(max(len(tokens) for tokens, *_ in items))
+        rows = next((r for r in self.score_rows(t) if r >= len(items)), None)
+        assert rows is not None and all(self.bucket(len(it[0])) == t for it in items), (t, len(items))
+        tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t), np.int32)
+        start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)
+        for i, (toks, first, page_row, targets) in enumerate(items):
+            tokens[i, : len(toks)], nxt[i, : len(targets)] = toks, targets
+            start[i], n_valid[i], table[i] = first, len(toks), page_row
+        self.cache, out = self._score[rows, t](
+            self.weights, self.cache, *self._put(tokens, start, n_valid, table, nxt)
         )
-        out = to_host(out)[:n]
-        return out[:, 0].view(np.float32), out[:, 1].astype(bool)
+        out = to_host(out)
+        return [
+            (out[i, : len(toks), 0].view(np.float32), out[i, : len(toks), 1].astype(bool))
+            for i, (toks, *_) in enumerate(items)
+        ]
 
     def insert(self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray) -> None:
         slot, length, sampling, presence = self._put(np.int32(slot), np.int32(length), sampling, presence)

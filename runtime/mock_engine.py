@@ -95,6 +95,12 @@ class MockEngine:
         pad = len(tokens) - len(targets)
         return np.concatenate([lps, np.zeros(pad, np.float32)]), np.concatenate([greedy, np.zeros(pad, bool)])
 
+    def score_rows(self, t: int) -> tuple[int, ...]:
+        return (1, 4)
+
+    def score_batch(self, items):
+        return [self.score(*item) for item in items]
+
     def insert(self, slot, packed, length, sampling, presence):
         self.tokens[slot] = int(np.asarray(packed)[0, 0])
         self.active[slot] = True

@@ -1,6 +1,7 @@
 """The device programs: module-level pure functions, jitted once per shape, cache donated.
 
 - `prefill`: one prompt chunk [T] of one sequence; writes its K/V, samples the next token.
+- `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
 - `insert`: put a prefilled sequence into a decode slot.
 - `generate`: advance every slot by `steps` tokens.
 - `free`: retire a slot.
@@ -134,13 +135,28 @@ def prefill(
     return cache, result
 
 
-def score(weights, cache: KVCache, tokens, start, n_valid, page_row, targets, *, st: Statics):
-    """One chunk of a sequence being scored: for each position i, the log-probability of
-    targets[i] (the token at position start + i + 1) and whether it is the argmax.
-    Returns (cache, int32 [T, 2]: bitcast log-prob, is-greedy)."""
-    hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
-    lg = llama.logits(weights, hidden, st.kernels, st.cfg)  # [T, V]
-    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[:, None], axis=-1)[:, 0]
+def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *, st: Statics):
+    """One chunk of each of B sequences being scored, in one call: for each row b and position i,
+    the log-probability of targets[b, i] (the token at position start[b] + i + 1) and whether it
+    is the argmax. tokens, targets [B, T] (padded); start, n_valid [B] (a row with n_valid 0 is
+    padding: it writes nothing); page_rows [B, W].
+    Returns (cache, int32 [B, T, 2]: bitcast log-prob, is-greedy)."""
+    idx = jnp.arange(tokens.shape[1])
+    hidden, cache = llama.forward(
+        weights,
+        cache,
+        tokens,
+        start[:, None] + idx,
+        idx[None, :] < n_valid[:, None],
+        page_rows,
+        start + n_valid,
+        cfg=st.cfg,
+        block=st.block,
+        dtype=st.dtype,
+        kernels=st.kernels,
+    )
+    lg = llama.logits(weights, hidden, st.kernels, st.cfg)  # [B, T, V]
+    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(lg, axis=-1) == targets
     return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
 

@@ -91,19 +91,35 @@ class Runner:
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
             self.engine.free(slot)
-        ready = []
+        ready, scoring = [], []
         for chunk in plan.prefills:
             seq = chunk.seq
             row = self.scheduler.page_table[seq.slot]
             self.prompt_tokens_computed += len(chunk.tokens)
             if seq.req.score_start is not None:
-                deltas += self._score(chunk, row)
-                self.scheduler.prefilled(chunk)
+                # Consecutive scoring chunks of one bucket go to the device as one call. Plan order
+                # is kept (a chunk may read prefix-cache pages an earlier one writes; rows of one
+                # call write each layer's K/V before any row attends), so a group is cut by a
+                # different bucket, a full batch, a second chunk of a sequence, or a prefill.
+                t = self.engine.ecfg.prefill_bucket(len(chunk.tokens))
+                if scoring and (
+                    t != scoring[0][2]
+                    or len(scoring) == self.engine.score_rows(t)[-1]
+                    or any(c.seq is seq for c, _, _ in scoring)
+                ):
+                    deltas += self._score(scoring)
+                    scoring = []
+                scoring.append((chunk, row, t))
                 continue
+            if scoring:
+                deltas += self._score(scoring)
+                scoring = []
             packed = self.engine.prefill(chunk.tokens, chunk.start, row, self._rows[seq], self._presence(seq))
             self.scheduler.prefilled(chunk)
             if chunk.last:
                 ready.append((seq, packed))
+        if scoring:
+            deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
         if plan.decode:
             busy = 1 + max(seq.slot for seq in plan.decode)
@@ -124,22 +140,27 @@ class Runner:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
 
-    def _score(self, chunk, row) -> list[Delta]:
-        """Score one chunk: position i predicts the token at chunk.start + i + 1."""
-        req, tokens = chunk.seq.req, chunk.seq.tokens()
-        end = chunk.start + len(chunk.tokens)
-        logprobs, greedy = self.engine.score(
-            chunk.tokens, chunk.start, row, tokens[chunk.start + 1 : end + 1]
-        )
-        for i in range(len(chunk.tokens)):
-            if req.score_start <= chunk.start + i + 1 < len(tokens):
-                req.scores.append((float(logprobs[i]), bool(greedy[i])))
-        if not chunk.last:
-            return []
-        if req.timings.first_token is None:
-            req.timings.first_token = time.perf_counter()
-        req.finish(FinishReason.SCORED)
-        return [Delta(req, [], "", [], finished=True)]
+    def _score(self, group) -> list[Delta]:
+        """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
+        at chunk.start + i + 1."""
+        items = []
+        for chunk, row, _ in group:
+            end = chunk.start + len(chunk.tokens)
+            items.append((chunk.tokens, chunk.start, row, chunk.seq.tokens()[chunk.start + 1 : end + 1]))
+        deltas = []
+        for (chunk, _, _), (logprobs, greedy) in zip(group, self.engine.score_batch(items), strict=True):
+            self.scheduler.prefilled(chunk)
+            req, n = chunk.seq.req, len(chunk.seq.tokens())
+            for i in range(len(chunk.tokens)):
+                if req.score_start <= chunk.start + i + 1 < n:
+                    req.scores.append((float(logprobs[i]), bool(greedy[i])))
+            if not chunk.last:
+                continue
+            if req.timings.first_token is None:
+                req.timings.first_token = time.perf_counter()
+            req.finish(FinishReason.SCORED)
+            deltas.append(Delta(req, [], "", [], finished=True))
+        return deltas
 
     def _read_decode(self, packed, members) -> list[Delta]:
         result = Sampled.unpack(to_host(packed))  # [k, rows]

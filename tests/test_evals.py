@@ -54,6 +54,24 @@ def test_scores_match_hf(llm, hf_model):
     assert results[0].all_greedy and results[0].sum_logprob > results[1].sum_logprob
 
 
+def test_batched_scoring_with_a_shared_context_matches_hf(llm, hf_model):
+    """Several continuations of one long context (several KV pages, shareable through the prefix
+    cache) scored together: rows of one batched call, each equal to HF on its own sequence."""
+    context = (
+        "The river runs from the mountains through three valleys and a long plain before it reaches "
+        "the sea, and along its banks stand old mills, bridges and towns. Its largest city is"
+    )
+    pairs = [(context, c) for c in (" Paris.", " a port with a cathedral.", " London.", " unknown.")]
+    results = llm.score(pairs)
+    ctx = llm.tokenizer.encode(context)
+    assert len(ctx) > 2 * llm.engine_config.page_size
+    for (_, continuation), r in zip(pairs, results, strict=True):
+        ids = ctx + llm.tokenizer.encode(continuation, add_special_tokens=False)
+        ref = log_softmax(hf_logits(hf_model, ids))
+        want = [ref[len(ctx) - 1 + i, t] for i, t in enumerate(ids[len(ctx) :])]
+        np.testing.assert_allclose(r.logprobs, want, atol=LOGIT_ATOL)
+
+
 def test_rolling_loglikelihood_matches_hf(llm, hf_model):
     text = json.loads((FIXTURES / "ppl.jsonl").read_text().splitlines()[0])["text"]
     ids = llm.tokenizer.encode(text, add_special_tokens=False)

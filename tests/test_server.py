@@ -15,7 +15,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from xlaserve import LLM, EngineConfig, SamplingParams
-from xlaserve.runtime.mock_engine import MockEngine, mock_tokenizer
+from xlaserve.runtime.mock_engine import OTHER_LOGPROB, MockEngine, mock_tokenizer
 from xlaserve.serve.client import AsyncClient, Client
 from xlaserve.serve.proto import generate as proto_gen
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
@@ -462,3 +462,17 @@ def test_generated_proto_code_is_fresh(tmp_path):
         assert filecmp.cmp(f, committed / f.name, shallow=False), (
             f"{f.name} is stale: run `python -m xlaserve.serve.proto.generate`"
         )
+
+
+def test_scoring_chunks_share_device_calls():
+    """Scoring requests admitted together are scored in batched calls (rows of one program), in
+    plan order, and each still gets its own log-probs."""
+    llm = mock_llm(max_queue=64)
+    calls, batch = [], llm.engine.score_batch
+    llm.engine.score_batch = lambda items: calls.append(len(items)) or batch(items)
+    items = [(f"w{i} w{i + 1} w{i + 2}", f" w{i + 3} w{i + 4}") for i in range(10, 20)]
+    items += [("w30 w31", " w40")]  # not the model's continuation
+    results = llm.score(items)
+    assert [r.all_greedy for r in results] == [True] * 10 + [False]
+    assert results[-1].logprobs == [OTHER_LOGPROB]
+    assert sum(calls) == len(items) and max(calls) == 4 and len(calls) < len(items)
