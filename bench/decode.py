@@ -390,16 +390,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command_line(args) -> str:
     """The command with the options that differ from their defaults."""
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    defaults = vars(p.parse_args([]))
-    parts = ["xlaserve bench decode"]
-    for key, value in vars(args).items():
-        if key not in defaults or value == defaults[key] or (key == "model" and args.preset):
-            continue
-        value = ",".join(map(str, value)) if isinstance(value, list) else value
-        parts.append(f"--{key.replace('_', '-')} {value}")
-    return " ".join(parts)
+    return report.command_line(
+        "xlaserve bench decode", add_arguments, args, skip=("model",) if args.preset else ()
+    )
 
 
 def run(args) -> dict:

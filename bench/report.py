@@ -32,6 +32,21 @@ def device_slug(device_kind: str) -> str:
     return slug(str(device_kind).lower().replace("nvidia ", ""))
 
 
+def command_line(prefix: str, add_arguments, args, skip=()) -> str:
+    """`prefix` and the options of `args` that differ from the defaults `add_arguments` declares
+    (what to type to run the same benchmark again)."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    defaults = vars(p.parse_args([]))
+    parts = [prefix]
+    for key, value in vars(args).items():
+        if key not in defaults or value == defaults[key] or key in skip:
+            continue
+        value = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def kind(result: dict) -> str:
     return str(result.get("kind") or result.get("benchmark") or "unknown")
 

@@ -175,6 +175,7 @@ def run(args) -> dict:
     print(table(rows))
     result = {
         "kind": "serve",
+        "command": report.command_line("xlaserve bench serve", add_arguments, args),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "server": args.server or f"in-process, {args.model}, {args.max_slots} slots",
         "client_machine": {"platform": platform.platform(), "backend": jax.default_backend()},

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,28 @@ def test_missing_tensor(broken, tiny_dirs):
 
 def test_not_a_checkpoint_directory(tmp_path):
     expect(str(tmp_path), "no config.json", directory=tmp_path)
+
+
+def test_convert_an_hf_directory(tiny_dirs, tmp_path):
+    """A sharded bf16 HF directory converted to an xlaserve checkpoint: the same config (llama3
+    RoPE), tokenizer and bf16 weights, bit for bit; int8 conversion quantizes every matrix."""
+    from xlaserve.checkpoints import orbax
+    from xlaserve.runtime.quant import QuantArray
+
+    directory, _ = tiny_dirs["bf16"]
+    source = load_model(directory, dtype="bfloat16")
+    meta = orbax.convert(directory, tmp_path / "keep", dtype="bf16")
+    assert meta["source"]["sha256"] == orbax.source_digest(directory) and meta["quantization"]["kinds"] == []
+    restored = load_model(tmp_path / "keep", dtype=None)
+    assert restored.config == source.config and restored.config.rope.kind == "llama3"
+    assert restored.tokenizer.encode("A sentence, 42 tokens?") == source.tokenizer.encode(
+        "A sentence, 42 tokens?"
+    )
+    for a, b in zip(jax.tree.leaves(source.weights), jax.tree.leaves(restored.weights), strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
+    orbax.convert(directory, tmp_path / "int8", quant="int8")
+    int8 = load_model(tmp_path / "int8", dequantize=False, dtype=None).weights
+    assert all(
+        isinstance(getattr(int8.layers, n), QuantArray) and getattr(int8.layers, n).kind == "q8_0"
+        for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    )
