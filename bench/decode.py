@@ -24,8 +24,9 @@ and a prefill program per prompt length. Then, in order:
 The KV cache keeps its initial zeros: a step's time does not depend on the values, while prefilling
 batch x context tokens first would dominate a CPU run.
 
-`--compare hf` (real models only) runs HF transformers on the same GGUF (loaded as
-bench/compare_hf.py loads it) with the same prompt token ids and the same (batch, context) steps,
+`--compare hf` runs HF transformers on the same GGUF (loaded as bench/compare_hf.py loads it; for a
+preset, a LlamaForCausalLM of the same shapes with random weights, built on the device) with the
+same prompt token ids and the same (batch, context) steps,
 alternating with ours round by round (ours, HF, ours, HF, ...); medians are reported. HF's TTFT is a
 forward over the prompt with logits_to_keep=1; its decode step is a forward of one token per
 sequence over a KV cache holding context - steps tokens, then argmax. On CUDA HF gets its strongest
@@ -277,10 +278,35 @@ class Ours:
         return (time.perf_counter() - t0) / steps
 
 
-class HF:
-    """HF transformers on the same GGUF file; its strongest configuration on CUDA."""
+def hf_random_llama(cfg: ModelConfig, dtype, device: str):
+    """A transformers Llama with `cfg`'s shapes and random weights, built on `device` (an 8B model
+    is never materialized on the host). Speed does not depend on the values."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def __init__(self, path: Path):
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope.theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
+
+
+class HF:
+    """HF transformers on the same GGUF file (or, for a preset, a LlamaForCausalLM with the same
+    shapes and random weights); its strongest configuration on CUDA."""
+
+    def __init__(self, path: Path | None, preset: ModelConfig | None = None):
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
@@ -288,7 +314,10 @@ class HF:
         self.torch, self.cuda = torch, torch.cuda.is_available()
         self.device = "cuda" if self.cuda else "cpu"
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        if preset is not None:
+            model = hf_random_llama(preset, dtype, self.device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.forward, self.static = self.model.forward, {}
         if self.cuda:
@@ -402,8 +431,6 @@ def run(args) -> dict:
     from xlaserve.runtime.engine import Engine
     from xlaserve.sharding.mesh import device_groups, parse_mesh
 
-    if args.compare and args.preset:
-        raise ValueError("--compare hf needs a real model (--model); presets have random weights")
     contexts, batches = args.context_lengths, args.batch_sizes
     prompts = args.prompt_lengths or contexts
     if any(c % 16 or c <= max(args.steps, args.warmup) for c in contexts):
@@ -455,8 +482,12 @@ def run(args) -> dict:
     peak, peak_source = peak_memory(devices)  # before the reference shares the process
     ref = None
     if args.compare == "hf":
-        log("loading HF transformers on the same file")
-        ref = HF(model.path)
+        log(
+            "loading HF transformers on the same file"
+            if not args.preset
+            else "building HF Llama, same shapes"
+        )
+        ref = HF(model.path, model.cfg if args.preset else None)
         for n in prompts:
             ref.ttft(tokens[n])
         for b, c in configs:

@@ -119,3 +119,17 @@ def test_benchmarks_md_lists_every_result(tmp_path):
         assert f"(results/{name})" in md
     assert "(results/cpu-decode-m-2026-01-02-tok_s.png)" in md  # plots are linked from the root
     assert "5.00x" in md and "| load |" in md and "score: 1.5" in md
+
+
+def test_bench_decode_preset_against_hf(tmp_path):
+    """--compare hf on a preset: HF builds a random Llama of the same shapes and runs the same
+    steps; the report carries both sides' figures and their ratio."""
+    argv = ["bench", "decode", "--preset", "tiny", "--batch-sizes", "2", "--context-lengths", "32"]
+    argv += ["--steps", "2", "--warmup", "1", "--repeats", "1", "--copy-mib", "16", "--compare", "hf"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-decode-tiny-*.json")
+    cmp = json.loads(path.read_text())["compare"]
+    assert "HF transformers" in cmp["reference"]["name"]
+    (row,) = cmp["decode"]
+    assert row["batch"] == 2 and row["context"] == 32 and row["ref_tok_s"] > 0
+    assert abs(row["speedup"] - row["xlaserve_tok_s"] / row["ref_tok_s"]) < 1e-9 * row["speedup"]
