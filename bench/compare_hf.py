@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
+
+from xlaserve.bench import report
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -150,15 +150,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "rows": rows,
     }
-    out = Path(
-        args.out
-        or Path(__file__).parent
-        / "results"
-        / f"{jax.default_backend()}-compare-hf-{datetime.date.today().isoformat()}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.write(result, report.result_path(args.out, "compare-hf"))
     return result
 
 

@@ -573,10 +573,7 @@ def run(args) -> dict:
         "compare": {"reference": ref.describe, "prefill": cmp_prefill, "decode": cmp_decode} if ref else None,
         "notes": notes,
     }
-    name = (
-        f"{report.device_slug(device.device_kind)}-decode-{report.slug(args.preset or Path(args.model).stem)}"
-    )
-    path = Path(args.out) / f"{name}-{datetime.date.today().isoformat()}.json"
+    path = report.result_path(args.out, f"decode-{report.slug(args.preset or Path(args.model).stem)}")
     images = {t: p.name for t, p in report.plot_names(path).items()}
     md = report.render(result, images)
     print(md)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from xlaserve.bench import report
+
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mc20.jsonl"
 
 
@@ -109,14 +111,7 @@ def main(argv=None) -> dict:
         "speedup": rows["xlaserve"]["requests_per_s"] / rows["hf"]["requests_per_s"],
     }
     print(json.dumps(result, indent=2))
-    out = Path(
-        args.out
-        or Path(__file__).parent
-        / "results"
-        / f"{jax.default_backend()}-evals-{datetime.date.today().isoformat()}.json"
-    )
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.write(result, report.result_path(args.out, "evals"))
     return result
 
 

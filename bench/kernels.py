@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.bench import report
 from xlaserve.bench.decode import copy_bandwidth
 
 FULL = dict(
@@ -164,18 +165,6 @@ def matmul_rows(cfg: dict, repeats: int, interpret: bool) -> list[dict]:
     return rows
 
 
-def device_info() -> dict:
-    from xlaserve.bench.report import device_slug
-
-    d = jax.devices()[0]
-    return {
-        "platform": d.platform,
-        "kind": d.device_kind,
-        "count": jax.device_count(),
-        "slug": device_slug(d.device_kind),
-    }
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (interpret mode on CPU): does it run")
@@ -184,7 +173,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     repeats = args.repeats or (1 if args.smoke else 20)
-    dev = device_info()
+    dev = report.device_info()
     interpret = dev["platform"] == "cpu"
     copy_bw = copy_bandwidth(cfg["copy_mib"] * 2**20, repeats=max(repeats, 3))
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
@@ -200,11 +189,7 @@ def main(argv=None) -> dict:
         "decode_attention": attention_rows(cfg, repeats, interpret, copy_bw),
         "quantized_matmul": matmul_rows(cfg, repeats, interpret),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-smoke" if args.smoke else ""
-    file = args.out / f"{dev['slug']}-kernels{suffix}-{result['date']}.json"
-    file.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {file}")
+    report.write(result, report.result_path(args.out, "kernels-smoke" if args.smoke else "kernels"))
     return result
 
 

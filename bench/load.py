@@ -19,13 +19,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from xlaserve.bench import report
 
 ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=256)
 PROMPT = "The capital of France is"
@@ -100,6 +101,8 @@ def main(argv=None) -> dict:
                 runs[name].append(measure(path))
                 print(name, json.dumps(runs[name][-1]), flush=True)
         sizes = {name: dir_bytes(path) for name, path in formats.items()}
+    import jax
+
     med = lambda name, key: statistics.median(r[key] for r in runs[name])
     summary = {
         name: {
@@ -114,8 +117,8 @@ def main(argv=None) -> dict:
         "kind": "load",
         "command": "python -m xlaserve.bench.load " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
-        "device": _device(),
-        "jax_version": _jax_version(),
+        "device": report.device_info(),
+        "jax_version": jax.__version__,
         "model": gguf_path.name,
         "engine": ENGINE,
         "verify_checksums": os.environ.get("XLASERVE_VERIFY_CHECKPOINT", "1") != "0",
@@ -131,10 +134,7 @@ def main(argv=None) -> dict:
         "runs": runs,
     }
     print(format_table(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    file = args.out / f"{result['device']['slug']}-load-{result['date']}.json"
-    file.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {file}")
+    report.write(result, report.result_path(args.out, "load"), markdown=format_table(result))
     return result
 
 
@@ -145,27 +145,6 @@ def format_table(result: dict) -> str:
             f"| {name} | {s['load_s']:.2f} | {s['to_first_token_s']:.2f} | {s['bytes_on_disk'] / 2**20:.0f} |"
         )
     return "\n".join(rows)
-
-
-def _device() -> dict:
-    import jax
-
-    from xlaserve.bench.report import device_slug
-
-    d = jax.devices()[0]
-    name = d.device_kind if d.platform != "cpu" else (platform.processor() or platform.machine())
-    return {
-        "platform": d.platform,
-        "kind": name,
-        "count": jax.device_count(),
-        "slug": device_slug(d.device_kind),
-    }
-
-
-def _jax_version() -> str:
-    import jax
-
-    return jax.__version__
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
+
+from xlaserve.bench import report
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be or had not "
@@ -146,15 +147,7 @@ def main(argv=None) -> dict:
         "throughput": rows,
         "shared_prefix_ttft": shared,
     }
-    out = Path(
-        args.out
-        or Path(__file__).parent
-        / "results"
-        / f"{jax.default_backend()}-offline-{datetime.date.today().isoformat()}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.write(result, report.result_path(args.out, "offline"))
     return result
 
 

@@ -12,6 +12,7 @@ scalar fields as a list and each list of records as a table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -30,6 +31,35 @@ def device_slug(device_kind: str) -> str:
     """File-name prefix for a device, as bench/kernels.py writes it: 'NVIDIA H100 80GB HBM3' ->
     'h100-80gb-hbm3', 'TPU v5 lite' -> 'tpu-v5-lite', 'cpu' -> 'cpu'."""
     return slug(str(device_kind).lower().replace("nvidia ", ""))
+
+
+def device_info() -> dict:
+    """The first device: platform, kind (the CPU's name on CPU), count and the file-name slug."""
+    import platform
+
+    import jax
+
+    d = jax.devices()[0]
+    name = d.device_kind if d.platform != "cpu" else (platform.processor() or platform.machine())
+    return {
+        "platform": d.platform,
+        "kind": name,
+        "count": jax.device_count(),
+        "slug": device_slug(d.device_kind),
+    }
+
+
+def result_path(out, name: str) -> Path:
+    """Where a benchmark writes its result: `out` itself when it names a .json file, else
+    <out, default bench/results>/<device slug>-<name>-<date>.json."""
+    import jax
+
+    out = Path(out) if out else RESULTS
+    if out.suffix == ".json":
+        return out
+    return (
+        out / f"{device_slug(jax.devices()[0].device_kind)}-{name}-{datetime.date.today().isoformat()}.json"
+    )
 
 
 def command_line(prefix: str, add_arguments, args, skip=()) -> str:

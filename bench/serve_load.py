@@ -19,7 +19,6 @@ import platform
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -183,13 +182,7 @@ def run(args) -> dict:
         "rows": rows,
         "table": table(rows),
     }
-    out = Path(
-        args.out
-        or Path(__file__).parent
-        / "results"
-        / f"{jax.default_backend()}-serve-{datetime.date.today().isoformat()}.json"
-    )
-    report.write(result, out)  # JSON + markdown
+    report.write(result, report.result_path(args.out, "serve"))  # JSON + markdown
     return result
 
 

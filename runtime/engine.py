@@ -200,17 +200,13 @@ class Engine:
             return host
         return tuple(jax.device_put(x, self._repl) for x in host)
 
-    def bucket(self, n: int) -> int:
-        """The smallest prefill bucket holding n tokens (the largest bucket if none does)."""
-        return self.ecfg.prefill_bucket(n)
-
     def prefill(
         self, tokens, start: int, page_row: np.ndarray, sampling: SamplingState, presence: np.ndarray
     ):
         """Prefill one chunk (len(tokens) ≤ largest bucket) starting at position `start`.
         Returns the packed first-token result, on device (pass it to `insert`)."""
         n = len(tokens)
-        t = self.bucket(n)
+        t = self.ecfg.prefill_bucket(n)
         assert 0 < n <= t, (n, t)
         padded = np.zeros((t,), np.int32)
         padded[:n] = tokens
@@ -225,19 +221,17 @@ class Engine:
         most = min(self.ecfg.max_slots, max(1, SCORE_TOKENS // t))
         return (1,) if most == 1 else (1, most)
 
-    def score(self, tokens, start: int, page_row: np.ndarray, targets) -> tuple[np.ndarray, np.ndarray]:
-        """Prefill one chunk and return, per chunk position i, the log-prob of targets[i] (the next
-        token) and whether it was the argmax: (float32 [n], bool [n])."""
-        return self.score_batch([(tokens, start, page_row, targets)])[0]
-
     def score_batch(self, items) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`score` for several (tokens, start, page_row, targets) chunks of distinct sequences in
-        one call; all in one prefill bucket, at most score_rows(bucket)[-1] of them."""
+        """Prefill (tokens, start, page_row, targets) chunks of distinct sequences in one call, all
+        in one prefill bucket and at most score_rows(bucket)[-1] of them. For each, per chunk
+        position i: the log-prob of targets[i] (the next token) and whether it was the argmax,
+        (float32 [n], bool [n])."""
         if not self._score:
             raise ValueError("this engine was built with scoring=False")
-        t = self.bucket(max(len(tokens) for tokens, *_ in items))
+        bucket = self.ecfg.prefill_bucket
+        t = bucket(max(len(tokens) for tokens, *_ in items))
         rows = next((r for r in self.score_rows(t) if r >= len(items)), None)
-        assert rows is not None and all(self.bucket(len(it[0])) == t for it in items), (t, len(items))
+        assert rows is not None and all(bucket(len(it[0])) == t for it in items), (t, len(items))
         tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t), np.int32)
         start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
         table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)

@@ -87,19 +87,23 @@ class MockEngine:
         time.sleep(self.step_s)
         return self._packed(self._next([tokens[-1]]), int(sampling.n_top[0]))
 
-    def score(self, tokens, start, page_row, targets):
-        time.sleep(self.step_s)
-        want = self._next(np.asarray(tokens)[: len(targets)])
-        greedy = np.asarray(targets) == want
-        lps = np.where(greedy, 0.0, OTHER_LOGPROB).astype(np.float32)
-        pad = len(tokens) - len(targets)
-        return np.concatenate([lps, np.zeros(pad, np.float32)]), np.concatenate([greedy, np.zeros(pad, bool)])
-
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)
 
     def score_batch(self, items):
-        return [self.score(*item) for item in items]
+        time.sleep(self.step_s)  # one dispatch for the whole batch
+        out = []
+        for tokens, _, _, targets in items:
+            greedy = np.asarray(targets) == self._next(np.asarray(tokens)[: len(targets)])
+            lps = np.where(greedy, 0.0, OTHER_LOGPROB).astype(np.float32)
+            pad = len(tokens) - len(targets)
+            out.append(
+                (
+                    np.concatenate([lps, np.zeros(pad, np.float32)]),
+                    np.concatenate([greedy, np.zeros(pad, bool)]),
+                )
+            )
+        return out
 
     def insert(self, slot, packed, length, sampling, presence):
         self.tokens[slot] = int(np.asarray(packed)[0, 0])

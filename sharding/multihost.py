@@ -23,7 +23,7 @@ import numpy as np
 from xlaserve.runtime.engine import to_host
 
 log = logging.getLogger("xlaserve")
-VERBS = ("prefill", "insert", "generate", "free", "score", "score_batch")
+VERBS = ("prefill", "insert", "generate", "free", "score_batch")
 KEY = "xlaserve/call/{}"
 
 
@@ -94,6 +94,6 @@ def follow(engine, timeout_s: float = 24 * 3600) -> int:
         if verb == "prefill":
             results[n] = out
             results.pop(n - 64, None)
-        elif verb in ("generate", "score"):
+        elif verb == "generate":
             np.asarray(to_host(out[0] if isinstance(out, tuple) else out))  # keep pace with the leader
         n += 1
