@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(BIN)/xlaserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/xlaserve pull smollm2
 	$(BIN)/python -m pytest -q
+
+# The daily lane: lint and every test that compiles no real model (a few minutes on 2 cores).
+test-fast: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/xlaserve pull smollm2
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

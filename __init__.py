@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 
 # The public API is imported lazily so that `xlaserve pull` and `--help` do not start JAX.
 _PUBLIC = {
-    "LLM": "xlaserve.runtime.llm",
-    "SamplingParams": "xlaserve.runtime.sampling",
+    "LLM": "xlaserve.llm",
+    "SamplingParams": "xlaserve.runtime.sampling_params",
     "EngineConfig": "xlaserve.runtime.config",
     "ModelConfig": "xlaserve.runtime.config",
     "RequestOutput": "xlaserve.runtime.request",
-    "CheckpointError": "xlaserve.checkpoints.base",
+    "CheckpointError": "xlaserve.checkpoints.loaded",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -16,7 +16,7 @@ import platform
 import statistics
 import time
 
-from xlaserve.bench import report
+from xlaserve.bench import hf, report
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -52,17 +52,13 @@ def run_ours(llm, prompts, n):
 def run_hf(model, tokenizer, prompts, n):
     import torch
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    kw = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    enc = hf.left_padded(tokenizer, prompts)
     with torch.no_grad():
         t0 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=1, **kw)
+        hf.greedy(model, tokenizer, enc, 1, exact=False)
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
+        out = hf.greedy(model, tokenizer, enc, n)
         wall = time.perf_counter() - t0
     produced = (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
     return {
@@ -89,7 +85,6 @@ def main(argv=None) -> dict:
     import jax
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xlaserve import LLM
     from xlaserve.checkpoints import registry
@@ -97,20 +92,17 @@ def main(argv=None) -> dict:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     path = registry.resolve(args.model)
     llm = LLM(str(path), max_slots=max(sizes), decode_steps=args.decode_steps)
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf_model, hf_tok = hf.load_model(path), hf.load_tokenizer(path)
 
     rows = []
     for b in sizes:
         prompts = batch_prompts(b)
         run_ours(llm, prompts, 8)  # warm-up (nothing compiles: programs were compiled at start-up)
-        run_hf(hf, hf_tok, prompts, 8)
+        run_hf(hf_model, hf_tok, prompts, 8)
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(run_ours(llm, prompts, args.new_tokens))
-            theirs.append(run_hf(hf, hf_tok, prompts, args.new_tokens))
+            theirs.append(run_hf(hf_model, hf_tok, prompts, args.new_tokens))
         med = lambda runs, k: statistics.median(r[k] for r in runs)
         row = {"batch": b, "new_tokens": args.new_tokens}
         for k in ("ttft_s", "decode_tok_s", "throughput_tok_s"):

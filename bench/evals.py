@@ -3,7 +3,7 @@ backend and through lm-eval's HF backend, same task, same run; log-likelihood re
 
     python -m xlaserve.bench.evals --copies 10       # 20 questions x 4 choices x 10 = 800 requests
 
-The task is tests/fixtures/mc20.jsonl repeated --copies times (each copy's questions numbered so no
+The task is data/mc20.jsonl repeated --copies times (each copy's questions numbered so no
 two requests are identical); accuracies are reported too and must agree between the backends.
 """
 
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from xlaserve.bench import report
+from xlaserve.data import MC20
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mc20.jsonl"
+FIXTURE = MC20
 
 
 def write_task(root: Path, copies: int) -> None:

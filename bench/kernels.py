@@ -3,7 +3,7 @@
     python -m xlaserve.bench.kernels           # H100/H200: bench/results/<device>-kernels-<date>.json
     python -m xlaserve.bench.kernels --smoke   # tiny shapes, interpret mode: checks the script runs
 
-- copy bandwidth: a large device-to-device copy (read + write bytes / time; `bench/decode.py`'s),
+- copy bandwidth: a large device-to-device copy (read + write bytes / time; `bench/roofline.py`'s),
   the yardstick;
 - decode attention over the paged cache, Llama-3-8B heads (8 kv heads x 4 queries, head_dim 128,
   bf16, page 16), batch {1, 8, 32, 64} x context {512, 2k, 8k, 32k}: achieved K/V bytes read / time
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlaserve.bench import report
-from xlaserve.bench.decode import copy_bandwidth
+from xlaserve.bench.roofline import copy_bandwidth
 
 FULL = dict(
     copy_mib=1024,
@@ -149,8 +149,8 @@ def matmul_rows(cfg: dict, repeats: int, interpret: bool) -> list[dict]:
             )
             row = {"shape": name, "m": m, "bf16_dense_s": t_dense}
             for q, qa in quants.items():
-                kernel = jax.jit(lambda x, w: quantized_matmul(x, w, interpret=interpret))
-                want = quantized_matmul_reference(x, qa)
+                kernel = jax.jit(lambda x, w: quantized_matmul(x, *w.arrays, **w.layout, interpret=interpret))
+                want = quantized_matmul_reference(x, *qa.arrays, **qa.layout)
                 rel = float(jnp.abs(kernel(x, qa) - want).max() / (jnp.abs(want).max() + 1e-30))
                 t_kernel = timed(kernel, x, qa, repeats=repeats)
                 t_xla = timed(jax.jit(lambda x, w: linear(x, w)), x, qa, repeats=repeats)

@@ -80,7 +80,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def main(argv=None) -> dict:
-    from xlaserve.checkpoints import orbax, registry
+    from xlaserve.checkpoints import convert, registry
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=registry.DEFAULT_MODEL, help="alias or .gguf file")
@@ -92,8 +92,8 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         formats = {"gguf": gguf_path, "hf": tmp / "hf", "orbax": tmp / "orbax", "orbax-dense": tmp / "dense"}
         write_hf_dir(gguf_path, formats["hf"])
-        orbax.convert(gguf_path, formats["orbax"], quant="keep")
-        orbax.convert(gguf_path, formats["orbax-dense"], quant="none")
+        convert.convert(gguf_path, formats["orbax"], quant="keep")
+        convert.convert(gguf_path, formats["orbax-dense"], quant="none")
         tokens = {name: measure(path)["token"] for name, path in formats.items()}  # warm the caches
         runs: dict[str, list[dict]] = {name: [] for name in formats}
         for _ in range(args.repeats):

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from xlaserve.bench import report
+from xlaserve.bench import hf, report
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be or had not "
@@ -47,23 +47,15 @@ def ours(llm, texts, max_tokens: int) -> dict:
     return {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
 
 
-def hf(model, tokenizer, texts, max_tokens: int, batch: int) -> dict:
+def run_hf(model, tokenizer, texts, max_tokens: int, batch: int) -> dict:
     import torch
 
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokens = 0
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i : i + batch], return_tensors="pt", padding=True)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            enc = hf.left_padded(tokenizer, texts[i : i + batch])
+            out = hf.greedy(model, tokenizer, enc, max_tokens)
             tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall}
@@ -77,7 +69,7 @@ def shared_prefix_ttft(llm, n: int, cache: bool) -> dict:
     )
     texts = [f"{system}\nQuestion {i}: {' '.join(prompts(1, seed=1000 + i, lo=6, hi=12))}?" for i in range(n)]
     llm.runner.scheduler.prefix_cache = cache
-    before = llm.stats()["prefill_tokens_computed"]
+    before = llm.stats().prefill_tokens_computed
     outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     ttft = sorted(o.timings["ttft_s"] for o in outs)
     llm.runner.scheduler.prefix_cache = True
@@ -85,7 +77,7 @@ def shared_prefix_ttft(llm, n: int, cache: bool) -> dict:
         "prefix_cache": cache,
         "requests": n,
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
-        "prefill_tokens_computed": llm.stats()["prefill_tokens_computed"] - before,
+        "prefill_tokens_computed": llm.stats().prefill_tokens_computed - before,
         "ttft_p50_s": statistics.median(ttft),
         "ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
     }
@@ -104,7 +96,6 @@ def main(argv=None) -> dict:
 
     import jax
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xlaserve import LLM
     from xlaserve.checkpoints import registry
@@ -113,17 +104,14 @@ def main(argv=None) -> dict:
     texts = prompts(args.num_prompts)
     hf_model = hf_tok = None
     if not args.skip_hf:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
-        hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf_model, hf_tok = hf.load_model(path), hf.load_tokenizer(path)
     rows, shared = [], []
     for slots in [int(s) for s in args.slots.split(",")]:
         # Prompts here are under 160 tokens + outputs: 12 pages a slot is plenty.
         llm = LLM(str(path), max_slots=slots, max_model_len=512, num_pages=max(12 * slots, 32))
         row = {"slots": slots, "xlaserve": ours(llm, texts, args.max_tokens)}
         if hf_model is not None:
-            row["hf"] = hf(hf_model.eval(), hf_tok, texts, args.max_tokens, slots)
+            row["hf"] = run_hf(hf_model, hf_tok, texts, args.max_tokens, slots)
             row["speedup"] = row["xlaserve"]["output_tok_s"] / row["hf"]["output_tok_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)

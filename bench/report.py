@@ -1,6 +1,6 @@
 """Benchmark reports: every benchmark writes its result as JSON with a markdown rendering beside it
-(and, for decode, PNG plots), and BENCHMARKS.md at the repository root is generated from all the
-JSON files in bench/results/:
+(and, for decode, PNG plots: bench/plots.py draws them), and BENCHMARKS.md at the repository root
+is generated from all the JSON files in bench/results/:
 
     python -m xlaserve.bench.report --write-benchmarks-md
 
@@ -17,6 +17,8 @@ import json
 import os
 import re
 from pathlib import Path
+
+from xlaserve.bench import plots
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +94,7 @@ def write(result: dict, json_path: Path | str, markdown: str | None = None) -> l
     written = [json_path, md]
     if kind(result) == "decode" and result.get("decode"):
         try:
-            written += plot_decode(result, json_path)
+            written += plots.plot_decode(result, plot_names(json_path))
         except ImportError as e:  # matplotlib is only in the test/bench extras
             print(f"no plots: {e}")
     for path in written:
@@ -132,6 +134,7 @@ def ratio(a, b) -> str:
 
 
 def plot_names(json_path: Path) -> dict[str, Path]:
+    """A decode result's plots by title: PNG files beside its JSON."""
     stem = json_path.with_suffix("")
     return {
         "tok/s vs batch": stem.with_name(stem.name + "-tok_s.png"),
@@ -422,52 +425,6 @@ def write_benchmarks_md(results_dir: Path = RESULTS, out_path: Path = ROOT / "BE
     out_path.write_text(benchmarks_md(Path(results_dir), out_path))
     print(f"wrote {out_path}")
     return out_path
-
-
-# -- plots ------------------------------------------------------------------------------------------
-
-
-def plot_decode(result: dict, json_path: Path) -> list[Path]:
-    """tok/s vs batch (a line per context) and % of bandwidth vs context (a line per batch; solid:
-    measured copy bandwidth, dashed: datasheet)."""
-    from matplotlib.figure import Figure  # lazily: only plotting needs matplotlib (Agg via savefig)
-
-    rows = result["decode"]
-    batches = sorted({d["batch"] for d in rows})
-    contexts = sorted({d["context"] for d in rows})
-    where = f"{result.get('model')} on {result.get('device')}"
-    names = plot_names(json_path)
-    paths = list(names.values())
-
-    fig = Figure(figsize=(5.5, 3.6), dpi=90)
-    ax = fig.subplots()
-    for c in contexts:
-        pts = sorted((d["batch"], d["tok_s"]) for d in rows if d["context"] == c)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=f"context {c}")
-    ax.set(xlabel="batch", ylabel="decode tok/s", title=f"Decode tok/s — {where}")
-    ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(paths[0])
-
-    fig = Figure(figsize=(5.5, 3.6), dpi=90)
-    ax = fig.subplots()
-    for i, b in enumerate(batches):
-        mine = sorted((d["context"], d) for d in rows if d["batch"] == b)
-        xs = [c for c, _ in mine]
-        ax.plot(xs, [d["pct_copy_bw"] for _, d in mine], marker="o", color=f"C{i}", label=f"batch {b}")
-        if all(d.get("pct_datasheet") is not None for _, d in mine):
-            ax.plot(xs, [d["pct_datasheet"] for _, d in mine], ls="--", color=f"C{i}")
-    label = "% of copy bandwidth (dashed: of datasheet)" if result.get("datasheet") else "% of copy bandwidth"
-    ax.set(xlabel="context (tokens)", ylabel=label, title=f"Decode bandwidth — {where}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    return paths
 
 
 def main(argv=None) -> int:

@@ -141,7 +141,7 @@ def run(args) -> dict:
     server = None
     target = args.server
     if target is None:
-        from xlaserve.runtime.llm import LLM
+        from xlaserve.llm import LLM
         from xlaserve.serve.server import Server
 
         server = Server(port=0).start()

@@ -1,10 +1,13 @@
 """GGUF checkpoints (llama.cpp's format), read with the `gguf` package's reader.
 
-Supported: architecture `llama` (Llama 2/3/3.x, SmolLM2, ...) with tensors of type F32, F16, BF16,
-Q8_0, Q4_0 and Q4_1. Quantized matrices become `QuantArray`s (or are dequantized, bit-exactly).
+Supported: the architectures of the registered families (`runtime/models`, by
+`general.architecture`), with tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1. Quantized
+matrices become `QuantArray`s (or are dequantized, bit-exactly). Tensor names come from the
+family's `gguf_names`.
 
-llama.cpp stores the q and k projections with rows permuted for its interleaved RoPE; we undo the
-permutation (whole rows, so quantized blocks move intact) and use the rotate-half RoPE of HF.
+llama.cpp stores some projections (a family's `gguf_permute`: Llama's q and k) with rows permuted
+for its interleaved RoPE; we undo the permutation (whole rows, so quantized blocks move intact)
+and use the rotate-half RoPE of HF.
 """
 
 from __future__ import annotations
@@ -15,29 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from xlaserve.checkpoints.base import CheckpointError, Loaded, finish_matrix, stack_layers
+from xlaserve.checkpoints.loaded import CheckpointError, Loaded, assemble, family_of
 from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
+from xlaserve.runtime import models
 from xlaserve.runtime.config import ModelConfig, RopeConfig
-from xlaserve.runtime.llama import Weights, check_shapes
 from xlaserve.runtime.quant import QuantArray, map_quant
 
-ARCHITECTURES = ("llama",)
 # type name -> (block elements, bytes per block, bytes of scales/mins before the values)
 QUANT_LAYOUT = {"Q8_0": (32, 34, 2), "Q4_0": (32, 18, 2), "Q4_1": (32, 20, 4)}
 DENSE_TYPES = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = DENSE_TYPES + tuple(QUANT_LAYOUT)
-
-LAYER_TENSORS = {
-    "attn_norm": "attn_norm",
-    "wq": "attn_q",
-    "wk": "attn_k",
-    "wv": "attn_v",
-    "wo": "attn_output",
-    "mlp_norm": "ffn_norm",
-    "w_gate": "ffn_gate",
-    "w_up": "ffn_up",
-    "w_down": "ffn_down",
-}
 
 
 def open_reader(path: Path):
@@ -70,10 +60,10 @@ def read_metadata(reader) -> dict:
 
 def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=None) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(
-            path, f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"
-        )
+    family = models.for_gguf(arch)
+    if family is None:
+        supported = ", ".join(models.gguf_architectures())
+        raise CheckpointError(path, f"unsupported architecture {arch!r} (supported: {supported})")
 
     def get(key: str, default=None, kind=int):
         value = meta.get(f"{arch}.{key}", default)
@@ -86,7 +76,7 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     tokens = meta.get("tokenizer.ggml.tokens")
-    embed = tensors.get("token_embd.weight")
+    embed = tensors.get(family.gguf_names["embed"])
     rows = int(embed.shape[-1]) if embed is not None else None  # GGUF shapes are [in, out]
     vocab = len(tokens) if tokens else get("vocab_size", rows)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -99,6 +89,8 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
         freq_factors=freq_factors,
     )
     eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    window = meta.get(f"{arch}.attention.sliding_window")
+    bias = lambda kind: any(name.startswith("blk.0.") and name.endswith(f"{kind}.bias") for name in tensors)
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -110,10 +102,14 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
         rope=rope,
         max_position_embeddings=get("context_length", 4096),
-        tie_word_embeddings="output.weight" not in tensors,
+        tie_word_embeddings=family.gguf_names["lm_head"] not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        name=str(meta.get("general.name", "llama")),
+        name=str(meta.get("general.name", family.name)),
+        architecture=family.name,
+        sliding_window=int(window) if window else None,
+        attention_bias=bias("attn_q"),
+        mlp_bias=bias("ffn_up"),
     )
 
 
@@ -168,28 +164,17 @@ def load_gguf(path, *, dequantize: bool, dtype) -> Loaded:
     freq = tensors.get("rope_freqs.weight")
     freq_factors = tuple(float(f) for f in read_tensor(freq, path)) if freq is not None else None
     cfg = config_from_metadata(meta, tensors, path, freq_factors)
+    family = family_of(cfg, path)
 
-    def get(name: str):
-        if name not in tensors:
-            raise CheckpointError(path, f"tensor {name} is missing")
-        return read_tensor(tensors[name], path)
+    def read(name: str, layer: int | None):
+        tensor = family.gguf_names[name].format(i=layer)
+        if tensor not in tensors:
+            raise CheckpointError(path, f"tensor {tensor} is missing")
+        x = read_tensor(tensors[tensor], path)
+        heads = family.gguf_permute.get(name)
+        return unpermute_rows(x, getattr(cfg, heads)) if heads else x
 
-    per_layer = []
-    for i in range(cfg.num_layers):
-        layer = {field: get(f"blk.{i}.{gguf_name}.weight") for field, gguf_name in LAYER_TENSORS.items()}
-        layer["wq"] = unpermute_rows(layer["wq"], cfg.num_heads)
-        layer["wk"] = unpermute_rows(layer["wk"], cfg.num_kv_heads)
-        per_layer.append(layer)
-    weights = Weights(
-        embed=finish_matrix(get("token_embd.weight"), dequantize, dtype),
-        layers=stack_layers(per_layer, dequantize, dtype),
-        final_norm=get("output_norm.weight").astype(dtype),
-        lm_head=None if cfg.tie_word_embeddings else finish_matrix(get("output.weight"), dequantize, dtype),
-    )
-    try:
-        check_shapes(cfg, weights, str(path))
-    except ValueError as e:
-        raise CheckpointError(path, str(e).split(": ", 1)[-1]) from None
+    weights = assemble(cfg, read, dequant=dequantize, dtype=dtype, path=path)
     kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
     return Loaded(
         config=cfg,

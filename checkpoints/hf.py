@@ -1,5 +1,6 @@
 """HF checkpoint directories: config.json, *.safetensors (one file or sharded with an index),
-tokenizer.json, tokenizer_config.json, generation_config.json. Llama family, bf16/fp16/fp32."""
+tokenizer.json, tokenizer_config.json, generation_config.json; bf16/fp16/fp32. The family comes
+from config.json's `architectures` (else `model_type`) and names the tensors (`hf_names`)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from xlaserve.checkpoints.base import CheckpointError, Loaded, stack_layers
+from xlaserve.checkpoints.loaded import CheckpointError, Loaded, assemble, family_of
 from xlaserve.checkpoints.safetensors import read_safetensors
 from xlaserve.checkpoints.tokenizer import tokenizer_from_hf_dir
+from xlaserve.runtime import models
 from xlaserve.runtime.config import ModelConfig, RopeConfig
-from xlaserve.runtime.llama import Weights, check_shapes
-
-MODEL_TYPES = ("llama",)
-LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "wq": "self_attn.q_proj",
-    "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj",
-    "wo": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "w_gate": "mlp.gate_proj",
-    "w_up": "mlp.up_proj",
-    "w_down": "mlp.down_proj",
-}
 
 
 def _json(path: Path, required: bool) -> dict:
@@ -70,13 +58,13 @@ def rope_from_config(c: dict, path: Path) -> RopeConfig:
 def config_from_hf(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     c = _json(path, required=True)
-    if c.get("model_type") not in MODEL_TYPES:
+    family = models.for_hf(c.get("architectures"), c.get("model_type"))
+    if family is None:
+        supported = ", ".join(models.hf_model_types())
         raise CheckpointError(
-            path, f"unsupported model_type {c.get('model_type')!r} (supported: {', '.join(MODEL_TYPES)})"
+            path, f"unsupported model_type {c.get('model_type')!r} (supported: {supported})"
         )
-    for flag in ("attention_bias", "mlp_bias"):
-        if c.get(flag):
-            raise CheckpointError(path, f"{flag}=true is not supported")
+    window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
     try:
         heads = int(c["num_attention_heads"])
         gen = _json(directory / "generation_config.json", required=False)
@@ -96,6 +84,11 @@ def config_from_hf(directory: Path) -> ModelConfig:
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(eos)),
             name=directory.name,
+            architecture=family.name,
+            hidden_act=str(c.get("hidden_act") or c.get("hidden_activation") or "silu"),
+            sliding_window=int(window) if window else None,
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
         )
     except KeyError as e:
         raise CheckpointError(path, f"required key {e.args[0]!r} is missing") from None
@@ -124,29 +117,17 @@ def _tensors(directory: Path) -> dict[str, np.ndarray]:
 def load_hf_dir(directory, *, dtype) -> Loaded:
     directory = Path(directory)
     cfg = config_from_hf(directory)
+    family = family_of(cfg, directory / "config.json")
     tokenizer = tokenizer_from_hf_dir(directory)
     tensors = _tensors(directory)
-
-    def get(name: str):
-        if name not in tensors:
-            raise CheckpointError(directory, f"tensor {name} is missing from the safetensors files")
-        return np.asarray(tensors[name])
-
-    per_layer = [
-        {field: get(f"model.layers.{i}.{hf}.weight") for field, hf in LAYER_TENSORS.items()}
-        for i in range(cfg.num_layers)
-    ]
-    tied = cfg.tie_word_embeddings or "lm_head.weight" not in tensors
-    if tied and not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and family.hf_names["lm_head"] not in tensors:
         raise CheckpointError(directory, "tensor lm_head.weight is missing and tie_word_embeddings is false")
-    weights = Weights(
-        embed=get("model.embed_tokens.weight").astype(dtype),
-        layers=stack_layers(per_layer, True, dtype),
-        final_norm=get("model.norm.weight").astype(dtype),
-        lm_head=None if tied else get("lm_head.weight").astype(dtype),
-    )
-    try:
-        check_shapes(cfg, weights, str(directory))
-    except ValueError as e:
-        raise CheckpointError(directory, str(e).split(": ", 1)[-1]) from None
+
+    def read(name: str, layer: int | None):
+        tensor = family.hf_names[name].format(i=layer)
+        if tensor not in tensors:
+            raise CheckpointError(directory, f"tensor {tensor} is missing from the safetensors files")
+        return np.asarray(tensors[tensor])
+
+    weights = assemble(cfg, read, dequant=True, dtype=dtype, path=directory)
     return Loaded(config=cfg, weights=weights, tokenizer=tokenizer, source=str(directory))

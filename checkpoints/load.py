@@ -6,9 +6,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from xlaserve.checkpoints.base import CheckpointError, Loaded
 from xlaserve.checkpoints.gguf import load_gguf
 from xlaserve.checkpoints.hf import load_hf_dir
+from xlaserve.checkpoints.loaded import CheckpointError, Loaded
 from xlaserve.checkpoints.orbax import is_checkpoint, load_checkpoint
 
 

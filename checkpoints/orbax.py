@@ -1,4 +1,4 @@
-"""xlaserve's own checkpoint: the weights pytree saved with orbax, restored straight onto a mesh.
+"""xlaserve's own checkpoint format: the weights pytree saved with orbax, restored straight onto a mesh.
 
 A checkpoint directory holds
 
@@ -11,9 +11,12 @@ A checkpoint directory holds
 
 `xlaserve.json` is deterministic (no timestamps, no file names): converting the same source twice
 gives the same file. orbax names its data files at random, so the directories differ in names only.
+Weights are stored under their declared names ("layers.wq" -> {"layers": {"wq": ...}}), so the
+format knows no family: the config's `architecture` picks the declarations to rebuild them with.
 
 Quantized matrices are saved packed (GGUF's layout; `runtime/quant.py`), whatever the backend: the
-engine unpacks them for XLA:CPU after restore, on device.
+engine unpacks them for XLA:CPU after restore, on device. Writing one from a GGUF or HF source,
+with convert-time quantization, is `checkpoints/convert.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from xlaserve.checkpoints.base import CheckpointError, Loaded
+from xlaserve.checkpoints.loaded import CheckpointError, Loaded
 from xlaserve.checkpoints.tokenizer import tokenizer_from_hf_dir
+from xlaserve.runtime import models, placement
 from xlaserve.runtime.config import ModelConfig, RopeConfig
-from xlaserve.runtime.llama import Layer, Weights
-from xlaserve.runtime.quant import QuantArray, dequantize, quantize
+from xlaserve.runtime.models.params import from_named, named
+from xlaserve.runtime.quant import QuantArray, dequantize
 
 log = logging.getLogger("xlaserve")
 
@@ -47,17 +49,6 @@ FORMAT_VERSION = 1
 META = "xlaserve.json"
 WEIGHTS = "weights"
 FILES = "weights.files.json"
-
-# --quant/--scheme -> (QuantArray kind for `quantize`, per-channel?)
-SCHEMES = {
-    ("int8", "sym"): ("q8_0", True),
-    ("int8", "asym"): ("q8_1", True),
-    ("int4", "sym"): ("q4_0", False),
-    ("int4", "asym"): ("q4_1", False),
-}
-QUANTS = ("keep", "none", "int8", "int4")
-GROUP_SIZES = (32, 64, 128)
-DTYPES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 def version() -> str:
@@ -81,17 +72,6 @@ def is_checkpoint(path) -> bool:
 # -- the weights pytree <-> nested dicts of arrays -------------------------------------------------
 
 
-def _entries(weights: Weights):
-    """(name, leaf) for every weight, a leaf being an array or a QuantArray; "layers.wq", ..."""
-    for f in dataclasses.fields(Weights):
-        value = getattr(weights, f.name)
-        if f.name == "layers":
-            for g in dataclasses.fields(Layer):
-                yield f"layers.{g.name}", getattr(value, g.name)
-        elif value is not None:
-            yield f.name, value
-
-
 def _parts(leaf) -> dict:
     """A leaf's stored arrays by name."""
     if isinstance(leaf, QuantArray):
@@ -99,10 +79,10 @@ def _parts(leaf) -> dict:
     return {"value": leaf}
 
 
-def to_tree(weights: Weights) -> dict:
+def to_tree(weights) -> dict:
     """{"layers": {"wq": {"data": ..., "scale": ...}, ...}, "embed": {...}, ...}"""
     tree: dict = {}
-    for name, leaf in _entries(weights):
+    for name, leaf in named(weights).items():
         node = tree
         for key in name.split(".")[:-1]:
             node = node.setdefault(key, {})
@@ -110,7 +90,7 @@ def to_tree(weights: Weights) -> dict:
     return tree
 
 
-def from_tree(tree: dict, tensors: dict) -> Weights:
+def from_tree(tree: dict, tensors: dict, cfg: ModelConfig):
     """Inverse of `to_tree`, using the recorded kinds in `tensors` (name -> description)."""
 
     def leaf(name: str):
@@ -124,13 +104,13 @@ def from_tree(tree: dict, tensors: dict) -> Weights:
             data=node["data"], scale=node["scale"], min=node.get("min"), kind=t["kind"], block=t["block"]
         )
 
-    return _rebuild({name: leaf(name) for name in tensors})
+    return from_named(models.declare(cfg), {name: leaf(name) for name in tensors})
 
 
-def _describe(weights: Weights) -> dict:
+def describe(weights) -> dict:
     """name -> {kind, block, shape, arrays: {part: {shape, dtype, sha256}}} (host numpy weights)."""
     out = {}
-    for name, leaf in _entries(weights):
+    for name, leaf in named(weights).items():
         arrays = {
             part: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _digest(a)}
             for part, a in _parts(leaf).items()
@@ -148,9 +128,6 @@ def _describe(weights: Weights) -> dict:
 def _digest(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a)
     return hashlib.sha256(a.view(np.uint8).reshape(-1).data).hexdigest()
-
-
-# -- model config <-> JSON ---------------------------------------------------------------------------
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
@@ -171,161 +148,24 @@ def config_from_json(d: dict, path) -> ModelConfig:
         raise CheckpointError(path, f"invalid model config in {META}: {e}") from None
 
 
-# -- convert ---------------------------------------------------------------------------------------
+def save(out: Path, weights, tokenizer, meta: dict) -> None:
+    """Write a checkpoint directory at `out` (which must not exist): weights, file manifest,
+    tokenizer, and `meta` (with the tensors' descriptions added) last, as the commit mark."""
+    import orbax.checkpoint as ocp
 
-
-def source_digest(src: Path) -> str:
-    """sha256 of a GGUF file, or of an HF directory's files (names and contents, sorted)."""
-    if src.is_file():
-        with open(src, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    h = hashlib.sha256()
-    for file in sorted(p for p in src.rglob("*") if p.is_file()):
-        with open(file, "rb") as f:
-            h.update(file.relative_to(src).as_posix().encode() + b"\0")
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
-
-
-def quantize_weights(
-    weights: Weights, quant: str, scheme: str, group_size: int, dtype, progress: Callable | None = None
-) -> Weights:
-    """Every matrix quantized (`int8`: per output channel; `int4`: groups of `group_size` along the
-    input axis), round-to-nearest; vectors (norms) cast to `dtype`. Host numpy in and out."""
-    kind, per_channel = SCHEMES[quant, scheme]
-    entries = list(_entries(weights))
-    done = {}
-    for i, (name, leaf) in enumerate(entries):
-        if progress:
-            progress(i, len(entries), name)
-        w = dequantize(leaf) if isinstance(leaf, QuantArray) else np.asarray(leaf, np.float32)
-        if name.endswith("norm"):
-            done[name] = w.astype(dtype)
-            continue
-        block = w.shape[-1] if per_channel else group_block(name, w.shape[-1], group_size)
-        done[name] = quantize(w, kind, block, np.float32 if per_channel else np.float16)
-    if progress:
-        progress(len(entries), len(entries), "done")
-    return _rebuild(done)
-
-
-def group_block(name: str, k: int, group_size: int) -> int:
-    """`group_size`, or the largest smaller supported group that divides the input size `k` (as
-    llama.cpp falls back for tensors its block does not fit: SmolLM2's 576 takes 64 for 128)."""
-    for g in sorted((g for g in GROUP_SIZES if g <= group_size), reverse=True):
-        if k % g == 0:
-            if g != group_size:
-                log.warning(
-                    "%s: input size %d is not a multiple of %d; using groups of %d", name, k, group_size, g
-                )
-            return g
-    raise ValueError(f"{name}: input size {k} is not a multiple of any group size <= {group_size}")
-
-
-def _rebuild(by_name: dict) -> Weights:
-    """Weights from {"embed": ..., "layers.wq": ..., ...} (lm_head absent when tied)."""
-    layers = Layer(**{g.name: by_name[f"layers.{g.name}"] for g in dataclasses.fields(Layer)})
-    return Weights(
-        embed=by_name["embed"],
-        layers=layers,
-        final_norm=by_name["final_norm"],
-        lm_head=by_name.get("lm_head"),
-    )
-
-
-def _cast_dense(weights: Weights, dtype) -> Weights:
-    return _rebuild(
-        {
-            name: leaf if isinstance(leaf, QuantArray) else np.asarray(leaf).astype(dtype)
-            for name, leaf in _entries(weights)
-        },
-    )
-
-
-def convert(
-    src,
-    out,
-    *,
-    quant: str = "keep",
-    scheme: str = "sym",
-    group_size: int = 32,
-    dtype: str = "f32",
-    force: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> dict:
-    """A GGUF file or HF directory -> an xlaserve checkpoint at `out`; returns its metadata.
-
-    quant: "keep" (as the source stores it: GGUF-quantized matrices stay in their blocks), "none"
-    (every matrix dense in `dtype`), "int8" (per output channel) or "int4" (groups of
-    `group_size`); scheme "sym" or "asym". Written to a temporary directory and renamed, so `out`
-    is either complete or absent."""
-    from xlaserve.checkpoints.load import load_model
-
-    src, out = Path(src), Path(out)
-    if quant not in QUANTS:
-        raise ValueError(f"quant={quant!r} must be one of {', '.join(QUANTS)}")
-    if (quant, scheme) not in SCHEMES and quant in ("int8", "int4"):
-        raise ValueError(f"scheme={scheme!r} must be sym or asym")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} must be one of {', '.join(map(str, GROUP_SIZES))}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be bf16 or f32")
-    if out.exists() and not force:
-        raise ValueError(f"out={out} already exists (pass force=True / --force to replace it)")
-    np_dtype = jnp.dtype(DTYPES[dtype])
-    step = progress or (lambda i, n, what: None)
-    step(0, 1, f"reading {src.name}")
-    loaded = load_model(src, dequantize=quant == "none", dtype=np_dtype)
-    if quant in ("int8", "int4"):
-        weights = quantize_weights(loaded.weights, quant, scheme, group_size, np_dtype, progress)
-    else:
-        weights = _cast_dense(loaded.weights, np_dtype)
-    quantized = [leaf for _, leaf in _entries(weights) if isinstance(leaf, QuantArray)]
-    kinds = sorted({leaf.kind for leaf in quantized})
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "xlaserve_version": version(),
-        "config": config_to_json(loaded.config),
-        "dtype": DTYPES[dtype],
-        "quantization": {
-            "method": quant,
-            "scheme": scheme if quant in ("int8", "int4") else None,
-            "group_size": group_size if quant == "int4" else None,
-            "kinds": kinds,
-            "group_sizes_used": sorted({leaf.block for leaf in quantized}) if quant == "int4" else None,
-        },
-        "source": {"name": src.name, "sha256": source_digest(src), "quantization": loaded.quantization},
-        "tensors": None,
+    meta = {**meta, "tensors": describe(weights)}
+    out.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((out / WEIGHTS).absolute(), to_tree(weights))
+    (out / FILES).write_text(json.dumps(_file_manifest(out / WEIGHTS), indent=1, sort_keys=True))
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    tok_config = {
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "chat_template": tokenizer.chat_template,
     }
-    step(0, 1, "hashing tensors")
-    meta["tensors"] = _describe(weights)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        import orbax.checkpoint as ocp
-
-        step(0, 1, "saving weights")
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / WEIGHTS).absolute(), to_tree(weights))
-        step(1, 1, "writing manifest and tokenizer")
-        (tmp / FILES).write_text(json.dumps(_file_manifest(tmp / WEIGHTS), indent=1, sort_keys=True))
-        loaded.tokenizer.backend.save(str(tmp / "tokenizer.json"))
-        tok = loaded.tokenizer
-        tok_config = {
-            "bos_token": tok.bos_token,
-            "eos_token": tok.eos_token,
-            "chat_template": tok.chat_template,
-        }
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, sort_keys=True))
-        (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))  # last: the commit mark
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, sort_keys=True))
+    (out / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _file_manifest(root: Path) -> dict:
@@ -396,7 +236,7 @@ def verify_files(path, full: bool = True) -> None:
                 raise CheckpointError(root / name, "corrupt: sha256 differs from the manifest")
 
 
-def _abstract(meta: dict, cfg: ModelConfig) -> Weights:
+def _abstract(meta: dict, cfg: ModelConfig):
     """Weights whose leaves are ShapeDtypeStructs (QuantArrays of them for quantized matrices)."""
     by_name = {}
     for name, t in meta["tensors"].items():
@@ -410,18 +250,14 @@ def _abstract(meta: dict, cfg: ModelConfig) -> Weights:
             by_name[name] = QuantArray(
                 data=sds["data"], scale=sds["scale"], min=sds.get("min"), kind=t["kind"], block=t["block"]
             )
-    return _rebuild(by_name)
+    return from_named(models.declare(cfg), by_name)
 
 
-def restore_weights(
-    path, meta: dict, cfg: ModelConfig, *, mesh=None, dtype=None, dequant: bool = False
-) -> Weights:
+def restore_weights(path, meta: dict, cfg: ModelConfig, *, mesh=None, dtype=None, dequant: bool = False):
     """The weights as jax arrays placed for `mesh` (None: the default device): each device reads only
     its own slice of each array (orbax/tensorstore, parallel reads). Dense floating weights are cast
     to `dtype`; quantized ones are dequantized to it when `dequant`."""
     import orbax.checkpoint as ocp
-
-    from xlaserve.sharding import rules
 
     path = Path(path)
     abstract = _abstract(meta, cfg)
@@ -429,7 +265,7 @@ def restore_weights(
         one = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
     else:
-        shardings = rules.weight_shardings(cfg, abstract, mesh)
+        shardings = placement.weight_shardings(cfg, abstract, mesh)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -439,7 +275,7 @@ def restore_weights(
     except Exception as e:  # orbax/tensorstore raise bare Exceptions with pages of detail
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(path / WEIGHTS, f"cannot restore weights: {first}") from None
-    weights = from_tree(tree, meta["tensors"])
+    weights = from_tree(tree, meta["tensors"], cfg)
     dtype = jnp.dtype(dtype or meta["dtype"])
 
     def finish(leaf):

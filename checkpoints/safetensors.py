@@ -15,7 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from xlaserve.checkpoints.base import CheckpointError
+from xlaserve.checkpoints.loaded import CheckpointError
 
 DTYPES = {
     "F64": np.float64,

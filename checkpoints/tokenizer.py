@@ -13,8 +13,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.chat import render_chat
+from xlaserve.checkpoints.loaded import CheckpointError
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

@@ -1,12 +1,13 @@
 """Weight-only quantized matmul in Pallas (Triton style): y[M, N] = x[M, K] @ dequant(W)^T, with its
 pure-jnp reference and the 4-bit pack/unpack helpers.
 
-W is a `QuantArray` [N, K] in its packed layout:
+W [N, K] comes as plain arrays (data, scale, min) plus its static kind and block, in the packed
+layout of `runtime/quant.py`'s QuantArray (this file imports nothing of the project):
   - int8 ("q8_0"): data int8 [N, K], scale [N, K / g] with g = block (32, or K for per-channel);
   - 4-bit ("q4_0", "q4_1"), groups of g ∈ {32, 64, 128}: data uint8 [N, K / 2] where byte j of a
     group holds element j in its low nibble and element j + g/2 in its high nibble (GGUF's order for
     g = 32); w = d * (q - 8) (q4_0) or d * q + m (q4_1; an AWQ/GPTQ zero point z is m = -d * z).
-Dequantization happens in registers, in the same float32 operations as `runtime.quant.dequantize`;
+Dequantization happens in registers, in the same float32 operations as `dequantize_reference`;
 products accumulate in float32. For 4-bit weights x is split outside the kernel (a free reshape)
 into the halves of each group that meet the low and the high nibbles, so the kernel never
 interleaves nibbles along K (Triton can only join on the minor axis).
@@ -24,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
-from xlaserve.runtime.quant import QuantArray, dequantize
 
 
 def pack_int4(q: np.ndarray, group: int) -> np.ndarray:
@@ -106,24 +105,31 @@ def _kernel(
     o_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "splits", "block_n", "block_k", "block_m"))
+@functools.partial(
+    jax.jit, static_argnames=("kind", "block", "interpret", "splits", "block_n", "block_k", "block_m")
+)
 def quantized_matmul(
     x,
-    w: QuantArray,
+    data,
+    scale,
+    mins,
     *,
+    kind: str,
+    block: int,
     interpret: bool | None = None,
     splits: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
     block_m: int = 64,
 ):
-    """x [M, K] @ dequant(w)^T -> [M, N] float32. Decode tiling when M ≤ 16, prefill tiling above."""
+    """x [M, K] @ dequant(W)^T -> [M, N] float32, W given as (data, scale, mins) of `kind` in
+    groups of `block` (mins None except for q4_1). Decode tiling when M ≤ 16, prefill tiling above."""
     m, k = x.shape
-    n, k_w = w.shape
-    assert k == k_w, (x.shape, w.shape)
-    four_bit = w.kind != "q8_0"
-    per_channel = not four_bit and w.block == k  # int8 with one scale per row: scaled once, at the end
-    group = k if per_channel else w.block
+    four_bit = kind != "q8_0"
+    n, k_w = data.shape[0], data.shape[1] * (2 if four_bit else 1)
+    assert k == k_w, (x.shape, data.shape, kind)
+    per_channel = not four_bit and block == k  # int8 with one scale per row: scaled once, at the end
+    group = k if per_channel else block
     bk = block_k or _largest_pow2_divisor(k, 256, 32 if per_channel else max(group, 32))
     bn = block_n or _largest_pow2_divisor(n, 128, 16)
     if not per_channel and bk % group:
@@ -146,23 +152,36 @@ def quantized_matmul(
         x_lo, x_hi = x, x[:, :1]
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kernel = functools.partial(
-        _kernel, kind=w.kind, group=group, bk=bk, tiles_per_split=k_tiles // splits, per_channel=per_channel
+        _kernel, kind=kind, group=group, bk=bk, tiles_per_split=k_tiles // splits, per_channel=per_channel
     )
-    mins = w.min if w.min is not None else w.scale[:, :1]
+    mins = mins if mins is not None else scale[:, :1]
     whole_k = lambda a: pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0))
     rows_of = lambda a: pl.BlockSpec((bn, a.shape[1]), lambda i, j, s: (j, 0))
     out = pl.pallas_call(
         kernel,
         grid=(mp // bm, n // bn, splits),
-        in_specs=[whole_k(x_lo), whole_k(x_hi), rows_of(w.data), rows_of(w.scale), rows_of(mins)],
+        in_specs=[whole_k(x_lo), whole_k(x_hi), rows_of(data), rows_of(scale), rows_of(mins)],
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),
-    )(x_lo, x_hi, w.data, w.scale, mins)
+    )(x_lo, x_hi, data, scale, mins)
     return out.sum(axis=0)[:m]
 
 
-def quantized_matmul_reference(x, w: QuantArray):
-    """float32 x @ dequant(w)^T at HIGHEST precision."""
-    return jnp.dot(x.astype(jnp.float32), dequantize(w, jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+def dequantize_reference(data, scale, mins, *, kind: str, block: int):
+    """W [N, K] float32 from its packed blocks, with the gguf.quants arithmetic."""
+    n = data.shape[0]
+    q = data if kind == "q8_0" else unpack_int4(data, block)
+    q = q.reshape(n, -1, block).astype(jnp.float32)
+    d = scale.astype(jnp.float32)[..., None]
+    if kind == "q4_0":
+        return (d * (q - 8.0)).reshape(n, -1)
+    w = q * d  # q8_0 (symmetric when mins is None) or q4_1
+    return (w if mins is None else w + mins.astype(jnp.float32)[..., None]).reshape(n, -1)
+
+
+def quantized_matmul_reference(x, data, scale, mins, *, kind: str, block: int):
+    """float32 x @ dequant(W)^T at HIGHEST precision."""
+    w = dequantize_reference(data, scale, mins, kind=kind, block=block)
+    return jnp.dot(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)

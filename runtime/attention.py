@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from xlaserve.pallas_kernels import paged_attention as pk
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
 
 # A finite "minus infinity": exp() of it underflows to 0 without producing NaN in max-subtraction.
@@ -128,8 +129,6 @@ def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:
 def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, kernels: Kernels):
     """Our kernels; on a mesh, per shard under shard_map (kv heads split over tp when they divide,
     the query heads with them; otherwise every device runs all heads)."""
-    from xlaserve.pallas_kernels import paged_attention as pk
-
     b, t, h = q.shape[:3]
     ppt = _pages_per_tile(page_table.shape[1], cache.page_size)
     if t == 1:

@@ -59,6 +59,12 @@ class Kernels:
     matmul: str = "xla"  # "xla" or "pallas" (quantized weights only; dense weights always use XLA)
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     mesh: object = None  # the ("tp",) jax Mesh the model is sharded over, when more than one device
+    # (weight name, (output axis, input axis)) for every sharded matrix: its mesh axes
+    matrix_specs: tuple[tuple[str, tuple], ...] = ()
+
+    def spec(self, name: str) -> tuple:
+        """(output, input) mesh axes of matrix `name` ("layers.wq"); (None, None) when replicated."""
+        return dict(self.matrix_specs).get(name, (None, None))
 
 
 XLA_KERNELS = Kernels()
@@ -66,7 +72,11 @@ XLA_KERNELS = Kernels()
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder. Shapes use: D=hidden, F=ffn, Hq/Hkv heads, Dh=head_dim, V=vocab."""
+    """A decoder-only transformer, fixed by its checkpoint. `architecture` names the family that
+    runs it (`runtime/models/`). Shapes use: D=hidden, F=ffn, Hq/Hkv heads, Dh=head_dim, V=vocab.
+
+    The fields after `name` are optional features (`FEATURES`): a family implements some of them,
+    and a config that sets one its family does not implement is refused (`Family.check`)."""
 
     vocab_size: int
     hidden_size: int
@@ -82,6 +92,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "llama"
+    architecture: str = "llama"
+    # optional features (FEATURES):
+    hidden_act: str = "silu"  # the gated feed-forward's activation (HF's name for it)
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions only
+    attention_bias: bool = False  # q/k/v (and o) projections have biases
+    mlp_bias: bool = False  # feed-forward projections have biases
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -99,6 +115,10 @@ class ModelConfig:
         per_layer = attn + 3 * d * f + 2 * d
         heads = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + heads + d
+
+
+# Optional ModelConfig features and their "off" values.
+FEATURES = {"hidden_act": "silu", "sliding_window": None, "attention_bias": False, "mlp_bias": False}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Engine: owns the device state and the compiled programs; executes what the scheduler decides.
 
 Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into pages, `insert` a
-prefilled sequence into a slot, `generate` one dispatch of k decode steps for every slot, `free` a
+prefilled sequence into a slot, `decode` one dispatch of k decode steps for every slot, `free` a
 slot. Every program is compiled ahead of time in the constructor, so no request can trigger a
 compile; JAX's persistent compilation cache makes later start-ups fast.
 """
@@ -20,12 +20,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xlaserve.runtime import llama, programs, quant
+from xlaserve.runtime import models, placement, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.programs import DecodeState, Sampled, Statics
 from xlaserve.runtime.sampling import SamplingState
-from xlaserve.sharding import rules
 
 log = logging.getLogger("xlaserve")
 
@@ -56,34 +55,42 @@ class Engine:
     def __init__(
         self,
         cfg: ModelConfig,
-        weights: llama.Weights,
+        weights,
         engine_cfg: EngineConfig,
         *,
         mesh: Mesh | None = None,
         progress: Callable[[str], None] | None = None,
     ):
-        """mesh: a ("tp",) mesh to shard the model over (None: the default device)."""
+        """weights: the family's weights pytree (host or device arrays); mesh: a ("tp",) mesh to
+        shard the model over (None: the default device)."""
         self.cfg, self.mesh = cfg, mesh
+        family = models.of(cfg)
+        family.check(cfg)
+        kv = family.kv_spec(cfg)
+        if any(w is not None for w in kv.windows):
+            raise ValueError(f"{family.name}: sliding-window attention is not implemented by the engine yet")
         backend = jax.default_backend()
         self.ecfg = ecfg = engine_cfg.resolve(cfg, backend)
+        host = quant.for_backend(weights, backend, ecfg.matmul_impl)
+        sharded = mesh is not None and mesh.size > 1
         kernels = Kernels(
             attention=ecfg.attention_impl,
             matmul=ecfg.matmul_impl,
             interpret=backend == "cpu",
-            mesh=mesh if mesh is not None and mesh.size > 1 else None,
+            mesh=mesh if sharded else None,
+            matrix_specs=placement.matrix_specs(cfg, host, mesh if sharded else None),
         )
         self.st = Statics(
             cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
         )
-        host = quant.for_backend(weights, backend, ecfg.matmul_impl)
-        shape = (cfg.num_layers, ecfg.total_pages, ecfg.page_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (kv.num_layers, ecfg.total_pages, ecfg.page_size, kv.num_kv_heads, kv.head_dim)
         self._repl = None if mesh is None else NamedSharding(mesh, P())
         if mesh is None:
             self.weights = jax.device_put(host)
             cache_sharding = None
         else:
-            self.weights = rules.place(host, rules.weight_shardings(cfg, host, mesh))
-            cache_sharding = NamedSharding(mesh, rules.cache_spec(cfg, mesh))
+            self.weights = placement.place(cfg, host, mesh)
+            cache_sharding = placement.cache_sharding(cfg, mesh)
         zeros = jax.jit(lambda: jnp.zeros(shape, ecfg.dtype), out_shardings=cache_sharding)
         self.cache = KVCache(zeros(), zeros())  # created in place, shard by shard
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
@@ -91,7 +98,7 @@ class Engine:
         self.compile_seconds: dict[str, float] = {}
         self._prefill: dict[int, jax.stages.Compiled] = {}
         self._score: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, bucket)
-        self._generate_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
 
     # -- compilation ------------------------------------------------------------------------------
@@ -137,10 +144,10 @@ class Engine:
             self._spec((self.cfg.vocab_size,), bool),
         )
 
-    def _generate_fn(self, rows: int, kv_tokens: int, with_logits: bool = False):
+    def _decode_fn(self, rows: int, kv_tokens: int, with_logits: bool = False):
         ecfg = self.ecfg
         fn = functools.partial(
-            programs.generate,
+            programs.decode,
             st=self.st,
             steps=ecfg.decode_steps,
             kv_pages=kv_tokens // ecfg.page_size,
@@ -148,7 +155,7 @@ class Engine:
             with_logits=with_logits,
         )
         table = self._spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32)
-        name = f"generate{'_logits' if with_logits else ''}[S={rows},k={ecfg.decode_steps},kv={kv_tokens}]"
+        name = f"decode{'_logits' if with_logits else ''}[S={rows},k={ecfg.decode_steps},kv={kv_tokens}]"
         args = (abstract(self.weights), abstract(self.cache), abstract(self.state), table)
         outputs = ("cache", "state", "packed", "logits") if with_logits else ("cache", "state", "packed")
         return self._compile(name, fn, ("cache", "state"), *args, outputs=outputs)
@@ -176,8 +183,8 @@ class Engine:
                     self._score[rows, t] = self._compile(
                         f"score[B={rows},T={t}]", fn, ("cache",), *args, outputs=("cache", "scores")
                     )
-        self._generate = {
-            (rows, kv): self._generate_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
+        self._decode = {
+            (rows, kv): self._decode_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
         }
         packed = self._spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
         row = abstract(SamplingState.zeros(1), self._repl)
@@ -260,13 +267,13 @@ class Engine:
         """The smallest decode batch holding slots 0 .. busy_rows - 1."""
         return next(b for b in self.ecfg.slot_buckets if b >= busy_rows)
 
-    def generate(self, page_table: np.ndarray, kv_tokens: int, busy_rows: int | None = None):
+    def decode(self, page_table: np.ndarray, kv_tokens: int, busy_rows: int | None = None):
         """Dispatch `decode_steps` steps for the active slots, all below `busy_rows` (default: all
         slots); `kv_tokens` bounds every active slot's length after the dispatch. Returns the packed
         results [steps, rows, C] (rows = the slot bucket used), on device."""
         key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens))
         (table,) = self._put(page_table)
-        self.cache, self.state, packed = self._generate[key](self.weights, self.cache, self.state, table)
+        self.cache, self.state, packed = self._decode[key](self.weights, self.cache, self.state, table)
         return packed
 
     def free(self, slot: int) -> None:
@@ -296,13 +303,13 @@ class Engine:
         )
         return packed, to_host(lg)[:n]
 
-    def generate_with_logits(self, page_table: np.ndarray, kv_tokens: int):
-        """Like `generate` (all slots), also returning the logits [steps, S, V] each token was drawn
+    def decode_with_logits(self, page_table: np.ndarray, kv_tokens: int):
+        """Like `decode` (all slots), also returning the logits [steps, S, V] each token was drawn
         from."""
         key = (self.ecfg.max_slots, self.kv_bucket(kv_tokens))
-        if key not in self._generate_logits:
-            self._generate_logits[key] = self._generate_fn(*key, with_logits=True)
-        self.cache, self.state, packed, lg = self._generate_logits[key](
+        if key not in self._decode_logits:
+            self._decode_logits[key] = self._decode_fn(*key, with_logits=True)
+        self.cache, self.state, packed, lg = self._decode_logits[key](
             self.weights, self.cache, self.state, page_table
         )
         return packed, to_host(lg)

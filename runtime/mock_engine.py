@@ -3,8 +3,9 @@
 
 Its "model" continues any sequence with the previous token + 1 (mod V), with log-prob 0 for that
 token and -10 for every other; token 0 is EOS. A prompt ending in 7 therefore streams 8, 9, 10, ...
-Its tokenizer spells token i as "w{i}", words separated by spaces. `step_s` slows each dispatch
-down, to test deadlines and cancellation mid-stream.
+`step_s` slows each dispatch down, to test deadlines and cancellation mid-stream. It has no
+tokenizer: the caller pairs it with one (`LLM.from_engine(MockEngine(), tokenizer)`; the tests use a
+word-level one spelling token i as "w{i}", in tests/test_server.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import tokenizers
-from tokenizers import models, pre_tokenizers
 
-from xlaserve.checkpoints.tokenizer import Tokenizer
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 
 VOCAB = 512
@@ -37,16 +35,6 @@ def mock_config(vocab: int = VOCAB) -> ModelConfig:
         eos_token_ids=(EOS,),
         name="mock",
     )
-
-
-def mock_tokenizer(vocab: int = VOCAB) -> Tokenizer:
-    backend = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    template = (
-        "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
-        "{% if add_generation_prompt %}w3{% endif %}"
-    )
-    return Tokenizer(backend, bos_token=None, eos_token="w0", chat_template=template, source="mock")
 
 
 class _OnHost(np.ndarray):
@@ -112,7 +100,7 @@ class MockEngine:
     def free(self, slot):
         self.active[slot] = False
 
-    def generate(self, page_table, kv_tokens, busy_rows=None):
+    def decode(self, page_table, kv_tokens, busy_rows=None):
         time.sleep(self.step_s)
         self.dispatches += 1
         rows = busy_rows or self.ecfg.max_slots

@@ -3,10 +3,12 @@
 - `prefill`: one prompt chunk [T] of one sequence; writes its K/V, samples the next token.
 - `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
 - `insert`: put a prefilled sequence into a decode slot.
-- `generate`: advance every slot by `steps` tokens.
+- `decode`: advance every slot by `steps` tokens.
 - `free`: retire a slot.
 
-Results leave the device as one int32 array per call ("packed"): for each row
+The model is reached through `Statics` (its config names the family: `Statics.forward`,
+`Statics.logits`), so these programs serve every family. Results leave the device as one int32
+array per call ("packed"): for each row
 [token, bitcast(logprob), top ids (N), bitcast(top logprobs) (N)], so the host copies once.
 """
 
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlaserve.runtime import llama
+from xlaserve.runtime import models
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.sampling import SamplingState, sample
@@ -57,6 +59,29 @@ class Statics:
     max_top: int
     kernels: Kernels = XLA_KERNELS
 
+    @property
+    def family(self) -> models.Family:
+        """The model family running `cfg`: its forward and logits."""
+        return models.of(self.cfg)
+
+    def forward(self, weights, cache, tokens, positions, valid, page_table, kv_len, block=None):
+        return self.family.forward(
+            weights,
+            cache,
+            tokens,
+            positions,
+            valid,
+            page_table,
+            kv_len,
+            cfg=self.cfg,
+            block=self.block if block is None else block,
+            dtype=self.dtype,
+            kernels=self.kernels,
+        )
+
+    def logits(self, weights, hidden):
+        return self.family.logits(weights, hidden, self.kernels)
+
 
 def pack(tokens, logprobs, top_ids, top_lps):
     """[R] tokens, [R] logprobs, [R, N] ids, [R, N] logprobs -> int32 [R, 2 + 2N]."""
@@ -90,7 +115,7 @@ class Sampled:
 def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Statics):
     """The decoder over one chunk [T] of one sequence: hidden states [T, D] and the cache."""
     idx = jnp.arange(tokens.shape[0])
-    hidden, cache = llama.forward(
+    hidden, cache = st.forward(
         weights,
         cache,
         tokens[None, :],
@@ -98,10 +123,6 @@ def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Static
         (idx < n_valid)[None, :],
         page_row[None, :],
         (start + n_valid)[None],
-        cfg=st.cfg,
-        block=st.block,
-        dtype=st.dtype,
-        kernels=st.kernels,
     )
     return hidden[0], cache
 
@@ -128,10 +149,10 @@ def prefill(
     """
     hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
     last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
-    lg = llama.logits(weights, last, st.kernels, st.cfg)
+    lg = st.logits(weights, last)
     result = pack(*sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top))
     if all_logits:
-        return cache, result, llama.logits(weights, hidden, st.kernels, st.cfg)
+        return cache, result, st.logits(weights, hidden)
     return cache, result
 
 
@@ -142,7 +163,7 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
     padding: it writes nothing); page_rows [B, W].
     Returns (cache, int32 [B, T, 2]: bitcast log-prob, is-greedy)."""
     idx = jnp.arange(tokens.shape[1])
-    hidden, cache = llama.forward(
+    hidden, cache = st.forward(
         weights,
         cache,
         tokens,
@@ -150,12 +171,8 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
         idx[None, :] < n_valid[:, None],
         page_rows,
         start + n_valid,
-        cfg=st.cfg,
-        block=st.block,
-        dtype=st.dtype,
-        kernels=st.kernels,
     )
-    lg = llama.logits(weights, hidden, st.kernels, st.cfg)  # [B, T, V]
+    lg = st.logits(weights, hidden)  # [B, T, V]
     lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(lg, axis=-1) == targets
     return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
@@ -178,7 +195,7 @@ def free(state: DecodeState, slot) -> DecodeState:
     return dataclasses.replace(state, active=active)
 
 
-def generate(
+def decode(
     weights,
     cache: KVCache,
     state: DecodeState,
@@ -205,7 +222,7 @@ def generate(
         cache, state, out, all_logits = carry
         pos, active = state.lengths, state.active
         seen = state.seen.at[idx, state.tokens].set(True)
-        hidden, cache = llama.forward(
+        hidden, cache = st.forward(
             weights,
             cache,
             state.tokens[:, None],
@@ -213,12 +230,9 @@ def generate(
             active[:, None],
             page_table,
             jnp.where(active, pos + 1, 0),
-            cfg=st.cfg,
-            block=block,
-            dtype=st.dtype,
-            kernels=st.kernels,
+            block,
         )
-        lg = llama.logits(weights, hidden[:, 0], st.kernels, st.cfg)
+        lg = st.logits(weights, hidden[:, 0])
         tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top)
         out = out.at[i].set(pack(tokens, *rest))
         if with_logits:

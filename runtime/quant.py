@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
 
 KINDS = ("q8_0", "q4_0", "q4_1")
@@ -48,6 +49,16 @@ class QuantArray:
     def shape(self) -> tuple[int, ...]:
         k = self.data.shape[-1] * (2 if self.packed and self.kind != "q8_0" else 1)
         return (*self.data.shape[:-1], k)
+
+    @property
+    def arrays(self) -> tuple:
+        """(data, scale, min): what a kernel takes, beside `layout`."""
+        return self.data, self.scale, self.min
+
+    @property
+    def layout(self) -> dict:
+        """The static description a kernel takes: kind and block."""
+        return {"kind": self.kind, "block": self.block}
 
     @property
     def nbytes(self) -> int:
@@ -242,10 +253,8 @@ def _asym8(w: QuantArray) -> bool:
 
 
 def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):
-    from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul  # (it imports this module)
-
     def local(x, w):
-        y = quantized_matmul(x.reshape(-1, x.shape[-1]), w, interpret=kernels.interpret)
+        y = quantized_matmul(x.reshape(-1, x.shape[-1]), *w.arrays, **w.layout, interpret=kernels.interpret)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return jax.lax.psum(y, "tp") if in_axis else y
 

@@ -1,11 +1,12 @@
 """Data-parallel replicas: several runners (each an engine on its own device group) behind the
 Runner interface. A request goes to the replica with the fewest requests; a step steps every busy
-replica. Replicas share nothing, so one never waits for another."""
+replica. Replicas share nothing, so one never waits for another; their stats add up (`EngineStats`)."""
 
 from __future__ import annotations
 
 from xlaserve.runtime.request import Delta, FinishReason, Request
 from xlaserve.runtime.runner import Runner
+from xlaserve.runtime.stats import EngineStats
 
 
 class Replicas:
@@ -44,15 +45,6 @@ class Replicas:
                 self._where.pop(d.request.request_id, None)
         return deltas
 
-    def stats(self) -> dict:
-        parts = [r.stats() for r in self.runners]
-        total = {k: sum(p[k] for p in parts) for k, v in parts[0].items() if isinstance(v, int | float)}
-        prompt = sum(r.scheduler.prompt_tokens for r in self.runners)
-        total["prefix_hit_rate"] = (
-            sum(r.scheduler.cached_tokens for r in self.runners) / prompt if prompt else 0.0
-        )
-        total["requests_finished"] = {
-            k: sum(p["requests_finished"][k] for p in parts) for k in parts[0]["requests_finished"]
-        }
-        total["replicas"] = len(self.runners)
-        return total
+    def stats(self) -> EngineStats:
+        """Every replica's stats added up (`replicas` counts them)."""
+        return EngineStats.total(r.stats() for r in self.runners)

@@ -12,7 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from xlaserve.runtime.sampling import SamplingParams
+from xlaserve.runtime.sampling_params import SamplingParams
 
 
 class FinishReason(enum.StrEnum):

@@ -14,15 +14,18 @@ tokens are dropped. Nothing here blocks on the device except reading results.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
+from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
-from xlaserve.runtime.scheduler import Limits, Scheduler, Seq, State
+from xlaserve.runtime.scheduler import Scheduler, Seq, State
+from xlaserve.runtime.stats import EngineStats
 
 
 class Runner:
@@ -74,13 +77,13 @@ class Runner:
         self._retire(seq)
         return seq.req
 
-    def stats(self) -> dict:
-        return {
-            **self.scheduler.stats(),
-            "requests_running": len(self.seqs) - len(self.scheduler.waiting),
-            "requests_finished": dict(self.finished),
-            "prefill_tokens_computed": self.prompt_tokens_computed,
-        }
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(
+            self.scheduler.stats(),
+            requests_running=len(self.seqs) - len(self.scheduler.waiting),
+            requests_finished=dict(self.finished),
+            prefill_tokens_computed=self.prompt_tokens_computed,
+        )
 
     def step(self) -> list[Delta]:
         deltas = []
@@ -123,7 +126,7 @@ class Runner:
         previous, self._inflight = self._inflight, None
         if plan.decode:
             busy = 1 + max(seq.slot for seq in plan.decode)
-            packed = self.engine.generate(self.scheduler.page_table, plan.kv_tokens, busy)
+            packed = self.engine.decode(self.scheduler.page_table, plan.kv_tokens, busy)
             packed.copy_to_host_async()
             self.scheduler.dispatched(plan.decode)
             self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode])

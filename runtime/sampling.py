@@ -1,4 +1,6 @@
-"""Sampling parameters (validated on the host) and token selection on device, per slot.
+"""Token selection on device, per slot: `SamplingState` (each slot's settings as arrays) and
+`sample`. The host-side parameters a request asks for, `SamplingParams`, live in the JAX-free
+sampling_params.py (re-exported here for existing importers).
 
 Order of operations follows HF transformers: repetition penalty, then temperature, then top-k,
 top-p and min-p, then a draw. Temperature 0 is greedy (argmax of the penalized logits). Each filter
@@ -10,74 +12,15 @@ whatever else shares the batch. Log-probs are those of the model's own distribut
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_SEED = 2**64 - 1
+from xlaserve.runtime.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks of the sampler. Invalid values raise ValueError naming the field.
-
-    top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters; repetition_penalty 1 disables it.
-    logprobs None returns no log-probs; 0 the chosen token's; N also the top N alternatives.
-    stop: strings that end the output (not included in the text); stop_token_ids likewise for ids.
-    """
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _int("max_tokens", self.max_tokens, 1, 1 << 20)
-        _num("temperature", self.temperature, 0.0, 100.0)
-        _int("top_k", self.top_k, -1, 1 << 31)
-        _num("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _num("min_p", self.min_p, 0.0, 1.0)
-        _num("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
-        if self.seed is not None:
-            _int("seed", self.seed, 0, MAX_SEED)
-        if len(self.stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
-            raise ValueError("stop must be at most 16 non-empty strings of at most 256 characters")
-        for i, t in enumerate(self.stop_token_ids):
-            _int(f"stop_token_ids[{i}]", t, 0, 1 << 31)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
-        if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0, 100)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def _int(field: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
-        raise ValueError(f"{field}={value!r} must be an integer in [{lo}, {hi}]")
-
-
-def _num(field: str, value, lo: float, hi: float, low_open: bool = False) -> None:
-    ok = isinstance(value, int | float | np.floating) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (lo < value if low_open else lo <= value) and value <= hi
-    if not ok:
-        raise ValueError(f"{field}={value!r} must be a number in {'(' if low_open else '['}{lo}, {hi}]")
+__all__ = ["SamplingState", "filter_logits", "sample"]
 
 
 @jax.tree_util.register_dataclass
@@ -209,10 +152,3 @@ def filter_logits(x, top_k, top_p, min_p):
 
     needed = jnp.any((top_k > 0) | (top_p < 1.0) | (min_p > 0.0))
     return jax.lax.cond(needed, filtered, lambda x: x, x)
-
-
-def with_seed(params: SamplingParams, rng: np.random.Generator) -> int:
-    """The request's seed, or a fresh one for unseeded requests."""
-    if params.seed is not None:
-        return params.seed
-    return int(rng.integers(0, MAX_SEED, dtype=np.uint64))

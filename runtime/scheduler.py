@@ -11,6 +11,9 @@ prefix cache as soon as their K/V is written. When the pool runs dry the victim 
 then the most recent) is preempted: its pages go back and it is recomputed later from its prompt and
 the tokens it already produced; its published pages usually survive in the cache, so recomputing it
 is mostly cache hits.
+
+What a request must fit to be queued (`Limits`, and the refusals) is admission.py; `stats()` is a
+snapshot of the slots, pages and prefix cache as an `EngineStats`.
 """
 
 from __future__ import annotations
@@ -22,33 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.request import Request
-
-
-class Rejected(Exception):
-    """A request refused at admission. `limit` names the limit, `value` what the request asked."""
-
-    def __init__(self, message: str, *, limit: str, value):
-        super().__init__(message)
-        self.limit, self.value = limit, value
-
-
-class RequestTooLarge(Rejected, ValueError):
-    """The request can never fit (prompt or output too long): the client must change it."""
-
-
-class Overloaded(Rejected):
-    """The server is full right now (queue, per-client limit): the client may retry later."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int
-    max_new_tokens: int
-    max_model_len: int
-    max_queue: int
-    max_per_client: int | None = None
+from xlaserve.runtime.stats import EngineStats
 
 
 class State(enum.Enum):
@@ -149,65 +129,32 @@ class Scheduler:
     def running(self) -> list[Seq]:
         return [s for s in self.slots if s is not None and s.state is State.RUNNING]
 
-    def stats(self) -> dict:
-        return {
-            "slots_total": len(self.slots),
-            "slots_busy": sum(s is not None for s in self.slots),
-            "queue_length": len(self.waiting),
-            "pages_total": self.pages.num_pages,
-            "pages_free": self.pages.free_count - self.pages.cached_count,
-            "pages_cached": self.pages.cached_count,
-            "pages_used": self.pages.used_count,
-            "prefix_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
-            "prefill_tokens_saved": self.cached_tokens,
-            "preemptions": self.preemptions,
-            "evictions": self.pages.evictions,
-        }
+    def stats(self) -> EngineStats:
+        """Slots, pages, queue and prefix-cache counters (the runner adds its own)."""
+        return EngineStats(
+            slots_total=len(self.slots),
+            slots_busy=sum(s is not None for s in self.slots),
+            queue_length=len(self.waiting),
+            pages_total=self.pages.num_pages,
+            pages_free=self.pages.free_count - self.pages.cached_count,
+            pages_cached=self.pages.cached_count,
+            pages_used=self.pages.used_count,
+            prompt_tokens=self.prompt_tokens,
+            prefill_tokens_saved=self.cached_tokens,
+            preemptions=self.preemptions,
+            evictions=self.pages.evictions,
+        )
 
     # -- admission ---------------------------------------------------------------------------------
 
     def check(self, req: Request) -> None:
         """Refuse a request that can never run (RequestTooLarge); nothing changes."""
-        lim, n, new = self.limits, len(req.prompt_ids), req.params.max_tokens
-        if n > lim.max_prompt_tokens:
-            raise RequestTooLarge(
-                f"prompt has {n} tokens; the limit is {lim.max_prompt_tokens}",
-                limit="max_prompt_tokens",
-                value=n,
-            )
-        if new > lim.max_new_tokens:
-            raise RequestTooLarge(
-                f"max_tokens={new} exceeds the limit of {lim.max_new_tokens}",
-                limit="max_new_tokens",
-                value=new,
-            )
-        if n + new > lim.max_model_len:
-            raise RequestTooLarge(
-                f"prompt ({n} tokens) + max_tokens ({new}) = {n + new} exceeds the context of "
-                f"{lim.max_model_len} tokens",
-                limit="max_model_len",
-                value=n + new,
-            )
+        self.limits.check(req)
 
     def add(self, req: Request) -> Seq:
         """Queue a request, or refuse it (RequestTooLarge, Overloaded) leaving everything as it was."""
-        self.check(req)
-        lim = self.limits
-        if len(self.waiting) >= lim.max_queue:
-            raise Overloaded(
-                f"the queue is full ({lim.max_queue} requests waiting)",
-                limit="max_queue",
-                value=len(self.waiting) + 1,
-            )
-        if lim.max_per_client is not None and req.client_id is not None:
-            mine = sum(1 for s in self._all() if s.req.client_id == req.client_id)
-            if mine >= lim.max_per_client:
-                raise Overloaded(
-                    f"client {req.client_id!r} already has {mine} requests in flight; the limit is "
-                    f"{lim.max_per_client}",
-                    limit="max_per_client",
-                    value=mine + 1,
-                )
+        self.limits.check(req)
+        self.limits.check_room(req, queued=len(self.waiting), in_flight=(s.req for s in self._all()))
         seq = Seq(req)
         self._enqueue(seq)
         return seq

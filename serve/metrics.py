@@ -1,5 +1,6 @@
 """Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
-engine's gauges (slots, pages, queue, prefix hit rate, preemptions) read at scrape time."""
+engine's gauges (slots, pages, queue, prefix hit rate, preemptions) read from its `EngineStats` at
+scrape time."""
 
 from __future__ import annotations
 
@@ -9,37 +10,40 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from xlaserve.runtime.request import Request
+from xlaserve.runtime.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class EngineCollector:
-    def __init__(self, stats: Callable[[], dict]):
+    """The engine's gauges, read from `stats()` at every scrape."""
+
+    def __init__(self, stats: Callable[[], EngineStats]):
         self._stats = stats
 
     def collect(self):
         s = self._stats()
         gauges = {
-            "xlaserve_slots_busy": ("Decode slots holding a request", s["slots_busy"]),
-            "xlaserve_slots_total": ("Decode slots", s["slots_total"]),
-            "xlaserve_queue_length": ("Requests waiting for a slot", s["queue_length"]),
-            "xlaserve_kv_pages_used": ("KV pages held by requests", s["pages_used"]),
-            "xlaserve_kv_pages_free": ("KV pages free", s["pages_free"]),
-            "xlaserve_kv_pages_cached": ("KV pages kept by the prefix cache, evictable", s["pages_cached"]),
+            "xlaserve_slots_busy": ("Decode slots holding a request", s.slots_busy),
+            "xlaserve_slots_total": ("Decode slots", s.slots_total),
+            "xlaserve_queue_length": ("Requests waiting for a slot", s.queue_length),
+            "xlaserve_kv_pages_used": ("KV pages held by requests", s.pages_used),
+            "xlaserve_kv_pages_free": ("KV pages free", s.pages_free),
+            "xlaserve_kv_pages_cached": ("KV pages kept by the prefix cache, evictable", s.pages_cached),
             "xlaserve_prefix_cache_hit_rate": (
                 "Prompt tokens served from the prefix cache / prompt tokens",
-                s["prefix_hit_rate"],
+                s.prefix_hit_rate,
             ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily(
-            "xlaserve_preemptions", "Sequences preempted for lack of KV pages", value=s["preemptions"]
+            "xlaserve_preemptions", "Sequences preempted for lack of KV pages", value=s.preemptions
         )
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], dict] | None = None):
+    def __init__(self, stats: Callable[[], EngineStats] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(

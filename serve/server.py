@@ -22,11 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from xlaserve import __version__
+from xlaserve.runtime.admission import Overloaded, Rejected, RequestTooLarge
+from xlaserve.runtime.engine_loop import Draining, EngineFailed, EngineLoop
 from xlaserve.runtime.request import FinishReason
-from xlaserve.runtime.sampling import SamplingParams
-from xlaserve.runtime.scheduler import Overloaded, Rejected, RequestTooLarge
-from xlaserve.runtime.service import Draining, EngineFailed, EngineLoop
-from xlaserve.serve import convert
+from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.stats import EngineStats
+from xlaserve.serve import messages
 from xlaserve.serve.auth import ApiKeyInterceptor, bearer, key_id
 from xlaserve.serve.metrics import Metrics
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
@@ -46,8 +47,9 @@ class GenerationService(pb_grpc.GenerationServicer):
     def attach(self, llm, loop: EngineLoop) -> None:
         self.llm, self.loop = llm, loop
 
-    def stats(self) -> dict | None:
-        return None if self.loop is None else self.loop.stats()
+    def stats(self) -> EngineStats:
+        """The engine loop's stats; all zeros while the model loads."""
+        return EngineStats() if self.loop is None else self.loop.stats()
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -96,10 +98,10 @@ class GenerationService(pb_grpc.GenerationServicer):
     def Generate(self, request, context):
         self._check(context, request.model)
         try:
-            prompt, chat = convert.prompt_of(request)
+            prompt, chat = messages.prompt_of(request)
             req = self.llm.make_request(
                 prompt,
-                convert.sampling_params(request.sampling),
+                messages.sampling_params(request.sampling),
                 chat=chat,
                 request_id=request.request_id or None,
                 priority=request.priority,
@@ -117,14 +119,14 @@ class GenerationService(pb_grpc.GenerationServicer):
                     now = time.perf_counter()
                     self.metrics.tokens_streamed(len(delta.token_ids), None if last is None else now - last)
                     last = now
-                    yield convert.delta_message(delta, self.llm.tokenizer)
+                    yield messages.delta_message(delta, self.llm.tokenizer)
         except EngineFailed as e:
             self.metrics.rejected("internal")
             context.abort(Code.INTERNAL, str(e))
         self.metrics.finished(req)
         if req.finish_reason is FinishReason.CANCELLED and not context.is_active():
             return  # the client went away
-        yield convert.final_message(req)
+        yield messages.final_message(req)
         if req.finish_reason is FinishReason.DEADLINE:
             context.abort(Code.DEADLINE_EXCEEDED, f"deadline exceeded after {len(req.output_ids)} tokens")
         if req.finish_reason is FinishReason.CANCELLED:
@@ -139,7 +141,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             requests = []
             for i, item in enumerate(request.items):
                 try:
-                    requests.append(self.llm.score_request(convert.score_item(item, i)))
+                    requests.append(self.llm.score_request(messages.score_item(item, i)))
                 except (ValueError, RequestTooLarge) as e:
                     raise ValueError(f"items[{i}]: {e}") from None
             timeout = self._timeout(context)
@@ -198,11 +200,11 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def GetModelInfo(self, request, context):
         self._check(context)
-        return convert.model_info(self.llm, self.mesh, __version__)
+        return messages.model_info(self.llm, self.mesh, __version__)
 
     def GetServerStats(self, request, context):
         self._check(context)
-        return convert.server_stats(self.loop.stats(), time.monotonic() - self.started)
+        return messages.server_stats(self.loop.stats(), time.monotonic() - self.started)
 
 
 class Server:
@@ -220,7 +222,7 @@ class Server:
         model_names: tuple[str, ...] = (),
         mesh: str = "1 device",
     ):
-        self.metrics = Metrics(stats=lambda: self.service.stats() or _EMPTY)
+        self.metrics = Metrics(stats=lambda: self.service.stats())
         self.service = GenerationService(self.metrics, model_names, mesh)
         self.health = health.HealthServicer()
         options = [
@@ -290,15 +292,3 @@ class Server:
         if self.service.loop is not None:
             self.service.loop.close()
         self.grpc.stop(grace_s).wait()
-
-
-_EMPTY = {
-    "slots_busy": 0,
-    "slots_total": 0,
-    "queue_length": 0,
-    "pages_used": 0,
-    "pages_free": 0,
-    "pages_cached": 0,
-    "prefix_hit_rate": 0.0,
-    "preemptions": 0,
-}

@@ -1,26 +1,24 @@
-"""Logical axes -> mesh axes: one rules table, partition specs for every weight, the KV cache, and
-weights placed straight into their shards.
+"""Logical axes -> mesh axes: one rules table, and the partition spec of one declared array.
 
-Model code names logical axes (`runtime/llama.py` declares them per weight); RULES maps each to a
-mesh axis. With tp on the "tp" axis this gives column-parallel q/k/v/gate/up (their output axis
-is split), row-parallel o/down (their input axis is split; XLA adds one all-reduce after each),
-and a vocab-parallel embedding / lm_head. An axis is split only where it divides evenly at its
-granule (whole heads for q/k/v, whole quantization blocks for a quantized input axis); otherwise
-that axis is replicated, e.g. SmolLM2's 3 kv heads and 9 query heads at tp=2 or 4.
+Model code names logical axes (each family declares them per weight); RULES maps each to a mesh
+axis. With tp on the "tp" axis this gives column-parallel q/k/v/gate/up (their output axis is
+split), row-parallel o/down (their input axis is split; XLA adds one all-reduce after each), and a
+vocab-parallel embedding / lm_head. An axis is split only where it divides evenly at its granule
+(whole heads for q/k/v, whole quantization blocks for a quantized input axis); otherwise that axis
+is replicated, e.g. SmolLM2's 3 kv heads and 9 query heads at tp=2 or 4.
+
+This module is a leaf: it takes shapes and axis names, and knows no model or weight type
+(`runtime/placement.py` walks a model's declarations through it).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-
-from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.llama import ParamInfo, Weights, is_info, param_info
-from xlaserve.runtime.quant import QuantArray
 
 RULES: dict[str, str | None] = {
     "layers": None,
@@ -32,78 +30,44 @@ RULES: dict[str, str | None] = {
 }
 
 
-def check_rules(rules: dict[str, str | None]) -> None:
-    """Every array must map its logical axes to distinct mesh axes."""
-    for info in jax.tree.leaves(param_info(_probe()), is_leaf=is_info):
-        used = [rules.get(a) for a in info.axes if rules.get(a) is not None]
+def check_rules(axes: Iterable[tuple[str | None, ...]], rules: Mapping[str, str | None] = RULES) -> None:
+    """Every array (given by its logical axes) must map its axes to distinct mesh axes."""
+    for array_axes in axes:
+        used = [rules.get(a) for a in array_axes if rules.get(a) is not None]
         if len(used) != len(set(used)):
-            raise ValueError(f"rules map two logical axes of {info.axes} to one mesh axis: {used}")
+            raise ValueError(f"rules map two logical axes of {array_axes} to one mesh axis: {used}")
 
 
-def _probe() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=8,
-        hidden_size=8,
-        intermediate_size=8,
-        num_layers=1,
-        num_heads=1,
-        num_kv_heads=1,
-        head_dim=8,
-    )
-
-
-def _granule(cfg: ModelConfig, axis: str | None) -> int:
-    return cfg.head_dim if axis in ("q_heads", "kv_heads") else 1
-
-
-def axis_spec(cfg: ModelConfig, info: ParamInfo, mesh: Mesh, rules=RULES, block: int = 1) -> P:
-    """The PartitionSpec of one declared array. `block`: the quantization block along the last
-    (input) axis, which must not be cut inside a block."""
+def axis_spec(
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    mesh: Mesh,
+    rules: Mapping[str, str | None] = RULES,
+    granules: Mapping[str, int] | None = None,
+    block: int = 1,
+) -> P:
+    """The PartitionSpec of one array. `granules`: the smallest unit of a logical axis that may go
+    to one device (a head's head_dim for the head axes); `block`: the quantization block along the
+    last (input) axis, which must not be cut inside a block."""
     spec = []
-    for i, (size, axis) in enumerate(zip(info.shape, info.axes, strict=True)):
+    for i, (size, axis) in enumerate(zip(shape, axes, strict=True)):
         mesh_axis = rules.get(axis) if axis else None
         n = mesh.shape.get(mesh_axis, 1) if mesh_axis else 1
-        unit = _granule(cfg, axis) * (block if i == len(info.shape) - 1 else 1)
+        unit = (granules or {}).get(axis, 1) * (block if i == len(shape) - 1 else 1)
         spec.append(mesh_axis if n > 1 and size % unit == 0 and (size // unit) % n == 0 else None)
     return P(*spec)
 
 
-def matrix_spec(cfg: ModelConfig, info: ParamInfo, mesh: Mesh, block: int = 1, rules=RULES) -> tuple:
-    """(output axis, input axis) mesh axes of a matrix's last two dims: ("tp", None) column-parallel,
-    (None, "tp") row-parallel, (None, None) replicated."""
-    return tuple(axis_spec(cfg, info, mesh, rules, block))[-2:]
-
-
-def _shard_spec_for(array, info: ParamInfo, cfg, mesh, rules) -> object:
-    """A NamedSharding (or, for a QuantArray, a QuantArray of them) for one weight."""
-    if not isinstance(array, QuantArray):
-        return NamedSharding(mesh, axis_spec(cfg, info, mesh, rules))
-    # data/scale/min share the leading axes; their last axis is K, K/2 or K/block.
-    spec = axis_spec(cfg, info, mesh, rules, block=array.block)
-    ns = NamedSharding(mesh, spec)
-    return dataclasses.replace(array, data=ns, scale=ns, min=None if array.min is None else ns)
-
-
-def weight_shardings(cfg: ModelConfig, weights: Weights, mesh: Mesh, rules=RULES) -> Weights:
-    """A pytree shaped like `weights` whose leaves are NamedShardings."""
-    infos = param_info(cfg)
-    return jax.tree.map(
-        lambda info, arr: _shard_spec_for(arr, info, cfg, mesh, rules),
-        infos,
-        weights,
-        is_leaf=lambda x: is_info(x) or isinstance(x, QuantArray),
-    )
-
-
-def cache_spec(cfg: ModelConfig, mesh: Mesh) -> P:
-    """[L, N, P, H, D]: kv heads across tp when they divide; otherwise replicated."""
+def cache_spec(num_kv_heads: int, mesh: Mesh) -> P:
+    """The KV cache [L, N, P, H, D]: kv heads across tp when they divide; otherwise replicated."""
     tp = mesh.shape.get("tp", 1)
-    return P(None, None, None, "tp" if tp > 1 and cfg.num_kv_heads % tp == 0 else None, None)
+    return P(None, None, None, "tp" if tp > 1 and num_kv_heads % tp == 0 else None, None)
 
 
-def place(weights: Weights, shardings: Weights) -> Weights:
-    """Host (numpy) weights onto devices: each device receives only its own slice. Device arrays
-    are resharded in place (a no-op when a checkpoint was restored with these shardings)."""
+def place(weights, shardings):
+    """Host (numpy) arrays onto devices: each device receives only its own slice. Device arrays are
+    resharded in place (a no-op when a checkpoint was restored with these shardings). `shardings`
+    is a pytree with the structure of `weights` and NamedSharding leaves."""
 
     def put(host, sharding):
         if isinstance(host, jax.Array):  # already on devices (a restored checkpoint): reshard there

@@ -10,6 +10,26 @@ from helpers import TEST_ENGINE
 
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
+# The fast lane (`make test-fast`, `pytest -m "not slow"`) compiles no real model: a test is slow
+# when it uses a compiled engine or a converted checkpoint, or lives in a module of end-to-end tests.
+SLOW_FIXTURES = {"llm", "hf_model", "keep_ckpt", "int4_ckpt", "results", "tiny_dirs"}
+SLOW_MODULES = {
+    "test_bench_decode",
+    "test_bench_kernels",
+    "test_cli",
+    "test_evals",
+    "test_hf_dir",
+    "test_model_vs_hf",
+    "test_server_e2e",
+    "test_slots",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def model_path():
@@ -50,18 +70,18 @@ def hf_tokenizer(model_path):
 @pytest.fixture(scope="session")
 def keep_ckpt(model_path, tmp_path_factory):
     """SmolLM2 converted to an xlaserve checkpoint as it is stored (Q4_1/Q8_0 blocks kept)."""
-    from xlaserve.checkpoints import orbax
+    from xlaserve.checkpoints import convert
 
     out = tmp_path_factory.mktemp("ckpt") / "smollm2"
-    orbax.convert(model_path, out, quant="keep")
+    convert.convert(model_path, out, quant="keep")
     return out
 
 
 @pytest.fixture(scope="session")
 def int4_ckpt(model_path, tmp_path_factory):
     """SmolLM2 requantized at convert time: int4 symmetric, groups of 64."""
-    from xlaserve.checkpoints import orbax
+    from xlaserve.checkpoints import convert
 
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-int4"
-    orbax.convert(model_path, out, quant="int4", scheme="sym", group_size=64)
+    convert.convert(model_path, out, quant="int4", scheme="sym", group_size=64)
     return out

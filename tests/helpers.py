@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import numpy as np
@@ -40,3 +41,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 50000.0,
+}
+
+
+def save_tiny(path, tokenizer, dtype=None, shard: str | None = None, **overrides):
+    """A tiny random Llama (llama3 RoPE scaling, GQA, untied head) saved as an HF directory with
+    the tokenizer; returns HF's model read back from the files in fp32 (the oracle). `overrides`
+    change the LlamaConfig."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = dtype or torch.float32
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=50000.0,
+        rope_scaling=ROPE,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the default init, so differences would show
+        for p in model.parameters():
+            p.mul_(8.0 if p.ndim > 1 else 1.0)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    tokenizer.backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": tokenizer.chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+        )
+    )
+    # The reference reads the saved files back in fp32 (casting the live model would also round
+    # its RoPE frequencies to the storage dtype).
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -33,7 +33,7 @@ def prompt_logits(llm, ids):
 
 def collectives(llm) -> dict:
     """All-reduces inside the layer scan of the decode program, and every all-gather's shape."""
-    hlo = llm.engine._generate[(ENGINE["max_slots"], 64)].as_text()
+    hlo = llm.engine._decode[(ENGINE["max_slots"], 64)].as_text()
     layer_all_reduce, gathers = 0, []
     for line in hlo.splitlines():
         op = re.search(r"= (\S+) (all-reduce|all-gather)(?:-start)?\(", line)

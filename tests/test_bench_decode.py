@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from xlaserve.bench import decode, report
-from xlaserve.serve import cli
+from xlaserve import cli
+from xlaserve.bench import report, roofline
+from xlaserve.runtime.models.presets import PRESETS
 
 
 def expected_step_bytes(cfg, batch: int, context: int, itemsize: int = 4) -> tuple[int, int]:
@@ -25,7 +26,7 @@ def test_bench_decode_tiny_preset(tmp_path, capsys):
     assert cli.main(argv) == 0
     (path,) = tmp_path.glob("cpu-decode-tiny-*.json")
     r = json.loads(path.read_text())
-    cfg = decode.PRESETS["tiny"]
+    cfg = PRESETS["tiny"]
     assert not cfg.tie_word_embeddings  # so the untied-embedding accounting is exercised
 
     assert r["kind"] == "decode" and r["model"] == "tiny" and r["dtype"] == "float32"
@@ -33,7 +34,7 @@ def test_bench_decode_tiny_preset(tmp_path, capsys):
     assert r["datasheet"] is None and r["copy_bandwidth_Bps"] > 1e8
     assert r["compare"] is None
     assert r["peak_memory_bytes"] > 0 and "RSS" in r["peak_memory_source"]
-    assert {"prefill[T=16]", "prefill[T=32]", "generate[S=2,k=1,kv=32]"} <= set(r["compile_s"])
+    assert {"prefill[T=16]", "prefill[T=32]", "decode[S=2,k=1,kv=32]"} <= set(r["compile_s"])
     assert all(s > 0 for s in r["compile_s"].values())
 
     assert [(p["prompt_len"]) for p in r["prefill"]] == [16, 32]
@@ -65,16 +66,16 @@ def test_bench_decode_tiny_preset(tmp_path, capsys):
 
 
 def test_datasheet_and_presets():
-    assert decode.datasheet("NVIDIA H100 80GB HBM3")["bandwidth_Bps"] == 3.35e12
-    assert decode.datasheet("NVIDIA H100 PCIe")["bandwidth_Bps"] == 2.0e12
-    assert decode.datasheet("NVIDIA H200")["bandwidth_Bps"] == 4.8e12
-    assert decode.datasheet("NVIDIA A100-SXM4-80GB")["bandwidth_Bps"] == 2.0e12
-    assert decode.datasheet("TPU v5 lite")["bandwidth_Bps"] == 819e9
-    assert decode.datasheet("TPU v5p")["bandwidth_Bps"] == 2.76e12
-    assert decode.datasheet("TPU v4")["bandwidth_Bps"] == 1.2e12
-    assert decode.datasheet("cpu") is None
+    assert roofline.datasheet("NVIDIA H100 80GB HBM3")["bandwidth_Bps"] == 3.35e12
+    assert roofline.datasheet("NVIDIA H100 PCIe")["bandwidth_Bps"] == 2.0e12
+    assert roofline.datasheet("NVIDIA H200")["bandwidth_Bps"] == 4.8e12
+    assert roofline.datasheet("NVIDIA A100-SXM4-80GB")["bandwidth_Bps"] == 2.0e12
+    assert roofline.datasheet("TPU v5 lite")["bandwidth_Bps"] == 819e9
+    assert roofline.datasheet("TPU v5p")["bandwidth_Bps"] == 2.76e12
+    assert roofline.datasheet("TPU v4")["bandwidth_Bps"] == 1.2e12
+    assert roofline.datasheet("cpu") is None
     # Parameter counts of the real models these presets copy.
-    counts = {n: c.param_count() for n, c in decode.PRESETS.items()}
+    counts = {n: c.param_count() for n, c in PRESETS.items()}
     assert round(counts["llama3-8b"] / 1e9, 2) == 8.03
     assert round(counts["llama3-1b"] / 1e9, 2) == 1.24
     assert round(counts["smollm2-135m"] / 1e6, 1) == 134.5

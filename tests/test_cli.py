@@ -12,9 +12,9 @@ import sys
 import pytest
 from helpers import TEST_ENGINE
 
+from xlaserve import cli
 from xlaserve.checkpoints import registry
-from xlaserve.runtime.sampling import SamplingParams
-from xlaserve.serve import cli
+from xlaserve.runtime.sampling_params import SamplingParams
 
 ENGINE_FLAGS = [
     "--max-slots",
@@ -28,7 +28,7 @@ ENGINE_FLAGS = [
 
 def xlaserve(*args, env=None, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "xlaserve.serve.cli", *args],
+        [sys.executable, "-m", "xlaserve.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -23,9 +23,12 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from xlaserve.data import MC20
 from xlaserve.evals.lm_eval_backend import XlaserveGrpcLM, XlaserveLM
+from xlaserve.runtime.scoring import rolling_windows
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
 MAX_LENGTH = 64  # small, so the perplexity text spans several windows (the last one partial)
 PAIRS = [
     ("The capital of France is", " Paris"),
@@ -72,6 +75,19 @@ def test_batched_scoring_with_a_shared_context_matches_hf(llm, hf_model):
         np.testing.assert_allclose(r.logprobs, want, atol=LOGIT_ATOL)
 
 
+def test_rolling_windows_are_lm_evals():
+    """`rolling_windows` (what LLM.score_rolling scores) cuts every length the way lm-eval's
+    get_rolling_token_windows + make_disjoint_window do."""
+    for window in range(1, 9):
+        for n in range(0, 40):
+            ids = list(range(100, 100 + n))
+            want = [
+                (ctx + cont, len(ctx))
+                for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, 7, window, 1))
+            ]
+            assert rolling_windows(ids, window, 7) == want, (window, n)
+
+
 def test_rolling_loglikelihood_matches_hf(llm, hf_model):
     text = json.loads((FIXTURES / "ppl.jsonl").read_text().splitlines()[0])["text"]
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
@@ -91,7 +107,7 @@ def task_dir(tmp_path) -> Path:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {FIXTURES / "mc20.jsonl"}
+    test: {MC20}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -245,7 +261,7 @@ def test_xlaserve_eval_command(model_path, tmp_path):
         [
             sys.executable,
             "-m",
-            "xlaserve.serve.cli",
+            "xlaserve.cli",
             "eval",
             "--model",
             "xlaserve",

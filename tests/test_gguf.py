@@ -13,9 +13,9 @@ import pytest
 from gguf import quants
 from tiny_gguf import TYPES, Tiny, tokenizer_meta, write_tiny_gguf
 
-from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.gguf import unpermute_rows
 from xlaserve.checkpoints.load import load_model
+from xlaserve.checkpoints.loaded import CheckpointError
 from xlaserve.runtime.quant import QuantArray, dequantize
 
 TINY = Tiny()
@@ -78,6 +78,7 @@ def test_every_type_dequantizes_bit_exactly(tmp_path, meta, kind):
         np.testing.assert_array_equal(bits(w_up), bits(stacked))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     import torch
@@ -92,7 +93,8 @@ def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     llm = LLM(str(path), max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="")
     ids = llm.encode("The tiny model reads a sentence, 123 times.")
     engine = llm.engine
-    from xlaserve.runtime.sampling import SamplingParams, SamplingState
+    from xlaserve.runtime.sampling import SamplingState
+    from xlaserve.runtime.sampling_params import SamplingParams
 
     row = np.arange(engine.ecfg.pages_per_seq, dtype=np.int32)
     _, ours = engine.prefill_with_logits(
@@ -163,6 +165,7 @@ def test_missing_file(tmp_path):
     expect_error(tmp_path / "nope.gguf", "file not found")
 
 
+@pytest.mark.slow
 def test_llm_reports_the_bad_file(tmp_path, model_path):
     from xlaserve import LLM
 

@@ -12,56 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+from helpers import LOGIT_ATOL, hf_greedy, hf_logits, save_tiny
 
 from xlaserve import LLM
-from xlaserve.checkpoints.base import CheckpointError
 from xlaserve.checkpoints.load import load_model
-from xlaserve.runtime.sampling import SamplingParams, SamplingState
-
-ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-    "rope_theta": 50000.0,
-}
-
-
-def save_tiny(path, tokenizer, dtype=torch.float32, shard: str | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=50000.0,
-        rope_scaling=ROPE,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # larger weights than the default init, so differences would show
-        for p in model.parameters():
-            p.mul_(8.0 if p.ndim > 1 else 1.0)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
-    tokenizer.backend.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"chat_template": tokenizer.chat_template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
-        )
-    )
-    # The reference reads the saved files back in fp32 (casting the live model would also round
-    # its RoPE frequencies to the storage dtype).
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+from xlaserve.checkpoints.loaded import CheckpointError
+from xlaserve.runtime.sampling import SamplingState
+from xlaserve.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +129,15 @@ def test_not_a_checkpoint_directory(tmp_path):
 def test_convert_an_hf_directory(tiny_dirs, tmp_path):
     """A sharded bf16 HF directory converted to an xlaserve checkpoint: the same config (llama3
     RoPE), tokenizer and bf16 weights, bit for bit; int8 conversion quantizes every matrix."""
-    from xlaserve.checkpoints import orbax
+    from xlaserve.checkpoints import convert
     from xlaserve.runtime.quant import QuantArray
 
     directory, _ = tiny_dirs["bf16"]
     source = load_model(directory, dtype="bfloat16")
-    meta = orbax.convert(directory, tmp_path / "keep", dtype="bf16")
-    assert meta["source"]["sha256"] == orbax.source_digest(directory) and meta["quantization"]["kinds"] == []
+    meta = convert.convert(directory, tmp_path / "keep", dtype="bf16")
+    assert (
+        meta["source"]["sha256"] == convert.source_digest(directory) and meta["quantization"]["kinds"] == []
+    )
     restored = load_model(tmp_path / "keep", dtype=None)
     assert restored.config == source.config and restored.config.rope.kind == "llama3"
     assert restored.tokenizer.encode("A sentence, 42 tokens?") == source.tokenizer.encode(
@@ -186,7 +145,7 @@ def test_convert_an_hf_directory(tiny_dirs, tmp_path):
     )
     for a, b in zip(jax.tree.leaves(source.weights), jax.tree.leaves(restored.weights), strict=True):
         assert a.dtype == b.dtype == jnp.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
-    orbax.convert(directory, tmp_path / "int8", quant="int8")
+    convert.convert(directory, tmp_path / "int8", quant="int8")
     int8 = load_model(tmp_path / "int8", dequantize=False, dtype=None).weights
     assert all(
         isinstance(getattr(int8.layers, n), QuantArray) and getattr(int8.layers, n).kind == "q8_0"

@@ -6,16 +6,16 @@ For each prompt: the logits at every prompt position (prefill, in chunks across 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from helpers import LOGIT_ATOL, hf_greedy, hf_logits
 
+from xlaserve.data import TWO_CITIES
 from xlaserve.runtime.programs import Sampled
-from xlaserve.runtime.sampling import SamplingParams, SamplingState
+from xlaserve.runtime.sampling import SamplingState
+from xlaserve.runtime.sampling_params import SamplingParams
 
-LONG = (Path(__file__).parent / "fixtures" / "two_cities.txt").read_text()
+LONG = TWO_CITIES.read_text()
 
 PROMPTS = {
     "short": "The capital of France is",
@@ -54,7 +54,7 @@ def engine_greedy_with_logits(llm, ids, steps):
         engine.insert(0, packed, len(ids), sampling, presence)
         decode_logits = []
         for step in range(steps):
-            packed, lg = engine.generate_with_logits(table, len(ids) + step + 1)
+            packed, lg = engine.decode_with_logits(table, len(ids) + step + 1)
             decode_logits.append(lg[0, 0])
             tokens.append(int(Sampled.unpack(np.asarray(packed)).tokens[0, 0]))
         return np.concatenate(prompt_logits), np.stack(decode_logits), tokens

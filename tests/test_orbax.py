@@ -12,21 +12,20 @@ import numpy as np
 import pytest
 from helpers import TEST_ENGINE
 
-from xlaserve.checkpoints import orbax
-from xlaserve.checkpoints.base import CheckpointError
+from xlaserve.checkpoints import convert, orbax
 from xlaserve.checkpoints.load import load_model
-from xlaserve.runtime.llama import Weights
+from xlaserve.checkpoints.loaded import CheckpointError
+from xlaserve.cli import main as cli
 from xlaserve.runtime.quant import QuantArray, dequantize, quantize
-from xlaserve.serve.cli import main as cli
 
 GREEDY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Le chat est"]
 
 
-def leaves_with_names(weights: Weights):
+def leaves_with_names(weights):
     return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(weights)[0]]
 
 
-def assert_same_weights(a: Weights, b: Weights):
+def assert_same_weights(a, b):
     la, lb = leaves_with_names(a), leaves_with_names(b)
     assert [n for n, _ in la] == [n for n, _ in lb]
     for (name, x), (_, y) in zip(la, lb, strict=True):
@@ -62,10 +61,11 @@ def test_restored_model_generates_what_the_gguf_does(llm, keep_ckpt):
     assert [o.token_ids for o in dense.generate(GREEDY_PROMPTS, params)] == ours
 
 
+@pytest.mark.slow
 def test_quantized_round_trip_and_deterministic_convert(model_path, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    meta = orbax.convert(model_path, a, quant="int4", scheme="asym", group_size=64, dtype="bf16")
-    orbax.convert(model_path, b, quant="int4", scheme="asym", group_size=64, dtype="bf16")
+    meta = convert.convert(model_path, a, quant="int4", scheme="asym", group_size=64, dtype="bf16")
+    convert.convert(model_path, b, quant="int4", scheme="asym", group_size=64, dtype="bf16")
     for name in ("xlaserve.json", "tokenizer.json", "tokenizer_config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert meta["quantization"] == {
@@ -75,10 +75,11 @@ def test_quantized_round_trip_and_deterministic_convert(model_path, tmp_path):
         "kinds": ["q4_1"],
         "group_sizes_used": [64],
     }
-    assert meta["source"]["sha256"] == orbax.source_digest(model_path)
+    assert meta["source"]["sha256"] == convert.source_digest(model_path)
     # what was saved is exactly what the quantizer produced from the dequantized source
-    source = load_model(model_path, dequantize=True, dtype="float32").weights
-    expected = orbax.quantize_weights(source, "int4", "asym", 64, np.dtype("bfloat16"))
+    loaded = load_model(model_path, dequantize=True, dtype="float32")
+    source = loaded.weights
+    expected = convert.quantize_weights(loaded.config, source, "int4", "asym", 64, np.dtype("bfloat16"))
     ra, rb = (load_model(p, dequantize=False, dtype=None).weights for p in (a, b))
     assert ra.layers.wq.block == 64 and ra.final_norm.dtype == np.dtype("bfloat16")
     assert_same_weights(ra, rb)
@@ -118,11 +119,11 @@ def test_quantize_rounds_to_nearest():
 
 
 def test_group_size_falls_back_where_it_does_not_divide():
-    assert orbax.group_block("w", 1536, 128) == 128
-    assert orbax.group_block("w", 576, 128) == 64  # SmolLM2's hidden size: 4.5 groups of 128
-    assert orbax.group_block("w", 96, 128) == 32
+    assert convert.group_block("w", 1536, 128) == 128
+    assert convert.group_block("w", 576, 128) == 64  # SmolLM2's hidden size: 4.5 groups of 128
+    assert convert.group_block("w", 96, 128) == 32
     with pytest.raises(ValueError, match="w: input size 48 is not a multiple of any group size <= 128"):
-        orbax.group_block("w", 48, 128)
+        convert.group_block("w", 48, 128)
 
 
 def test_asymmetric_int8_takes_the_xla_path_under_pallas():
@@ -198,12 +199,13 @@ def test_convert_validates_its_arguments(model_path, keep_ckpt, tmp_path):
         (dict(dtype="f16"), "dtype='f16' must be bf16 or f32"),
     ]:
         with pytest.raises(ValueError, match=match):
-            orbax.convert(model_path, tmp_path / "x", **kwargs)
+            convert.convert(model_path, tmp_path / "x", **kwargs)
     with pytest.raises(ValueError, match="already exists"):
-        orbax.convert(model_path, keep_ckpt)
+        convert.convert(model_path, keep_ckpt)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_cli_convert_int8_with_quality_report_then_generate(tmp_path, capsys):
     out = tmp_path / "int8"
     assert cli(["convert", "smollm2", "--out", str(out), "--quant", "int8", "--output", "json"]) == 0

@@ -17,6 +17,7 @@ from xlaserve.pallas_kernels.paged_attention import (
     prefill_attention_reference,
 )
 from xlaserve.pallas_kernels.quantized_matmul import (
+    dequantize_reference,
     pack_int4,
     quantized_matmul,
     quantized_matmul_reference,
@@ -149,21 +150,25 @@ def test_quantized_matmul_matches_reference(kind, group, m, k, n, dtype):
     w = make_weight(rng, kind, n, k, k if group == "k" else group)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     wj = jax.tree.map(jnp.asarray, w)
-    out = np.asarray(quantized_matmul(x, wj, interpret=True))
-    ref = np.asarray(quantized_matmul_reference(x, wj))
+    out = np.asarray(quantized_matmul(x, *wj.arrays, **wj.layout, interpret=True))
+    ref = np.asarray(quantized_matmul_reference(x, *wj.arrays, **wj.layout))
     assert out.shape == (m, n) and np.isfinite(out).all()
     scale = max(1.0, float(np.abs(ref).max()))
     tol = TOL[dtype] * scale if dtype == jnp.bfloat16 else 1e-5 * scale
     np.testing.assert_allclose(out, ref, atol=tol, rtol=TOL[dtype])
 
 
-def test_reference_dequantizes_exactly_like_the_model():
-    """The kernel's reference and the model use one dequantization: equal bit for bit."""
+@pytest.mark.parametrize("kind, group", [("q4_1", 32), ("q4_0", 64), ("q8_0", 32), ("q8_0", "k")])
+def test_reference_dequantizes_exactly_like_the_model(kind, group):
+    """The kernel's reference (which takes plain arrays) and the model's dequantization, packed and
+    unpacked, give the same weights bit for bit."""
     rng = np.random.default_rng()
-    w = make_weight(rng, "q4_1", 8, 64, 32)
+    w = make_weight(rng, kind, 8, 64, 64 if group == "k" else group)
     a = np.asarray(dequantize(jax.tree.map(jnp.asarray, w)))
     b = np.asarray(dequantize(unpack(w)))
+    c = np.asarray(dequantize_reference(*jax.tree.map(jnp.asarray, w).arrays, **w.layout))
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    np.testing.assert_array_equal(a.view(np.uint32), c.view(np.uint32))
 
 
 def test_smollm2_greedy_through_the_kernels_equals_the_xla_path(llm, model_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from xlaserve.runtime.request import FinishReason, Request
-from xlaserve.runtime.sampling import SamplingParams
+from xlaserve.runtime.sampling_params import SamplingParams
 
 EOS = 2
 

@@ -19,7 +19,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from xlaserve.runtime.sampling import SamplingParams, SamplingState, filter_logits, sample
+from xlaserve.runtime.sampling import SamplingState, filter_logits, sample
+from xlaserve.runtime.sampling_params import SamplingParams
 
 V = 4096
 CASES = [

@@ -5,15 +5,20 @@ property test over random event sequences."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xlaserve.runtime.admission import Limits, Overloaded, RequestTooLarge
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.request import FinishReason, Request, Timings
-from xlaserve.runtime.sampling import SamplingParams
-from xlaserve.runtime.scheduler import Limits, Overloaded, RequestTooLarge, Scheduler, State
+from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.scheduler import Scheduler, State
+from xlaserve.runtime.stats import EngineStats
 
 PAGE = 4
 LIMITS = Limits(max_prompt_tokens=31, max_new_tokens=31, max_model_len=32, max_queue=100)
@@ -159,7 +164,7 @@ def test_prefix_cache_maps_published_pages_and_never_the_last_token():
     c = s.add(make(8, 2.0))  # all 8 tokens cached: the last page is recomputed for the last logits
     plan = s.plan()
     assert plan.prefills[0].start == 4 and c.req.cached_tokens == 4
-    assert s.stats()["prefill_tokens_saved"] == 12 and s.stats()["prefix_hit_rate"] == 12 / 27
+    assert s.stats().prefill_tokens_saved == 12 and s.stats().prefix_hit_rate == 12 / 27
 
 
 def test_lookup_checks_tokens_not_only_hashes():
@@ -302,3 +307,34 @@ def test_property_test_reaches_preemption_eviction_and_prefix_hits():
     if not any(REACHED.values()):  # run alone: run the property test first
         test_random_events_keep_pages_and_requests_consistent()
     assert all(count >= 20 for count in REACHED.values()), REACHED
+
+
+def test_replicas_stats_add_up():
+    """Two schedulers' snapshots added the way data-parallel replicas add theirs: counts sum, the hit
+    rate is recomputed from the summed tokens, finished requests sum per reason."""
+    a, b = sched(), sched()
+    first = a.add(make(10, 0.0))
+    execute(a, a.plan())
+    a.finish(first)
+    a.add(make(9, 1.0))  # its first 8 tokens hit the prefix cache
+    a.plan()
+    b.add(make(3, 0.0))
+    b.plan()
+    sa = dataclasses.replace(a.stats(), requests_finished={"eos": 1, "stop": 0}, draining=True)
+    sb = dataclasses.replace(b.stats(), requests_finished={"eos": 2, "stop": 3})
+    total = EngineStats.total([sa, sb])
+    assert total.slots_total == 4 and total.slots_busy == 2 and total.pages_total == 32
+    assert total.replicas == 2 and total.draining and total.requests_finished == {"eos": 3, "stop": 3}
+    assert (total.prompt_tokens, total.prefill_tokens_saved) == (22, 8) and total.prefix_hit_rate == 8 / 22
+    assert EngineStats().prefix_hit_rate == 0.0 and total["queue_length"] == total.queue_length
+
+
+def test_host_modules_do_not_import_jax():
+    """The scheduler, requests and sampling parameters are plain Python: importing them starts no JAX."""
+    code = (
+        "import sys; import xlaserve.runtime.scheduler, xlaserve.runtime.request, "
+        "xlaserve.runtime.sampling_params, xlaserve.runtime.admission, xlaserve.runtime.stats, "
+        "xlaserve.runtime.scoring; "
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,10 +12,13 @@ import urllib.request
 
 import grpc
 import pytest
+import tokenizers
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tokenizers import models, pre_tokenizers
 
 from xlaserve import LLM, EngineConfig, SamplingParams
-from xlaserve.runtime.mock_engine import OTHER_LOGPROB, MockEngine, mock_tokenizer
+from xlaserve.checkpoints.tokenizer import Tokenizer
+from xlaserve.runtime.mock_engine import OTHER_LOGPROB, VOCAB, MockEngine
 from xlaserve.serve.client import AsyncClient, Client
 from xlaserve.serve.proto import generate as proto_gen
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
@@ -23,6 +26,17 @@ from xlaserve.serve.server import Server
 
 Code = grpc.StatusCode
 ENGINE = EngineConfig(max_slots=4, max_queue=8, max_model_len=256, page_size=4, max_per_client=None)
+
+
+def mock_tokenizer(vocab: int = VOCAB) -> Tokenizer:
+    """The mock engine's words: token i is "w{i}", separated by spaces; w0 is EOS."""
+    backend = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}w3{% endif %}"
+    )
+    return Tokenizer(backend, bos_token=None, eos_token="w0", chat_template=template, source="mock")
 
 
 def mock_llm(step_s: float = 0.0, **fields) -> LLM:

@@ -152,7 +152,7 @@ def test_serve_process_health_and_sigterm_drain(model_path, tmp_path):
         [
             sys.executable,
             "-m",
-            "xlaserve.serve.cli",
+            "xlaserve.cli",
             "serve",
             "--model",
             str(model_path),
@@ -199,7 +199,7 @@ def test_cli_generate_through_the_server(served, solo):
         [
             sys.executable,
             "-m",
-            "xlaserve.serve.cli",
+            "xlaserve.cli",
             "generate",
             "--server",
             f"127.0.0.1:{server.port}",

@@ -15,10 +15,12 @@ from helpers import LOGIT_ATOL, free_port
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from xlaserve.runtime import models
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.llama import param_info
+from xlaserve.runtime.models.params import declared
+from xlaserve.runtime.placement import param_spec
 from xlaserve.sharding.mesh import MeshSpec, parse_mesh
-from xlaserve.sharding.rules import RULES, axis_spec, check_rules
+from xlaserve.sharding.rules import RULES, check_rules
 
 SMOL = ModelConfig(
     vocab_size=49152,
@@ -46,9 +48,9 @@ def test_parse_mesh():
 
 
 def spec(name: str, tp: int, block: int = 1) -> P:
-    info = param_info(SMOL)
-    leaf = getattr(info.layers, name) if hasattr(info.layers, name) else getattr(info, name)
-    return axis_spec(SMOL, leaf, AbstractMesh((tp,), ("tp",)), block=block)
+    infos = declared(models.declare(SMOL))
+    leaf = infos.get(f"layers.{name}") or infos[name]
+    return param_spec(SMOL, leaf, AbstractMesh((tp,), ("tp",)), block=block)
 
 
 def test_column_row_and_vocab_parallel_specs():
@@ -68,9 +70,10 @@ def test_column_row_and_vocab_parallel_specs():
 
 
 def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
-    check_rules(RULES)
+    axes = [info.axes for info in declared(models.declare(SMOL)).values()]
+    check_rules(axes, RULES)
     with pytest.raises(ValueError, match="two logical axes"):
-        check_rules({**RULES, "embed": "tp"})
+        check_rules(axes, {**RULES, "embed": "tp"})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +158,7 @@ def test_two_processes_under_jax_distributed_equal_one(llm, model_path):
         "--ignore-eos",
     ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    cmd = [sys.executable, "-m", "xlaserve.serve.cli", "generate", *flags]
+    cmd = [sys.executable, "-m", "xlaserve.cli", "generate", *flags]
     follower = subprocess.Popen(
         [*cmd, "--process-id", "1", "unused"],
         env=env,

@@ -13,9 +13,9 @@ import pytest
 from helpers import TEST_ENGINE
 
 from xlaserve import LLM, SamplingParams
+from xlaserve.runtime.admission import Overloaded, RequestTooLarge
+from xlaserve.runtime.engine_loop import Draining, EngineLoop
 from xlaserve.runtime.request import FinishReason
-from xlaserve.runtime.scheduler import Overloaded, RequestTooLarge
-from xlaserve.runtime.service import Draining, EngineLoop
 
 WORDS = "river stone lantern orchard copper violet meadow harbor quiet silver thunder maple".split()
 
@@ -56,7 +56,7 @@ def test_arrivals_at_different_times_change_nothing(llm, alone):
         runner.step()
     assert [r.output_ids for r in requests] == alone
     stats = llm.stats()
-    assert stats["slots_busy"] == 0 and stats["pages_used"] == 0 and stats["queue_length"] == 0
+    assert stats.slots_busy == 0 and stats.pages_used == 0 and stats.queue_length == 0
 
 
 def test_preemption_with_a_small_page_pool_changes_nothing(model_path, alone):
@@ -68,11 +68,11 @@ def test_preemption_with_a_small_page_pool_changes_nothing(model_path, alone):
     ]
     outs = small.generate([p for p, _ in long_cases + CASES], [sp for _, sp in long_cases + CASES])
     stats = small.stats()
-    assert stats["preemptions"] > 0
+    assert stats.preemptions > 0
     assert [o.token_ids for o in outs[4:]] == alone
     for (p, sp), out in zip(long_cases, outs[:4], strict=True):  # and each equals its solo run
         assert small.generate(p, sp)[0].token_ids == out.token_ids
-    assert small.stats()["pages_used"] == 0
+    assert small.stats().pages_used == 0
 
 
 def test_prefix_cache_hit_same_output_fewer_prefill_tokens(llm):
@@ -80,17 +80,17 @@ def test_prefix_cache_hit_same_output_fewer_prefill_tokens(llm):
     asks = [system + " Question: what colour is the sky?", system + " Question: name a fruit."]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     cold_runner = llm.runner
-    before = cold_runner.stats()["prefill_tokens_computed"]
+    before = cold_runner.stats().prefill_tokens_computed
     cold = llm.generate(asks[1], params)[0]  # nothing of this prompt is cached yet
-    cold_cost = cold_runner.stats()["prefill_tokens_computed"] - before
+    cold_cost = cold_runner.stats().prefill_tokens_computed - before
     assert cold.cached_tokens == 0 and cold_cost == len(cold.prompt_token_ids)
     llm.generate(asks[0], params)  # shares the long system prompt
-    before = llm.stats()["prefill_tokens_computed"]
+    before = llm.stats().prefill_tokens_computed
     warm = llm.generate(asks[1], params)[0]
-    warm_cost = llm.stats()["prefill_tokens_computed"] - before
+    warm_cost = llm.stats().prefill_tokens_computed - before
     assert warm.token_ids == cold.token_ids
     assert warm.cached_tokens >= 150 and warm_cost == len(warm.prompt_token_ids) - warm.cached_tokens
-    assert llm.stats()["prefix_hit_rate"] > 0
+    assert llm.stats().prefix_hit_rate > 0
 
 
 def test_cancel_frees_slot_and_pages_within_a_step(llm):
@@ -99,12 +99,10 @@ def test_cancel_frees_slot_and_pages_within_a_step(llm):
         if i == 5:
             break
     busy = llm.stats()
-    assert busy["slots_busy"] == 1 and busy["pages_used"] > 0
+    assert busy.slots_busy == 1 and busy.pages_used > 0
     stream.close()  # an abandoned stream is cancelled
     after = llm.stats()
-    assert (
-        after["slots_busy"] == 0 and after["pages_used"] == 0 and after["requests_finished"]["cancelled"] >= 1
-    )
+    assert after.slots_busy == 0 and after.pages_used == 0 and after.requests_finished["cancelled"] >= 1
 
 
 def test_deadline_while_decoding_and_while_queued(llm):
@@ -132,9 +130,7 @@ def test_deadline_while_decoding_and_while_queued(llm):
     while runner.busy:
         runner.step()
     stats = llm.stats()
-    assert (
-        stats["slots_busy"] == 0 and stats["pages_used"] == 0 and stats["requests_finished"]["deadline"] >= 2
-    )
+    assert stats.slots_busy == 0 and stats.pages_used == 0 and stats.requests_finished["deadline"] >= 2
 
 
 def test_admission_limits_on_the_real_engine(llm):

@@ -1,4 +1,5 @@
-"""`xlaserve.LLM`: load a model, compile it, and run prompts through the slot manager.
+"""`xlaserve.LLM`: load a model, compile it, and run prompts through the slot manager: generate,
+stream and chat; score and score_rolling (results and windows in runtime/scoring.py); stats.
 
 llm = LLM("smollm2")
 out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=32))
@@ -13,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -22,33 +22,18 @@ from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.load import load_model
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.leader import LeaderEngine
 from xlaserve.runtime.replicas import Replicas
 from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
-from xlaserve.runtime.sampling import SamplingParams, with_seed
+from xlaserve.runtime.sampling_params import SamplingParams, with_seed
+from xlaserve.runtime.scoring import ScoreResult, rolling_windows
+from xlaserve.runtime.stats import EngineStats
 from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
-from xlaserve.sharding.multihost import LeaderEngine
 
 log = logging.getLogger("xlaserve")
 
 Prompt = str | Sequence[int]
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """Log-probabilities of the scored tokens, each given everything before it."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    is_greedy: list[bool]  # the token was the model's argmax
-
-    @property
-    def sum_logprob(self) -> float:
-        return float(sum(self.logprobs))
-
-    @property
-    def all_greedy(self) -> bool:
-        return all(self.is_greedy)
 
 
 def enable_compile_cache(path: str | None) -> str | None:
@@ -199,7 +184,7 @@ class LLM:
         self.runner.scheduler.check(req)
         return req
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Slots busy, pages free/used/cached, queue length, prefix hit rate, preemptions, ..."""
         return self.runner.stats()
 
@@ -251,8 +236,7 @@ class LLM:
         if isinstance(first, str) and isinstance(second, str):
             context = self.tokenizer.encode(first) if first else []
             if not context:  # the first scored token needs something before it
-                bos = self.config.bos_token_id
-                context = [bos if bos is not None else next(iter(self.eos_ids))]
+                context = [self._start_token]
             continuation = self.tokenizer.encode(second, add_special_tokens=False)
             if not continuation:
                 raise ValueError("continuation is empty (0 tokens)")
@@ -275,6 +259,12 @@ class LLM:
         self.runner.scheduler.check(req)
         return req
 
+    @property
+    def _start_token(self) -> int:
+        """What scoring conditions a text's first token on: BOS, else EOS."""
+        bos = self.config.bos_token_id
+        return bos if bos is not None else next(iter(self.eos_ids))
+
     def score(self, items) -> list[ScoreResult]:
         """Log-probs of continuations: each item is (context, continuation) text, or (token ids,
         start) to score ids[start:]. Runs prefill-only through the slot manager, batched; shared
@@ -282,7 +272,7 @@ class LLM:
         requests = [self.score_request(item) for item in items]
         for _ in self._run(requests):
             pass
-        return [score_result(r) for r in requests]
+        return [ScoreResult.of(r) for r in requests]
 
     def score_rolling(
         self, texts, window: int | None = None, prefix_token: int | None = None
@@ -290,40 +280,22 @@ class LLM:
         """Log-likelihood of every token of each text (perplexity), predicted `window` tokens at a
         time (default: the engine's max_model_len - 2): the first window is conditioned on
         `prefix_token` (default BOS, else EOS), each later one on the token before it, the last
-        (shorter) one on a full window of context. These are lm-evaluation-harness's windows
-        (get_rolling_token_windows with context_len=1, made disjoint)."""
+        (shorter) one on a full window of context: lm-evaluation-harness's windows
+        (`runtime/scoring.py` rolling_windows)."""
         limit = self.engine_config.max_model_len - 2
         window = window or limit
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= limit:
             raise ValueError(f"window={window!r} must be in [1, {limit}] (max_model_len - 2)")
-        prefix = (
-            prefix_token
-            if prefix_token is not None
-            else (
-                self.config.bos_token_id if self.config.bos_token_id is not None else next(iter(self.eos_ids))
-            )
-        )
+        prefix = self._start_token if prefix_token is None else prefix_token
         plans = []
         for text in texts:
             ids = text if not isinstance(text, str) else self.tokenizer.encode(text, add_special_tokens=False)
-            pieces = [([prefix, *ids[:window]], 1)] if ids else []
-            done = min(window, len(ids))
-            while done < len(ids):
-                end = min(done + window, len(ids))
-                pieces.append((ids[end - window - 1 : end], window + 1 - (end - done)))
-                done = end
-            plans.append(pieces)
+            plans.append(rolling_windows(ids, window, prefix))
         flat = self.score([p for pieces in plans for p in pieces])
         out, i = [], 0
         for pieces in plans:
-            parts, i = flat[i : i + len(pieces)], i + len(pieces)
-            out.append(
-                ScoreResult(
-                    [t for p in parts for t in p.token_ids],
-                    [x for p in parts for x in p.logprobs],
-                    [g for p in parts for g in p.is_greedy],
-                )
-            )
+            out.append(ScoreResult.concat(flat[i : i + len(pieces)]))
+            i += len(pieces)
         return out
 
     def chat(self, messages, params: SamplingParams | None = None) -> RequestOutput:
@@ -335,14 +307,6 @@ class LLM:
     ) -> Iterator[Delta]:
         """Deltas of one request as they are produced; the last has delta.finished."""
         yield from self._run([self.make_request(prompt, params or SamplingParams(), chat=chat)])
-
-
-def score_result(req: Request) -> ScoreResult:
-    return ScoreResult(
-        token_ids=list(req.prompt_ids[req.score_start :]),
-        logprobs=[lp for lp, _ in req.scores],
-        is_greedy=[g for _, g in req.scores],
-    )
 
 
 def _as_list(prompts, chat: bool) -> list:

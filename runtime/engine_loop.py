@@ -8,14 +8,16 @@ admission and lets running requests finish; `close()` cancels whatever is left.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 
+from xlaserve.runtime.admission import Overloaded
 from xlaserve.runtime.request import Delta, FinishReason, Request
 from xlaserve.runtime.runner import Runner
-from xlaserve.runtime.scheduler import Overloaded
+from xlaserve.runtime.stats import EngineStats
 
 log = logging.getLogger("xlaserve")
 
@@ -92,9 +94,9 @@ class EngineLoop:
         if stream is not None and req is not None:
             stream._put(Delta(req, [], "", [], finished=True))
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         with self._lock:
-            return {**self.runner.stats(), "draining": self._draining}
+            return dataclasses.replace(self.runner.stats(), draining=self._draining)
 
     def stop_admitting(self) -> None:
         with self._lock:

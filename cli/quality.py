@@ -1,19 +1,20 @@
-"""What quantizing at convert time cost: perplexity of the converted model against its source on
-the same text, both scored by our engine with lm-evaluation-harness's rolling windows."""
+"""The convert-time quality report: perplexity of the converted model against its source on the
+same text, both scored by our engine with lm-evaluation-harness's rolling windows."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-# A public-domain text (Dickens, A Tale of Two Cities, chapter 1), shipped with the source tree.
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "two_cities.txt"
+from xlaserve.data import TWO_CITIES
+
+DEFAULT_TEXT = TWO_CITIES
 # Small enough to compile quickly; the text is scored in windows of max_model_len - 2 tokens.
 REPORT_ENGINE = dict(max_slots=2, prefill_buckets=(128,), max_model_len=512)
 
 
 def perplexity(model, text: str, **engine) -> dict:
-    from xlaserve import LLM
+    from xlaserve.llm import LLM
 
     llm = LLM(str(model), **(REPORT_ENGINE | engine))
     (res,) = llm.score_rolling([text])

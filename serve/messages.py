@@ -1,10 +1,12 @@
-"""Between protocol messages and the runtime's types. Every invalid field raises ValueError whose
-message starts with the field's name in the request."""
+"""Between protocol messages and the runtime's types: requests in (sampling parameters, prompts,
+score items), deltas, finals, model info and server stats out. Every invalid field raises ValueError
+whose message starts with the field's name in the request."""
 
 from __future__ import annotations
 
 from xlaserve.runtime.request import Delta, FinishReason, Request
-from xlaserve.runtime.sampling import SamplingParams
+from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.stats import EngineStats
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
 
 FINISH = {
@@ -128,20 +130,19 @@ def model_info(llm, mesh: str, version: str) -> pb.ModelInfo:
     )
 
 
-def server_stats(stats: dict, uptime_s: float) -> pb.ServerStats:
-    keys = (
-        "slots_total",
-        "slots_busy",
-        "queue_length",
-        "pages_total",
-        "pages_free",
-        "pages_used",
-        "pages_cached",
-        "prefix_hit_rate",
-        "prefill_tokens_saved",
-        "preemptions",
-        "draining",
-    )
+def server_stats(stats: EngineStats, uptime_s: float) -> pb.ServerStats:
     return pb.ServerStats(
-        **{k: stats[k] for k in keys}, requests_finished=stats["requests_finished"], uptime_s=uptime_s
+        slots_total=stats.slots_total,
+        slots_busy=stats.slots_busy,
+        queue_length=stats.queue_length,
+        pages_total=stats.pages_total,
+        pages_free=stats.pages_free,
+        pages_used=stats.pages_used,
+        pages_cached=stats.pages_cached,
+        prefix_hit_rate=stats.prefix_hit_rate,
+        prefill_tokens_saved=stats.prefill_tokens_saved,
+        preemptions=stats.preemptions,
+        requests_finished=stats.requests_finished,
+        draining=stats.draining,
+        uptime_s=uptime_s,
     )

@@ -1,0 +1,132 @@
+"""What several commands share: the engine flags and their `LLM` keyword arguments, the progress
+line on stderr, reading key/certificate files, and joining a multi-host job (join_cluster, follow)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from xlaserve.checkpoints import registry
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, one line per message otherwise."""
+
+    def __init__(self, stream=None):
+        stream = stream or sys.stderr
+        self.stream, self.tty, self.t0, self.n = stream, stream.isatty(), time.perf_counter(), 0
+
+    def __call__(self, msg: str) -> None:
+        self.n += 1
+        line = f"[{time.perf_counter() - self.t0:6.1f}s] {msg}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self, msg: str) -> None:
+        self(msg)
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=registry.DEFAULT_MODEL,
+        help="alias (smollm2), a .gguf file, an HF directory or an xlaserve checkpoint directory "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--mesh", help="device mesh: tp=N shards the model, dp=M runs replicas (e.g. dp=2,tp=4)")
+    g.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0's jax.distributed coordinator")
+    g.add_argument("--num-processes", type=int, help="multi-host: processes in the job (one per host)")
+    g.add_argument("--process-id", type=int, help="multi-host: this process (0 serves, the others follow)")
+    g.add_argument("--max-slots", type=int, help="concurrent sequences (decode batch, per replica)")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
+    g.add_argument("--page-size", type=int, help="tokens per KV page")
+    g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
+    g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: float32 on CPU, bfloat16 elsewhere",
+    )
+    g.add_argument(
+        "--quantized",
+        action=argparse.BooleanOptionalAction,
+        help="keep GGUF-quantized weights quantized (default) or dequantize them at load",
+    )
+    g.add_argument("--compile-cache", help="JAX compilation cache directory ('' turns it off)")
+    g.add_argument(
+        "--attention-impl",
+        choices=["auto", "pallas", "xla"],
+        help="paged attention: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+    )
+    g.add_argument(
+        "--matmul-impl",
+        choices=["auto", "pallas", "xla"],
+        help="quantized matmul: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+    )
+
+
+def engine_kwargs(args) -> dict:
+    keys = (
+        "max_slots",
+        "max_model_len",
+        "page_size",
+        "decode_steps",
+        "prefill_buckets",
+        "dtype",
+        "quantized",
+        "compile_cache",
+        "max_queue",
+        "max_per_client",
+        "attention_impl",
+        "matmul_impl",
+    )
+    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
+
+
+def read_bytes(path: str | None) -> bytes | None:
+    """A key or certificate file's bytes; None when no path was given."""
+    return None if not path else open(path, "rb").read()
+
+
+def join_cluster(args) -> bool:
+    """Multi-host: join jax.distributed. True when this process is a follower."""
+    if args.coordinator is None:
+        return False
+    from xlaserve.sharding import multihost
+
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    return args.process_id != 0
+
+
+def follow(args) -> int:
+    """A follower: build the same engine, then replay process 0's calls until it stops."""
+    from xlaserve.llm import LLM
+    from xlaserve.runtime import leader
+
+    progress = Progress()
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
+    progress(f"process {args.process_id}: following process 0 on {llm.describe_mesh()}")
+    calls = leader.follow(llm.engine)
+    progress.done(f"process {args.process_id}: done after {calls} calls")
+    return 0
+
+
+def finish_cluster(llm) -> None:
+    if hasattr(llm.engine, "stop"):  # multi-host leader: release the followers
+        llm.engine.stop()

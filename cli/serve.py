@@ -1,0 +1,95 @@
+"""`xlaserve serve`: serve the model over gRPC (xlaserve.v1.Generation, health, reflection), with
+optional TLS, API keys and Prometheus metrics; drains running streams on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+from xlaserve.checkpoints import registry
+from xlaserve.cli.common import (
+    Progress,
+    add_engine_args,
+    engine_kwargs,
+    finish_cluster,
+    follow,
+    join_cluster,
+    read_bytes,
+)
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from xlaserve.llm import LLM
+    from xlaserve.runtime.models.params import weight_bytes
+    from xlaserve.serve.auth import load_keys
+    from xlaserve.serve.server import Server
+
+    if join_cluster(args):
+        return follow(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = (read_bytes(args.tls_key), read_bytes(args.tls_cert)) if args.tls_cert else None
+    keys = load_keys(args.api_key_file, args.api_keys_env)
+    progress = Progress()
+    names = (args.model, registry.DEFAULT_MODEL) if args.model == registry.DEFAULT_MODEL else (args.model,)
+    server = Server(
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        api_keys=keys,
+        max_workers=args.max_workers,
+        max_message_bytes=args.max_message_bytes,
+        model_names=names,
+    ).start()
+    progress(
+        f"listening on {args.host}:{server.port} ({'TLS' if tls else 'plaintext'}"
+        f"{', API keys required' if keys else ''}); health NOT_SERVING until the model is compiled"
+    )
+    if args.metrics_port is not None:
+        server.metrics.serve(args.metrics_port, args.host)
+        progress(f"Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
+    server.service.model_names = (*names, llm.config.name)
+    server.service.mesh = llm.describe_mesh()
+    server.attach(llm)
+    e, ecfg = llm.engine, llm.engine_config
+    weights_mb = weight_bytes(e.weights) / 2**20
+    kv_mb = 2 * e.cache.k.nbytes / 2**20
+    compile_s = sum(e.compile_seconds.values())
+    progress.done(
+        f"SERVING {llm.config.name} ({llm.quantization}, {ecfg.dtype}) on {llm.describe_mesh()}; "
+        f"{ecfg.max_slots} slots x {ecfg.max_model_len} tokens; weights {weights_mb:.0f} MiB, "
+        f"KV cache {kv_mb:.0f} MiB; load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s"
+    )
+    stop.wait()
+    server.begin_drain()
+    progress(f"draining: no new requests; {args.grace_period:.0f}s for running streams")
+    finished = server.drain(args.grace_period)
+    finish_cluster(llm)
+    progress.done("stopped" + ("" if finished else " (grace period over: remaining streams cancelled)"))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model over gRPC (xlaserve.v1.Generation, health, reflection)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--api-key-file", help="file of accepted API keys, one per line")
+    p.add_argument(
+        "--api-keys-env", default="XLASERVE_API_KEYS", help="env var with comma-separated API keys"
+    )
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds running streams get on SIGTERM")
+    p.add_argument("--max-workers", type=int, default=256, help="concurrent RPCs (threads)")
+    p.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-per-client", type=int, help="requests in flight per client (x-client-id or API key)"
+    )
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,63 @@
+"""`EngineStats`: one snapshot of an engine's slots, KV pages, queue and counters. No JAX here.
+
+The scheduler fills in the slot, page and prefix-cache fields (`Scheduler.stats`), the runner adds
+its request and prefill counters (`Runner.stats`), the engine loop whether it is draining
+(`EngineLoop.stats`). Data-parallel replicas add theirs up: `a + b`, or `EngineStats.total(parts)`.
+The gRPC `ServerStats` message (serve/messages.py) and the Prometheus gauges (serve/metrics.py)
+are read from these fields; `EngineStats()` is the all-zero snapshot of an engine not loaded yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    slots_total: int = 0  # decode slots
+    slots_busy: int = 0  # slots holding a request (prefilling or decoding)
+    queue_length: int = 0  # requests waiting for a slot
+    pages_total: int = 0  # KV pages in the pool
+    pages_free: int = 0  # pages holding nothing
+    pages_cached: int = 0  # published pages no request holds: kept by the prefix cache, evictable
+    pages_used: int = 0  # pages held by requests
+    prompt_tokens: int = 0  # prompt tokens admitted to a slot (first admission; not recomputes)
+    prefill_tokens_saved: int = 0  # of those, the ones served from the prefix cache
+    prefill_tokens_computed: int = 0  # prompt tokens run through the model (recomputes included)
+    preemptions: int = 0  # sequences sent back to the queue for lack of pages
+    evictions: int = 0  # cached pages evicted to make room
+    requests_running: int = 0  # requests in a slot
+    requests_finished: dict[str, int] = field(default_factory=dict, hash=False)  # by FinishReason value
+    replicas: int = 1  # runners summed into this snapshot
+    draining: bool = False  # the engine loop admits nothing new
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens admitted (0 before any)."""
+        return self.prefill_tokens_saved / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def __add__(self, other: EngineStats) -> EngineStats:
+        """Two replicas' stats together: counts add up, finished requests add up per reason, and
+        the sum is draining if either is."""
+        if not isinstance(other, EngineStats):
+            return NotImplemented
+        values = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "requests_finished":
+                values[f.name] = {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+            elif f.name == "draining":
+                values[f.name] = a or b
+            else:
+                values[f.name] = a + b
+        return EngineStats(**values)
+
+    @staticmethod
+    def total(parts: Iterable[EngineStats]) -> EngineStats:
+        """The sum of one or more snapshots (replicas)."""
+        parts = list(parts)
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
