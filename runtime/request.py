@@ -42,6 +42,11 @@ class Timings:
     def ttft_s(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
 
+    @property
+    def queue_s(self) -> float | None:
+        """Arrival to first admitted to a slot (what the Prometheus queue-time histogram records)."""
+        return None if self.scheduled is None else self.scheduled - self.arrival
+
     def decode_tokens_per_s(self, n_tokens: int) -> float | None:
         if self.first_token is None or self.finished is None or n_tokens < 2:
             return None
@@ -51,6 +56,7 @@ class Timings:
     def as_dict(self, n_tokens: int) -> dict:
         total = None if self.finished is None else self.finished - self.arrival
         return {
+            "queue_s": self.queue_s,
             "ttft_s": self.ttft_s,
             "decode_tokens_per_s": self.decode_tokens_per_s(n_tokens),
             "total_s": total,

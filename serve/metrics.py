@@ -84,8 +84,8 @@ class Metrics:
         t = req.timings
         if t.ttft_s is not None:
             self.ttft.observe(t.ttft_s)
-        if t.scheduled is not None:
-            self.queue.observe(t.scheduled - t.arrival)
+        if t.queue_s is not None:
+            self.queue.observe(t.queue_s)
         if t.finished is not None:
             self.e2e.observe(t.finished - t.arrival)
         self.prompt_tokens.inc(len(req.prompt_ids))

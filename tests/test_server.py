@@ -12,42 +12,15 @@ import urllib.request
 
 import grpc
 import pytest
-import tokenizers
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tokenizers import models, pre_tokenizers
+from serving import Code, mock_llm, start
 
-from xlaserve import LLM, EngineConfig, SamplingParams
-from xlaserve.checkpoints.tokenizer import Tokenizer
-from xlaserve.runtime.mock_engine import OTHER_LOGPROB, VOCAB, MockEngine
+from xlaserve import SamplingParams
+from xlaserve.runtime.mock_engine import OTHER_LOGPROB
 from xlaserve.serve.client import AsyncClient, Client
 from xlaserve.serve.proto import generate as proto_gen
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
 from xlaserve.serve.server import Server
-
-Code = grpc.StatusCode
-ENGINE = EngineConfig(max_slots=4, max_queue=8, max_model_len=256, page_size=4, max_per_client=None)
-
-
-def mock_tokenizer(vocab: int = VOCAB) -> Tokenizer:
-    """The mock engine's words: token i is "w{i}", separated by spaces; w0 is EOS."""
-    backend = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    template = (
-        "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}"
-        "{% if add_generation_prompt %}w3{% endif %}"
-    )
-    return Tokenizer(backend, bos_token=None, eos_token="w0", chat_template=template, source="mock")
-
-
-def mock_llm(step_s: float = 0.0, **fields) -> LLM:
-    cfg = EngineConfig(**{**ENGINE.__dict__, **fields})
-    return LLM.from_engine(MockEngine(cfg, step_s=step_s), mock_tokenizer(), source="mock")
-
-
-def start(llm, **server_kw) -> tuple[Server, Client]:
-    server = Server(port=0, model_names=("mock",), **server_kw).start()
-    server.attach(llm)
-    return server, Client(f"127.0.0.1:{server.port}", api_key=server_kw.get("api_keys", [None])[0])
 
 
 @pytest.fixture(scope="module")
@@ -490,3 +463,11 @@ def test_scoring_chunks_share_device_calls():
     assert [r.all_greedy for r in results] == [True] * 10 + [False]
     assert results[-1].logprobs == [OTHER_LOGPROB]
     assert sum(calls) == len(items) and max(calls) == 4 and len(calls) < len(items)
+
+
+def test_final_timings_carry_the_queue_time(served):
+    """Final.timings.queue_s is arrival to first scheduled (it was always 0.0), the same interval the
+    Prometheus queue-time histogram records; it is part of the time to first token."""
+    _, client = served
+    out = client.generate("w5", max_tokens=3)
+    assert 0.0 < out.timings["queue_s"] <= out.timings["ttft_s"] <= out.timings["total_s"]
