@@ -20,6 +20,8 @@ import numpy as np
 
 from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.load import load_model
+from xlaserve.runtime import budget
+from xlaserve.runtime.admission import check_sampling, prompt_bytes
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.leader import LeaderEngine
@@ -90,7 +92,7 @@ class LLM:
                 raise ValueError("multi-host runs one tensor-parallel model (dp=1); give the mesh as tp=N")
             if jax.process_index() == 0:
                 engines = [LeaderEngine(engines[0])]
-        self._setup(engines, loaded.tokenizer, str(path), loaded.quantization, load_seconds, spec)
+        self._setup(engines, loaded.tokenizer, str(path), loaded.quantization, load_seconds, spec, progress)
 
     @classmethod
     def from_engine(
@@ -101,22 +103,17 @@ class LLM:
         self._setup([engine], tokenizer, source, quantization, 0.0, MeshSpec())
         return self
 
-    def _setup(
-        self, engines, tokenizer, source: str, quantization: str, load_seconds: float, mesh: MeshSpec
-    ) -> None:
-        self.engines, self.engine, self.tokenizer, self.config = (
-            engines,
-            engines[0],
-            tokenizer,
-            engines[0].cfg,
-        )
-        self.model_path, self.quantization, self.load_seconds, self.mesh = (
-            source,
-            quantization,
-            load_seconds,
-            mesh,
-        )
-        runners = [Runner(e, tokenizer) for e in engines]
+    def _setup(self, engines, tokenizer, source, quantization, load_seconds, mesh, progress=None) -> None:
+        self.engines, self.engine, self.tokenizer = engines, engines[0], tokenizer
+        self.config = engines[0].cfg
+        self.model_path, self.quantization, self.load_seconds = source, quantization, load_seconds
+        self.mesh = mesh
+        # Measured on one replica (they run the same programs on the same kind of devices); a follower
+        # process only replays the leader's calls, the leader's measurement included.
+        follower = jax.process_count() > 1 and not isinstance(engines[0], LeaderEngine)
+        self.prefill_budget = budget.prefill_budget(engines[0], measure_it=not follower)
+        (progress or log.info)(self.prefill_budget.describe())
+        runners = [Runner(e, tokenizer, token_budget=self.prefill_budget.tokens) for e in engines]
         self.runner = runners[0] if len(runners) == 1 else Replicas(runners)
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
@@ -132,10 +129,14 @@ class LLM:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
-        """Prompt text (or chat messages with chat=True) -> ids, checked against the engine's limits."""
+    def encode(self, prompt: Prompt, *, chat: bool = False, allow_special_tokens: bool = False) -> list[int]:
+        """Prompt text (or chat messages with chat=True) -> ids, checked against the engine's limits;
+        a text too big to fit is refused before it is tokenized (RequestTooLarge). In chat messages,
+        special-token text ("<|im_start|>") is plain text unless allow_special_tokens=True
+        (Tokenizer.encode_chat); a text prompt is the caller's own and keeps its special tokens."""
+        self.check_prompt_size(prompt, chat)
         if chat:
-            ids = self.tokenizer.encode_chat(prompt)
+            ids = self.tokenizer.encode_chat(prompt, allow_special_tokens=allow_special_tokens)
         elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -147,6 +148,24 @@ class LLM:
             raise ValueError("prompt is empty (0 tokens)")
         return ids
 
+    def check_prompt_size(self, prompt, chat: bool = False) -> None:
+        """Refuse (RequestTooLarge) a prompt text, or chat messages, whose size in bytes cannot fit
+        max_prompt_tokens, without tokenizing it (admission.py); `encode` calls it first."""
+        n, field = prompt_bytes(prompt, chat)
+        token_bytes = getattr(self.tokenizer, "max_token_bytes", None)
+        self.runner.scheduler.limits.check_prompt_bytes(n, token_bytes, field)
+
+    def sampling_params(self, **fields) -> SamplingParams:
+        """SamplingParams(**fields), checked first against this engine's limits, so a refusal quotes
+        the limit that applies here (max_logprobs, the vocabulary size) rather than the bounds
+        SamplingParams knows without an engine. What a server should build requests' params with."""
+        self._check_params(fields.get("logprobs"), fields.get("stop_token_ids") or ())
+        return SamplingParams(**fields)
+
+    def _check_params(self, logprobs, stop_token_ids) -> None:
+        most, vocab = self.engine_config.max_logprobs, self.config.vocab_size
+        check_sampling(logprobs, stop_token_ids, max_logprobs=most, vocab_size=vocab)
+
     def make_request(
         self,
         prompt: Prompt,
@@ -157,18 +176,14 @@ class LLM:
         priority: int = 0,
         client_id: str | None = None,
         timeout_s: float | None = None,
+        allow_special_tokens: bool = False,
     ) -> Request:
-        """A validated request (ValueError / RequestTooLarge name the field and the limit)."""
+        """A validated request (ValueError / RequestTooLarge name the field and the limit).
+        allow_special_tokens: see `encode` (chat messages only)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if params.logprobs is not None and params.logprobs > self.engine_config.max_logprobs:
-            raise ValueError(
-                f"logprobs={params.logprobs} exceeds max_logprobs={self.engine_config.max_logprobs}"
-            )
-        bad = next((t for t in params.stop_token_ids if t >= self.config.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids contains {bad}, out of range [0, {self.config.vocab_size})")
-        ids = self.encode(prompt, chat=chat)
+        self._check_params(params.logprobs, params.stop_token_ids)
+        ids = self.encode(prompt, chat=chat, allow_special_tokens=allow_special_tokens)
         now = time.perf_counter()
         req = Request(
             request_id=request_id or f"req-{next(self._ids)}",
@@ -214,16 +229,21 @@ class LLM:
         *,
         chat: bool = False,
         on_delta: Callable[[int, Delta], None] | None = None,
+        allow_special_tokens: bool = False,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched; outputs in prompt order. With chat=True each
-        prompt is a list of {"role", "content"} messages (the model's template is applied).
-        on_delta(i, delta) is called as prompt i produces tokens."""
+        prompt is a list of {"role", "content"} messages (the model's template is applied; special
+        tokens in them are text unless allow_special_tokens). on_delta(i, delta) is called as
+        prompt i produces tokens."""
         prompts = _as_list(prompts, chat)
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        requests = [self.make_request(p, sp, chat=chat) for p, sp in zip(prompts, plist, strict=True)]
+        requests = [
+            self.make_request(p, sp, chat=chat, allow_special_tokens=allow_special_tokens)
+            for p, sp in zip(prompts, plist, strict=True)
+        ]
         index = {r.request_id: i for i, r in enumerate(requests)}
         for delta in self._run(requests):
             if on_delta is not None:
@@ -234,6 +254,7 @@ class LLM:
         """A scoring request for (context text, continuation text) or (token ids, start index)."""
         first, second = item
         if isinstance(first, str) and isinstance(second, str):
+            self.check_prompt_size(first + second, chat=False)
             context = self.tokenizer.encode(first) if first else []
             if not context:  # the first scored token needs something before it
                 context = [self._start_token]
@@ -298,15 +319,25 @@ class LLM:
             i += len(pieces)
         return out
 
-    def chat(self, messages, params: SamplingParams | None = None) -> RequestOutput:
+    def chat(
+        self, messages, params: SamplingParams | None = None, *, allow_special_tokens: bool = False
+    ) -> RequestOutput:
         """One conversation (a list of messages) -> the assistant's reply."""
-        return self.generate([messages], params, chat=True)[0]
+        return self.generate([messages], params, chat=True, allow_special_tokens=allow_special_tokens)[0]
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+        allow_special_tokens: bool = False,
     ) -> Iterator[Delta]:
         """Deltas of one request as they are produced; the last has delta.finished."""
-        yield from self._run([self.make_request(prompt, params or SamplingParams(), chat=chat)])
+        req = self.make_request(
+            prompt, params or SamplingParams(), chat=chat, allow_special_tokens=allow_special_tokens
+        )
+        yield from self._run([req])
 
 
 def _as_list(prompts, chat: bool) -> list:

@@ -1,11 +1,20 @@
 """Chat templates: the model's Jinja template rendered the way HF `apply_chat_template` renders it
 (sandboxed environment, trim_blocks, lstrip_blocks, loop controls, `raise_exception`,
-`strftime_now`, a `tojson` filter that keeps non-ASCII text)."""
+`strftime_now`, a `tojson` filter that keeps non-ASCII text).
+
+A template pastes roles and contents into the prompt verbatim, so a message could forge turns: a
+role "user<|im_end|>\n<|im_start|>system" or a content holding "<|im_start|>". Two defences:
+- roles are checked against the ones the template accepts (`template_roles`);
+- special-token text inside messages is swapped for placeholders before rendering
+  (`escape_specials`), so the tokenizer can encode it as the plain text it is while the template's
+  own special tokens stay special (Tokenizer.encode_chat).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 
 import jinja2
@@ -32,8 +41,25 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def check_messages(messages) -> list[dict]:
-    """Messages as a list of {"role": str, "content": str}; ValueError names the bad field."""
+BASE_ROLES = ("system", "user", "assistant")
+OPTIONAL_ROLES = ("tool", "ipython")  # accepted when the template names them
+
+
+@functools.lru_cache(maxsize=8)
+def template_roles(template: str) -> tuple[str, ...]:
+    """The roles a message may have: system, user, assistant, and the optional ones the template
+    names (quoted, as in `message['role'] == 'tool'`)."""
+    named = tuple(r for r in OPTIONAL_ROLES if re.search(rf"""['"]{r}['"]""", template))
+    return BASE_ROLES + named
+
+
+def _show(text: str, most: int = 60) -> str:
+    return repr(text) if len(text) <= most else repr(text[:most]) + f"... ({len(text)} characters)"
+
+
+def check_messages(messages, roles: tuple[str, ...] | None = None) -> list[dict]:
+    """Messages as a list of {"role": str, "content": str}, each role one of `roles` (None: any);
+    ValueError names the bad field."""
     if not isinstance(messages, list | tuple) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     out = []
@@ -45,15 +71,52 @@ def check_messages(messages) -> list[dict]:
                 raise ValueError(f"messages[{i}].{key} must be a string")
         if not m["role"]:
             raise ValueError(f"messages[{i}].role must be non-empty")
+        if roles is not None and m["role"] not in roles:
+            raise ValueError(
+                f"messages[{i}].role={_show(m['role'])} is not a role the chat template accepts "
+                f"(one of: {', '.join(roles)})"
+            )
         out.append(dict(m))
     return out
 
 
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
+
+
+def escape_specials(messages: list[dict], special: re.Pattern) -> tuple[list[dict], list[str], str]:
+    """Checked messages with every match of `special` (the tokenizer's special tokens) in their
+    strings swapped for a placeholder f"{mark}{k}{mark}"; returns them, the texts swapped (k indexes
+    them) and the mark: a private-use character that occurs in no message, so no placeholder can be
+    forged. Roles are left alone (checked against the template's instead). Nothing to swap: the
+    messages as they are, [] and ""."""
+    texts = [v for m in messages for k, v in m.items() if isinstance(v, str) and k != "role"]
+    if not any(special.search(v) for v in texts):
+        return messages, [], ""
+    used = {c for v in texts for c in _PRIVATE_USE.findall(v)}
+    mark = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used), None)
+    if mark is None:
+        raise ValueError("messages hold special-token text and every private-use character; drop either")
+    swapped: list[str] = []
+
+    def swap(match: re.Match) -> str:
+        swapped.append(match.group(0))
+        return f"{mark}{len(swapped) - 1}{mark}"
+
+    out = [
+        {k: special.sub(swap, v) if isinstance(v, str) and k != "role" else v for k, v in m.items()}
+        for m in messages
+    ]
+    return out, swapped, mark
+
+
 def render_chat(template: str, messages, *, add_generation_prompt: bool = True, **special_tokens) -> str:
-    """The prompt text for `messages`. special_tokens: bos_token, eos_token, ... as the template expects."""
+    """The prompt text for `messages` (roles checked against the template's). special_tokens:
+    bos_token, eos_token, ... as the template expects."""
     try:
         return _compile(template).render(
-            messages=check_messages(messages), add_generation_prompt=add_generation_prompt, **special_tokens
+            messages=check_messages(messages, template_roles(template)),
+            add_generation_prompt=add_generation_prompt,
+            **special_tokens,
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template failed: {e}") from None

@@ -1,9 +1,13 @@
 """GGUF checkpoints (llama.cpp's format), read with the `gguf` package's reader.
 
 Supported: the architectures of the registered families (`runtime/models`, by
-`general.architecture`), with tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1. Quantized
-matrices become `QuantArray`s (or are dequantized, bit-exactly). Tensor names come from the
-family's `gguf_names`.
+`general.architecture`), with tensors of type F32, F16, BF16 and the quantized types of
+`ggml_types.QUANT_TYPES` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS), mixed per tensor
+as llama.cpp's "_M"/"_S" files mix them. Quantized matrices become `QuantArray`s, repacked exactly
+(or are dequantized, bit-exactly). A weight whose layers come in different layouts (Q4_K_M stores
+some layers' ffn_down as Q6_K, the others as Q4_K) is re-expressed exactly as int8 for all its
+layers (`runtime.quant.to_int8`) so the layers stack. Tensor names come from the family's
+`gguf_names`.
 
 llama.cpp stores some projections (a family's `gguf_permute`: Llama's q and k) with rows permuted
 for its interleaved RoPE; we undo the permutation (whole rows, so quantized blocks move intact)
@@ -12,27 +16,68 @@ and use the rotate-half RoPE of HF.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from xlaserve.checkpoints.ggml_types import QUANT_TYPES, to_quant
 from xlaserve.checkpoints.loaded import CheckpointError, Loaded, assemble, family_of
 from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
 from xlaserve.runtime import models
 from xlaserve.runtime.config import ModelConfig, RopeConfig
-from xlaserve.runtime.quant import QuantArray, map_quant
+from xlaserve.runtime.models.params import declared
+from xlaserve.runtime.quant import QuantArray, map_quant, to_int8
 
-# type name -> (block elements, bytes per block, bytes of scales/mins before the values)
-QUANT_LAYOUT = {"Q8_0": (32, 34, 2), "Q4_0": (32, 18, 2), "Q4_1": (32, 20, 4)}
-DENSE_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_TYPES = DENSE_TYPES + tuple(QUANT_LAYOUT)
+DENSE_TYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
+SUPPORTED_TYPES = (*DENSE_TYPES, *QUANT_TYPES)
+
+
+class _BadTensor(Exception):
+    """A tensor's header entry that no data can satisfy (raised while the reader builds it)."""
+
+
+@functools.cache
+def _reader_class():
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """gguf's reader, checking each tensor's type, shape and extent before building it, so that
+        an error names the tensor instead of surfacing from inside numpy."""
+
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:
+                try:
+                    _, name, _, dims, raw_type, offset = field.parts
+                except ValueError:  # another gguf version's layout: the reader checks what it can
+                    break
+                name = bytes(name).decode("utf-8", "replace")
+                try:
+                    qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                except ValueError:
+                    raise _BadTensor(f"tensor {name} has unknown type id {int(raw_type[0])}") from None
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                shape = [int(d) for d in reversed(dims.tolist())]
+                if shape and shape[-1] % block:
+                    raise _BadTensor(
+                        f"tensor {name} has type {qtype.name} and shape {shape}: its rows of "
+                        f"{shape[-1]} are not a whole number of {block}-element blocks"
+                    )
+                end = start_offs + int(offset[0]) + int(np.prod(shape)) // block * size
+                if end > len(self.data):
+                    raise _BadTensor(
+                        f"truncated or corrupt GGUF file: tensor {name} ({qtype.name}, shape {shape}) "
+                        f"ends at byte {end}, past the end of the file ({len(self.data)} bytes)"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    return Reader
 
 
 def open_reader(path: Path):
-    import gguf
-
     if not path.is_file():
         raise CheckpointError(path, "file not found")
     with open(path, "rb") as f:
@@ -40,12 +85,31 @@ def open_reader(path: Path):
     if magic != b"GGUF":
         raise CheckpointError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        return gguf.GGUFReader(path, "r")
+        reader = _reader_class()(path, "r")
+    except _BadTensor as e:
+        raise CheckpointError(path, str(e)) from None
     except Exception as e:  # the reader fails deep inside numpy on truncated or corrupt files
         size = os.path.getsize(path)
         raise CheckpointError(
             path, f"truncated or corrupt GGUF file ({size} bytes; reader said: {type(e).__name__}: {e})"
         ) from None
+    check_extents(reader, path)
+    return reader
+
+
+def check_extents(reader, path: Path) -> None:
+    """Each tensor's data (its size implied by type and shape) must end before the next one begins:
+    a header whose shapes and the data written disagree would otherwise read another tensor's bytes."""
+    spans = sorted(reader.tensors, key=lambda t: int(t.data_offset))
+    for t, after in itertools.pairwise(spans):
+        start, size, nxt = int(t.data_offset), int(t.n_bytes), int(after.data_offset)
+        if start + size > nxt:
+            shape = [int(d) for d in reversed(t.shape.tolist())]
+            raise CheckpointError(
+                path,
+                f"tensor {t.name} ({t.tensor_type.name}, shape {shape}) needs {size} bytes but the "
+                f"next tensor's data starts {nxt - start} bytes after its own",
+            )
 
 
 def read_metadata(reader) -> dict:
@@ -123,25 +187,23 @@ def read_tensor(t, path: Path):
             f"(supported: {', '.join(SUPPORTED_TYPES)})",
         )
     data = t.data
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: [N, K]
+    block, size = (1, DENSE_TYPES[kind]) if kind in DENSE_TYPES else _sizes(kind)
+    if shape[-1] % block or data.nbytes != int(np.prod(shape)) // block * size:
+        raise CheckpointError(
+            path, f"tensor {t.name}: {data.nbytes} bytes do not hold a {kind} tensor of shape {list(shape)}"
+        )
     if kind == "F32":
         return np.asarray(data, np.float32)
     if kind == "F16":
         return data.astype(np.float32)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: [N, K]
     if kind == "BF16":
         return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    block, block_bytes, head = QUANT_LAYOUT[kind]
-    rows, k = int(np.prod(shape[:-1])), shape[-1]
-    blocks = data.reshape(rows, k // block, block_bytes)
-    half = lambda a, b: np.ascontiguousarray(blocks[..., a:b]).view(np.float16).reshape(rows, k // block)
-    values = np.ascontiguousarray(blocks[..., head:]).reshape(rows, -1)
-    return QuantArray(
-        data=values.view(np.int8) if kind == "Q8_0" else values,
-        scale=half(0, 2),
-        min=half(2, 4) if kind == "Q4_1" else None,
-        kind=kind.lower(),
-        block=block,
-    )
+    return to_quant(data, kind, shape)
+
+
+def _sizes(kind: str) -> tuple[int, int]:
+    return QUANT_TYPES[kind].block, QUANT_TYPES[kind].nbytes
 
 
 def unpermute_rows(x, n_head: int):
@@ -156,6 +218,24 @@ def unpermute_rows(x, n_head: int):
     return map_quant(inverse, x) if isinstance(x, QuantArray) else inverse(x)
 
 
+def common_layouts(cfg: ModelConfig, family, tensors: dict) -> dict[str, tuple[int, bool]]:
+    """Stacked weights whose layers are all quantized but not in one layout (kind, group, min) ->
+    the int8 (block, asym) that `to_int8` re-expresses every layer in, exactly. (Layers that
+    disagree only in scale dtype, float16 against float32, stack as float32: also exact.)"""
+    out = {}
+    for name, info in declared(models.declare(cfg)).items():
+        if info.layers is None or name not in family.gguf_names:
+            continue
+        names = (family.gguf_names[name].format(i=i) for i in info.layers)
+        types = {tensors[n].tensor_type.name for n in names if n in tensors}
+        if not types <= QUANT_TYPES.keys():  # a dense (or unsupported) layer: assemble's business
+            continue
+        layouts = {QUANT_TYPES[t].layout for t in types}
+        if len(layouts) > 1:
+            out[name] = (min(g for _, g, _ in layouts), any(asym for *_, asym in layouts))
+    return out
+
+
 def load_gguf(path, *, dequantize: bool, dtype) -> Loaded:
     path = Path(path)
     reader = open_reader(path)
@@ -165,12 +245,15 @@ def load_gguf(path, *, dequantize: bool, dtype) -> Loaded:
     freq_factors = tuple(float(f) for f in read_tensor(freq, path)) if freq is not None else None
     cfg = config_from_metadata(meta, tensors, path, freq_factors)
     family = family_of(cfg, path)
+    common = {} if dequantize else common_layouts(cfg, family, tensors)
 
     def read(name: str, layer: int | None):
         tensor = family.gguf_names[name].format(i=layer)
         if tensor not in tensors:
             raise CheckpointError(path, f"tensor {tensor} is missing")
         x = read_tensor(tensors[tensor], path)
+        if layer is not None and name in common and isinstance(x, QuantArray):
+            x = to_int8(x, *common[name])
         heads = family.gguf_permute.get(name)
         return unpermute_rows(x, getattr(cfg, heads)) if heads else x
 

@@ -51,8 +51,8 @@ def assemble(cfg: ModelConfig, read: Callable, *, dequant: bool, dtype, path):
     """The family's weights from `read(name, layer)` (layer None for a weight outside the layer
     stacks), which returns float32 numpy or a QuantArray. Per-layer weights are stacked on a
     leading axis over the layers their declaration lists; dense arrays are cast to `dtype`;
-    quantized ones stay quantized unless `dequant`, or unless the layers disagree on the kind (then
-    that weight is dequantized for every layer)."""
+    quantized ones stay quantized unless `dequant`, or unless the layers disagree on the layout
+    (kind, block, min; then that weight is dequantized for every layer)."""
     infos = models.declare(cfg)
     by_name = {}
     for name, info in declared(infos).items():
@@ -69,7 +69,8 @@ def assemble(cfg: ModelConfig, read: Callable, *, dequant: bool, dtype, path):
 
 
 def _stack(items: list, dequant: bool, dtype):
-    kinds = {x.kind if isinstance(x, QuantArray) else "dense" for x in items}
+    # layers stack as one QuantArray only when they share kind, block and whether there is a min
+    kinds = {(x.kind, x.block, x.min is None) if isinstance(x, QuantArray) else "dense" for x in items}
     if kinds == {"dense"} or dequant or len(kinds) > 1:
         dense = [dequantize(x) if isinstance(x, QuantArray) else x for x in items]
         return np.stack(dense).astype(dtype)

@@ -3,17 +3,27 @@
 For GGUF byte-level BPE vocabularies the text is split before BPE the way llama.cpp splits it for
 the file's `tokenizer.ggml.pre` (the way the model's own tokenizer.json does). For SmolLM2
 ("smollm") that is: every digit on its own, then the GPT-2 pattern.
+
+`max_token_bytes` is the most bytes of text one token can stand for (the longest vocabulary entry),
+where that bounds the text: byte-level BPE with no normalizer, where each byte of text lands in
+exactly one token. A text of more than n × max_token_bytes bytes then has more than n tokens, which
+lets a prompt be refused by its size before it is tokenized. (A byte missing from the vocabulary is
+dropped, as HF's tokenizer drops it: SmolLM2 lacks six ASCII control characters. Only a text made
+mostly of such bytes could be refused and still fit, and the model would never see it.) None where
+text can shrink on its way to tokens (normalizers, unknown-token fallbacks).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from xlaserve.checkpoints.chat import render_chat
+from xlaserve.checkpoints.chat import check_messages, escape_specials, render_chat
 from xlaserve.checkpoints.loaded import CheckpointError
 
 _LLAMA3_SPLIT = (
@@ -77,15 +87,20 @@ class Tokenizer:
         eos_token: str | None,
         chat_template: str | None,
         source: str,
+        max_token_bytes: int | None = None,
     ):
         self.backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
         self.source = source
-        self.special_ids = frozenset(
-            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
-        )
+        self.max_token_bytes = max_token_bytes
+        specials = {i: tok.content for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        self.special_ids = frozenset(specials)
+        self._special_id = {text: i for i, text in specials.items()}
+        # Special-token texts, longest first (the tokenizer matches the longest at a position).
+        alternatives = "|".join(re.escape(t) for t in sorted(self._special_id, key=len, reverse=True))
+        self._special = re.compile(f"({alternatives})") if alternatives else None
 
     @property
     def vocab_size(self) -> int:
@@ -113,9 +128,38 @@ class Tokenizer:
             eos_token=self.eos_token or "",
         )
 
-    def encode_chat(self, messages) -> list[int]:
-        """Ids of the rendered chat; the template writes any BOS itself, so none is added."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages, allow_special_tokens: bool = False) -> list[int]:
+        """Ids of the rendered chat; the template writes any BOS itself, so none is added.
+
+        Special-token text inside a message ("<|im_start|>" in a content) is encoded as the plain
+        text it is, so a message cannot forge a turn or a control token (what OpenAI's tokenizer
+        does); allow_special_tokens=True encodes it as the special token. A chat without such text
+        is encoded exactly as before: the rendered prompt in one call."""
+        if allow_special_tokens or self._special is None:
+            return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        escaped, swapped, mark = escape_specials(check_messages(messages), self._special)
+        text = self.apply_chat_template(escaped)
+        if not swapped:
+            return self.encode(text, add_special_tokens=False)
+        # The tokenizer splits text at special tokens and encodes the pieces between them on their
+        # own; so do that here with the template's special tokens (all that are left), and encode
+        # each piece, its swapped texts put back, with special tokens not recognised.
+        unswap = re.compile(f"{mark}(\\d+){mark}")
+        ids = []
+        for i, piece in enumerate(self._special.split(text)):
+            if i % 2:
+                ids.append(self._special_id[piece])
+            elif piece:
+                plain = unswap.sub(lambda m: swapped[int(m.group(1))], piece)
+                ids += self._plain.encode(plain, add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        """The backend with special tokens encoded as text (a copy: the setting is per tokenizer)."""
+        plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
 
 def tokenizer_from_gguf(meta: dict, path) -> Tokenizer:
@@ -170,6 +214,7 @@ def tokenizer_from_gguf(meta: dict, path) -> Tokenizer:
         eos_token=eos,
         chat_template=meta.get("tokenizer.chat_template"),
         source=str(path),
+        max_token_bytes=max(map(len, spelled)),  # a spelled character is one byte; no normalizer
     )
 
 
@@ -206,4 +251,14 @@ def tokenizer_from_hf_dir(directory: Path) -> Tokenizer:
         eos_token=_token_content(config.get("eos_token")),
         chat_template=template,
         source=str(directory),
+        max_token_bytes=_byte_level_bound(backend),
     )
+
+
+def _byte_level_bound(backend: tokenizers.Tokenizer) -> int | None:
+    """max_token_bytes of a tokenizer.json: for byte-level BPE with no normalizer, the longest
+    entry's UTF-8 length (an upper bound: a spelled character stands for one byte but may take two
+    in UTF-8); None otherwise."""
+    if backend.normalizer is not None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    return max(len(t.encode("utf-8")) for t in backend.get_vocab(with_added_tokens=True))

@@ -13,6 +13,7 @@ from xlaserve.cli.common import (
     join_cluster,
     read_bytes,
 )
+from xlaserve.serve.limits import MAX_MESSAGE_BYTES, MAX_OPEN_STREAMS, MAX_SCORE_ITEMS, WORKER_THREADS
 
 
 def cmd_serve(args) -> int:
@@ -37,7 +38,9 @@ def cmd_serve(args) -> int:
         port=args.port,
         tls=tls,
         api_keys=keys,
-        max_workers=args.max_workers,
+        worker_threads=args.worker_threads,
+        max_open_streams=args.max_open_streams,
+        max_score_items=args.max_score_items,
         max_message_bytes=args.max_message_bytes,
         model_names=names,
     ).start()
@@ -46,8 +49,9 @@ def cmd_serve(args) -> int:
         f"{', API keys required' if keys else ''}); health NOT_SERVING until the model is compiled"
     )
     if args.metrics_port is not None:
-        server.metrics.serve(args.metrics_port, args.host)
-        progress(f"Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics")
+        metrics_host = args.metrics_host or args.host
+        server.metrics.serve(args.metrics_port, metrics_host)
+        progress(f"Prometheus metrics on http://{metrics_host}:{args.metrics_port}/metrics (no auth)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,7 +81,13 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over gRPC (xlaserve.v1.Generation, health, reflection)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics over plain HTTP on this port; the endpoint has no "
+        "authentication and binds --metrics-host (default: --host), so keep it where only operators reach",
+    )
+    p.add_argument("--metrics-host", help="address the metrics endpoint binds (default: --host)")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--api-key-file", help="file of accepted API keys, one per line")
@@ -85,11 +95,33 @@ def register(sub) -> None:
         "--api-keys-env", default="XLASERVE_API_KEYS", help="env var with comma-separated API keys"
     )
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds running streams get on SIGTERM")
-    p.add_argument("--max-workers", type=int, default=256, help="concurrent RPCs (threads)")
-    p.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    p.add_argument(
+        "--worker-threads",
+        "--max-workers",
+        type=int,
+        default=WORKER_THREADS,
+        help="threads that tokenize prompts and build requests off the event loop (streams hold none; "
+        "there is no cap on concurrent RPCs: streams queue in --max-queue). --max-workers is the old name",
+    )
+    p.add_argument(
+        "--max-open-streams",
+        type=int,
+        default=MAX_OPEN_STREAMS,
+        help="concurrent health Watch and reflection streams (open without an API key); "
+        "RESOURCE_EXHAUSTED past it, and nothing else shares this cap",
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="largest request or response"
+    )
+    p.add_argument(
+        "--max-score-items", type=int, default=MAX_SCORE_ITEMS, help="items one Score request may hold"
+    )
     p.add_argument("--max-queue", type=int, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     p.add_argument(
-        "--max-per-client", type=int, help="requests in flight per client (x-client-id or API key)"
+        "--max-per-client",
+        type=int,
+        help="requests in flight per client: its API key when keys are on (x-client-id is then "
+        "ignored), else its x-client-id",
     )
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)

@@ -3,7 +3,8 @@ pure-jnp reference and the 4-bit pack/unpack helpers.
 
 W [N, K] comes as plain arrays (data, scale, min) plus its static kind and block, in the packed
 layout of `runtime/quant.py`'s QuantArray (this file imports nothing of the project):
-  - int8 ("q8_0"): data int8 [N, K], scale [N, K / g] with g = block (32, or K for per-channel);
+  - int8 ("q8_0"): data int8 [N, K], scale [N, K / g] with g = block (16, 32, or K for per-channel),
+    w = d * q, or w = d * q + m when mins are given (asymmetric int8: GGUF's Q5_1, Q2_K, Q5_K);
   - 4-bit ("q4_0", "q4_1"), groups of g ∈ {32, 64, 128}: data uint8 [N, K / 2] where byte j of a
     group holds element j in its low nibble and element j + g/2 in its high nibble (GGUF's order for
     g = 32); w = d * (q - 8) (q4_0) or d * q + m (q4_1; an AWQ/GPTQ zero point z is m = -d * z).
@@ -64,6 +65,7 @@ def _kernel(
     bk: int,
     tiles_per_split: int,
     per_channel: bool,
+    asym: bool,
 ):
     """One (rows, cols, split) program. For 4-bit kinds x_lo/x_hi are [bm, K/2]; for int8 x_hi is
     unused and x_lo is x [bm, K]."""
@@ -82,9 +84,10 @@ def _kernel(
         d = 1.0 if per_channel else expand(d_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
         x = x_lo_ref[:, span]
         if not four_bit:
-            return acc + jnp.dot(
-                x, (w.astype(jnp.float32) * d).astype(x.dtype).T, preferred_element_type=jnp.float32
-            )
+            w = w.astype(jnp.float32) * d
+            if asym:
+                w = w + expand(m_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
+            return acc + jnp.dot(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
         lo, hi = (w & 0x0F), (w >> 4)
         if kind == "q4_0":
             lo = d * (lo.astype(jnp.float32) - 8.0)
@@ -123,12 +126,14 @@ def quantized_matmul(
     block_m: int = 64,
 ):
     """x [M, K] @ dequant(W)^T -> [M, N] float32, W given as (data, scale, mins) of `kind` in
-    groups of `block` (mins None except for q4_1). Decode tiling when M ≤ 16, prefill tiling above."""
+    groups of `block` (mins: q4_1's, or asymmetric int8's; else None). Decode tiling when M ≤ 16,
+    prefill tiling above."""
     m, k = x.shape
     four_bit = kind != "q8_0"
     n, k_w = data.shape[0], data.shape[1] * (2 if four_bit else 1)
     assert k == k_w, (x.shape, data.shape, kind)
-    per_channel = not four_bit and block == k  # int8 with one scale per row: scaled once, at the end
+    asym = not four_bit and mins is not None
+    per_channel = not four_bit and block == k and not asym  # one scale per row: applied at the end
     group = k if per_channel else block
     bk = block_k or _largest_pow2_divisor(k, 256, 32 if per_channel else max(group, 32))
     bn = block_n or _largest_pow2_divisor(n, 128, 16)
@@ -152,7 +157,13 @@ def quantized_matmul(
         x_lo, x_hi = x, x[:, :1]
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kernel = functools.partial(
-        _kernel, kind=kind, group=group, bk=bk, tiles_per_split=k_tiles // splits, per_channel=per_channel
+        _kernel,
+        kind=kind,
+        group=group,
+        bk=bk,
+        tiles_per_split=k_tiles // splits,
+        per_channel=per_channel,
+        asym=asym,
     )
     mins = mins if mins is not None else scale[:, :1]
     whole_k = lambda a: pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0))

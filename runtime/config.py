@@ -137,8 +137,11 @@ class EngineConfig:
       busy slot (on CPU an idle row costs nearly as much as a busy one). None: 1 and max_slots.
     - decode_steps: decode steps run per dispatch (k); the host sees tokens every k steps.
     - max_logprobs: the most top-N alternatives a request may ask for.
-    - prefill_token_budget: prompt tokens prefilled per step across all prompts (None: the largest
-      prefill bucket), bounding how long running streams wait for a new prompt.
+    - prefill_token_budget: prompt tokens prefilled per step across all prompts, bounding how long
+      running streams wait for a new prompt (and a cancel for a long prompt to stop). None: measured
+      at start-up so that a step's prefill takes at most max_prefill_stall_s (runtime/budget.py).
+    - max_prefill_stall_s: the longest a step's prefill should stall running streams, in seconds
+      (what the measured prefill_token_budget aims for).
     - prefix_cache: reuse the K/V pages of prompt prefixes seen before.
     - scoring: also compile the scoring programs (log-probs of given tokens, for evals).
     - admission: max_queue waiting requests; max_per_client requests in flight per client id (None:
@@ -163,6 +166,7 @@ class EngineConfig:
     decode_steps: int = 1
     max_logprobs: int = 20
     prefill_token_budget: int | None = None
+    max_prefill_stall_s: float = 0.25
     prefix_cache: bool = True
     scoring: bool = True
     max_queue: int = 4096
@@ -248,6 +252,13 @@ class EngineConfig:
             value = getattr(cfg, name)
             _check(value is None or value >= 1, name, value, "must be ≥ 1 (or None)")
         _check(0 <= cfg.max_logprobs <= 100, "max_logprobs", cfg.max_logprobs, "must be in [0, 100]")
+        stall = cfg.max_prefill_stall_s
+        _check(
+            isinstance(stall, int | float) and 0 < stall < math.inf,
+            "max_prefill_stall_s",
+            stall,
+            "must be a positive number of seconds",
+        )
         _check(
             cfg.dtype in ("float32", "bfloat16", "float16"),
             "dtype",

@@ -3,9 +3,14 @@
 
 Its "model" continues any sequence with the previous token + 1 (mod V), with log-prob 0 for that
 token and -10 for every other; token 0 is EOS. A prompt ending in 7 therefore streams 8, 9, 10, ...
-`step_s` slows each dispatch down, to test deadlines and cancellation mid-stream. It has no
-tokenizer: the caller pairs it with one (`LLM.from_engine(MockEngine(), tokenizer)`; the tests use a
-word-level one spelling token i as "w{i}", in tests/test_server.py).
+`step_s` slows each dispatch down, to test deadlines and cancellation mid-stream; `token_s` adds
+that much per prompt token a prefill or scoring call computes (its chunk padded to the bucket), to
+test the token budget. With `async_dispatch` it behaves like a JAX device: a dispatch returns at once
+and queues its time on one device clock, and reading a result waits until the device has run
+everything queued up to it (so work dispatched for a request that was then cancelled still costs
+what it costs). `device_s` adds up every dispatch's time. It has no tokenizer: the caller pairs it
+with one (`LLM.from_engine(MockEngine(), tokenizer)`; the tests use a word-level one spelling token
+i as "w{i}", tests/serving.py).
 """
 
 from __future__ import annotations
@@ -44,11 +49,44 @@ class _OnHost(np.ndarray):
         pass
 
 
+class _Pending:
+    """A result of an asynchronous dispatch: reading it (np.asarray) waits until `ready_at`."""
+
+    def __init__(self, value: np.ndarray, ready_at: float):
+        self.value, self.ready_at = value, ready_at
+
+    def copy_to_host_async(self) -> None:
+        pass
+
+    def block_until_ready(self):
+        time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+        return self
+
+    def __array__(self, dtype=None, copy=None):
+        self.block_until_ready()
+        return self.value if dtype is None else self.value.astype(dtype)
+
+
+def _value(result) -> np.ndarray:
+    """A result's values without waiting (the mock computes them at dispatch)."""
+    return result.value if isinstance(result, _Pending) else np.asarray(result)
+
+
 class MockEngine:
-    def __init__(self, engine_cfg: EngineConfig | None = None, *, vocab: int = VOCAB, step_s: float = 0.0):
+    def __init__(
+        self,
+        engine_cfg: EngineConfig | None = None,
+        *,
+        vocab: int = VOCAB,
+        step_s: float = 0.0,
+        token_s: float = 0.0,
+        async_dispatch: bool = False,
+    ):
         self.cfg = mock_config(vocab)
         self.ecfg = (engine_cfg or EngineConfig()).resolve(self.cfg, "cpu")
-        self.step_s = step_s
+        self.step_s, self.token_s, self.async_dispatch = step_s, token_s, async_dispatch
+        self.device_s = 0.0
+        self._free_at = 0.0  # when the device has run everything dispatched so far
         self.compile_seconds: dict[str, float] = {}
         self.tokens = np.zeros((self.ecfg.max_slots,), np.int64)
         self.active = np.zeros((self.ecfg.max_slots,), bool)
@@ -71,15 +109,25 @@ class MockEngine:
     def _next(self, token):
         return (np.asarray(token) + 1) % self.cfg.vocab_size
 
+    def _run(self, seconds: float, result):
+        """Charge one dispatch of `seconds`: wait for it (synchronous) or queue it (async)."""
+        self.device_s += seconds
+        if not self.async_dispatch:
+            time.sleep(seconds)
+            return result
+        self._free_at = max(time.perf_counter(), self._free_at) + seconds
+        return _Pending(result, self._free_at)
+
     def prefill(self, tokens, start, page_row, sampling, presence):
-        time.sleep(self.step_s)
-        return self._packed(self._next([tokens[-1]]), int(sampling.n_top[0]))
+        cost = self.step_s + self.token_s * self.ecfg.prefill_bucket(len(tokens))
+        return self._run(cost, self._packed(self._next([tokens[-1]]), int(sampling.n_top[0])))
 
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)
 
     def score_batch(self, items):
-        time.sleep(self.step_s)  # one dispatch for the whole batch
+        t = self.ecfg.prefill_bucket(max(len(tokens) for tokens, *_ in items))
+        np.asarray(self._run(self.step_s + self.token_s * t * len(items), np.zeros(0)))  # one call, read
         out = []
         for tokens, _, _, targets in items:
             greedy = np.asarray(targets) == self._next(np.asarray(tokens)[: len(targets)])
@@ -94,14 +142,13 @@ class MockEngine:
         return out
 
     def insert(self, slot, packed, length, sampling, presence):
-        self.tokens[slot] = int(np.asarray(packed)[0, 0])
+        self.tokens[slot] = int(_value(packed)[0, 0])
         self.active[slot] = True
 
     def free(self, slot):
         self.active[slot] = False
 
     def decode(self, page_table, kv_tokens, busy_rows=None):
-        time.sleep(self.step_s)
         self.dispatches += 1
         rows = busy_rows or self.ecfg.max_slots
         steps = []
@@ -109,4 +156,4 @@ class MockEngine:
             nxt = np.where(self.active, self._next(self.tokens), self.tokens)
             steps.append(nxt[:rows].copy())
             self.tokens = nxt
-        return self._packed(np.stack(steps), self.ecfg.max_logprobs)
+        return self._run(self.step_s, self._packed(np.stack(steps), self.ecfg.max_logprobs))

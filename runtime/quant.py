@@ -7,8 +7,12 @@ consecutive K elements, exactly as GGUF stores it:
     q4_0: data uint8 [..., N, K // 2]  w = d * (q - 8)
     q4_1: data uint8 [..., N, K // 2]  w = d * q + m
 
-For the 4-bit kinds byte j of a block holds element j in its low nibble and element j + block/2 in
-its high nibble (GGUF order). `scale` (d) and `min` (m) are float16 [..., N, K // block] as stored.
+q8_0 may also carry a min (asymmetric int8: w = d * q + m). For the 4-bit kinds byte j of a block
+holds element j in its low nibble and element j + block/2 in its high nibble (GGUF order). `scale` (d)
+and `min` (m) are [..., N, K // block], float16 as GGUF stores them for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, or
+float32 where GGUF derives them (a K-quant's d * sub-block scale; `checkpoints/ggml_types.py` lists
+what each GGUF type loads as) and for per-channel int8. `block` is 16, 32 or larger (K for one scale
+per row).
 
 `packed=False` is the CPU layout made by `unpack`: one 4-bit value per byte (uint8 [..., N, K]) and
 float32 scales. It takes 1.25 bytes per weight instead of 0.625, but XLA:CPU dequantizes it with
@@ -147,6 +151,27 @@ def quantize(w: np.ndarray, kind: str, block: int, scale_dtype=np.float16) -> Qu
     )
 
 
+def to_int8(w: QuantArray, block: int, asym: bool) -> QuantArray:
+    """`w` re-expressed exactly as int8 (`q8_0`, packed) with `block` elements per scale (a divisor
+    of w.block; scales repeated) and float32 scales, with a min when `asym`: dequantization gives the
+    same bits (q4_0's d * (q - 8) is (q - 8) * d; a missing min becomes -0.0, which adds exactly
+    nothing to any float, -0.0 included). For stacking layers stored in different layouts, such as a
+    Q4_K_M file's ffn_down (Q4_K in some layers, Q6_K in others). Host (numpy) arrays."""
+    if w.block % block:
+        raise ValueError(f"block {block} does not divide {w.kind}'s block {w.block}")
+    q = _values(w, np)
+    q = q.astype(np.int8) - np.int8(8) if w.kind == "q4_0" else q.astype(np.int8)
+    repeat = lambda a: np.repeat(np.asarray(a, np.float32), w.block // block, axis=-1)
+    mins = w.min if w.min is not None or not asym else np.full(w.scale.shape, -0.0, np.float32)
+    return QuantArray(
+        data=q.reshape(w.shape),
+        scale=repeat(w.scale),
+        min=None if mins is None else repeat(mins),
+        kind="q8_0",
+        block=block,
+    )
+
+
 def unpack(w: QuantArray) -> QuantArray:
     """The CPU layout: one value per byte, float32 scales (exact: f16 -> f32 loses nothing)."""
     if not w.packed:
@@ -238,18 +263,13 @@ def linear(
     With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel; on a mesh
     the kernel runs per shard under shard_map, `spec` = (output axis, input axis) of W: a split
     input axis (row-parallel) ends with a psum."""
-    # (the kernel's int8 path has no min: asymmetric int8 takes the XLA path)
-    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas" and not _asym8(w):
+    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
         y = _pallas_linear(x, w, kernels, spec)
     elif isinstance(w, QuantArray):
         y = _quant_dot(x, w, chunk=kernels.mesh is None)
     else:
         y = _dot(x, w)
     return y.astype(out_dtype or x.dtype)
-
-
-def _asym8(w: QuantArray) -> bool:
-    return w.kind == "q8_0" and w.min is not None
 
 
 def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):

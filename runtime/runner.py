@@ -7,9 +7,18 @@ One `step()`:
      before the scheduler gave it pages);
   3. only then read the *previous* decode dispatch's tokens (already on the host: its copy was
      started when it was dispatched) and the first tokens of the prompts just finished, and do the
-     host bookkeeping (detokenize, stop checks, publish pages) while the device runs step 2.
+     host bookkeeping (detokenize, stop checks, publish pages) while the device runs step 2;
+  4. wait until the device has run this step's prompt chunks.
 A sequence that finishes is therefore decoded once more in the dispatch already queued; those
-tokens are dropped. Nothing here blocks on the device except reading results.
+tokens are dropped. Nothing here blocks on the device except reading results and step 4.
+
+Step 4 is what makes the token budget a bound in time. Dispatch is asynchronous: without it, a step
+whose chunks are not a prompt's last, with no decode to read, returns at once, so the next steps
+queue the rest of a long prompt on the device within milliseconds, and the step that reads its
+last chunk then waits for all of them (a 4000-token prompt: ~20 s on CPU in one step, running
+streams stalled, and a cancel or deadline, which can only act between steps, too late to save any
+of it). With it, a step is at most its budget of prompt tokens plus one decode, and a cancelled or
+expired prompt stops at the next step, its pages released and the rest never dispatched.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from xlaserve.runtime.stats import EngineStats
 
 
 class Runner:
-    def __init__(self, engine: Engine, tokenizer):
+    def __init__(self, engine: Engine, tokenizer, *, token_budget: int | None = None):
+        """token_budget: prompt tokens per step (None: the engine config's prefill_token_budget, else
+        the largest bucket; LLM passes the one it measured, budget.py)."""
         e = engine.ecfg
         self.engine, self.tokenizer = engine, tokenizer
         limits = Limits(
@@ -47,7 +58,7 @@ class Runner:
             decode_steps=e.decode_steps,
             chunk=e.prefill_buckets[-1],
             limits=limits,
-            token_budget=e.prefill_token_budget,
+            token_budget=token_budget or e.prefill_token_budget,
             prefix_cache=e.prefix_cache,
         )
         self._rows: dict[Seq, SamplingState] = {}
@@ -94,7 +105,7 @@ class Runner:
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
             self.engine.free(slot)
-        ready, scoring = [], []
+        ready, scoring, last_chunk = [], [], None
         for chunk in plan.prefills:
             seq = chunk.seq
             row = self.scheduler.page_table[seq.slot]
@@ -117,7 +128,9 @@ class Runner:
             if scoring:
                 deltas += self._score(scoring)
                 scoring = []
-            packed = self.engine.prefill(chunk.tokens, chunk.start, row, self._rows[seq], self._presence(seq))
+            packed = last_chunk = self.engine.prefill(
+                chunk.tokens, chunk.start, row, self._rows[seq], self._presence(seq)
+            )
             self.scheduler.prefilled(chunk)
             if chunk.last:
                 ready.append((seq, packed))
@@ -137,6 +150,8 @@ class Runner:
             deltas += self._read_decode(*previous)
         for seq, packed in ready:
             deltas.append(self._emit(seq, Sampled.unpack(to_host(packed)), (0,)))
+        if last_chunk is not None:
+            to_host(last_chunk)  # 4: the device ran this step's chunks (they run in dispatch order)
         for d in deltas:
             seq = self.seqs.get(d.request.request_id)
             if d.finished and seq is not None:

@@ -10,15 +10,23 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_SEED = 2**64 - 1
+MAX_TOP_K = 2**31 - 1  # an int32 on device; any value ≥ the vocabulary size keeps every token
+MAX_LOGPROBS = 100  # the most EngineConfig.max_logprobs allows
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the sampler. Invalid values raise ValueError naming the field.
 
-    top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters; repetition_penalty 1 disables it.
-    logprobs None returns no log-probs; 0 the chosen token's; N also the top N alternatives.
-    stop: strings that end the output (not included in the text); stop_token_ids likewise for ids.
+    top_k 0 and top_p 1 and min_p 0 disable those filters; top_k -1 is accepted as "disabled" too (the
+    vLLM and OpenAI-compatible spelling), any other negative value is refused. repetition_penalty 1
+    disables it. logprobs None returns no log-probs; 0 the chosen token's; N also the top N
+    alternatives. stop: strings that end the output (not included in the text); stop_token_ids
+    likewise for ids.
+
+    The bounds here are the ones no engine exceeds (logprobs ≤ 100, the most `max_logprobs` can be;
+    token ids ≥ 0). A serving engine's own limits (its max_logprobs, its vocabulary size) are checked
+    by `LLM.sampling_params` / `LLM.make_request`, whose messages quote those limits.
     """
 
     max_tokens: int = 256
@@ -40,7 +48,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _int("max_tokens", self.max_tokens, 1, 1 << 20)
         _num("temperature", self.temperature, 0.0, 100.0)
-        _int("top_k", self.top_k, -1, 1 << 31)
+        _int("top_k", self.top_k, -1, MAX_TOP_K, "0 or -1: no top-k filter")
         _num("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _num("min_p", self.min_p, 0.0, 1.0)
         _num("repetition_penalty", self.repetition_penalty, 0.0, 100.0, low_open=True)
@@ -49,11 +57,15 @@ class SamplingParams:
         if len(self.stop) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
             raise ValueError("stop must be at most 16 non-empty strings of at most 256 characters")
         for i, t in enumerate(self.stop_token_ids):
-            _int(f"stop_token_ids[{i}]", t, 0, 1 << 31)
+            if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0:
+                raise ValueError(
+                    f"stop_token_ids[{i}]={t!r} must be a token id: an integer ≥ 0 and below the model's "
+                    "vocabulary size"
+                )
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
         if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0, 100)
+            _int("logprobs", self.logprobs, 0, MAX_LOGPROBS, "and at most the engine's max_logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -67,9 +79,11 @@ def with_seed(params: SamplingParams, rng: np.random.Generator) -> int:
     return int(rng.integers(0, MAX_SEED, dtype=np.uint64))
 
 
-def _int(field: str, value, lo: int, hi: int) -> None:
+def _int(field: str, value, lo: int, hi: int, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
-        raise ValueError(f"{field}={value!r} must be an integer in [{lo}, {hi}]")
+        raise ValueError(
+            f"{field}={value!r} must be an integer in [{lo}, {hi}]" + (f" ({note})" if note else "")
+        )
 
 
 def _num(field: str, value, lo: float, hi: float, low_open: bool = False) -> None:

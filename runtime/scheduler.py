@@ -2,15 +2,17 @@
 
 Each step the scheduler returns a `Plan` (prompt chunks to prefill, the slots to decode) and the
 executor (`runner.py`) carries it out on the engine, then reports back. Requests wait ordered by
-priority (higher first), then arrival; a free decode slot admits the next one. Its prompt is
+priority (higher first), then arrival; a free decode slot admits the next one, except that scoring
+and generation share slots and the per-step token budget fairly (fairness.py). Its prompt is
 looked up in the prefix cache page by page, and only the rest is prefilled, in chunks of at most
-`token_budget` tokens per step across all prompts, so a long prompt never stalls running streams for
-more than one chunk. Then it joins the decode batch. Pages are taken lazily: a chunk takes the pages
-it writes, a decode dispatch the pages its k tokens will fill. Full pages are published to the
-prefix cache as soon as their K/V is written. When the pool runs dry the victim (lowest priority,
-then the most recent) is preempted: its pages go back and it is recomputed later from its prompt and
-the tokens it already produced; its published pages usually survive in the cache, so recomputing it
-is mostly cache hits.
+`token_budget` tokens per step across all prompts (a budget measured at start-up, budget.py), so a
+long prompt never stalls running streams for more than one step's budget, and a cancel or deadline
+stops it at the next step. Then it joins the decode batch. Pages are taken lazily: a chunk takes
+the pages it writes, a decode dispatch the pages its k tokens will fill. Full pages are published
+to the prefix cache as soon as their K/V is written. When the pool runs dry the victim (lowest
+priority, then the most recent) is preempted: its pages go back and it is recomputed later from its
+prompt and the tokens it already produced; its published pages usually survive in the cache, so
+recomputing it is mostly cache hits.
 
 What a request must fit to be queued (`Limits`, and the refusals) is admission.py; `stats()` is a
 snapshot of the slots, pages and prefix cache as an `EngineStats`.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xlaserve.runtime.admission import Limits
+from xlaserve.runtime.fairness import Fairness
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.request import Request
 from xlaserve.runtime.stats import EngineStats
@@ -115,6 +118,7 @@ class Scheduler:
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
         self.waiting: list[Seq] = []  # kept sorted by rank
+        self.fair = Fairness()
         self.preemptions = 0
         self.prompt_tokens = 0  # prompt tokens admitted to a slot
         self.cached_tokens = 0  # of which served from the prefix cache
@@ -154,7 +158,12 @@ class Scheduler:
     def add(self, req: Request) -> Seq:
         """Queue a request, or refuse it (RequestTooLarge, Overloaded) leaving everything as it was."""
         self.limits.check(req)
-        self.limits.check_room(req, queued=len(self.waiting), in_flight=(s.req for s in self._all()))
+        self.limits.check_room(
+            req,
+            waiting=len(self.waiting),
+            free_slots=self.slots.count(None),
+            in_flight=(s.req for s in self._all()),
+        )
         seq = Seq(req)
         self._enqueue(seq)
         return seq
@@ -164,7 +173,7 @@ class Scheduler:
     def plan(self) -> Plan:
         self._admit()
         prefills, budget = [], self.token_budget
-        for seq in self._in_slots(State.PREFILL):
+        for seq in self.fair.order(self._in_slots(State.PREFILL)):
             todo, start = seq.tokens(), seq.computed
             while budget > 0 and start < len(todo):
                 n = min(len(todo) - start, self.chunk, budget)
@@ -233,7 +242,7 @@ class Scheduler:
     def _admit(self) -> None:
         for slot, occupant in enumerate(self.slots):
             if occupant is None and self.waiting:
-                seq = self.waiting.pop(0)
+                seq = self.waiting.pop(self.fair.pick(self.waiting, self.slots))
                 seq.slot, seq.state, seq.computed, seq.inflight = slot, State.PREFILL, 0, 0
                 self.slots[slot] = seq
                 self._hit_prefix(seq)

@@ -1,4 +1,5 @@
-"""Serving over gRPC: the `xlaserve.v1.Generation` servicer and server (server.py), conversion
-between protocol messages and the runtime's types (messages.py), the Python clients (client.py),
-Prometheus metrics (metrics.py), API-key authentication (auth.py), and the protocol itself
-(proto/)."""
+"""Serving over gRPC: the asyncio server and its life cycle (server.py), the `xlaserve.v1.Generation`
+servicer (service.py), the transport guard every RPC passes first (guards.py), conversion between
+protocol messages and the runtime's types (messages.py), the Python clients (client.py), Prometheus
+metrics (metrics.py), API keys and client identity (auth.py), default limits (limits.py), and the
+protocol itself (proto/)."""

@@ -1,5 +1,6 @@
-"""API keys: `authorization: Bearer <key>` metadata checked by a server interceptor. Health checks
-and reflection stay open (probes carry no keys)."""
+"""API keys: `authorization: Bearer <key>` metadata, checked by the transport guard (guards.py) before
+any handler runs. Health checks and reflection stay open (probes carry no keys); their streams have
+their own cap there, so unauthenticated clients cannot take what keyed clients need."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
-
-import grpc
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -38,31 +37,34 @@ def bearer(metadata) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
+class Keys:
+    """The accepted keys; `check` compares in constant time (no timing leak about which key)."""
+
     def __init__(self, keys):
-        self._keys = [k.encode() for k in keys]
+        self._keys = [hashlib.sha256(k.encode()).digest() for k in keys]
 
-    def _valid(self, key: str | None) -> bool:
-        return key is not None and any(hmac.compare_digest(key.encode(), k) for k in self._keys)
+    def __bool__(self) -> bool:
+        return bool(self._keys)
 
-    def intercept_service(self, continuation, details):
-        if details.method.startswith(OPEN_SERVICES):
-            return continuation(details)
-        key = bearer(details.invocation_metadata)
-        if self._valid(key):
-            return continuation(details)
-        message = (
-            "missing API key (metadata 'authorization: Bearer <key>')" if key is None else "invalid API key"
-        )
-        handler = continuation(details)
+    def check(self, metadata) -> str | None:
+        """None when the metadata carries an accepted key, else why not (the UNAUTHENTICATED message)."""
+        key = bearer(metadata)
+        if key is None:
+            return "missing API key (metadata 'authorization: Bearer <key>')"
+        digest = hashlib.sha256(key.encode()).digest()  # equal lengths; every key compared
+        if not any([hmac.compare_digest(digest, k) for k in self._keys]):
+            return "invalid API key"
+        return None
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        def deny_stream(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - abort raises
-
-        if handler is not None and handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny_stream)
-        return grpc.unary_unary_rpc_method_handler(deny)
+def client_identity(metadata, keys_on: bool) -> str | None:
+    """Who a request counts against for the per-client limit. With keys on it is the key (the guard
+    has checked it), and `x-client-id` cannot override it: a tenant could otherwise multiply its own
+    share or spend another's. Without keys, `x-client-id` names the client (nothing is verified)."""
+    if keys_on:
+        key = bearer(metadata)
+        return key_id(key) if key else None
+    for k, v in metadata or ():
+        if k.lower() == "x-client-id" and v:
+            return v
+    return None

@@ -35,7 +35,7 @@ class Completion:
     timings: dict = field(default_factory=dict)
 
     def add(self, msg: pb.GenerateResponse) -> None:
-        self.request_id = msg.request_id
+        self.request_id = msg.request_id or self.request_id  # set on the first and the final message
         if msg.HasField("delta"):
             self.text += msg.delta.text
             self.token_ids += list(msg.delta.token_ids)
@@ -96,7 +96,13 @@ def _channel_args(target, api_key, root_certificates, tls, client_id):
     if client_id:
         metadata.append(("x-client-id", client_id))
     creds = grpc.ssl_channel_credentials(root_certificates) if (tls or root_certificates) else None
-    options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 << 20)]
+    options = [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.max_receive_message_length", 64 << 20),
+        # A client is one connection of its own (grpc would share one between channels to the same
+        # target): without API keys the server scopes request ids by connection.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     return metadata, creds, options
 
 

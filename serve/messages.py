@@ -4,9 +4,12 @@ whose message starts with the field's name in the request."""
 
 from __future__ import annotations
 
+import uuid
+
 from xlaserve.runtime.request import Delta, FinishReason, Request
 from xlaserve.runtime.sampling_params import SamplingParams
 from xlaserve.runtime.stats import EngineStats
+from xlaserve.serve.limits import MAX_REQUEST_ID
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
 
 FINISH = {
@@ -29,15 +32,35 @@ SAMPLING_FIELDS = (
 )
 
 
-def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
-    """Only the fields the client set; the rest keep SamplingParams' defaults."""
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_ids(chosen: str, scope: str) -> tuple[str, str]:
+    """(the engine's id, the id echoed to the client). An id the client chose is scoped by `scope`
+    (its identity) so that one client's ids can never collide with another's; one the server
+    assigns is unguessable (uuid4). The two cannot meet: a scoped id holds a newline, a uuid's hex
+    does not, and neither a client's id nor a scope (metadata, a key id, a peer address) can."""
+    if not chosen:
+        rid = new_request_id()
+        return rid, rid
+    if len(chosen) > MAX_REQUEST_ID:
+        raise ValueError(f"request_id has {len(chosen)} characters; the limit is {MAX_REQUEST_ID}")
+    if not (chosen.isascii() and chosen.isprintable()):
+        raise ValueError("request_id must be printable ASCII (0x20-0x7e)")
+    return f"{scope}\n{chosen}", chosen
+
+
+def sampling_params(msg: pb.SamplingParams, make=SamplingParams) -> SamplingParams:
+    """Only the fields the client set; the rest keep SamplingParams' defaults. `make` builds them
+    (`LLM.sampling_params`: checked against the engine's limits, e.g. max_logprobs)."""
     kwargs = {f: getattr(msg, f) for f in SAMPLING_FIELDS if msg.HasField(f)}
     if msg.stop:
         kwargs["stop"] = tuple(msg.stop)
     if msg.stop_token_ids:
         kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
     try:
-        return SamplingParams(**kwargs)
+        return make(**kwargs)
     except ValueError as e:
         raise ValueError(f"sampling.{e}") from None
 
@@ -67,14 +90,15 @@ def token_logprobs(delta: Delta, tokenizer) -> list[pb.TokenLogprob]:
     ]
 
 
-def delta_message(delta: Delta, tokenizer) -> pb.GenerateResponse:
+def delta_message(delta: Delta, tokenizer, request_id: str = "") -> pb.GenerateResponse:
+    """A stream's first delta carries the request id; later ones leave it empty (see the proto)."""
     return pb.GenerateResponse(
-        request_id=delta.request.request_id,
+        request_id=request_id,
         delta=pb.Delta(token_ids=delta.token_ids, text=delta.text, logprobs=token_logprobs(delta, tokenizer)),
     )
 
 
-def final_message(req: Request) -> pb.GenerateResponse:
+def final_message(req: Request, request_id: str) -> pb.GenerateResponse:
     t = req.timings.as_dict(len(req.output_ids))
     final = pb.Final(
         finish_reason=FINISH.get(req.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
@@ -89,7 +113,7 @@ def final_message(req: Request) -> pb.GenerateResponse:
         final.stop_string = req.stop_reason
     elif req.stop_reason is not None:  # the stop token id, or which EOS token ended the output
         final.stop_token_id = int(req.stop_reason)
-    return pb.GenerateResponse(request_id=req.request_id, final=final)
+    return pb.GenerateResponse(request_id=request_id, final=final)
 
 
 def score_item(item: pb.ScoreItem, i: int):
@@ -102,6 +126,18 @@ def score_item(item: pb.ScoreItem, i: int):
             raise ValueError(f"items[{i}].pair.continuation is empty")
         return item.pair.context, item.pair.continuation
     return list(item.tokens.ids), item.start
+
+
+def score_result(r: Request) -> pb.ScoreResult:
+    lps = [lp for lp, _ in r.scores]
+    greedy = [g for _, g in r.scores]
+    return pb.ScoreResult(
+        token_ids=r.prompt_ids[r.score_start :],
+        logprobs=lps,
+        is_greedy=greedy,
+        sum_logprob=sum(lps),
+        all_greedy=all(greedy),
+    )
 
 
 def model_info(llm, mesh: str, version: str) -> pb.ModelInfo:

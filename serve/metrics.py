@@ -1,6 +1,14 @@
 """Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
 engine's gauges (slots, pages, queue, prefix hit rate, preemptions) read from its `EngineStats` at
-scrape time."""
+scrape time.
+
+Every request that reached the engine is counted once, when it ends, however it ends (finished,
+cancelled by its client, past its deadline, cut at shutdown): the engine loop calls `finished` from
+its thread. Every refusal is counted in `xlaserve_rejected_total{reason}`: the transport's
+(unauthenticated, malformed, message_too_large, open_stream_limit) and admission's (the limit's
+name); admission refusals also count in `xlaserve_requests{outcome}` by status.
+
+The endpoint (`serve`) has no authentication: bind it to an address only operators reach."""
 
 from __future__ import annotations
 
@@ -72,6 +80,9 @@ class Metrics:
         )
         self.generated_tokens = Counter("xlaserve_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("xlaserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.rejections = Counter(
+            "xlaserve_rejected", "Requests refused before they ran, by reason", ["reason"], registry=r
+        )
         if stats is not None:
             r.register(EngineCollector(stats))
 
@@ -82,6 +93,10 @@ class Metrics:
 
     def finished(self, req: Request) -> None:
         t = req.timings
+        if req.score_start is not None:  # a scoring item: counted, but no generation latencies
+            self.prompt_tokens.inc(len(req.prompt_ids))
+            self.requests.labels(outcome=req.finish_reason.value if req.finish_reason else "unknown").inc()
+            return
         if t.ttft_s is not None:
             self.ttft.observe(t.ttft_s)
         if t.queue_s is not None:
@@ -92,8 +107,14 @@ class Metrics:
         self.generated_tokens.inc(len(req.output_ids))
         self.requests.labels(outcome=req.finish_reason.value if req.finish_reason else "unknown").inc()
 
-    def rejected(self, outcome: str) -> None:
+    def rejected(self, outcome: str, reason: str | None = None) -> None:
+        """A request refused by the service: `outcome` is its status, `reason` the limit's name."""
         self.requests.labels(outcome=outcome).inc()
+        self.rejections.labels(reason=reason or outcome).inc()
+
+    def transport_rejected(self, reason: str) -> None:
+        """An RPC refused before its handler ran (see serve/guards.py)."""
+        self.rejections.labels(reason=reason).inc()
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -1,6 +1,8 @@
 """GGUF reading: every supported tensor type dequantizes bit-identically to gguf.quants.dequantize
-(at load and inside a jitted program), a tiny model of each type matches HF transformers' logits,
-and every kind of bad file gets an error naming the file and the problem."""
+(at load, from random blocks, inside a jitted program, in the CPU layout and in the kernel's
+reference), stays quantized in the layout ggml_types lists (and goes through the Pallas kernel), a
+tiny model of each type and a mixed Q4_K_M-like one match HF transformers' logits and greedy
+tokens, and every kind of bad file gets an error naming the file and the problem."""
 
 from __future__ import annotations
 
@@ -8,15 +10,23 @@ import shutil
 
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import quants
-from tiny_gguf import TYPES, Tiny, tokenizer_meta, write_tiny_gguf
+from tiny_gguf import NEW, TYPES, Tiny, random_blocks, tiny_for, tokenizer_meta, write_tiny_gguf
 
+from xlaserve.checkpoints.ggml_types import QUANT_TYPES, to_quant
 from xlaserve.checkpoints.gguf import unpermute_rows
 from xlaserve.checkpoints.load import load_model
 from xlaserve.checkpoints.loaded import CheckpointError
-from xlaserve.runtime.quant import QuantArray, dequantize
+from xlaserve.pallas_kernels.quantized_matmul import (
+    dequantize_reference,
+    quantized_matmul,
+    quantized_matmul_reference,
+)
+from xlaserve.runtime.config import Kernels
+from xlaserve.runtime.quant import QuantArray, dequantize, linear, to_int8, unpack
 
 TINY = Tiny()
 
@@ -30,17 +40,52 @@ def bits(x) -> np.ndarray:
     return np.asarray(x, np.float32).view(np.uint32)
 
 
-def gguf_reference(path) -> dict[str, np.ndarray]:
+def gguf_reference(path, tiny: Tiny = TINY) -> dict[str, np.ndarray]:
     """gguf's own dequantization of every tensor, un-permuted like our loader."""
     out = {}
     for t in gguf.GGUFReader(path).tensors:
         x = quants.dequantize(t.data, t.tensor_type)
         if ".attn_q." in t.name:
-            x = unpermute_rows(x, TINY.heads)
+            x = unpermute_rows(x, tiny.heads)
         elif ".attn_k." in t.name:
-            x = unpermute_rows(x, TINY.kv_heads)
+            x = unpermute_rows(x, tiny.kv_heads)
         out[t.name] = x
     return out
+
+
+def q4_k_m(name: str) -> str:
+    """A Q4_K_M-like recipe: Q4_K, with attn_v/ffn_down in Q6_K for some layers (as llama.cpp
+    does), Q5_0/Q8_0/Q5_1 elsewhere (its fallbacks), so that four weights mix layouts over layers."""
+    layer0 = name.startswith("blk.0.")
+    if "attn_v" in name:
+        return "Q6_K" if layer0 else "Q5_0"  # q8_0/16 + q8_0/32 -> q8_0/16
+    if "ffn_down" in name:
+        return "Q6_K" if layer0 else "Q4_K"  # q8_0/16 + q4_1/32 -> q8_0/16 with mins
+    if "attn_output" in name:
+        return "Q8_0" if layer0 else "Q5_1"  # q8_0/32 + q8_0/32 with mins -> q8_0/32 with mins
+    if "ffn_gate" in name:
+        return "Q4_K" if layer0 else "Q4_1"  # q4_1/32 with float32 and float16 scales: stacks
+    return {"attn_q": "Q8_0", "attn_k": "Q5_0"}.get(name.split(".")[-2], "Q4_K")
+
+
+# weight -> the layout (kind, block, has a min) of the mixed file
+MIXED = {
+    "wq": ("q8_0", 32, False),
+    "wk": ("q8_0", 32, False),
+    "wv": ("q8_0", 16, False),
+    "wo": ("q8_0", 32, True),
+    "w_gate": ("q4_1", 32, True),
+    "w_up": ("q4_1", 32, True),
+    "w_down": ("q8_0", 16, True),
+}
+KINDS = [*TYPES, "mixed"]
+DENSE = ("F32", "F16", "BF16")
+
+
+def write(path, meta, kind: str) -> Tiny:
+    tiny = tiny_for("Q4_K" if kind == "mixed" else kind)
+    write_tiny_gguf(path, meta, q4_k_m if kind == "mixed" else kind, tiny=tiny)
+    return tiny
 
 
 LAYER_NAMES = {
@@ -54,41 +99,88 @@ LAYER_NAMES = {
 }
 
 
-@pytest.mark.parametrize("kind", list(TYPES))
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_type_dequantizes_bit_exactly(tmp_path, meta, kind):
     path = tmp_path / f"tiny-{kind}.gguf"
-    write_tiny_gguf(path, meta, kind)
-    ref = gguf_reference(path)
+    tiny = write(path, meta, kind)
+    ref = gguf_reference(path, tiny)
 
     dense = load_model(path, dequantize=True, dtype="float32").weights
     np.testing.assert_array_equal(bits(dense.embed), bits(ref["token_embd.weight"]))
     for field, name in LAYER_NAMES.items():
-        stacked = np.stack([ref[f"blk.{i}.{name}.weight"] for i in range(TINY.layers)])
+        stacked = np.stack([ref[f"blk.{i}.{name}.weight"] for i in range(tiny.layers)])
         np.testing.assert_array_equal(bits(getattr(dense.layers, field)), bits(stacked), err_msg=field)
 
     kept = load_model(path, dequantize=False, dtype="float32").weights
-    w_up = kept.layers.w_up
-    stacked = np.stack([ref[f"blk.{i}.ffn_up.weight"] for i in range(TINY.layers)])
-    if kind.startswith("Q"):
-        assert isinstance(w_up, QuantArray) and w_up.kind == kind.lower()
-        np.testing.assert_array_equal(bits(dequantize(w_up)), bits(stacked))
-        on_device = jax.jit(dequantize)(jax.device_put(w_up))
-        np.testing.assert_array_equal(bits(on_device), bits(stacked))
-    else:
-        np.testing.assert_array_equal(bits(w_up), bits(stacked))
+    embed = dequantize(kept.embed) if isinstance(kept.embed, QuantArray) else kept.embed
+    np.testing.assert_array_equal(bits(embed), bits(ref["token_embd.weight"]))
+    for field, name in LAYER_NAMES.items() if kind in NEW or kind == "mixed" else [("w_up", "ffn_up")]:
+        w = getattr(kept.layers, field)
+        stacked = np.stack([ref[f"blk.{i}.{name}.weight"] for i in range(tiny.layers)])
+        if kind in DENSE:
+            np.testing.assert_array_equal(bits(w), bits(stacked))
+            continue
+        t = QUANT_TYPES.get(kind)
+        want = MIXED[field] if kind == "mixed" else t.layout
+        assert isinstance(w, QuantArray) and (w.kind, w.block, w.min is not None) == want, field
+        np.testing.assert_array_equal(bits(dequantize(w)), bits(stacked), err_msg=field)
+        on_device = jax.jit(dequantize)(jax.device_put(w))
+        np.testing.assert_array_equal(bits(on_device), bits(stacked), err_msg=field)
+
+
+@pytest.mark.parametrize("kind", list(QUANT_TYPES))
+def test_random_blocks_decode_bit_exactly(kind):
+    """Random bytes (every bit pattern of values and sub-block scales): our layout dequantizes to
+    gguf's bits with numpy, in a jitted program, in the CPU layout and in the kernel's reference."""
+    rng = np.random.default_rng()
+    raw = random_blocks(rng, kind, 24, 512)
+    ref = bits(quants.dequantize(raw, TYPES[kind]))
+    w = to_quant(raw, kind, (24, 512))
+    assert (w.kind, w.block, w.min is not None) == QUANT_TYPES[kind].layout
+    np.testing.assert_array_equal(bits(dequantize(w)), ref)
+    np.testing.assert_array_equal(bits(jax.jit(dequantize)(jax.device_put(w))), ref)
+    np.testing.assert_array_equal(bits(dequantize(unpack(w))), ref)
+    np.testing.assert_array_equal(bits(dequantize_reference(*w.arrays, **w.layout)), ref)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q6_K", "Q2_K"])
+def test_to_int8_is_exact(kind):
+    """Re-expressing a layout as int8 with a finer block and a min (as for layers of mixed
+    layouts) leaves every dequantized bit, -0.0 included, unchanged."""
+    w = to_quant(random_blocks(np.random.default_rng(), kind, 8, 256), kind, (8, 256))
+    ref = bits(dequantize(w))
+    for block, asym in [(16, True), (w.block, True), (16, w.min is not None)]:
+        wide = to_int8(w, block, asym)
+        assert (wide.kind, wide.block, wide.min is not None) == ("q8_0", block, asym or w.min is not None)
+        np.testing.assert_array_equal(bits(dequantize(wide)), ref)
+
+
+# one type per new layout: q4_1 f32 scales, q8_0/16, q8_0/16 with mins, q8_0/32 with f16 mins
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q2_K", "Q5_1", "Q5_K"])
+def test_repacked_layouts_run_through_the_kernel(kind):
+    rng = np.random.default_rng()
+    w = jax.tree.map(jnp.asarray, to_quant(random_blocks(rng, kind, 64, 512), kind, (64, 512)))
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    ref = np.asarray(quantized_matmul_reference(x, *w.arrays, **w.layout))
+    out = np.asarray(quantized_matmul(x, *w.arrays, **w.layout, interpret=True))
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=1e-5)
+    pallas = Kernels(matmul="pallas", interpret=True)
+    np.testing.assert_allclose(np.asarray(linear(x, w, kernels=pallas)), ref, atol=tol, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(linear(x, w)), ref, atol=tol, rtol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", list(TYPES))
+@pytest.mark.parametrize("kind", KINDS)
 def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     import torch
-    from helpers import LOGIT_ATOL, hf_logits
+    from helpers import LOGIT_ATOL, hf_greedy, hf_logits
     from transformers import AutoModelForCausalLM
 
     from xlaserve import LLM
 
     path = tmp_path / f"tiny-{kind}.gguf"
-    write_tiny_gguf(path, meta, kind)
+    write(path, meta, kind)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     llm = LLM(str(path), max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="")
     ids = llm.encode("The tiny model reads a sentence, 123 times.")
@@ -105,6 +197,9 @@ def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
         np.zeros((llm.config.vocab_size,), bool),
     )
     np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=LOGIT_ATOL, rtol=0)
+    if kind in NEW or kind == "mixed":
+        out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+        assert out.token_ids == hf_greedy(hf, ids, 8)
 
 
 # -- errors: each names the file and the problem ---------------------------------------------------
@@ -127,11 +222,32 @@ def test_unsupported_architecture(tmp_path, meta):
 
 
 def test_unsupported_tensor_type(tmp_path, meta):
-    path = tmp_path / "q5.gguf"
-    # Q5_0: 32-element blocks of 22 bytes; random bytes are enough, the reader must refuse the type.
-    data = np.random.default_rng(0).integers(0, 255, (TINY.ffn, TINY.hidden // 32 * 22), dtype=np.uint8)
-    write_tiny_gguf(path, meta, "F32", raw={"blk.0.ffn_up.weight": (data, gguf.GGMLQuantizationType.Q5_0)})
-    expect_error(path, "blk.0.ffn_up.weight", "Q5_0", "not supported")
+    path = tmp_path / "mxfp4.gguf"
+    # MXFP4: 32-element blocks of 17 bytes; random bytes are enough, the reader must refuse the type.
+    data = np.random.default_rng(0).integers(0, 255, (TINY.ffn, TINY.hidden // 32 * 17), dtype=np.uint8)
+    write_tiny_gguf(path, meta, "F32", raw={"blk.0.ffn_up.weight": (data, gguf.GGMLQuantizationType.MXFP4)})
+    message = expect_error(path, "blk.0.ffn_up.weight", "MXFP4", "not supported")
+    assert "Q4_K" in message and "Q6_K" in message  # the supported list
+
+
+def test_rows_not_whole_blocks(tmp_path, meta):
+    """A Q4_K tensor whose rows (64) are not whole 256-element super-blocks: named, not a numpy
+    traceback from inside the reader."""
+    path = tmp_path / "rows.gguf"
+    data = np.zeros((TINY.ffn, 36), np.int8)  # a non-uint8 array: raw_shape is taken as elements
+    raw = {"blk.0.ffn_up.weight": (data, gguf.GGMLQuantizationType.Q4_K, (TINY.ffn, TINY.hidden))}
+    write_tiny_gguf(path, meta, "F32", raw=raw)
+    expect_error(path, "tensor blk.0.ffn_up.weight", "Q4_K", "not a whole number of 256-element blocks")
+
+
+def test_bytes_contradict_the_shape(tmp_path, meta):
+    """The header says Q5_0 [128 x 64] (5632 bytes) but 4400 were written: the tensor would read
+    the next tensor's bytes."""
+    path = tmp_path / "short.gguf"
+    data = np.zeros((100, 44), np.int8)
+    raw = {"blk.0.ffn_up.weight": (data, gguf.GGMLQuantizationType.Q5_0, (TINY.ffn, TINY.hidden))}
+    write_tiny_gguf(path, meta, "F32", raw=raw)
+    expect_error(path, "tensor blk.0.ffn_up.weight (Q5_0, shape [128, 64]) needs 5632 bytes")
 
 
 def test_truncated_file(tmp_path, meta):

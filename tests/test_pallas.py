@@ -117,14 +117,19 @@ def test_int4_pack_unpack_round_trip_is_bit_exact(group):
 
 def make_weight(rng, kind: str, n: int, k: int, group: int) -> QuantArray:
     """Random quantized weights with awkward blocks: some all-zero scales, large magnitudes and
-    negative mins."""
+    negative mins. "q8_1" is int8 with a min (asymmetric int8, float32 scales as GGUF's K-quants
+    load)."""
     blocks = k // group
     scale = (rng.standard_normal((n, blocks)) * 0.05).astype(np.float16)
     scale[0, 0] = 0.0
     scale[1, :] *= 100
-    if kind == "q8_0":
+    if kind in ("q8_0", "q8_1"):
+        mins = (
+            (-np.abs(rng.standard_normal((n, blocks))) * 0.3).astype(np.float32) if kind == "q8_1" else None
+        )
+        scale = scale.astype(np.float32) if kind == "q8_1" else scale
         return QuantArray(
-            rng.integers(-127, 128, (n, k), dtype=np.int8), scale, None, kind="q8_0", block=group
+            rng.integers(-127, 128, (n, k), dtype=np.int8), scale, mins, kind="q8_0", block=group
         )
     data = pack_int4(rng.integers(0, 16, (n, k), dtype=np.uint8), group)
     mins = (-np.abs(rng.standard_normal((n, blocks))) * 0.3).astype(np.float16) if kind == "q4_1" else None
@@ -141,6 +146,9 @@ MATMUL = [
     ("q8_0", "k", 1, 256, 192, jnp.bfloat16),
     ("q8_0", "k", 33, 576, 64, jnp.float32),
     ("q4_0", 64, 1, 512, 128, jnp.float32),
+    ("q8_0", 16, 1, 512, 64, jnp.bfloat16),  # GGUF Q6_K/Q3_K's groups of 16
+    ("q8_1", 16, 16, 256, 128, jnp.float32),  # Q2_K: groups of 16 with mins
+    ("q8_1", 32, 33, 512, 64, jnp.bfloat16),  # Q5_1/Q5_K: int8 with mins, prefill tiling
 ]
 
 
@@ -158,7 +166,9 @@ def test_quantized_matmul_matches_reference(kind, group, m, k, n, dtype):
     np.testing.assert_allclose(out, ref, atol=tol, rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("kind, group", [("q4_1", 32), ("q4_0", 64), ("q8_0", 32), ("q8_0", "k")])
+@pytest.mark.parametrize(
+    "kind, group", [("q4_1", 32), ("q4_0", 64), ("q8_0", 32), ("q8_0", "k"), ("q8_0", 16), ("q8_1", 16)]
+)
 def test_reference_dequantizes_exactly_like_the_model(kind, group):
     """The kernel's reference (which takes plain arrays) and the model's dequantization, packed and
     unpacked, give the same weights bit for bit."""

@@ -142,6 +142,11 @@ def test_admission_limits_on_the_real_engine(llm):
     saved = scheduler.limits
     try:
         scheduler.limits = dataclasses.replace(saved, max_queue=2, max_per_client=1)
+        # Requests that will take a free slot are not waiting beyond the slots (issue 20, defect 6):
+        # take every slot first, so the ones below wait.
+        for i in range(TEST_ENGINE["max_slots"]):
+            llm.runner.submit(llm.make_request(f"x{i}", SamplingParams(max_tokens=4)))
+        llm.runner.step()
         queued = [llm.make_request("a", SamplingParams(max_tokens=4), client_id=c) for c in ("c1", "c2")]
         llm.runner.submit(queued[0])
         with pytest.raises(Overloaded, match="client 'c1' already has 1 requests in flight; the limit is 1"):
