@@ -101,21 +101,9 @@ def generate_remote(args, prompts: list[str], params) -> int:
     import grpc
 
     from xlaserve.serve.client import Client
+    from xlaserve.serve.messages import SAMPLING_FIELDS
 
-    sampling = {
-        f: getattr(params, f)
-        for f in (
-            "max_tokens",
-            "temperature",
-            "top_k",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "seed",
-            "ignore_eos",
-            "logprobs",
-        )
-    }
+    sampling = {f: getattr(params, f) for f in SAMPLING_FIELDS}  # what the proto carries
     sampling["stop"] = params.stop
     key = args.api_key or None
     with Client(args.server, api_key=key, tls=args.tls, root_certificates=read_bytes(args.tls_ca)) as client:
