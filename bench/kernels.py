@@ -70,7 +70,7 @@ def timed(fn, *args, repeats: int) -> float:
 
 def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> list[dict]:
     from xlaserve.pallas_kernels.paged_attention import decode_attention
-    from xlaserve.runtime.attention import KVCache, paged_attention
+    from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention
 
     h, g, d = cfg["heads"]
     page, dtype = cfg["page"], jnp.bfloat16
@@ -90,7 +90,7 @@ def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> 
             splits = max(1, min(16, (width // tile) // 8))
             pallas = jax.jit(
                 lambda q, k, v, lengths, table, s=splits, t=tile: decode_attention(
-                    q, k, v, jnp.int32(0), lengths, table, pages_per_tile=t, splits=s, interpret=interpret
+                    q, k, v, 0, NO_WINDOW, lengths, table, pages_per_tile=t, splits=s, interpret=interpret
                 )
             )
             block = min(ctx, 512 if not interpret else ctx)

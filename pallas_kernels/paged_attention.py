@@ -1,19 +1,33 @@
 """Paged attention in Pallas (Triton style): decode with split-K (flash-decoding) and chunked
-prefill, each with its pure-jnp reference.
+prefill, each with its pure-jnp reference. Causal, with an optional sliding window, a custom scale
+and Gemma-2-style logit soft-capping.
 
 Cache layout (shared with the XLA path): k, v [L, N, P, H, D] (layers, pages, page size, kv heads,
 head dim), read for one `layer` given at run time. A program handles one kv head and the G query
 heads that share it, padded to `rows` (≥ 16, a power of two: Triton's dot needs M ≥ 16), so each K/V
 byte is read once per kv head. Page ids are loaded from the page table and used as a gather index
 into the whole pool (pointer arithmetic on GPU; nothing is copied). All loads have power-of-two
-shapes. Positions at or past a sequence's length are masked with a finite value and weights of
-exactly 0, so an idle slot (length 0) yields zeros, never NaN.
+shapes.
 
-Decode: grid (B, H, S). Split s covers page tiles [s*T/S, (s+1)*T/S) of the table; each writes
-(acc, m, l) and a small XLA epilogue combines the splits. Prefill: grid (T/BQ, H); query block i
-covers chunk tokens [i*BQ, (i+1)*BQ) at absolute positions start + ..., attends to keys at
-positions ≤ its own (the cached prefix and the chunk itself), looping only up to the block's last
-position.
+Mask: a key at absolute position p is visible to a query at position t iff
+
+    p <= t  and  p < length  and  t - p < window
+
+(HF transformers' sliding-window rule; a decode query sits at t = length - 1). `window` is an int32
+given at run time like `layer`, so one compiled kernel serves local and global layers; pass a huge
+value (2**30) for global attention. Scores are q·k * scale (scale defaults to D**-0.5), or with
+`softcap` softcap * tanh(q·k * scale / softcap), before masking. Hidden positions get a finite mask
+value and weights of exactly 0, so an idle slot (length 0) yields zeros, never NaN.
+
+Only the tiles holding visible keys are read: each loop starts at the tile of the first position any
+query of the program can see, and stops after the tile of the last, so a windowed layer reads about
+`window` tokens of K/V however long the context.
+
+Decode: grid (B, H, S). The visible tiles of a sequence are cut into S runs of equal length (the
+last may be short or empty); split s covers run s and writes (acc, m, l), and a small XLA epilogue
+combines the splits (a split with nothing visible has total 0 and is ignored). Prefill: grid
+(T/BQ, H); query block i covers chunk tokens [i*BQ, (i+1)*BQ) at absolute positions start + ...,
+and loops over the tiles from the first key its first query can see to its last query's position.
 """
 
 from __future__ import annotations
@@ -36,11 +50,18 @@ def _interpret_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _softmax_step(carry, q, k, v, visible, scale):
+def _scores(q, k, scale: float, softcap: float | None):
+    """q [R, D] · k [T, D] -> [R, T] f32 logits, scaled and (optionally) soft-capped."""
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+    if softcap is None:
+        return s * scale
+    return softcap * jnp.tanh(s * (scale / softcap))
+
+
+def _softmax_step(carry, q, k, v, visible, scale, softcap):
     """One tile of the online softmax. q [R, D]; k, v [T, D]; visible [R, T] or [1, T]."""
     peak, total, acc = carry
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(visible, s, MASK_VALUE)
+    s = jnp.where(visible, _scores(q, k, scale, softcap), MASK_VALUE)
     peak_new = jnp.maximum(peak, jnp.max(s, axis=1))
     p = jnp.where(visible, jnp.exp(s - peak_new[:, None]), 0.0)
     correction = jnp.exp(peak - peak_new)
@@ -49,11 +70,23 @@ def _softmax_step(carry, q, k, v, visible, scale):
     return peak_new, total, acc
 
 
+def _init_state(rows: int, d: int):
+    return (
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, d), jnp.float32),
+    )
+
+
+def _scale(scale: float | None, d: int) -> float:
+    return d**-0.5 if scale is None else float(scale)
+
+
 # -- decode ------------------------------------------------------------------------------------------
 
 
 def _decode_kernel(
-    layer_ref,
+    meta_ref,
     lengths_ref,
     table_ref,
     q_ref,
@@ -64,78 +97,85 @@ def _decode_kernel(
     l_ref,
     *,
     pages_per_tile: int,
-    tiles_per_split: int,
+    splits: int,
     tiles: int,
     scale: float,
+    softcap: float | None,
 ):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer, length = layer_ref[0], lengths_ref[b]
+    layer, window, length = meta_ref[0], meta_ref[1], lengths_ref[b]
     rows, d = q_ref.shape
     page = k_ref.shape[2]
     tile = pages_per_tile * page
     q = q_ref[...]
-    first = split * tiles_per_split
-    last = jnp.minimum(jnp.minimum(first + tiles_per_split, tiles), (length + tile - 1) // tile)
+    lo = jnp.maximum(length - window, 0)  # first visible position (the query sits at length - 1)
+    begin = lo // tile
+    end = jnp.minimum((length + tile - 1) // tile, tiles)  # visible tiles: [begin, end)
+    per_split = (jnp.maximum(end - begin, 0) + splits - 1) // splits
+    first = begin + split * per_split
+    last = jnp.minimum(first + per_split, end)
 
     def body(t, carry):
         pids = table_ref[b, pl.ds(t * pages_per_tile, pages_per_tile)]
         k = k_ref[layer, pids, :, h, :].reshape(tile, d)
         v = v_ref[layer, pids, :, h, :].reshape(tile, d)
-        visible = (t * tile + jnp.arange(tile))[None, :] < length
-        return _softmax_step(carry, q, k, v, visible, scale)
+        pos = (t * tile + jnp.arange(tile))[None, :]
+        visible = (pos < length) & (pos >= lo)
+        return _softmax_step(carry, q, k, v, visible, scale, softcap)
 
-    init = (
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, d), jnp.float32),
-    )
-    peak, total, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    peak, total, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, _init_state(rows, d))
     o_ref[...] = acc
     m_ref[...] = peak
     l_ref[...] = total
 
 
 @functools.partial(
-    jax.jit, static_argnames=("pages_per_tile", "splits", "interpret", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=("pages_per_tile", "splits", "scale", "softcap", "interpret", "num_warps", "num_stages"),
 )
 def decode_attention(
     q,
     k,
     v,
     layer,
+    window,
     lengths,
     page_table,
     *,
     pages_per_tile: int = 4,
     splits: int = 1,
+    scale: float | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ):
-    """q [B, H, G, D]; k, v [L, N, P, H, D]; layer int32 scalar; lengths [B] (tokens to attend,
-    0 for idle); page_table [B, W] with W a multiple of pages_per_tile.
-    Returns [B, H, G, D] in q's dtype."""
+    """One new token per sequence. q [B, H, G, D]; k, v [L, N, P, H, D]; layer, window int32
+    scalars; lengths [B] (tokens to attend, the query's own included; 0 for idle); page_table [B, W]
+    with W a multiple of pages_per_tile. Sequence b's query sits at position lengths[b] - 1 and sees
+    keys p with lengths[b] - window <= p < lengths[b]. scale: None for D**-0.5; softcap: None or
+    the Gemma 2 attention logit cap. Returns [B, H, G, D] in q's dtype."""
     b, h, g, d = q.shape
     width = page_table.shape[1]
     assert width % pages_per_tile == 0, (width, pages_per_tile)
-    tiles = width // pages_per_tile  # cut into `splits` runs of ceil(tiles / splits); the last may be short
     rows = _pow2(g)
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
     interpret = _interpret_default() if interpret is None else interpret
     kernel = functools.partial(
         _decode_kernel,
         pages_per_tile=pages_per_tile,
-        tiles_per_split=-(-tiles // splits),
-        tiles=tiles,
-        scale=d**-0.5,
+        splits=splits,
+        tiles=width // pages_per_tile,
+        scale=_scale(scale, d),
+        softcap=softcap,
     )
     full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-    layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
+    meta = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)])
     acc, peak, total = pl.pallas_call(
         kernel,
         grid=(b, h, splits),
         in_specs=[
-            full(layer),
+            full(meta),
             full(lengths),
             full(page_table),
             pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0)),
@@ -154,12 +194,13 @@ def decode_attention(
         ],
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(layer, lengths.astype(jnp.int32), page_table.astype(jnp.int32), qp, k, v)
+    )(meta, lengths.astype(jnp.int32), page_table.astype(jnp.int32), qp, k, v)
     return combine_splits(acc, peak, total)[:, :, :g].astype(q.dtype)
 
 
 def combine_splits(acc, peak, total):
-    """Merge per-split online-softmax states: acc [..., S, R, D], peak/total [..., S, R]."""
+    """Merge per-split online-softmax states: acc [..., S, R, D], peak/total [..., S, R]. Splits
+    with total 0 (nothing visible) get weight 0; if every split is empty the result is 0."""
     top = jnp.max(peak, axis=-2, keepdims=True)
     w = jnp.where(total > 0, jnp.exp(peak - top), 0.0)  # [..., S, R]
     num = jnp.sum(acc * w[..., None], axis=-3)
@@ -167,18 +208,28 @@ def combine_splits(acc, peak, total):
     return num / jnp.where(den == 0, 1.0, den)[..., None]
 
 
-def decode_attention_reference(q, k, v, layer, lengths, page_table):
-    """Gather every table page densely and run masked softmax attention (f32, HIGHEST)."""
+def _masked_softmax(q, kk, visible, spec, scale, softcap):
+    """Dense f32 attention weights: scores by the einsum `spec` of q and kk, scaled and capped,
+    hidden where `visible` is False; a row with nothing visible is all 0."""
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum(spec, q.astype(jnp.float32), kk, precision=hi) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(visible, s, -jnp.inf)
+    return jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
+
+
+def decode_attention_reference(
+    q, k, v, layer, window, lengths, page_table, *, scale: float | None = None, softcap: float | None = None
+):
+    """Gather every table page densely and run masked softmax attention (f32, HIGHEST); same
+    arguments and mask as decode_attention."""
     b, h, _, d = q.shape
     kk = k[layer][page_table].reshape(b, -1, h, d).astype(jnp.float32)  # [B, S, H, D]
     vv = v[layer][page_table].reshape(b, -1, h, d).astype(jnp.float32)
-    s = (
-        jnp.einsum("bhgd,bshd->bhgs", q.astype(jnp.float32), kk, precision=jax.lax.Precision.HIGHEST)
-        * d**-0.5
-    )
-    visible = jnp.arange(kk.shape[1])[None, :] < lengths[:, None]
-    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-    p = jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
+    pos, lengths = jnp.arange(kk.shape[1])[None, :], jnp.asarray(lengths)[:, None]
+    visible = (pos < lengths) & ((lengths - 1) - pos < window)  # [B, S]
+    p = _masked_softmax(q, kk, visible[:, None, None, :], "bhgd,bshd->bhgs", _scale(scale, d), softcap)
     return jnp.einsum("bhgs,bshd->bhgd", p, vv, precision=jax.lax.Precision.HIGHEST).astype(q.dtype)
 
 
@@ -186,7 +237,6 @@ def decode_attention_reference(q, k, v, layer, lengths, page_table):
 
 
 def _prefill_kernel(
-    layer_ref,
     meta_ref,
     table_ref,
     q_ref,
@@ -198,55 +248,60 @@ def _prefill_kernel(
     g_rows: int,
     pages_per_tile: int,
     scale: float,
+    softcap: float | None,
 ):
     i, h = pl.program_id(0), pl.program_id(1)
-    layer, start, kv_len = layer_ref[0], meta_ref[0], meta_ref[1]
+    layer, start, kv_len, window = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
     rows, d = q_ref.shape  # rows = block_q * g_rows
     page = k_ref.shape[2]
     tile = pages_per_tile * page
     q = q_ref[...]
-    q_pos = start + i * block_q + jnp.arange(rows) // g_rows  # absolute position of each row's token
-    stop = jnp.minimum(kv_len, start + (i + 1) * block_q)  # keys this block can see: positions < stop
+    q0 = start + i * block_q  # the block's first query position
+    q_pos = q0 + jnp.arange(rows) // g_rows  # absolute position of each row's token
+    stop = jnp.minimum(kv_len, q0 + block_q)  # keys this block can see: positions < stop ...
+    lo = jnp.maximum(q0 - window + 1, 0)  # ... and ≥ lo (the first query's window)
+    first, last = lo // tile, (stop + tile - 1) // tile
 
     def body(t, carry):
         pids = table_ref[pl.ds(t * pages_per_tile, pages_per_tile)]
         k = k_ref[layer, pids, :, h, :].reshape(tile, d)
         v = v_ref[layer, pids, :, h, :].reshape(tile, d)
-        kv_pos = t * tile + jnp.arange(tile)
-        visible = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len)
-        return _softmax_step(carry, q, k, v, visible, scale)
+        kv_pos = (t * tile + jnp.arange(tile))[None, :]
+        visible = (kv_pos <= q_pos[:, None]) & (kv_pos < kv_len) & (q_pos[:, None] - kv_pos < window)
+        return _softmax_step(carry, q, k, v, visible, scale, softcap)
 
-    init = (
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, d), jnp.float32),
-    )
-    _, total, acc = jax.lax.fori_loop(0, (stop + tile - 1) // tile, body, init)
+    _, total, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, _init_state(rows, d))
     o_ref[...] = (acc / jnp.where(total == 0, 1.0, total)[:, None]).astype(o_ref.dtype)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("block_q", "pages_per_tile", "interpret", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=("block_q", "pages_per_tile", "scale", "softcap", "interpret", "num_warps", "num_stages"),
 )
 def prefill_attention(
     q,
     k,
     v,
     layer,
+    window,
     start,
     kv_len,
     page_row,
     *,
     block_q: int = 16,
     pages_per_tile: int = 4,
+    scale: float | None = None,
+    softcap: float | None = None,
     interpret: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ):
-    """q [T, H, G, D] at positions start .. start+T-1 (T a multiple of block_q; rows past
-    kv_len - start are padding); k, v [L, N, P, H, D]; page_row [W] (W a multiple of
-    pages_per_tile). Returns [T, H, G, D]: attention over keys at positions ≤ each query's and
-    < kv_len."""
+    """One chunk of one sequence. q [T, H, G, D] at positions start .. start+T-1 (T a multiple of
+    block_q; rows past kv_len - start are padding); k, v [L, N, P, H, D]; layer, window, start,
+    kv_len int32 scalars; page_row [W] (W a multiple of pages_per_tile). The query at position t
+    sees keys p with t - window < p <= t and p < kv_len (the cached prefix and the chunk itself).
+    scale: None for D**-0.5; softcap: None or the Gemma 2 attention logit cap.
+    Returns [T, H, G, D] in q's dtype; a row with nothing visible is 0."""
     t, h, g, d = q.shape
     assert t % block_q == 0 and page_row.shape[0] % pages_per_tile == 0
     g_rows = _pow2(g, least=1)
@@ -256,16 +311,19 @@ def prefill_attention(
     qp = qp.transpose(1, 0, 2, 3).reshape(h, t * g_rows, d)  # row = token * Gr + head in group
     interpret = _interpret_default() if interpret is None else interpret
     kernel = functools.partial(
-        _prefill_kernel, block_q=block_q, g_rows=g_rows, pages_per_tile=pages_per_tile, scale=d**-0.5
+        _prefill_kernel,
+        block_q=block_q,
+        g_rows=g_rows,
+        pages_per_tile=pages_per_tile,
+        scale=_scale(scale, d),
+        softcap=softcap,
     )
     full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-    layer = jnp.reshape(layer, (1,)).astype(jnp.int32)
-    meta = jnp.stack([jnp.asarray(start, jnp.int32), jnp.asarray(kv_len, jnp.int32)])
+    meta = jnp.stack([jnp.asarray(x, jnp.int32) for x in (layer, start, kv_len, window)])
     out = pl.pallas_call(
         kernel,
         grid=(t // block_q, h),
         in_specs=[
-            full(layer),
             full(meta),
             full(page_row),
             pl.BlockSpec((None, rows, d), lambda i, j: (j, i, 0)),
@@ -276,17 +334,29 @@ def prefill_attention(
         out_shape=jax.ShapeDtypeStruct((h, t * g_rows, d), q.dtype),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(layer, meta, page_row.astype(jnp.int32), qp, k, v)
+    )(meta, page_row.astype(jnp.int32), qp, k, v)
     return out.reshape(h, t, g_rows, d).transpose(1, 0, 2, 3)[:, :, :g]
 
 
-def prefill_attention_reference(q, k, v, layer, start, kv_len, page_row):
+def prefill_attention_reference(
+    q,
+    k,
+    v,
+    layer,
+    window,
+    start,
+    kv_len,
+    page_row,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+):
+    """Gather every page of the row densely and run masked softmax attention (f32, HIGHEST); same
+    arguments and mask as prefill_attention."""
     t, h, _, d = q.shape
     kk = k[layer][page_row].reshape(-1, h, d).astype(jnp.float32)
     vv = v[layer][page_row].reshape(-1, h, d).astype(jnp.float32)
-    s = jnp.einsum("thgd,shd->thgs", q.astype(jnp.float32), kk, precision=jax.lax.Precision.HIGHEST) * d**-0.5
-    kv_pos, q_pos = jnp.arange(kk.shape[0]), start + jnp.arange(t)
-    visible = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len)
-    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-    p = jnp.nan_to_num(jax.nn.softmax(s, axis=-1))
+    kv_pos, q_pos = jnp.arange(kk.shape[0])[None, :], start + jnp.arange(t)[:, None]
+    visible = (kv_pos <= q_pos) & (kv_pos < kv_len) & (q_pos - kv_pos < window)  # [T, S]
+    p = _masked_softmax(q, kk, visible[:, None, None, :], "thgd,shd->thgs", _scale(scale, d), softcap)
     return jnp.einsum("thgs,shd->thgd", p, vv, precision=jax.lax.Precision.HIGHEST).astype(q.dtype)

@@ -4,9 +4,11 @@ Dimension letters: B sequences, T query tokens per sequence, L layers, N pages i
 per page, W page-table width (pages per sequence), H kv heads, G query heads per kv head, D head dim.
 
 One function serves prefill (B=1, T=chunk) and decode (B=slots, T=1): queries at absolute positions
-`q_pos[B, T]` attend to keys at positions `< kv_len[B]` that are `<= q_pos` (causal). Keys are read
-from the pages in `page_table[B, W]` one block of `block` tokens at a time with an online softmax, and
-the loop stops at the longest `kv_len` of the batch, so the cost follows the real context length.
+`q_pos[B, T]` attend to keys at positions `< kv_len[B]` that are `<= q_pos` (causal) and, for a
+sliding-window layer, `> q_pos - window` (HF's rule). Keys are read from the pages in
+`page_table[B, W]` one block of `block` tokens at a time with an online softmax; the loop starts
+at the first block any query's window reaches and stops at the longest `kv_len` of the batch, so
+the cost follows the real context length, or the window.
 
 When the table is exactly one block wide there is no loop: decode cuts the table to a KV-length
 bucket and attends densely, because on CPU each loop iteration costs ~0.1 ms per layer, more than
@@ -26,6 +28,7 @@ from xlaserve.runtime.config import XLA_KERNELS, Kernels
 
 # A finite "minus infinity": exp() of it underflows to 0 without producing NaN in max-subtraction.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+NO_WINDOW = 1 << 30  # the window of a global layer: longer than any context
 
 
 @jax.tree_util.register_dataclass
@@ -64,24 +67,41 @@ def token_slots(page_table, positions, valid, page_size: int, num_pages: int):
 
 
 def paged_attention(
-    q, cache: KVCache, layer, page_table, q_pos, kv_len, *, block: int, kernels: Kernels = XLA_KERNELS
+    q,
+    cache: KVCache,
+    layer,
+    page_table,
+    q_pos,
+    kv_len,
+    *,
+    block: int,
+    kernels: Kernels = XLA_KERNELS,
+    window=None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ):
-    """softmax(q k^T / sqrt(D)) v over the paged cache of `layer`.
+    """softmax(softcap(q k^T * scale)) v over the paged cache of `layer`.
 
-    q [B, T, H, G, D]; page_table [B, W] (W a multiple of block / P); q_pos [B, T]; kv_len [B].
+    q [B, T, H, G, D]; page_table [B, W] (W a multiple of block / P); q_pos [B, T]; kv_len [B];
+    window: int32 scalar (traced; a huge value for a global layer) or None; scale: static (None:
+    D ** -0.5); softcap: static c, scores -> c * tanh(scores / c) before masking (None: off).
     Returns [B, T, H, G, D] in q's dtype. A sequence with kv_len 0 gets zeros, never NaN.
     With kernels.attention == "pallas", decode (T = 1) and one-sequence prefill (B = 1) run our
     Pallas kernels; q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
     """
-    if kernels.attention == "pallas" and (q.shape[1] == 1 or q.shape[0] == 1):
-        return _pallas_attention(q, cache, layer, page_table, q_pos, kv_len, kernels)
-    assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     b, t, h, g, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    window = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
+    if kernels.attention == "pallas" and (t == 1 or b == 1):
+        return _pallas_attention(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
+    assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     page_size = cache.page_size
     pages_per_block = block // page_size
-    scale = d**-0.5
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     n_blocks = (jnp.max(kv_len) + block - 1) // block
+    # the first key any live sequence's first query can see (queries of a row are consecutive)
+    first = jnp.min(jnp.where(kv_len > 0, q_pos[:, 0], jnp.iinfo(jnp.int32).max))
+    first_block = jnp.maximum(first - window + 1, 0) // block
 
     def body(j, carry):
         peak, total, acc = carry
@@ -90,9 +110,13 @@ def paged_attention(
         v = cache.v[layer, pages].reshape(b, block, h, d)
         s = jnp.einsum("bthgd,bshd->bthgs", q, k, precision=precision, preferred_element_type=jnp.float32)
         s = s * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
         kv_pos = j * block + jnp.arange(block)
-        visible = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (
-            kv_pos[None, None, :] < kv_len[:, None, None]
+        visible = (
+            (kv_pos[None, None, :] <= q_pos[:, :, None])
+            & (kv_pos[None, None, :] < kv_len[:, None, None])
+            & (q_pos[:, :, None] - kv_pos[None, None, :] < window)
         )
         visible = visible[:, :, None, None, :]  # [B, T, 1, 1, block]
         s = jnp.where(visible, s, MASK_VALUE)
@@ -113,7 +137,7 @@ def paged_attention(
     if page_table.shape[1] == pages_per_block:
         _, total, acc = body(0, init)
     else:
-        _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        _, total, acc = jax.lax.fori_loop(first_block, n_blocks, body, init)
     out = acc / jnp.where(total == 0.0, 1.0, total)[..., None]
     return out.astype(q.dtype)
 
@@ -126,24 +150,23 @@ def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:
     return ppt
 
 
-def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, kernels: Kernels):
+def _pallas_attention(
+    q, cache: KVCache, layer, window, page_table, q_pos, kv_len, kernels: Kernels, scale, softcap
+):
     """Our kernels; on a mesh, per shard under shard_map (kv heads split over tp when they divide,
     the query heads with them; otherwise every device runs all heads)."""
     b, t, h = q.shape[:3]
     ppt = _pages_per_tile(page_table.shape[1], cache.page_size)
+    opts = dict(pages_per_tile=ppt, scale=scale, softcap=softcap, interpret=kernels.interpret)
     if t == 1:
         tiles = page_table.shape[1] // ppt
         splits = 1 if kernels.interpret else max(1, min(tiles, -(-264 // (b * h))))  # ~2 waves of 132 SMs
-        fn = functools.partial(
-            pk.decode_attention, pages_per_tile=ppt, splits=splits, interpret=kernels.interpret
-        )
-        args, q_in = (layer, kv_len, page_table), q[:, 0]  # q [B, H, G, D]
+        fn = functools.partial(pk.decode_attention, splits=splits, **opts)
+        args, q_in = (layer, window, kv_len, page_table), q[:, 0]  # q [B, H, G, D]
     else:
         block_q = 16 if t % 16 == 0 else t
-        fn = functools.partial(
-            pk.prefill_attention, block_q=block_q, pages_per_tile=ppt, interpret=kernels.interpret
-        )
-        args, q_in = (layer, q_pos[0, 0], kv_len[0], page_table[0]), q[0]  # q [T, H, G, D]
+        fn = functools.partial(pk.prefill_attention, block_q=block_q, **opts)
+        args, q_in = (layer, window, q_pos[0, 0], kv_len[0], page_table[0]), q[0]  # q [T, H, G, D]
     mesh = kernels.mesh
     if mesh is not None:
         from jax.sharding import PartitionSpec as P
@@ -157,12 +180,17 @@ def _pallas_attention(q, cache: KVCache, layer, page_table, q_pos, kv_len, kerne
     return out[:, None] if t == 1 else out[None]
 
 
-def reference_attention(q, k_seq, v_seq, q_pos, kv_len):
+def reference_attention(q, k_seq, v_seq, q_pos, kv_len, window=None, scale=None, softcap=None):
     """Dense masked attention for tests: q [B, T, H, G, D], k/v [B, S, H, D] already gathered."""
     d = q.shape[-1]
-    s = jnp.einsum("bthgd,bshd->bthgs", q, k_seq, precision=jax.lax.Precision.HIGHEST) * d**-0.5
+    s = jnp.einsum("bthgd,bshd->bthgs", q, k_seq, precision=jax.lax.Precision.HIGHEST)
+    s = s * (d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     kv_pos = jnp.arange(k_seq.shape[1])
     visible = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
+    if window is not None:
+        visible &= q_pos[:, :, None] - kv_pos[None, None, :] < window
     s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(jnp.isnan(p), 0.0, p)

@@ -97,3 +97,46 @@ def test_writes_drop_padding_and_out_of_table_positions():
     after = np.asarray(write_kv(cache, 0, new, new, pages, offs).k)
     changed = np.argwhere((after != before).any(axis=(-1, -2)))
     assert sorted(map(tuple, changed.tolist())) == [(0, table[0, 0], 3), (0, table[0, 0], 4)]
+
+
+@pytest.mark.parametrize("block", [W * P, 2 * P])
+@pytest.mark.parametrize(
+    "window, softcap, scale", [(1, None, None), (P - 3, 20.0, 0.3), (2 * P + 1, 5.0, None)]
+)
+def test_sliding_window_softcap_and_scale_match_dense(block, window, softcap, scale):
+    """Windowed layers (Mistral, Gemma, Phi-3): a key is visible iff it is causal and within the
+    last `window` positions; decode rows and a prefill chunk with a cached prefix longer than the
+    window; the blocked loop starts at the first block a window reaches."""
+    rng = np.random.default_rng()
+    lengths = [0, 1, P + 1, W * P - 5, int(rng.integers(2, W * P))]
+    cache, table = random_case(rng, lengths)
+    cache = fill(cache, table, lengths, rng, layer=0)
+    kv_len = jnp.asarray(lengths, jnp.int32)
+    q_pos = jnp.maximum(kv_len - 1, 0)[:, None]
+    q = jnp.asarray(rng.standard_normal((len(lengths), 1, H, G, D)), jnp.float32)
+    run = jax.jit(paged_attention, static_argnames=("block", "scale", "softcap"))
+    out = run(
+        q,
+        cache,
+        0,
+        jnp.asarray(table),
+        q_pos,
+        kv_len,
+        block=block,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+    )
+    k, v = gathered(cache, jnp.asarray(table), 0)
+    ref = reference_attention(q, k, v, q_pos, kv_len, window=window, scale=scale, softcap=softcap)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    # a prefill chunk of 9 tokens after a cached prefix of 3 pages
+    start, t = 3 * P, 16
+    q_pos = (start + jnp.arange(t))[None]
+    q = jnp.asarray(rng.standard_normal((1, t, H, G, D)), jnp.float32)
+    one = jnp.asarray(table[3:4])
+    kv = jnp.asarray([start + 9], jnp.int32)
+    out = run(q, cache, 0, one, q_pos, kv, block=block, window=window, scale=scale, softcap=softcap)
+    k, v = gathered(cache, one, 0)
+    ref = reference_attention(q, k, v, q_pos, kv, window=window, scale=scale, softcap=softcap)
+    np.testing.assert_allclose(np.asarray(out)[:, :9], np.asarray(ref)[:, :9], atol=1e-5, rtol=1e-5)

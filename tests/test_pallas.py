@@ -26,6 +26,7 @@ from xlaserve.pallas_kernels.quantized_matmul import (
 from xlaserve.runtime.quant import QuantArray, dequantize, unpack
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+GLOBAL = 2**30  # the window the caller passes for a global layer
 
 
 def paged_case(rng, *, batch, page, g, d, dtype, lengths, width):
@@ -40,63 +41,130 @@ def paged_case(rng, *, batch, page, g, d, dtype, lengths, width):
     return q, k, v, jnp.asarray(table), jnp.asarray(lengths, jnp.int32)
 
 
-# (page size, batch, group G, head dim, dtype, splits, pages per tile): pairwise over the axes; G 3
-# and 6 are not powers of two; 3 splits do not divide the tiles.
+def dense_attention(q, k, v, layer, page_row, q_pos, kv_len, window, *, scale=None, softcap=None):
+    """An independent check of the references, in float64 numpy: q [n, H, G, D] at positions
+    q_pos [n]; the keys at positions 0 .. kv_len-1 are gathered one by one through page_row, and
+    key p is visible to the query at t iff p <= t, p < kv_len and t - p < window."""
+    q, k, v = (np.asarray(x, np.float32).astype(np.float64) for x in (q, k, v))
+    page_row = np.asarray(page_row)
+    page, d = k.shape[2], q.shape[-1]
+    kk = np.array([k[layer, page_row[p // page], p % page] for p in range(kv_len)]).reshape(-1, *k.shape[3:])
+    vv = np.array([v[layer, page_row[p // page], p % page] for p in range(kv_len)]).reshape(-1, *v.shape[3:])
+    out = np.zeros(q.shape)
+    for i, t in enumerate(q_pos):
+        seen = [p for p in range(kv_len) if p <= t and t - p < window]
+        if not seen:
+            continue
+        s = np.einsum("hgd,shd->hgs", q[i], kk[seen]) * (d**-0.5 if scale is None else scale)
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
+        w = np.exp(s - s.max(axis=-1, keepdims=True))
+        out[i] = np.einsum("hgs,shd->hgd", w / w.sum(axis=-1, keepdims=True), vv[seen])
+    return out
+
+
+def poison_unread(k, v, table, tiles, ppt):
+    """NaN in every page that is not in one of the page tiles `tiles` ((row, tile) pairs) the
+    kernel may read: if it touched one, its output would be NaN (0 * NaN in p @ v)."""
+    keep = {int(p) for row, t in tiles for p in np.asarray(table)[row, t * ppt : (t + 1) * ppt]}
+    bad = np.array([p not in keep for p in range(k.shape[1])])[None, :, None, None, None]
+    return jnp.where(bad, jnp.nan, k), jnp.where(bad, jnp.nan, v)
+
+
+def windows_for(rng, page, context):
+    """1; not a multiple of the page (nor the tile); random; equal to the context; global."""
+    return [1, page + 3, int(rng.integers(2, 2 * context + 3)), context, GLOBAL]
+
+
+def check_close(out, ref, dtype):
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=TOL[dtype], rtol=TOL[dtype]
+    )
+
+
+# (page size, batch, group G, head dim, dtype, splits, pages per tile, softcap, scale): pairwise over
+# the axes; G 3 and 6 are not powers of two; 3 splits do not divide the tiles.
 DECODE = [
-    (8, 3, 3, 64, jnp.float32, 1, 2),
-    (16, 1, 1, 128, jnp.bfloat16, 3, 2),
-    (32, 3, 4, 64, jnp.bfloat16, 2, 1),
-    (16, 3, 6, 128, jnp.float32, 3, 2),
-    (8, 1, 8, 256, jnp.float32, 2, 4),
-    (128, 3, 2, 64, jnp.float32, 1, 1),
-    (64, 3, 3, 128, jnp.bfloat16, 2, 1),
+    (8, 3, 3, 64, jnp.float32, 1, 2, None, None),
+    (16, 1, 1, 128, jnp.bfloat16, 3, 2, 5.0, None),
+    (32, 3, 4, 64, jnp.bfloat16, 2, 1, None, 0.2),
+    (16, 3, 6, 128, jnp.float32, 3, 2, 8.0, 0.25),
+    (8, 1, 8, 256, jnp.float32, 2, 4, None, None),
+    (128, 3, 2, 64, jnp.float32, 1, 1, 5.0, None),
+    (64, 3, 3, 128, jnp.bfloat16, 2, 1, None, None),
 ]
 
 
-@pytest.mark.parametrize("page, batch, g, d, dtype, splits, ppt", DECODE)
-def test_decode_attention_matches_reference(page, batch, g, d, dtype, splits, ppt):
+@pytest.mark.parametrize("page, batch, g, d, dtype, splits, ppt, softcap, scale", DECODE)
+def test_decode_attention_matches_reference(page, batch, g, d, dtype, splits, ppt, softcap, scale):
+    """For several sliding windows (one compile: the window is traced), the kernel against the
+    reference, reading only the tiles its window can see; the reference against dense numpy."""
     rng = np.random.default_rng()
     width = 4 * ppt * 2
     edge = [0, 1, page - 1, page, page + 1, int(rng.integers(1, width * page + 1))]
     lengths = [edge[(i + int(rng.integers(6))) % 6] for i in range(batch)]
     if batch == 3:
         lengths[0] = 0  # an idle slot in every multi-slot case
+        lengths[-1] = int(rng.integers(4 * page, width * page + 1))  # a context longer than a tile
     q, k, v, table, lens = paged_case(
         rng, batch=batch, page=page, g=g, d=d, dtype=dtype, lengths=lengths, width=width
     )
-    layer = jnp.int32(1)
-    out = decode_attention(q, k, v, layer, lens, table, pages_per_tile=ppt, splits=splits, interpret=True)
-    ref = decode_attention_reference(q, k, v, layer, lens, table)
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=TOL[dtype], rtol=TOL[dtype]
-    )
-    if lengths[0] == 0:
-        np.testing.assert_array_equal(np.asarray(out, np.float32)[0], 0.0)
+    layer, tile, opts = jnp.int32(1), page * ppt, {"scale": scale, "softcap": softcap}
+    for window in windows_for(rng, page, max(lengths)):
+        needed = [
+            (b, t) for b, n in enumerate(lengths) for t in range(max(n - window, 0) // tile, -(-n // tile))
+        ]
+        kp, vp = poison_unread(k, v, table, needed, ppt)
+        out = decode_attention(
+            q, kp, vp, layer, window, lens, table, pages_per_tile=ppt, splits=splits, interpret=True, **opts
+        )
+        ref = decode_attention_reference(q, k, v, layer, jnp.int32(window), lens, table, **opts)
+        assert np.isfinite(np.asarray(out, np.float32)).all(), window
+        check_close(out, ref, dtype)
+        dense = [
+            dense_attention(q[b : b + 1], k, v, 1, table[b], [n - 1], n, window, **opts)[0]
+            for b, n in enumerate(lengths)
+        ]
+        check_close(ref, np.stack(dense), dtype)
+        if lengths[0] == 0:
+            np.testing.assert_array_equal(np.asarray(out, np.float32)[0], 0.0)
 
 
-# (page size, G, head dim, dtype, cached prefix tokens, new tokens, padded chunk, block_q)
+# (page size, G, head dim, dtype, cached prefix tokens, new tokens, padded chunk, block_q, softcap,
+# scale); prefill tiles are 4 pages.
 PREFILL = [
-    (16, 3, 64, jnp.float32, 0, 20, 32, 16),  # a first chunk, padded
-    (8, 4, 128, jnp.bfloat16, 37, 16, 16, 16),  # after a prefix (a cache hit or an earlier chunk)
-    (16, 1, 64, jnp.float32, 16, 32, 32, 16),  # starts on a page boundary
-    (32, 6, 64, jnp.float32, 5, 7, 16, 4),  # G 6 -> 8 rows per token
+    (16, 3, 64, jnp.float32, 0, 20, 32, 16, None, None),  # a first chunk, padded
+    (8, 4, 128, jnp.bfloat16, 37, 16, 16, 16, 5.0, None),  # after a prefix (a cache hit or an earlier chunk)
+    (16, 1, 64, jnp.float32, 144, 32, 32, 16, None, 0.3),  # a long prefix; starts on a page boundary
+    (32, 6, 64, jnp.float32, 5, 7, 16, 4, 8.0, 0.2),  # G 6 -> 8 rows per token
 ]
 
 
-@pytest.mark.parametrize("page, g, d, dtype, start, n_new, t, block_q", PREFILL)
-def test_prefill_attention_matches_reference(page, g, d, dtype, start, n_new, t, block_q):
+@pytest.mark.parametrize("page, g, d, dtype, start, n_new, t, block_q, softcap, scale", PREFILL)
+def test_prefill_attention_matches_reference(page, g, d, dtype, start, n_new, t, block_q, softcap, scale):
+    """As the decode test: several windows, kernel vs reference vs dense numpy, and no reads of
+    tiles below the window of every query of a block."""
     rng = np.random.default_rng()
     width = -(-(start + t) // page) + 4
     width += (-width) % 4
     q, k, v, table, _ = paged_case(rng, batch=1, page=page, g=g, d=d, dtype=dtype, lengths=[0], width=width)
     q = jnp.asarray(rng.standard_normal((t, 2, g, d)), dtype)
-    args = (q, k, v, jnp.int32(0), jnp.int32(start), jnp.int32(start + n_new), table[0])
-    out = prefill_attention(*args, block_q=block_q, pages_per_tile=4, interpret=True)
-    ref = prefill_attention_reference(*args)
-    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.isfinite(out).all()
-    np.testing.assert_allclose(out[:n_new], ref[:n_new], atol=TOL[dtype], rtol=TOL[dtype])
+    kv_len, tile, opts = start + n_new, 4 * page, {"scale": scale, "softcap": softcap}
+    for window in windows_for(rng, page, kv_len):
+        needed = []
+        for q0 in range(start, start + t, block_q):
+            stop = min(kv_len, q0 + block_q)
+            needed += [(0, i) for i in range(max(q0 - window + 1, 0) // tile, -(-stop // tile))]
+        kp, vp = poison_unread(k, v, table, needed, 4)
+        args = (jnp.int32(0), window, jnp.int32(start), jnp.int32(kv_len), table[0])
+        out = prefill_attention(q, kp, vp, *args, block_q=block_q, pages_per_tile=4, interpret=True, **opts)
+        ref = prefill_attention_reference(q, k, v, *args, **opts)
+        out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+        assert np.isfinite(out).all(), window
+        check_close(out[:n_new], ref[:n_new], dtype)
+        positions = range(start, start + n_new)
+        dense = dense_attention(q[:n_new], k, v, 0, table[0], positions, kv_len, window, **opts)
+        check_close(ref[:n_new], dense, dtype)
 
 
 # -- quantized matmul ------------------------------------------------------------------------------
