@@ -24,6 +24,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/xlaserve pull smollm2
+	$(BIN)/xlaserve pull qwen2.5-coder-0.5b
 	$(BIN)/python -m pytest -q
 
 # The daily lane: lint and every test that compiles no real model (a few minutes on 2 cores).
@@ -31,6 +32,7 @@ test-fast: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/xlaserve pull smollm2
+	$(BIN)/xlaserve pull qwen2.5-coder-0.5b
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.test-deps

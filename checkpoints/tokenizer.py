@@ -1,16 +1,18 @@
-"""Tokenizers: HF `tokenizers` built from GGUF metadata, or loaded from an HF `tokenizer.json`.
+"""Tokenizers: HF `tokenizers` built from GGUF metadata (vocab.py), or loaded from an HF
+`tokenizer.json`.
 
-For GGUF byte-level BPE vocabularies the text is split before BPE the way llama.cpp splits it for
-the file's `tokenizer.ggml.pre` (the way the model's own tokenizer.json does). For SmolLM2
-("smollm") that is: every digit on its own, then the GPT-2 pattern.
-
-`max_token_bytes` is the most bytes of text one token can stand for (the longest vocabulary entry),
-where that bounds the text: byte-level BPE with no normalizer, where each byte of text lands in
-exactly one token. A text of more than n × max_token_bytes bytes then has more than n tokens, which
-lets a prompt be refused by its size before it is tokenized. (A byte missing from the vocabulary is
-dropped, as HF's tokenizer drops it: SmolLM2 lacks six ASCII control characters. Only a text made
-mostly of such bytes could be refused and still fit, and the model would never see it.) None where
-text can shrink on its way to tokens (normalizers, unknown-token fallbacks).
+`max_token_bytes` is the most bytes of text one token can stand for, where that is bounded; None
+where it is not. A text of more than n × max_token_bytes bytes then has more than n tokens, which
+lets a prompt be refused by its size before it is tokenized. It must stay a true upper bound:
+- byte-level BPE with no normalizer: the longest vocabulary entry, each byte of text landing in
+  exactly one token. (A byte missing from the vocabulary is dropped, as HF's tokenizer drops it:
+  SmolLM2 lacks six ASCII control characters. Only a text made mostly of such bytes could be
+  refused and still fit, and the model would never see it.) Qwen2's GGUF vocabulary is of this kind:
+  its tokenizer.json normalizes to NFC, which can shrink text (e + U+0301 -> é, 3 bytes -> 2), but
+  llama.cpp and transformers' GGUF tokenizer do not normalize, and neither do we.
+- SentencePiece BPE with all 256 byte tokens: the longest entry in UTF-8 (vocab.py says why).
+- None where text can shrink on its way to tokens (a normalizer such as NFC, unknown-token
+  fallbacks that fuse unknown text into one token).
 """
 
 from __future__ import annotations
@@ -21,59 +23,11 @@ import re
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import decoders
 
 from xlaserve.checkpoints.chat import check_messages, escape_specials, render_chat
 from xlaserve.checkpoints.loaded import CheckpointError
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def _gpt2():
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _digits_then_gpt2():
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2()])
-
-
-def _llama3():
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-# tokenizer.ggml.pre -> pre-tokenizer, following llama.cpp's llama-vocab.cpp.
-PRE_TOKENIZERS = {
-    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), _gpt2),
-    **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), _digits_then_gpt2
-    ),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx", "pixtral"), _llama3),
-}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+from xlaserve.checkpoints.vocab import backend_from_gguf
 
 
 class Tokenizer:
@@ -163,58 +117,14 @@ class Tokenizer:
 
 
 def tokenizer_from_gguf(meta: dict, path) -> Tokenizer:
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise CheckpointError(path, "the file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    if kind != "gpt2":
-        raise CheckpointError(
-            path, f"tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)"
-        )
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise CheckpointError(
-            path, f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})"
-        )
-    merges = meta.get("tokenizer.ggml.merges")
-    if not merges:
-        raise CheckpointError(path, "the BPE tokenizer has no merges (tokenizer.ggml.merges is missing)")
-
-    alphabet = _bytes_to_unicode()
-    letters = set(alphabet.values())
-    spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode()) for t in tokens]
-    vocab = {t: i for i, t in enumerate(spelled)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
-    backend = tokenizers.Tokenizer(bpe)
-    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    backend.decoder = decoders.ByteLevel()
-
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    control = [t for t, ty in zip(spelled, types, strict=False) if ty == 3 and set(t) <= letters]
-    user = [t for t, ty in zip(spelled, types, strict=False) if ty == 4]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return spelled[i] if i is not None and 0 <= i < len(spelled) else None
-
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
-    if add_bos or add_eos:
-        pieces = ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
-        special = [(t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t]
-        backend.post_processor = processors.TemplateProcessing(
-            single=" ".join(pieces), special_tokens=special
-        )
+    built = backend_from_gguf(meta, path)
     return Tokenizer(
-        backend,
-        bos_token=bos,
-        eos_token=eos,
+        built.tokenizer,
+        bos_token=built.bos_token,
+        eos_token=built.eos_token,
         chat_template=meta.get("tokenizer.chat_template"),
         source=str(path),
-        max_token_bytes=max(map(len, spelled)),  # a spelled character is one byte; no normalizer
+        max_token_bytes=built.max_token_bytes,
     )
 
 

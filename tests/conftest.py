@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
 # The fast lane (`make test-fast`, `pytest -m "not slow"`) compiles no real model: a test is slow
 # when it uses a compiled engine or a converted checkpoint, or lives in a module of end-to-end tests.
-SLOW_FIXTURES = {"llm", "hf_model", "keep_ckpt", "int4_ckpt", "results", "tiny_dirs"}
+SLOW_FIXTURES = {"llm", "hf_model", "qwen_llm", "qwen_hf", "keep_ckpt", "int4_ckpt", "results", "tiny_dirs"}
 SLOW_MODULES = {
     "test_bench_decode",
     "test_bench_kernels",
@@ -20,6 +20,7 @@ SLOW_MODULES = {
     "test_evals",
     "test_hf_dir",
     "test_model_vs_hf",
+    "test_model_families",
     "test_server_e2e",
     "test_slots",
 }
@@ -42,6 +43,17 @@ def model_path():
 
 
 @pytest.fixture(scope="session")
+def qwen_path():
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2), pulled once per machine into the model cache."""
+    from xlaserve.checkpoints import registry
+
+    try:
+        return registry.resolve("qwen2.5-coder-0.5b", log=lambda m: None)
+    except registry.PullError as e:
+        pytest.fail(f"the Qwen model is required for the test suite and could not be pulled: {e}")
+
+
+@pytest.fixture(scope="session")
 def llm(model_path):
     from xlaserve import LLM
 
@@ -49,14 +61,28 @@ def llm(model_path):
 
 
 @pytest.fixture(scope="session")
+def qwen_llm(qwen_path):
+    from xlaserve import LLM
+
+    return LLM(str(qwen_path), **TEST_ENGINE)
+
+
+@pytest.fixture(scope="session")
+def qwen_hf(qwen_path):
+    return _hf_from_gguf(qwen_path)
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path):
+    return _hf_from_gguf(model_path)
+
+
+def _hf_from_gguf(path):
     import torch  # the reference stack is required: a missing torch is an error, not a skip
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
 
