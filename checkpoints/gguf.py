@@ -16,6 +16,7 @@ and use the rotate-half RoPE of HF.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -154,15 +155,27 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
     )
     eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
     window = meta.get(f"{arch}.attention.sliding_window")
+    # biases the family does not declare (llama's attention_bias) are refused by Family.check
+    declares = lambda name: name in family.gguf_names
     bias = lambda kind: any(name.startswith("blk.0.") and name.endswith(f"{kind}.bias") for name in tensors)
-    return ModelConfig(
+    head_dim = get("attention.key_length", hidden // heads)
+    rotary = get("rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise CheckpointError(
+            path,
+            f"{arch}.rope.dimension_count={rotary}: partial rotary embeddings are not supported "
+            f"(supported: the whole head, {head_dim})",
+        )
+    swa_base = meta.get(f"{arch}.rope.freq_base_swa") is not None and window
+    optional = lambda key: None if meta.get(f"{arch}.{key}") is None else get(key, kind=float)
+    cfg = ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length", hidden // heads),
+        head_dim=head_dim,
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
         rope=rope,
         max_position_embeddings=get("context_length", 4096),
@@ -172,9 +185,19 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
         name=str(meta.get("general.name", family.name)),
         architecture=family.name,
         sliding_window=int(window) if window else None,
-        attention_bias=bias("attn_q"),
+        attention_bias=bias("attn_q") and not declares("layers.bq"),
         mlp_bias=bias("ffn_up"),
+        rope_local=RopeConfig(theta=get("rope.freq_base_swa", kind=float)) if swa_base else None,
+        attn_logit_softcapping=optional("attn_logit_softcapping"),
+        final_logit_softcapping=optional("final_logit_softcapping"),
     )
+    fixed = family.gguf_config(cfg)
+    if "layer_types" in fixed and cfg.sliding_window is None:
+        fixed = {**fixed, "layer_types": None, "rope_local": None}
+    try:
+        return dataclasses.replace(cfg, **fixed)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
 
 
 def read_tensor(t, path: Path):
@@ -255,7 +278,9 @@ def load_gguf(path, *, dequantize: bool, dtype) -> Loaded:
         if layer is not None and name in common and isinstance(x, QuantArray):
             x = to_int8(x, *common[name])
         heads = family.gguf_permute.get(name)
-        return unpermute_rows(x, getattr(cfg, heads)) if heads else x
+        x = unpermute_rows(x, getattr(cfg, heads)) if heads else x
+        undo = family.gguf_transforms.get(name)
+        return undo(x) if undo else x
 
     weights = assemble(cfg, read, dequant=dequantize, dtype=dtype, path=path)
     kinds = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)

@@ -33,11 +33,28 @@ def _ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
+def ropes_from_config(c: dict, path: Path) -> tuple[RopeConfig, RopeConfig | None]:
+    """(the RoPE of global layers, that of sliding layers where it differs). transformers 5 may key
+    `rope_parameters` by layer type (Gemma 3); transformers 4 wrote `rope_local_base_freq`."""
+    params = c.get("rope_parameters") or {}
+    if "full_attention" in params:
+        rope = rope_from_config({**c, "rope_parameters": params["full_attention"]}, path)
+        local = params.get("sliding_attention")
+        local = rope_from_config({**c, "rope_parameters": local}, path) if local else None
+    else:
+        rope = rope_from_config(c, path)
+        local = RopeConfig(theta=float(c["rope_local_base_freq"])) if c.get("rope_local_base_freq") else None
+    return rope, (local if local != rope else None)
+
+
 def rope_from_config(c: dict, path: Path) -> RopeConfig:
     """HF spells RoPE as `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters`
     (transformers 5)."""
     params = c.get("rope_parameters") or c.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise CheckpointError(path, f"partial_rotary_factor={partial} is not supported (supported: 1.0)")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return RopeConfig(theta=theta)
@@ -69,16 +86,20 @@ def config_from_hf(directory: Path) -> ModelConfig:
         heads = int(c["num_attention_heads"])
         gen = _json(directory / "generation_config.json", required=False)
         eos = _ids(c.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
+        layers = int(c["num_hidden_layers"])
+        window, types = layer_windows(window, c.get("layer_types") or family.layer_types(layers), path)
+        rope, rope_local = ropes_from_config(c, path)
+        number = lambda key: None if c.get(key) is None else float(c[key])
         return ModelConfig(
             vocab_size=int(c["vocab_size"]),
             hidden_size=int(c["hidden_size"]),
             intermediate_size=int(c["intermediate_size"]),
-            num_layers=int(c["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(c.get("num_key_value_heads") or heads),
             head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope=rope_from_config(c, path),
+            rope=rope,
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             bos_token_id=c.get("bos_token_id"),
@@ -86,12 +107,33 @@ def config_from_hf(directory: Path) -> ModelConfig:
             name=directory.name,
             architecture=family.name,
             hidden_act=str(c.get("hidden_act") or c.get("hidden_activation") or "silu"),
-            sliding_window=int(window) if window else None,
+            sliding_window=window,
             attention_bias=bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)),
+            layer_types=types,
+            rope_local=rope_local if window else None,
+            attn_logit_softcapping=number("attn_logit_softcapping"),
+            final_logit_softcapping=number("final_logit_softcapping"),
+            query_pre_attn_scalar=number("query_pre_attn_scalar"),
         )
     except KeyError as e:
         raise CheckpointError(path, f"required key {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+
+
+def layer_windows(window, types, path) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) in their plainest form: no window when no layer slides, no
+    layer_types when every layer is alike."""
+    if types is not None:
+        types = tuple(types)
+        if "sliding_attention" not in types:
+            return None, None
+        if set(types) == {"sliding_attention"}:
+            types = None
+    if window is not None and int(window) < 1:
+        raise CheckpointError(path, f"sliding_window={window} must be ≥ 1")
+    return (int(window) if window else None), (types if window else None)
 
 
 def _tensors(directory: Path) -> dict[str, np.ndarray]:

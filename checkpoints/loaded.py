@@ -11,7 +11,7 @@ import numpy as np
 from xlaserve.runtime import models
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.models.params import check_shapes, declared, from_named
-from xlaserve.runtime.quant import QuantArray, dequantize
+from xlaserve.runtime.quant import QuantArray, dequantize, map_quant
 
 
 class CheckpointError(ValueError):
@@ -54,12 +54,25 @@ def assemble(cfg: ModelConfig, read: Callable, *, dequant: bool, dtype, path):
     quantized ones stay quantized unless `dequant`, or unless the layers disagree on the layout
     (kind, block, min; then that weight is dequantized for every layer)."""
     infos = models.declare(cfg)
+    family = models.of(cfg)
+
+    def rows(name: str, layer: int | None):
+        """The weight's rows of its tensor (a weight stored fused with others: `Family.rows`)."""
+        x = read(name, layer)
+        if name not in family.rows:
+            return x
+        start, stop = family.rows[name](cfg)
+        if x.shape[-2] < stop:
+            raise CheckpointError(path, f"{name}: the fused tensor has {x.shape[-2]} rows, expected ≥ {stop}")
+        cut = lambda a: a[..., start:stop, :]
+        return map_quant(cut, x) if isinstance(x, QuantArray) else cut(x)
+
     by_name = {}
     for name, info in declared(infos).items():
         if info.layers is not None:
-            by_name[name] = _stack([read(name, i) for i in info.layers], dequant, dtype)
+            by_name[name] = _stack([rows(name, i) for i in info.layers], dequant, dtype)
         else:
-            by_name[name] = _finish(read(name, None), dequant, dtype)
+            by_name[name] = _finish(rows(name, None), dequant, dtype)
     weights = from_named(infos, by_name)
     try:
         check_shapes(infos, weights, str(path))

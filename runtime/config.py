@@ -98,12 +98,38 @@ class ModelConfig:
     sliding_window: int | None = None  # attend to the last `sliding_window` positions only
     attention_bias: bool = False  # q/k/v (and o) projections have biases
     mlp_bias: bool = False  # feed-forward projections have biases
+    # per layer "sliding_attention" or "full_attention" (HF's names); None: every layer alike
+    # (windowed when sliding_window is set)
+    layer_types: tuple[str, ...] | None = None
+    rope_local: RopeConfig | None = None  # the RoPE of sliding layers, when it differs (Gemma 3)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (else head_dim's)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be ≥ 1 (or None)")
+        if self.layer_types is not None:
+            bad = set(self.layer_types) - set(LAYER_TYPES)
+            if bad or len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types={self.layer_types!r} must give one of {LAYER_TYPES} for each of the "
+                    f"{self.num_layers} layers"
+                )
+
+    def windows(self) -> tuple[int | None, ...]:
+        """Per layer: the attention window (the last `w` positions), None for a global layer."""
+        types = self.layer_types or (LAYER_TYPES[0],) * self.num_layers
+        return tuple(self.sliding_window if t == LAYER_TYPES[0] else None for t in types)
+
+    def ropes(self) -> tuple[RopeConfig, ...]:
+        """Per layer: its RoPE (sliding layers take `rope_local` where there is one)."""
+        local = self.rope_local or self.rope
+        return tuple(local if w is not None else self.rope for w in self.windows())
 
     @property
     def q_per_kv(self) -> int:
@@ -118,7 +144,18 @@ class ModelConfig:
 
 
 # Optional ModelConfig features and their "off" values.
-FEATURES = {"hidden_act": "silu", "sliding_window": None, "attention_bias": False, "mlp_bias": False}
+FEATURES = {
+    "hidden_act": "silu",
+    "sliding_window": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "layer_types": None,
+    "rope_local": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "query_pre_attn_scalar": None,
+}
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,6 @@ class Engine:
         family = models.of(cfg)
         family.check(cfg)
         kv = family.kv_spec(cfg)
-        if any(w is not None for w in kv.windows):
-            raise ValueError(f"{family.name}: sliding-window attention is not implemented by the engine yet")
         backend = jax.default_backend()
         self.ecfg = ecfg = engine_cfg.resolve(cfg, backend)
         host = quant.for_backend(weights, backend, ecfg.matmul_impl)

@@ -80,7 +80,7 @@ class Statics:
         )
 
     def logits(self, weights, hidden):
-        return self.family.logits(weights, hidden, self.kernels)
+        return self.family.logits(weights, hidden, self.kernels, self.cfg)
 
 
 def pack(tokens, logprobs, top_ids, top_lps):

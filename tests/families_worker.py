@@ -1,5 +1,6 @@
 """Every registered family (and the toy one) on a tiny random config, in one process with 8
-simulated CPU devices: greedy tokens and logits on a tp=2 mesh equal one device's.
+simulated CPU devices: greedy tokens and logits on a tp=2 mesh equal one device's (windowed
+families with a window shorter than the 19 tokens they see).
 
 Run by tests/test_families.py; prints one JSON line per family."""
 
@@ -15,7 +16,7 @@ import numpy as np
 import toy_family
 
 from xlaserve.runtime import models
-from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.config import EngineConfig, RopeConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.models import params
 from xlaserve.runtime.models.presets import PRESETS
@@ -26,9 +27,32 @@ from xlaserve.sharding.mesh import device_groups, parse_mesh
 
 ENGINE = EngineConfig(max_slots=2, prefill_buckets=(16,), max_model_len=64, compile_cache="", scoring=False)
 TINY = dataclasses.replace(PRESETS["tiny"], num_heads=4, num_kv_heads=2)
+SLIDING = dict(sliding_window=8, layer_types=("sliding_attention", "full_attention"))
 CONFIGS = {
     "llama": TINY,
     "toy_gelu": dataclasses.replace(TINY, architecture="toy_gelu", hidden_act="gelu_pytorch_tanh"),
+    "qwen2": dataclasses.replace(TINY, architecture="qwen2"),
+    "qwen3": dataclasses.replace(TINY, architecture="qwen3", head_dim=32),
+    "gemma2": dataclasses.replace(
+        TINY,
+        architecture="gemma2",
+        hidden_act="gelu_pytorch_tanh",
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+        query_pre_attn_scalar=24.0,
+        tie_word_embeddings=True,
+        **SLIDING,
+    ),
+    "gemma3": dataclasses.replace(
+        TINY,
+        architecture="gemma3",
+        hidden_act="gelu_pytorch_tanh",
+        rope=RopeConfig(theta=1e6, kind="linear", factor=8.0),
+        rope_local=RopeConfig(theta=1e4),
+        tie_word_embeddings=True,
+        **SLIDING,
+    ),
+    "phi3": dataclasses.replace(TINY, architecture="phi3", sliding_window=8),
 }
 
 

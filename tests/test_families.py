@@ -76,12 +76,10 @@ def test_toy_family_loads_an_hf_directory_and_matches_hf(tmp_path, tokenizer, to
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("attention_bias", True), ("mlp_bias", True), ("sliding_window", 16)]
+    "flag, value", [("attention_bias", True), ("mlp_bias", True), ("attn_logit_softcapping", 50.0)]
 )
 def test_a_flag_the_family_does_not_implement_is_refused(tmp_path, tokenizer, flag, value):
     save_tiny(tmp_path, tokenizer, **{flag: value})
-    if flag == "sliding_window":
-        set_config(tmp_path, sliding_window=16, use_sliding_window=True)
     with pytest.raises(CheckpointError, match=f"{flag}={value!r} is not implemented for the llama family"):
         load_model(tmp_path)
 

@@ -1,6 +1,8 @@
-"""The real model against the reference: HF transformers (fp32) loading the same GGUF file.
+"""The real models against the reference: HF transformers (fp32) loading the same GGUF file.
+SmolLM2-135M-Instruct Q4_1 (llama) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2: q/k/v biases,
+a mixed Q4_K/Q6_K/Q5_0/Q8_0 file, a 152k vocabulary), each one shared compiled engine.
 
-For each prompt: the logits at every prompt position (prefill, in chunks across many pages) and at
+For each model and prompt: the logits at every prompt position (prefill, in chunks across many pages) and at
 32 decode steps match within LOGIT_ATOL, and greedy 64-token continuations are token-identical.
 """
 
@@ -24,6 +26,16 @@ PROMPTS = {
     "code": 'def quicksort(arr):\n    """Sort a list of integers."""\n',
     "non_english": "Le petit prince demanda au renard : « Qu'est-ce que signifie apprivoiser ? » Réponse :",
 }
+
+
+MODELS = {"smollm2": ("llm", "hf_model"), "qwen": ("qwen_llm", "qwen_hf")}
+
+
+@pytest.fixture(params=list(MODELS))
+def real(request):
+    """(our engine, HF's model) of one real model."""
+    ours, hf = MODELS[request.param]
+    return request.getfixturevalue(ours), request.getfixturevalue(hf)
 
 
 def prompt_ids(llm, name):
@@ -64,7 +76,8 @@ def engine_greedy_with_logits(llm, ids, steps):
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_logits_match_hf(llm, hf_model, name):
+def test_logits_match_hf(real, name):
+    llm, hf_model = real
     ids = prompt_ids(llm, name)
     if name == "long":
         assert len(ids) > 512, "the long prompt must span many pages and several prefill chunks"
@@ -79,7 +92,8 @@ def test_logits_match_hf(llm, hf_model, name):
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_greedy_64_tokens_identical_to_hf(llm, hf_model, name):
+def test_greedy_64_tokens_identical_to_hf(real, name):
+    llm, hf_model = real
     ids = prompt_ids(llm, name)
     ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))[0]
     assert ours.token_ids == hf_greedy(hf_model, ids, 64)

@@ -53,6 +53,19 @@ def tokenizer_meta(real_gguf, vocab: int = 2048) -> dict:
     }
 
 
+def add_tokenizer(w: gguf.GGUFWriter, meta: dict) -> None:
+    """The tokenizer of `tokenizer_meta` as llama.cpp's converter writes a gpt2 BPE (SmolLM2's
+    pre-tokenizer, <|im_start|> = 1 as BOS, <|im_end|> = 2 as EOS)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["types"])
+    w.add_token_merges(meta["merges"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(meta["template"])
+
+
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's conversion of HF q/k rows (rotate-half) to its interleaved RoPE order."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -265,14 +278,7 @@ def write_tiny_gguf(
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(tiny.head_dim)
     if tokenizer:
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list(meta["tokens"])
-        w.add_token_types(meta["types"])
-        w.add_token_merges(meta["merges"])
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_chat_template(meta["template"])
+        add_tokenizer(w, meta)
     for name, x in weights.items():
         if name in skip:
             continue

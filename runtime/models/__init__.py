@@ -8,10 +8,12 @@ in `FAMILIES` below. Checkpoint readers look families up by the name their forma
 from __future__ import annotations
 
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.models import llama
+from xlaserve.runtime.models import gemma, llama, phi3, qwen
 from xlaserve.runtime.models.family import Family, KVSpec
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY,)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, qwen.QWEN2, qwen.QWEN3, gemma.GEMMA2, gemma.GEMMA3, phi3.FAMILY)
+}
 
 
 def register(family: Family) -> None:

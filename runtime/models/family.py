@@ -15,6 +15,15 @@ A family module builds one `Family` and the registry (`runtime/models/__init__.p
 - `features`: the optional `ModelConfig` fields (see `FEATURES` there) the family implements; a
   checkpoint that sets any other one is refused with an error naming it, never silently run wrong.
 - `kv_spec(cfg)`: what the paged KV cache needs: kv heads, head dim, per-layer attention window.
+- `rows`: weights stored fused in a checkpoint (Phi-3's qkv_proj, gate_up_proj): weight name ->
+  a function of the config giving the (start, stop) rows of the named tensor that are this weight.
+- `gguf_transforms`: weight name -> function undoing what llama.cpp's converter did to that tensor
+  beyond the q/k permutation (Gemma's norms are stored as 1 + w).
+- `gguf_config`: ModelConfig fields a GGUF file does not carry because llama.cpp fixes them per
+  architecture (Gemma's activation, its sliding-layer pattern, ...): a function of the config read
+  from the file's metadata returning the fields to replace.
+- `layer_types(n)`: the per-layer attention kinds an HF config.json without `layer_types` implies
+  (None: every layer alike).
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ class KVSpec:
 
 
 def default_kv_spec(cfg: ModelConfig) -> KVSpec:
-    """Every layer alike: the config's kv heads and head dim, its sliding window on every layer."""
-    return KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, (cfg.sliding_window,) * cfg.num_layers)
+    """The config's kv heads and head dim on every layer, each layer's window (`cfg.windows()`)."""
+    return KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.windows())
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,10 @@ class Family:
     gguf_permute: Mapping[str, str] = field(default_factory=dict)
     features: frozenset[str] = frozenset()
     kv_spec: Callable[[ModelConfig], KVSpec] = default_kv_spec
+    rows: Mapping[str, Callable[[ModelConfig], tuple[int, int]]] = field(default_factory=dict)
+    gguf_transforms: Mapping[str, Callable] = field(default_factory=dict)
+    gguf_config: Callable[[ModelConfig], dict] = lambda cfg: {}
+    layer_types: Callable[[int], tuple[str, ...] | None] = lambda n: None
 
     def check(self, cfg: ModelConfig, source: str = "") -> None:
         """Refuse a config that sets an optional feature this family does not implement."""

@@ -13,9 +13,13 @@ from xlaserve.runtime.config import Kernels
 from xlaserve.runtime.quant import linear
 
 
-def rms_norm(x, weight, eps: float):
+def rms_norm(x, weight, eps: float, offset: float = 0.0):
+    """RMSNorm over the last axis, times `weight` (Llama) or, with offset 1, times 1 + weight in
+    float32 (Gemma), as HF computes each."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return ((offset + weight.astype(jnp.float32)) * y).astype(x.dtype)
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
