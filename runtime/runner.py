@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.programs import Sampled
@@ -60,6 +61,7 @@ class Runner:
             limits=limits,
             token_budget=token_budget or e.prefill_token_budget,
             prefix_cache=e.prefix_cache,
+            window=_window(engine.cfg),
         )
         self._rows: dict[Seq, SamplingState] = {}
         self.seqs: dict[str, Seq] = {}
@@ -220,3 +222,10 @@ class Runner:
         self._rows.pop(seq, None)
         if self.seqs.pop(seq.req.request_id, None) is not None and seq.req.finish_reason is not None:
             self.finished[seq.req.finish_reason.value] += 1
+
+
+def _window(cfg) -> int | None:
+    """The window pages may slide out of: the largest, when every layer has one (Mistral, Phi-3).
+    With global layers among them (Gemma) every page stays: the global layers read it."""
+    windows = models.kv_spec(cfg).windows
+    return None if None in windows else max(windows)

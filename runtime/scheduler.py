@@ -56,6 +56,7 @@ class Seq:
     inflight: int = 0  # decode tokens dispatched whose results the host has not seen yet
     hashes: list[int] = field(default_factory=list)  # chain hashes of its full pages, in order
     published: int = 0  # leading pages already published to the prefix cache
+    dropped: int = 0  # leading pages returned to the pool: every layer's window has slid past them
     order: int = field(default_factory=lambda: next(_order))
 
     def tokens(self) -> list[int]:
@@ -107,8 +108,12 @@ class Scheduler:
         limits: Limits,
         token_budget: int | None = None,
         prefix_cache: bool = True,
+        window: int | None = None,
     ):
+        """window: when every layer attends only to its last `window` positions (the largest
+        window of the model), a running sequence's pages that fall out of it go back to the pool."""
         self.page_size = page_size
+        self.window = window
         self.decode_steps = decode_steps
         self.chunk = chunk
         self.limits = limits
@@ -172,6 +177,9 @@ class Scheduler:
 
     def plan(self) -> Plan:
         self._admit()
+        # Running sequences take their pages first; prompts being prefilled take what is left (a
+        # prompt never preempts a running stream: that would thrash, each recomputing the other).
+        decode = self._decode_batch()
         prefills, budget = [], self.token_budget
         for seq in self.fair.order(self._in_slots(State.PREFILL)):
             todo, start = seq.tokens(), seq.computed
@@ -181,7 +189,6 @@ class Scheduler:
                     break
                 prefills.append(Chunk(seq, start, todo[start : start + n]))
                 start, budget = start + n, budget - n
-        decode = self._decode_batch()
         stuck = self._in_slots(State.PREFILL)
         if not prefills and not decode and len(stuck) > 1:
             # Every busy slot is mid-prefill and the pool is dry: the last in line gives its pages back.
@@ -208,6 +215,7 @@ class Scheduler:
         seq.inflight = max(0, seq.inflight - self.decode_steps)
         if seq.state is State.RUNNING:
             self._publish(seq, seq.length)
+            self._slide(seq)
 
     def expired(self, now: float) -> list[Seq]:
         """Sequences (waiting or in a slot) whose deadline has passed."""
@@ -223,8 +231,8 @@ class Scheduler:
             self.slots[seq.slot] = None
             self.page_table[seq.slot] = 0
             seq.slot = None
-        self.pages.release(seq.pages)
-        seq.pages = []
+        self.pages.release(seq.pages[seq.dropped :])
+        seq.pages, seq.dropped = [], 0
         seq.state = State.DONE
 
     # -- internals --------------------------------------------------------------------------------
@@ -294,6 +302,19 @@ class Scheduler:
             self.pages.publish(seq.pages[i], seq.hashes[i], tokens[i * ps : (i + 1) * ps])
         seq.published = max(seq.published, full)
 
+    def _slide(self, seq: Seq) -> None:
+        """Return the pages below every layer's window to the pool (after publishing them, so the
+        prefix cache keeps them while unclaimed). The next query is at position `length` and sees
+        positions > length - window; later ones see less. The table keeps a valid page id (0) in
+        the dropped entries: the attention masks those positions and the kernels skip them."""
+        if self.window is None or seq.slot is None:
+            return
+        below = min(max(0, seq.length - self.window + 1) // self.page_size, len(seq.pages))
+        if below > seq.dropped:
+            self.pages.release(seq.pages[seq.dropped : below])
+            self.page_table[seq.slot, seq.dropped : below] = 0
+            seq.dropped = below
+
     def _grow(self, seq: Seq, tokens: int) -> bool:
         """Give `seq` pages for its first `tokens` tokens (capped at the table width)."""
         need = min(-(-tokens // self.page_size), self.page_table.shape[1]) - len(seq.pages)
@@ -309,14 +330,14 @@ class Scheduler:
 
     def _decode_batch(self) -> list[Seq]:
         """Running sequences with pages for their next k tokens (beyond those in flight),
-        preempting victims while the pool is dry."""
+        preempting victims (running or mid-prefill, the last in line) while the pool is dry."""
         while True:
             running = self._in_slots(State.RUNNING)
             need = self.decode_steps
             short = next((s for s in running if not self._grow(s, s.length + s.inflight + need)), None)
             if short is None:
                 return running
-            self._preempt(self._victim(running))
+            self._preempt(self._victim(running + self._in_slots(State.PREFILL)))
 
     @staticmethod
     def _victim(seqs: list[Seq]) -> Seq:
@@ -328,6 +349,7 @@ class Scheduler:
         self._freed.append(seq.slot)
         self.slots[seq.slot] = None
         self.page_table[seq.slot] = 0
-        self.pages.release(seq.pages)
-        seq.pages, seq.slot, seq.computed, seq.inflight, seq.state = [], None, 0, 0, State.WAITING
+        self.pages.release(seq.pages[seq.dropped :])
+        seq.pages, seq.dropped, seq.slot, seq.computed, seq.inflight = [], 0, None, 0, 0
+        seq.state = State.WAITING
         self._enqueue(seq)

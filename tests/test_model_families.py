@@ -125,3 +125,17 @@ def test_a_gemma_config_json_without_layer_types_gets_the_familys_pattern(name, 
     del config["layer_types"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert load_model(tmp_path).config.layer_types == want
+
+
+def test_a_model_whose_layers_all_slide_returns_pages_out_of_the_window(meta, tmp_path):
+    """Mistral (every layer windowed): two sequences of 160 tokens need 20 pages of 16 without the
+    window; a pool of 16 serves both at once with no preemption, and the output stays HF's."""
+    from xlaserve import LLM, SamplingParams
+
+    hf = tf.build("mistral", tmp_path, tf.tiny_tokenizer(meta))
+    llm = LLM(str(tmp_path), **{**ENGINE, "num_pages": 16})
+    prompts = [llm.encode(TEXT)[:40], llm.encode(TEXT[::-1])[:40]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True))
+    assert llm.stats().preemptions == 0
+    for ids, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, ids, 120)

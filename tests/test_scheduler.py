@@ -232,12 +232,18 @@ EVENTS = st.lists(
     min_size=10,
     max_size=60,
 )
-REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0}
+REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "slid": 0}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(events=EVENTS, pages=st.integers(8, 14), steps=st.integers(1, 3), cache=st.booleans())
-def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, cache):
+@given(
+    events=EVENTS,
+    pages=st.integers(8, 14),
+    steps=st.integers(1, 3),
+    cache=st.booleans(),
+    window=st.sampled_from([None, 5, 9]),
+)
+def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, cache, window):
     limits = Limits(max_prompt_tokens=24, max_new_tokens=16, max_model_len=32, max_queue=6)
     s = Scheduler(
         max_slots=3,
@@ -248,8 +254,9 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
         chunk=8,
         limits=limits,
         prefix_cache=cache,
+        window=window,
     )
-    seqs, ended = [], []
+    seqs, ended, slid = [], [], False
 
     def end(seq):
         assert seq.state is not State.DONE, "a request ended twice"
@@ -287,18 +294,23 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
         # invariants after every event
         s.pages.check()
         live = [q for q in seqs if q.state is not State.DONE]
+        held = {q: q.pages[q.dropped :] for q in live}  # pages below a window went back
         for p in range(pages):
-            assert s.pages.refs(p) == sum(q.pages.count(p) for q in live), f"page {p} refcount"
+            assert s.pages.refs(p) == sum(held[q].count(p) for q in live), f"page {p} refcount"
         for q in live:
-            assert len(set(q.pages)) == len(q.pages)
+            assert len(set(held[q])) == len(held[q])
             if q.slot is not None:
-                assert s.slots[q.slot] is q and list(s.page_table[q.slot, : len(q.pages)]) == q.pages
+                row = list(s.page_table[q.slot, : len(q.pages)])
+                assert s.slots[q.slot] is q and row[q.dropped :] == held[q]
+                assert q.dropped * PAGE <= max(0, q.length - window + 1) if window else q.dropped == 0
+                slid |= q.dropped > 0
             else:
                 assert q.state is State.WAITING and q.pages == [] and q in s.waiting
         assert sorted(s.waiting, key=lambda q: q.rank) == s.waiting
     REACHED["preempted"] += s.preemptions > 0
     REACHED["evicted"] += s.pages.evictions > 0
     REACHED["prefix hit"] += s.cached_tokens > 0
+    REACHED["slid"] += slid
     for q in [q for q in seqs if q.state is not State.DONE]:
         end(q)
     s.pages.check()
@@ -342,3 +354,42 @@ def test_host_modules_do_not_import_jax():
         "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_pages_below_every_layers_window_go_back_to_the_pool(prefix_cache):
+    """A model whose layers all slide (Mistral, Phi-3): a running sequence holds only the pages its
+    next query's window can reach; the rest return to the pool (published ones stay findable in
+    the prefix cache), so two long sequences fit a pool that holds one without the window."""
+    window = 6
+    s = sched(window=window, num_pages=8, prefix_cache=prefix_cache)
+    a, b = s.add(make(5, 0.0, max_tokens=26)), s.add(make(5, 1.0, first=50, max_tokens=26))
+    while a.req.output_ids == [] or len(a.req.output_ids) < 26:
+        execute(s, s.plan())
+        for seq in (a, b):
+            held = seq.pages[seq.dropped :]
+            # the pages kept cover every position the next query sees: > length - window
+            assert seq.dropped * PAGE <= max(0, seq.length - window + 1)
+            assert all(s.pages.refs(p) > 0 for p in held)
+            assert (s.page_table[seq.slot, : seq.dropped] == 0).all()
+            assert len(held) <= -(-window // PAGE) + 2
+        s.pages.check()
+    assert s.preemptions == 0 and a.dropped > 0
+    for seq in (a, b):
+        s.finish(seq)
+    s.pages.check()
+    assert s.pages.free_count == 8
+
+
+def test_a_prompt_being_prefilled_never_preempts_a_running_stream():
+    """Pages go to running streams first: when the pool runs dry, the prompt mid-prefill (later in
+    line) gives its pages back, not the stream (which used to thrash: each recomputing the other)."""
+    s = sched(num_pages=8, chunk=4, token_budget=4)
+    a = s.add(make(4, 0.0, max_tokens=24))
+    execute(s, s.plan())
+    b = s.add(make(24, 1.0, first=50))
+    for _ in range(24):
+        execute(s, s.plan())
+        assert a.state is State.RUNNING
+        s.pages.check()
+    assert s.preemptions >= 1 and b.state is not State.RUNNING and len(a.req.output_ids) == 25

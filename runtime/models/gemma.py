@@ -6,7 +6,8 @@ and final logits; Gemma 3 norms q and k per head and gives its sliding layers th
 From GGUF: llama.cpp's converter stored every norm as 1 + w (undone at load, `gguf_transforms`),
 did not permute q/k, and fixes per architecture what the file does not carry: the activation, the
 sliding pattern (Gemma 2: even layers; Gemma 3: five of every six), Gemma 3's local RoPE base
-(10000, unless the file has `rope.freq_base_swa`) and the attention scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models).
+(10000, unless the file has `rope.freq_base_swa`) and the attention scale (1/sqrt(head_dim), or
+1/sqrt(hidden/heads) for the 27B models).
 """
 
 from __future__ import annotations
