@@ -143,6 +143,27 @@ def test_random_blocks_decode_bit_exactly(kind):
     np.testing.assert_array_equal(bits(dequantize_reference(*w.arrays, **w.layout)), ref)
 
 
+def test_real_tensors_of_every_type_in_the_qwen_file_decode_bit_exactly(qwen_path):
+    """Qwen2.5-Coder-0.5B Q4_K_M mixes Q4_K, Q6_K, Q5_0, Q8_0 and F32: the smallest tensor of each
+    quantized type, read by our loader, dequantizes to gguf's bits, and so does the int8 form the
+    loader gives a weight whose layers mix Q4_K and Q6_K."""
+    from xlaserve.checkpoints.gguf import open_reader, read_tensor
+
+    reader = open_reader(qwen_path)
+    by_type = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in QUANT_TYPES and (kind not in by_type or t.n_bytes < by_type[kind].n_bytes):
+            by_type[kind] = t
+    assert set(by_type) == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+    for kind, t in by_type.items():
+        ref = bits(quants.dequantize(t.data, t.tensor_type))
+        w = read_tensor(t, qwen_path)
+        assert isinstance(w, QuantArray) and (w.kind, w.block, w.min is not None) == QUANT_TYPES[kind].layout
+        np.testing.assert_array_equal(bits(dequantize(w)), ref, err_msg=t.name)
+        np.testing.assert_array_equal(bits(dequantize(to_int8(w, 16, True))), ref, err_msg=t.name)
+
+
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q6_K", "Q2_K"])
 def test_to_int8_is_exact(kind):
     """Re-expressing a layout as int8 with a finer block and a min (as for layers of mixed

@@ -139,3 +139,17 @@ def test_a_model_whose_layers_all_slide_returns_pages_out_of_the_window(meta, tm
     assert llm.stats().preemptions == 0
     for ids, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, ids, 120)
+
+
+def test_the_pallas_kernels_run_windowed_soft_capped_layers(meta, tmp_path):
+    """Gemma 2 through our Pallas attention (interpret mode on CPU): sliding and global layers,
+    soft-capped scores, a custom attention scale, prefill past the window and decode."""
+    from xlaserve import LLM, SamplingParams
+
+    hf = tf.build("gemma2", tmp_path, tf.tiny_tokenizer(meta))
+    llm = LLM(str(tmp_path), **ENGINE, attention_impl="pallas")
+    ids = llm.encode(TEXT)[:60]
+    (scores,) = llm.score([(ids, 1)])
+    np.testing.assert_allclose(scores.logprobs, log_probs(hf_logits(hf, ids), ids), atol=LOGIT_ATOL, rtol=0)
+    out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, ids, 8)
