@@ -4,6 +4,7 @@ request samples with. No JAX here (the device side, `SamplingState` and `sample`
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import numpy as np
 MAX_SEED = 2**64 - 1
 MAX_TOP_K = 2**31 - 1  # an int32 on device; any value ≥ the vocabulary size keeps every token
 MAX_LOGPROBS = 100  # the most EngineConfig.max_logprobs allows
+MAX_GRAMMAR = 1 << 20  # characters of a JSON schema, regex or grammar
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class SamplingParams:
     disables it. logprobs None returns no log-probs; 0 the chosen token's; N also the top N
     alternatives. stop: strings that end the output (not included in the text); stop_token_ids
     likewise for ids.
+
+    Structured output (at most one): json_schema (a JSON schema, as a dict or its JSON text; the
+    output is JSON the schema accepts), regex (the whole output matches
+    it), grammar (a Lark grammar in llguidance's dialect). The output is constrained token by token
+    (runtime/grammar.py); a grammar that cannot be compiled is refused naming the field.
 
     The bounds here are the ones no engine exceeds (logprobs ≤ 100, the most `max_logprobs` can be;
     token ids ≥ 0). A serving engine's own limits (its max_logprobs, its vocabulary size) are checked
@@ -40,8 +47,24 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.json_schema, dict | bool):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_GRAMMAR):
+                raise ValueError(f"{name} must be a non-empty string of at most {MAX_GRAMMAR} characters")
+        if sum(getattr(self, n) is not None for n in ("json_schema", "regex", "grammar")) > 1:
+            raise ValueError("json_schema, regex and grammar are exclusive: give at most one")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -70,6 +93,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def constrained(self) -> bool:
+        """The output follows a JSON schema, regex or grammar."""
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
 
 def with_seed(params: SamplingParams, rng: np.random.Generator) -> int:
