@@ -1,7 +1,8 @@
 """lm-evaluation-harness backends: `xlaserve` (an engine in this process) and `xlaserve-grpc` (a
-running `xlaserve serve`). Importing this module registers both.
+running `xlaserve serve`). Importing this module, or `xlaserve.evals`, registers both, beside
+lm-eval's own models.
 
-    import lm_eval, xlaserve.evals.lm_eval_backend
+    import lm_eval, xlaserve.evals
     lm_eval.simple_evaluate(model="xlaserve", model_args="model=smollm2,max_slots=8", tasks=["..."])
 
     xlaserve eval --model xlaserve --model_args model=smollm2,mesh=dp=2 --tasks hellaswag
@@ -17,6 +18,9 @@ window helpers.
 
 from __future__ import annotations
 
+# lm-eval registers its built-in models (hf, vllm, ...) only when it is asked for a model while its
+# registry is empty: registering ours first would hide them. So load its own models first.
+import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -281,3 +281,18 @@ def test_xlaserve_eval_command(model_path, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "xlaserve_mc20" in run.stdout and "acc" in run.stdout
+
+
+def test_importing_xlaserve_evals_registers_ours_beside_lm_evals_own():
+    """lm-eval fills its registry with its built-in models only while the registry is empty:
+    registering ours first used to hide "hf" ("no model for this name found")."""
+    code = (
+        "import xlaserve.evals\n"
+        "from lm_eval.api.registry import get_model\n"
+        "from lm_eval.models.huggingface import HFLM\n"
+        "assert get_model('hf') is HFLM\n"
+        "assert get_model('xlaserve').__name__ == 'XlaserveLM'\n"
+        "assert get_model('xlaserve-grpc').__name__ == 'XlaserveGrpcLM'\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
