@@ -131,19 +131,36 @@ def _digest(a: np.ndarray) -> str:
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
+    """The config as JSON types (tuples become lists; RoPE configs dicts)."""
     d = dataclasses.asdict(cfg)
-    if d["rope"]["freq_factors"] is not None:
-        d["rope"]["freq_factors"] = [float(x) for x in d["rope"]["freq_factors"]]
+    for key in ("rope", "rope_local"):
+        if d[key] is not None and d[key]["freq_factors"] is not None:
+            d[key]["freq_factors"] = [float(x) for x in d[key]["freq_factors"]]
     d["eos_token_ids"] = list(d["eos_token_ids"])
+    if d["layer_types"] is not None:
+        d["layer_types"] = list(d["layer_types"])
     return d
+
+
+def _rope(d: dict | None) -> RopeConfig | None:
+    if d is None:
+        return None
+    d = dict(d)
+    if d.get("freq_factors") is not None:
+        d["freq_factors"] = tuple(d["freq_factors"])
+    return RopeConfig(**d)
 
 
 def config_from_json(d: dict, path) -> ModelConfig:
     try:
-        rope = dict(d["rope"])
-        if rope.get("freq_factors") is not None:
-            rope["freq_factors"] = tuple(rope["freq_factors"])
-        return ModelConfig(**{**d, "rope": RopeConfig(**rope), "eos_token_ids": tuple(d["eos_token_ids"])})
+        fields = {
+            **d,
+            "rope": _rope(d["rope"]),
+            "rope_local": _rope(d.get("rope_local")),
+            "eos_token_ids": tuple(d["eos_token_ids"]),
+            "layer_types": None if d.get("layer_types") is None else tuple(d["layer_types"]),
+        }
+        return ModelConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid model config in {META}: {e}") from None
 

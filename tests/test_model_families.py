@@ -75,6 +75,21 @@ def test_the_gguf_loads_to_the_hf_directorys_weights(family):
             assert same(getattr(ours_gguf.config, field), getattr(ours_hf.config, field)), field
 
 
+def test_an_xlaserve_checkpoint_keeps_the_family(family, tmp_path):
+    """`xlaserve convert` of the GGUF (blocks kept) restores the same config (per-layer windows,
+    local RoPE, soft-caps) and weights."""
+    from xlaserve.checkpoints import convert
+
+    _, _, gguf, _ = family
+    convert.convert(gguf, tmp_path / "ckpt", quant="keep")
+    src, back = load_model(gguf), load_model(tmp_path / "ckpt")
+    assert back.config == src.config
+    a, b = named(src.weights), named(back.weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(dense(b[key]), dense(a[key]), err_msg=key)
+
+
 def test_engine_matches_hf_past_the_window(family):
     from xlaserve import LLM, SamplingParams
 
