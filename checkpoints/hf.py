@@ -13,7 +13,7 @@ from xlaserve.checkpoints.loaded import CheckpointError, Loaded, assemble, famil
 from xlaserve.checkpoints.safetensors import read_safetensors
 from xlaserve.checkpoints.tokenizer import tokenizer_from_hf_dir
 from xlaserve.runtime import models
-from xlaserve.runtime.config import ModelConfig, RopeConfig
+from xlaserve.runtime.config import LAYER_TYPES, ModelConfig, RopeConfig
 
 
 def _json(path: Path, required: bool) -> dict:
@@ -87,7 +87,9 @@ def config_from_hf(directory: Path) -> ModelConfig:
         gen = _json(directory / "generation_config.json", required=False)
         eos = _ids(c.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
         layers = int(c["num_hidden_layers"])
-        window, types = layer_windows(window, c.get("layer_types") or family.layer_types(layers), path)
+        window, types = layer_windows(
+            window, c.get("layer_types") or family.layer_types(layers), layers, path
+        )
         rope, rope_local = ropes_from_config(c, path)
         number = lambda key: None if c.get(key) is None else float(c[key])
         return ModelConfig(
@@ -122,11 +124,15 @@ def config_from_hf(directory: Path) -> ModelConfig:
         raise CheckpointError(path, str(e)) from None
 
 
-def layer_windows(window, types, path) -> tuple[int | None, tuple[str, ...] | None]:
+def layer_windows(window, types, layers: int, path) -> tuple[int | None, tuple[str, ...] | None]:
     """(sliding_window, layer_types) in their plainest form: no window when no layer slides, no
     layer_types when every layer is alike."""
     if types is not None:
         types = tuple(types)
+        if len(types) != layers or not set(types) <= set(LAYER_TYPES):
+            raise CheckpointError(
+                path, f"layer_types must give one of {LAYER_TYPES} for each of the {layers} layers"
+            )
         if "sliding_attention" not in types:
             return None, None
         if set(types) == {"sliding_attention"}:

@@ -168,3 +168,24 @@ def test_the_pallas_kernels_run_windowed_soft_capped_layers(meta, tmp_path):
     np.testing.assert_allclose(scores.logprobs, log_probs(hf_logits(hf, ids), ids), atol=LOGIT_ATOL, rtol=0)
     out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, ids, 8)
+
+
+@pytest.mark.parametrize(
+    "name, change, needle",
+    [
+        ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+        ("phi3", {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.75}}, "partial_rotary"),
+        ("gemma3", {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "'gemma3'"),
+        ("gemma2", {"sliding_window": 0}, "sliding_window=0"),
+        ("gemma2", {"layer_types": ["sliding_attention"]}, "layer_types"),
+    ],
+)
+def test_what_a_family_does_not_support_is_refused_naming_it(name, change, needle, meta, tmp_path):
+    from xlaserve.checkpoints.loaded import CheckpointError
+
+    tf.build(name, tmp_path, tf.tiny_tokenizer(meta))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=r"config\.json") as info:
+        load_model(tmp_path)
+    assert needle in str(info.value)
