@@ -24,6 +24,7 @@ from xlaserve.runtime import budget
 from xlaserve.runtime.admission import check_sampling, prompt_bytes
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.leader import LeaderEngine
 from xlaserve.runtime.replicas import Replicas
 from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
@@ -113,7 +114,11 @@ class LLM:
         follower = jax.process_count() > 1 and not isinstance(engines[0], LeaderEngine)
         self.prefill_budget = budget.prefill_budget(engines[0], measure_it=not follower)
         (progress or log.info)(self.prefill_budget.describe())
-        runners = [Runner(e, tokenizer, token_budget=self.prefill_budget.tokens) for e in engines]
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        runners = [
+            Runner(e, tokenizer, token_budget=self.prefill_budget.tokens, grammars=self.grammars)
+            for e in engines
+        ]
         self.runner = runners[0] if len(runners) == 1 else Replicas(runners)
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
@@ -158,9 +163,13 @@ class LLM:
     def sampling_params(self, **fields) -> SamplingParams:
         """SamplingParams(**fields), checked first against this engine's limits, so a refusal quotes
         the limit that applies here (max_logprobs, the vocabulary size) rather than the bounds
-        SamplingParams knows without an engine. What a server should build requests' params with."""
+        SamplingParams knows without an engine, and a json_schema / regex / grammar that does not
+        compile is refused with llguidance's message. What a server should build requests' params
+        with."""
         self._check_params(fields.get("logprobs"), fields.get("stop_token_ids") or ())
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
+        self.grammars.check(params)
+        return params
 
     def _check_params(self, logprobs, stop_token_ids) -> None:
         most, vocab = self.engine_config.max_logprobs, self.config.vocab_size
@@ -178,11 +187,13 @@ class LLM:
         timeout_s: float | None = None,
         allow_special_tokens: bool = False,
     ) -> Request:
-        """A validated request (ValueError / RequestTooLarge name the field and the limit).
+        """A validated request (ValueError / RequestTooLarge name the field and the limit; a
+        json_schema, regex or grammar that does not compile is refused here, naming the field).
         allow_special_tokens: see `encode` (chat messages only)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         self._check_params(params.logprobs, params.stop_token_ids)
+        grammar = self.grammars.compile(params)
         ids = self.encode(prompt, chat=chat, allow_special_tokens=allow_special_tokens)
         now = time.perf_counter()
         req = Request(
@@ -195,6 +206,7 @@ class LLM:
             priority=priority,
             client_id=client_id,
             deadline=None if timeout_s is None else now + timeout_s,
+            grammar=grammar,
         )
         self.runner.scheduler.check(req)
         return req

@@ -4,6 +4,11 @@ Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into p
 prefilled sequence into a slot, `decode` one dispatch of k decode steps for every slot, `free` a
 slot. Every program is compiled ahead of time in the constructor, so no request can trigger a
 compile; JAX's persistent compilation cache makes later start-ups fast.
+
+Structured output has programs of its own, compiled with the others: a masked prefill per bucket
+and a masked one-step decode per (slots, KV) bucket, which take the grammar slots' token bitmasks
+(runtime/grammar.py). The runner dispatches them only when a sequence with a grammar is in the
+call, so requests without one run exactly the programs they ran before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from xlaserve.runtime import models, placement, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
+from xlaserve.runtime.grammar import mask_words
 from xlaserve.runtime.programs import DecodeState, Sampled, Statics
 from xlaserve.runtime.sampling import SamplingState
 
@@ -95,6 +101,7 @@ class Engine:
         self._progress = progress or (lambda msg: None)
         self.compile_seconds: dict[str, float] = {}
         self._prefill: dict[int, jax.stages.Compiled] = {}
+        self._prefill_masked: dict[int, jax.stages.Compiled] = {}
         self._score: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, bucket)
         self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
@@ -129,7 +136,12 @@ class Engine:
         log.info("compiled %s in %.2fs", name, dt)
         return compiled
 
-    def _prefill_args(self, t: int):
+    @property
+    def mask_words(self) -> int:
+        """int32 words of one grammar bitmask (the model's vocabulary, 32 tokens a word)."""
+        return mask_words(self.cfg.vocab_size)
+
+    def _prefill_args(self, t: int, masked: bool = False):
         i32 = self._spec((), jnp.int32)
         return (
             abstract(self.weights),
@@ -140,21 +152,25 @@ class Engine:
             self._spec((self.ecfg.pages_per_seq,), jnp.int32),
             abstract(SamplingState.zeros(1), self._repl),
             self._spec((self.cfg.vocab_size,), bool),
-        )
+        ) + ((self._spec((self.mask_words,), jnp.int32),) if masked else ())
 
-    def _decode_fn(self, rows: int, kv_tokens: int, with_logits: bool = False):
+    def _decode_fn(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False):
         ecfg = self.ecfg
+        steps = 1 if masked else ecfg.decode_steps
         fn = functools.partial(
             programs.decode,
             st=self.st,
-            steps=ecfg.decode_steps,
+            steps=steps,
             kv_pages=kv_tokens // ecfg.page_size,
             rows=rows,
             with_logits=with_logits,
         )
         table = self._spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32)
-        name = f"decode{'_logits' if with_logits else ''}[S={rows},k={ecfg.decode_steps},kv={kv_tokens}]"
+        kind = "_logits" if with_logits else "_masked" if masked else ""
+        name = f"decode{kind}[S={rows},k={steps},kv={kv_tokens}]"
         args = (abstract(self.weights), abstract(self.cache), abstract(self.state), table)
+        if masked:
+            args += (self._spec((ecfg.max_slots, self.mask_words), jnp.int32),)
         outputs = ("cache", "state", "packed", "logits") if with_logits else ("cache", "state", "packed")
         return self._compile(name, fn, ("cache", "state"), *args, outputs=outputs)
 
@@ -165,6 +181,13 @@ class Engine:
             fn = functools.partial(programs.prefill, st=st)
             self._prefill[t] = self._compile(
                 f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t), outputs=("cache", "packed")
+            )
+            self._prefill_masked[t] = self._compile(
+                f"prefill_masked[T={t}]",
+                fn,
+                ("cache",),
+                *self._prefill_args(t, masked=True),
+                outputs=("cache", "packed"),
             )
             if ecfg.scoring:
                 fn = functools.partial(programs.score, st=st)
@@ -183,6 +206,11 @@ class Engine:
                     )
         self._decode = {
             (rows, kv): self._decode_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
+        }
+        self._decode_masked = {
+            (rows, kv): self._decode_fn(rows, kv, masked=True)
+            for rows in ecfg.slot_buckets
+            for kv in ecfg.kv_buckets
         }
         packed = self._spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
         row = abstract(SamplingState.zeros(1), self._repl)
@@ -206,17 +234,26 @@ class Engine:
         return tuple(jax.device_put(x, self._repl) for x in host)
 
     def prefill(
-        self, tokens, start: int, page_row: np.ndarray, sampling: SamplingState, presence: np.ndarray
+        self,
+        tokens,
+        start: int,
+        page_row: np.ndarray,
+        sampling: SamplingState,
+        presence: np.ndarray,
+        allowed: np.ndarray | None = None,
     ):
-        """Prefill one chunk (len(tokens) ≤ largest bucket) starting at position `start`.
+        """Prefill one chunk (len(tokens) ≤ largest bucket) starting at position `start`; `allowed`:
+        the grammar's bitmask int32 [mask_words] for the token sampled (None: no grammar).
         Returns the packed first-token result, on device (pass it to `insert`)."""
         n = len(tokens)
         t = self.ecfg.prefill_bucket(n)
         assert 0 < n <= t, (n, t)
         padded = np.zeros((t,), np.int32)
         padded[:n] = tokens
-        host = self._put(padded, np.int32(start), np.int32(n), page_row, sampling, presence)
-        self.cache, packed = self._prefill[t](self.weights, self.cache, *host)
+        extra = () if allowed is None else (allowed,)
+        host = self._put(padded, np.int32(start), np.int32(n), page_row, sampling, presence, *extra)
+        program = self._prefill if allowed is None else self._prefill_masked
+        self.cache, packed = program[t](self.weights, self.cache, *host)
         return packed
 
     def score_rows(self, t: int) -> tuple[int, ...]:
@@ -265,13 +302,22 @@ class Engine:
         """The smallest decode batch holding slots 0 .. busy_rows - 1."""
         return next(b for b in self.ecfg.slot_buckets if b >= busy_rows)
 
-    def decode(self, page_table: np.ndarray, kv_tokens: int, busy_rows: int | None = None):
+    def decode(
+        self,
+        page_table: np.ndarray,
+        kv_tokens: int,
+        busy_rows: int | None = None,
+        allowed: np.ndarray | None = None,
+    ):
         """Dispatch `decode_steps` steps for the active slots, all below `busy_rows` (default: all
-        slots); `kv_tokens` bounds every active slot's length after the dispatch. Returns the packed
-        results [steps, rows, C] (rows = the slot bucket used), on device."""
+        slots); `kv_tokens` bounds every active slot's length after the dispatch. With `allowed`
+        (int32 [max_slots, mask_words]: the grammar slots' bitmasks, all ones for the others) one
+        masked step instead. Returns the packed results [steps, rows, C] (rows = the slot bucket
+        used), on device."""
         key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens))
-        (table,) = self._put(page_table)
-        self.cache, self.state, packed = self._decode[key](self.weights, self.cache, self.state, table)
+        program = self._decode if allowed is None else self._decode_masked
+        host = self._put(page_table, *(() if allowed is None else (allowed,)))
+        self.cache, self.state, packed = program[key](self.weights, self.cache, self.state, *host)
         return packed
 
     def free(self, slot: int) -> None:

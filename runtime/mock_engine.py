@@ -8,9 +8,10 @@ that much per prompt token a prefill or scoring call computes (its chunk padded 
 test the token budget. With `async_dispatch` it behaves like a JAX device: a dispatch returns at once
 and queues its time on one device clock, and reading a result waits until the device has run
 everything queued up to it (so work dispatched for a request that was then cancelled still costs
-what it costs). `device_s` adds up every dispatch's time. It has no tokenizer: the caller pairs it
-with one (`LLM.from_engine(MockEngine(), tokenizer)`; the tests use a word-level one spelling token
-i as "w{i}", tests/serving.py).
+what it costs). `device_s` adds up every dispatch's time. With a grammar's bitmask (structured
+output) a row takes its token when the mask allows it, else the lowest token the mask allows. It
+has no tokenizer: the caller pairs it with one (`LLM.from_engine(MockEngine(), tokenizer)`; the
+tests use a word-level one spelling token i as "w{i}", tests/serving.py).
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ class MockEngine:
     def _next(self, token):
         return (np.asarray(token) + 1) % self.cfg.vocab_size
 
+    def _allowed(self, token: int, words: np.ndarray) -> int:
+        """`token` if the bitmask words (int32 [ceil(V/32)]) allow it, else the lowest they allow."""
+        bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little")
+        return int(token) if bits[token] else int(np.argmax(bits))
+
     def _run(self, seconds: float, result):
         """Charge one dispatch of `seconds`: wait for it (synchronous) or queue it (async)."""
         self.device_s += seconds
@@ -118,9 +124,12 @@ class MockEngine:
         self._free_at = max(time.perf_counter(), self._free_at) + seconds
         return _Pending(result, self._free_at)
 
-    def prefill(self, tokens, start, page_row, sampling, presence):
+    def prefill(self, tokens, start, page_row, sampling, presence, allowed=None):
         cost = self.step_s + self.token_s * self.ecfg.prefill_bucket(len(tokens))
-        return self._run(cost, self._packed(self._next([tokens[-1]]), int(sampling.n_top[0])))
+        nxt = self._next([tokens[-1]])
+        if allowed is not None:
+            nxt[0] = self._allowed(nxt[0], allowed)
+        return self._run(cost, self._packed(nxt, int(sampling.n_top[0])))
 
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)
@@ -148,12 +157,15 @@ class MockEngine:
     def free(self, slot):
         self.active[slot] = False
 
-    def decode(self, page_table, kv_tokens, busy_rows=None):
+    def decode(self, page_table, kv_tokens, busy_rows=None, allowed=None):
         self.dispatches += 1
         rows = busy_rows or self.ecfg.max_slots
         steps = []
-        for _ in range(self.ecfg.decode_steps):
+        for _ in range(self.ecfg.decode_steps if allowed is None else 1):
             nxt = np.where(self.active, self._next(self.tokens), self.tokens)
+            if allowed is not None:
+                for row in np.flatnonzero(self.active):
+                    nxt[row] = self._allowed(nxt[row], allowed[row])
             steps.append(nxt[:rows].copy())
             self.tokens = nxt
         return self._run(self.step_s, self._packed(np.stack(steps), self.ecfg.max_logprobs))

@@ -136,6 +136,7 @@ def prefill(
     page_row,
     sampling,
     presence,
+    allowed=None,
     *,
     st: Statics,
     all_logits: bool = False,
@@ -144,13 +145,17 @@ def prefill(
 
     tokens [T] (padded); start: tokens of this sequence already cached; n_valid: real tokens in the
     chunk; page_row [W]; sampling: a 1-row SamplingState; presence [V] bool: the prompt's tokens
-    (for the repetition penalty). Returns (cache, packed [1, C]) and, with all_logits, the
-    float32 logits of every chunk position [T, V].
+    (for the repetition penalty); allowed: None, or the grammar's bitmask int32 [ceil(V/32)] for the
+    token sampled (the masked variant, a program of its own). Returns (cache, packed [1, C]) and,
+    with all_logits, the float32 logits of every chunk position [T, V].
     """
     hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
     last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
     lg = st.logits(weights, last)
-    result = pack(*sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top))
+    mask = None if allowed is None else allowed[None, :]
+    result = pack(
+        *sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top, allowed=mask)
+    )
     if all_logits:
         return cache, result, st.logits(weights, hidden)
     return cache, result
@@ -200,6 +205,7 @@ def decode(
     cache: KVCache,
     state: DecodeState,
     page_table,
+    allowed=None,
     *,
     st: Statics,
     steps: int,
@@ -210,11 +216,15 @@ def decode(
     """Advance the active slots among the first `rows` by `steps` tokens (slots ≥ rows must be
     idle). page_table [S, W] must already hold pages for positions lengths .. lengths + steps - 1,
     all within the first `kv_pages` pages (the KV-length bucket this program attends over densely).
+    allowed: None, or the slots' grammar bitmasks int32 [S, ceil(V/32)] (all ones for a slot without
+    one): the masked variant, one step only (the host must see each token before the next mask).
     Returns (cache, state, packed [steps, rows, C]) and, with_logits, the float32 logits
     [steps, rows, V] each token was drawn from."""
+    assert allowed is None or steps == 1, "a grammar mask holds for one step"
     full = state
     state = jax.tree.map(lambda a: a[:rows], state)
     page_table = page_table[:rows, :kv_pages]
+    allowed = None if allowed is None else allowed[:rows]
     block = kv_pages * cache.page_size
     idx = jnp.arange(rows)
 
@@ -233,7 +243,7 @@ def decode(
             block,
         )
         lg = st.logits(weights, hidden[:, 0])
-        tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top)
+        tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top, allowed=allowed)
         out = out.at[i].set(pack(tokens, *rest))
         if with_logits:
             all_logits = all_logits.at[i].set(lg)

@@ -112,6 +112,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     cached_tokens: int = 0
+    # structured output: the grammar's state (runtime/grammar.py Matcher), None without one (and
+    # once the request has ended: the runner frees it)
+    grammar: object | None = None
     # incremental detokenization state
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -127,11 +130,12 @@ class Request:
             self.timings.finished = time.perf_counter()
 
     def append(
-        self, token: int, logprob: TokenLogprob | None, tokenizer, max_len: int
+        self, token: int, logprob: TokenLogprob | None, tokenizer, max_len: int, complete: bool = False
     ) -> tuple[list[int], str]:
         """Add one sampled token; apply the stop conditions. Returns (ids, text) to emit; nothing
         once the request has finished. `max_len` is the longest sequence the engine holds.
-        An end token (EOS or a stop id) is kept in token_ids but adds no text."""
+        An end token (EOS or a stop id) is kept in token_ids but adds no text. `complete`: the
+        token completes the request's grammar (structured output), which then ends it (STOP)."""
         if self.finished:
             return [], ""
         if self.timings.first_token is None:
@@ -149,7 +153,10 @@ class Request:
         text = self._detokenize(tokenizer)
         if self.finished:  # a stop string matched
             return [token], text
-        if len(self.output_ids) >= p.max_tokens or len(self.prompt_ids) + len(self.output_ids) >= max_len:
+        if complete:
+            self.finish(FinishReason.STOP)
+            text += self._flush(tokenizer, upto=len(self.output_ids))
+        elif len(self.output_ids) >= p.max_tokens or len(self.prompt_ids) + len(self.output_ids) >= max_len:
             self.finish(FinishReason.LENGTH)
             text += self._flush(tokenizer, upto=len(self.output_ids))
         return [token], text

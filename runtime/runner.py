@@ -19,11 +19,23 @@ last chunk then waits for all of them (a 4000-token prompt: ~20 s on CPU in one 
 streams stalled, and a cancel or deadline, which can only act between steps, too late to save any
 of it). With it, a step is at most its budget of prompt tokens plus one decode, and a cancelled or
 expired prompt stops at the next step, its pages released and the rest never dispatched.
+
+Structured output (runtime/grammar.py): a request with a grammar carries a matcher that takes each
+of its output tokens once, as it is read, so it always holds exactly the request's output so far (a
+preempted request keeps it: recomputing replays no token through it, and tokens dropped from a
+dispatch are never offered). Its first token comes from the masked prefill, the others from masked
+one-step decode dispatches. A decode batch holding a grammar sequence needs the tokens of the
+dispatch in flight before it is dispatched (its masks depend on them): their matchers take them
+first, the rest of the reading (text, stops) still overlaps the device, and the device idles from
+the end of one dispatch until the next is queued. With decode_steps k > 1 such a batch advances one
+token per dispatch. A grammar that is complete (only EOS may follow) ends the request with finish
+reason "stop".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -31,19 +43,26 @@ import numpy as np
 from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.engine import Engine, to_host
+from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
 from xlaserve.runtime.stats import EngineStats
 
+log = logging.getLogger("xlaserve")
+
 
 class Runner:
-    def __init__(self, engine: Engine, tokenizer, *, token_budget: int | None = None):
+    def __init__(
+        self, engine: Engine, tokenizer, *, token_budget: int | None = None, grammars: Grammars | None = None
+    ):
         """token_budget: prompt tokens per step (None: the engine config's prefill_token_budget, else
-        the largest bucket; LLM passes the one it measured, budget.py)."""
+        the largest bucket; LLM passes the one it measured, budget.py). grammars: compiles requests'
+        grammars (None: one of its own for this tokenizer)."""
         e = engine.ecfg
         self.engine, self.tokenizer = engine, tokenizer
+        self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
         limits = Limits(
             max_prompt_tokens=min(e.max_prompt_tokens or e.max_model_len - 1, e.max_model_len - 1),
             max_new_tokens=min(e.max_new_tokens or e.max_model_len - 1, e.max_model_len - 1),
@@ -77,6 +96,8 @@ class Runner:
         """Queue a request; raises RequestTooLarge or Overloaded (nothing queued) when refused."""
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
+        if req.params.constrained and req.grammar is None:
+            req.grammar = self.grammars.compile(req.params)  # built without LLM.make_request
         seq = self.scheduler.add(req)
         self._rows[seq] = SamplingState.of(req.params, req.seed)
         self.seqs[req.request_id] = seq
@@ -130,8 +151,14 @@ class Runner:
             if scoring:
                 deltas += self._score(scoring)
                 scoring = []
+            masked = chunk.last and seq.req.grammar is not None
             packed = last_chunk = self.engine.prefill(
-                chunk.tokens, chunk.start, row, self._rows[seq], self._presence(seq)
+                chunk.tokens,
+                chunk.start,
+                row,
+                self._rows[seq],
+                self._presence(seq),
+                *((seq.req.grammar.mask(),) if masked else ()),
             )
             self.scheduler.prefilled(chunk)
             if chunk.last:
@@ -140,8 +167,13 @@ class Runner:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
         if plan.decode:
+            masks = ()
+            if any(seq.req.grammar is not None for seq in plan.decode):
+                if previous is not None:  # the masks need the tokens in flight
+                    self._offer_inflight(*previous)
+                masks = (self._masks(plan.decode),)
             busy = 1 + max(seq.slot for seq in plan.decode)
-            packed = self.engine.decode(self.scheduler.page_table, plan.kv_tokens, busy)
+            packed = self.engine.decode(self.scheduler.page_table, plan.kv_tokens, busy, *masks)
             packed.copy_to_host_async()
             self.scheduler.dispatched(plan.decode)
             self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode])
@@ -182,12 +214,40 @@ class Runner:
             deltas.append(Delta(req, [], "", [], finished=True))
         return deltas
 
+    @staticmethod
+    def _live(seq: Seq, slot: int) -> bool:
+        """Whether a dispatch's tokens for (seq, slot) still count. Not when preempted or ended since:
+        then its tokens are dropped (inflight was reset, also when it is back in the same slot,
+        recomputed, by now: a preemption between steps, whose stale tokens would otherwise follow
+        the recomputed first token)."""
+        return seq.state is State.RUNNING and seq.slot == slot and seq.inflight > 0
+
+    def _offer_inflight(self, packed, members) -> None:
+        """Before a masked dispatch: the grammar sequences' matchers take their tokens of the
+        dispatch in flight (a masked one: one step), which the masks need; the rest of reading it
+        (`_read_decode`) waits until the next dispatch is queued, overlapping the device."""
+        tokens = Sampled.unpack(to_host(packed)).tokens
+        for seq, slot in members:
+            if seq.req.grammar is not None and self._live(seq, slot):
+                self._offer(seq.req, int(tokens[0, slot]))
+
+    def _offer(self, req: Request, token: int) -> None:
+        """Offer output token number len(req.output_ids) to the request's matcher, once."""
+        grammar = req.grammar
+        if grammar is None or req.finished or grammar.offered > len(req.output_ids):
+            return
+        grammar.offered += 1
+        if token in req.eos_ids and not req.params.ignore_eos:
+            return  # it ends the request
+        if not grammar.advance(token):
+            log.warning("%s: token %d breaks its grammar: %.300s", req.request_id, token, grammar.error)
+
     def _read_decode(self, packed, members) -> list[Delta]:
         result = Sampled.unpack(to_host(packed))  # [k, rows]
         deltas = []
         for seq, slot in members:
-            if seq.state is not State.RUNNING or seq.slot != slot:
-                continue  # preempted or ended since the dispatch: its tokens are dropped
+            if not self._live(seq, slot):
+                continue
             for i in range(result.tokens.shape[0]):
                 deltas.append(self._emit(seq, result, (i, slot)))
                 if seq.req.finished:
@@ -201,6 +261,15 @@ class Runner:
         mask[seq.tokens()] = True
         return mask
 
+    def _masks(self, seqs: list[Seq]) -> np.ndarray:
+        """The grammar bitmasks of `seqs` in their slots' rows, all ones in every other row:
+        int32 [max_slots, mask words]."""
+        allowed = np.full((len(self.scheduler.slots), self.grammars.words), -1, np.int32)
+        rows = [(s.req.grammar, s.slot) for s in seqs if s.req.grammar is not None and not s.req.finished]
+        if rows:
+            self.grammars.fill(rows, allowed)
+        return allowed
+
     def _emit(self, seq: Seq, result: Sampled, index) -> Delta:
         req = seq.req
         token = int(result.tokens[index])
@@ -210,9 +279,12 @@ class Runner:
             top = tuple(
                 (int(t), float(lp))
                 for t, lp in zip(result.top_ids[index][:n], result.top_logprobs[index][:n], strict=True)
+                if req.grammar is None or lp > -np.inf  # a grammar may allow fewer than n tokens
             )
             logprob = TokenLogprob(token, float(result.logprobs[index]), top)
-        ids, text = req.append(token, logprob, self.tokenizer, self.engine.ecfg.max_model_len)
+        self._offer(req, token)
+        complete = req.grammar is not None and req.grammar.done
+        ids, text = req.append(token, logprob, self.tokenizer, self.engine.ecfg.max_model_len, complete)
         return Delta(req, ids, text, [logprob] if logprob is not None and ids else [], finished=req.finished)
 
     def _retire(self, seq: Seq) -> None:
@@ -220,6 +292,7 @@ class Runner:
             self.engine.free(seq.slot)
         self.scheduler.finish(seq)
         self._rows.pop(seq, None)
+        seq.req.grammar = None  # the matcher's memory goes with it
         if self.seqs.pop(seq.req.request_id, None) is not None and seq.req.finish_reason is not None:
             self.finished[seq.req.finish_reason.value] += 1
 

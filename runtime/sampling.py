@@ -8,6 +8,13 @@ becomes a logit threshold; a token tied with the threshold is kept. The draw for
 absolute position p of a request uses the key fold_in(seed, p), so a seed reproduces its output
 whatever else shares the batch. Log-probs are those of the model's own distribution
 (log_softmax of the raw logits), which is what scoring and evals need.
+
+Structured output: a row's allowed-token bitmask (`allowed`, int32 [B, ceil(V/32)], from
+runtime/grammar.py) sets the logits of every other token to -inf before anything else, so the
+penalty, filters, draw and log-probs all see the constrained distribution: a token's log-prob is
+its probability among the tokens the grammar allows (renormalized), as vLLM reports it, and the
+top alternatives are tokens that could have been chosen (fewer than asked when fewer are allowed:
+the rest come back as -inf). A row without a grammar passes all ones and is unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 from xlaserve.runtime.sampling_params import SamplingParams
 
-__all__ = ["SamplingState", "filter_logits", "sample"]
+__all__ = ["SamplingState", "allowed_tokens", "filter_logits", "sample"]
 
 
 @jax.tree_util.register_dataclass
@@ -64,13 +71,23 @@ class SamplingState:
         )
 
 
-def sample(logits, state: SamplingState, seen, positions, *, max_top: int):
+def allowed_tokens(words, vocab: int):
+    """Bitmask words [B, W] int32 -> bool [B, vocab]: bit t % 32 of word t // 32 (W * 32 ≥ vocab)."""
+    bits = jnp.right_shift(words[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample(logits, state: SamplingState, seen, positions, *, max_top: int, allowed=None):
     """Choose one token per row.
 
     logits [B, V] float32; seen [B, V] bool (tokens the repetition penalty applies to); positions [B]
-    (absolute position of the token being chosen). Returns tokens [B] int32, their log-probs [B],
-    and the top `max_top` (ids [B, max_top], log-probs [B, max_top]) of the raw distribution.
+    (absolute position of the token being chosen); allowed: None, or int32 [B, ceil(V/32)] bitmasks
+    of the tokens each row may choose (structured output). Returns tokens [B] int32, their log-probs
+    [B], and the top `max_top` (ids [B, max_top], log-probs [B, max_top]) of the raw (or, with
+    `allowed`, the constrained) distribution.
     """
+    if allowed is not None:
+        logits = jnp.where(allowed_tokens(allowed, logits.shape[-1]), logits, -jnp.inf)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     penalty = state.repetition_penalty[:, None]
     penalized = jnp.where(

@@ -53,7 +53,7 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.json_schema, dict | bool):
-            object.__setattr__(self, "json_schema", json.dumps(self.json_schema, sort_keys=True))
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         for name in ("json_schema", "regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_GRAMMAR):

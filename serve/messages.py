@@ -29,6 +29,9 @@ SAMPLING_FIELDS = (
     "max_tokens",
     "ignore_eos",
     "logprobs",
+    "json_schema",
+    "regex",
+    "grammar",
 )
 
 
