@@ -83,13 +83,37 @@ def check_messages(messages, roles: tuple[str, ...] | None = None) -> list[dict]
 _PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
-def escape_specials(messages: list[dict], special: re.Pattern) -> tuple[list[dict], list[str], str]:
+def _strings(value, key: str | None = None):
+    """Every string inside `value` (nested dicts, lists, tuples), the values of "role" keys excepted."""
+    if isinstance(value, str):
+        if key != "role":
+            yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, k)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def _map_strings(value, fn, key: str | None = None):
+    if isinstance(value, str):
+        return value if key == "role" else fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn, k) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
+
+
+def escape_specials(messages, special: re.Pattern) -> tuple:
     """Checked messages with every match of `special` (the tokenizer's special tokens) in their
     strings swapped for a placeholder f"{mark}{k}{mark}"; returns them, the texts swapped (k indexes
     them) and the mark: a private-use character that occurs in no message, so no placeholder can be
-    forged. Roles are left alone (checked against the template's instead). Nothing to swap: the
-    messages as they are, [] and ""."""
-    texts = [v for m in messages for k, v in m.items() if isinstance(v, str) and k != "role"]
+    forged. Strings nested in a message (tool calls' arguments) are swapped too, and so is any other
+    data given along (`(messages, tools)`: tool definitions the template renders). Roles are left
+    alone (checked against the template's instead). Nothing to swap: the input as it is, [] and ""."""
+    texts = list(_strings(messages))
     if not any(special.search(v) for v in texts):
         return messages, [], ""
     used = {c for v in texts for c in _PRIVATE_USE.findall(v)}
@@ -102,16 +126,12 @@ def escape_specials(messages: list[dict], special: re.Pattern) -> tuple[list[dic
         swapped.append(match.group(0))
         return f"{mark}{len(swapped) - 1}{mark}"
 
-    out = [
-        {k: special.sub(swap, v) if isinstance(v, str) and k != "role" else v for k, v in m.items()}
-        for m in messages
-    ]
-    return out, swapped, mark
+    return _map_strings(messages, lambda v: special.sub(swap, v)), swapped, mark
 
 
 def render_chat(template: str, messages, *, add_generation_prompt: bool = True, **special_tokens) -> str:
     """The prompt text for `messages` (roles checked against the template's). special_tokens:
-    bos_token, eos_token, ... as the template expects."""
+    bos_token, eos_token, ... as the template expects, and any other variable it reads (`tools`)."""
     try:
         return _compile(template).render(
             messages=check_messages(messages, template_roles(template)),

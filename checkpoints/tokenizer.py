@@ -71,28 +71,33 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        """tools: OpenAI-style tool definitions, passed to the template as `tools` (as HF does) when
+        given; a template that does not read them ignores them."""
         if not self.chat_template:
             raise ValueError(f"{self.source}: the model has no chat template; pass plain prompts instead")
+        extra = {} if tools is None else {"tools": tools}
         return render_chat(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **extra,
         )
 
-    def encode_chat(self, messages, allow_special_tokens: bool = False) -> list[int]:
+    def encode_chat(self, messages, allow_special_tokens: bool = False, tools=None) -> list[int]:
         """Ids of the rendered chat; the template writes any BOS itself, so none is added.
 
         Special-token text inside a message ("<|im_start|>" in a content) is encoded as the plain
         text it is, so a message cannot forge a turn or a control token (what OpenAI's tokenizer
         does); allow_special_tokens=True encodes it as the special token. A chat without such text
-        is encoded exactly as before: the rendered prompt in one call."""
+        is encoded exactly as before: the rendered prompt in one call. Strings nested in messages
+        (tool calls) and in `tools` (apply_chat_template) are escaped the same way."""
         if allow_special_tokens or self._special is None:
-            return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
-        escaped, swapped, mark = escape_specials(check_messages(messages), self._special)
-        text = self.apply_chat_template(escaped)
+            return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
+        (escaped, tools), swapped, mark = escape_specials((check_messages(messages), tools), self._special)
+        text = self.apply_chat_template(escaped, tools=tools)
         if not swapped:
             return self.encode(text, add_special_tokens=False)
         # The tokenizer splits text at special tokens and encodes the pieces between them on their

@@ -36,6 +36,18 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
 
 
+def start_engine_loop(llm, metrics: Metrics, *, warm_up: bool = True) -> EngineLoop:
+    """The engine loop over `llm`'s runner, after one warm-up request, recording every request that
+    ends in `metrics`: what the gRPC server and the HTTP API (http_server.py) serve from."""
+    loop = EngineLoop(llm.runner)
+    if warm_up:
+        bos = llm.config.bos_token_id or 1
+        for _ in loop.submit(llm.make_request([bos, bos], SamplingParams(temperature=0.0, max_tokens=2))):
+            pass
+    loop.on_finished = metrics.finished
+    return loop
+
+
 class Server:
     """Owns the gRPC server, its event loop thread, health, metrics and (once attached) the engine loop."""
 
@@ -113,12 +125,7 @@ class Server:
     def attach(self, llm, *, warm_up: bool = True) -> EngineLoop:
         """Serve `llm`: run one warm-up request through the loop, then report SERVING. From then on
         every request that ends is recorded in the metrics, however it ends."""
-        loop = EngineLoop(llm.runner)
-        if warm_up:
-            bos = llm.config.bos_token_id or 1
-            for _ in loop.submit(llm.make_request([bos, bos], SamplingParams(temperature=0.0, max_tokens=2))):
-                pass
-        loop.on_finished = self.metrics.finished
+        loop = start_engine_loop(llm, self.metrics, warm_up=warm_up)
         self.service.attach(llm, loop)
         self._set_health(SERVING)
         return loop

@@ -19,6 +19,7 @@ SLOW_MODULES = {
     "test_cli",
     "test_evals",
     "test_hf_dir",
+    "test_http_model",
     "test_model_vs_hf",
     "test_model_families",
     "test_server_e2e",

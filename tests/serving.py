@@ -38,3 +38,16 @@ def start(llm, **server_kw) -> tuple[Server, Client]:
     server = Server(port=0, model_names=("mock",), **server_kw).start()
     server.attach(llm)
     return server, Client(f"127.0.0.1:{server.port}", api_key=server_kw.get("api_keys", [None])[0])
+
+
+def start_http(llm, **server_kw):
+    """The OpenAI-compatible HTTP API over `llm` on a free loopback port, and the official client
+    (no retries: a 429 or 503 is what a test wants to see). Returns (HttpServer, openai.OpenAI)."""
+    import openai
+
+    from xlaserve.serve.http_server import HttpServer
+
+    http = HttpServer(port=0, model_names=("mock",), **server_kw).start()
+    http.attach(llm)
+    key = (server_kw.get("api_keys") or ["none"])[0]
+    return http, openai.OpenAI(base_url=http.url + "/v1", api_key=key, max_retries=0)
