@@ -16,6 +16,9 @@ def _names(*extra: str):
     return decoder.names({w: decoder.LAYER_NAMES[w] for w in _BASE + extra})
 
 
+QWEN2_HF, QWEN2_GGUF = _names("bq", "bk", "bv")
+QWEN3_HF, QWEN3_GGUF = _names("q_norm", "k_norm")
+
 QWEN2 = Family(
     name="qwen2",
     hf_architectures=("Qwen2ForCausalLM",),
@@ -24,8 +27,8 @@ QWEN2 = Family(
     param_info=functools.partial(decoder.param_info, qkv_bias=True),
     forward=decoder.forward,
     logits=decoder.logits,
-    hf_names=_names("bq", "bk", "bv")[0],
-    gguf_names=_names("bq", "bk", "bv")[1],
+    hf_names=QWEN2_HF,
+    gguf_names=QWEN2_GGUF,
     features=frozenset({"sliding_window", "layer_types"}),
 )
 
@@ -37,7 +40,7 @@ QWEN3 = Family(
     param_info=functools.partial(decoder.param_info, qk_norm=True),
     forward=decoder.forward,
     logits=decoder.logits,
-    hf_names=_names("q_norm", "k_norm")[0],
-    gguf_names=_names("q_norm", "k_norm")[1],
+    hf_names=QWEN3_HF,
+    gguf_names=QWEN3_GGUF,
     features=frozenset({"sliding_window", "layer_types"}),
 )
