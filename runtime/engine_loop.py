@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
 from xlaserve.runtime.admission import Overloaded
@@ -80,6 +80,40 @@ class Stream:
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """End the request (no-op once it has ended, or if it was refused)."""
         self._loop._command(("cancel", self, reason))
+
+
+async def merge(streams: Sequence[Stream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(stream index, delta) from every stream as they arrive, each stream's in order, until all
+    have ended. A stream's error is raised here; closing this generator stops reading them all."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: Stream) -> None:
+        try:
+            async for delta in stream:
+                arrived.put_nowait((i, delta))
+        except Exception as e:
+            arrived.put_nowait((i, e))
+        else:
+            arrived.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await arrived.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _put_all(items) -> None:

@@ -1,5 +1,6 @@
-"""Structured output on the host: a request's JSON schema, regex or Lark grammar (SamplingParams'
-json_schema, regex, grammar) compiled by llguidance into a `Matcher`, the per-sequence parser state
+"""Structured output on the host: a request's JSON schema, regex or grammar (SamplingParams'
+json_schema, regex, grammar: Lark in llguidance's dialect, or llama.cpp's GBNF, which llguidance
+converts to Lark; a grammar with a `start:` rule or `%llguidance` line is read as Lark) compiled by llguidance into a `Matcher`, the per-sequence parser state
 that says which tokens may come next. No JAX here; the device applies the masks (sampling.py).
 
 - `Grammars` belongs to one tokenizer and model: it builds llguidance's tokenizer once (on first
@@ -29,7 +30,7 @@ import numpy as np
 
 from xlaserve.runtime.sampling_params import SamplingParams
 
-FIELDS = (("json_schema", "json"), ("regex", "regex"), ("grammar", "lark"))
+FIELDS = (("json_schema", "json"), ("regex", "regex"), ("grammar", "grammar"))  # "grammar": Lark or GBNF
 JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHED = 64  # compiled grammars kept
 MAX_ERROR = 1000  # characters of llguidance's message quoted in a refusal

@@ -28,7 +28,7 @@ class SamplingParams:
 
     Structured output (at most one): json_schema (a JSON schema, as a dict or its JSON text; the
     output is JSON the schema accepts), regex (the whole output matches
-    it), grammar (a Lark grammar in llguidance's dialect). The output is constrained token by token
+    it), grammar (Lark in llguidance's dialect, or llama.cpp's GBNF). The output is constrained token by token
     (runtime/grammar.py); a grammar that cannot be compiled is refused naming the field.
 
     The bounds here are the ones no engine exceeds (logprobs ≤ 100, the most `max_logprobs` can be;

@@ -6,8 +6,9 @@
             ...
 
 Sampling keywords are the fields of `SamplingParams` (temperature, top_k, top_p, min_p,
-repetition_penalty, seed, max_tokens, stop, stop_token_ids, ignore_eos, logprobs); unset ones take
-the server's defaults.
+repetition_penalty, seed, max_tokens, stop, stop_token_ids, ignore_eos, logprobs, json_schema, regex,
+grammar); unset ones take the server's defaults. `generate_n(prompt, n)` asks for n samples of one
+prompt in one request (they share the prompt's pages) and returns a Completion for each.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def generate_request(
     request_id: str = "",
     priority: int = 0,
     model: str = "",
+    n: int = 0,
     **sampling,
 ) -> pb.GenerateRequest:
     stop, stop_ids = sampling.pop("stop", ()), sampling.pop("stop_token_ids", ())
@@ -69,7 +71,7 @@ def generate_request(
         stop=[stop] if isinstance(stop, str) else list(stop),
         stop_token_ids=list(stop_ids),
     )
-    req = pb.GenerateRequest(model=model, request_id=request_id, priority=priority, sampling=params)
+    req = pb.GenerateRequest(model=model, request_id=request_id, priority=priority, sampling=params, n=n)
     if prompt is not None:
         req.text = prompt
     elif tokens is not None:
@@ -77,6 +79,12 @@ def generate_request(
     elif messages is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     return req
+
+
+def samples(n: int) -> tuple[list[Completion], callable]:
+    """n Completions and the function that files each response message under its sample."""
+    outs = [Completion() for _ in range(max(n, 1))]
+    return outs, lambda msg: outs[msg.index].add(msg)
 
 
 def score_request(items, model: str = "") -> pb.ScoreRequest:
@@ -142,6 +150,12 @@ class Client:
             out.add(msg)
         return out
 
+    def generate_n(self, prompt=None, n: int = 1, *, timeout: float | None = None, **kw) -> list[Completion]:
+        outs, add = samples(n)
+        for msg in self.generate_stream(prompt, timeout=timeout, n=n, **kw):
+            add(msg)
+        return outs
+
     def score(self, items, *, timeout: float | None = None, model: str = "") -> list[pb.ScoreResult]:
         return list(
             self.stub.Score(score_request(items, model), timeout=timeout, metadata=self.metadata).results
@@ -204,6 +218,14 @@ class AsyncClient:
         async for msg in self.generate_stream(prompt, timeout=timeout, **kw):
             out.add(msg)
         return out
+
+    async def generate_n(
+        self, prompt=None, n: int = 1, *, timeout: float | None = None, **kw
+    ) -> list[Completion]:
+        outs, add = samples(n)
+        async for msg in self.generate_stream(prompt, timeout=timeout, n=n, **kw):
+            add(msg)
+        return outs
 
     async def score(self, items, *, timeout: float | None = None, model: str = "") -> list[pb.ScoreResult]:
         return list(

@@ -93,15 +93,16 @@ def token_logprobs(delta: Delta, tokenizer) -> list[pb.TokenLogprob]:
     ]
 
 
-def delta_message(delta: Delta, tokenizer, request_id: str = "") -> pb.GenerateResponse:
-    """A stream's first delta carries the request id; later ones leave it empty (see the proto)."""
+def delta_message(delta: Delta, tokenizer, request_id: str = "", index: int = 0) -> pb.GenerateResponse:
+    """A sample's first delta carries the request id; later ones leave it empty (see the proto)."""
     return pb.GenerateResponse(
         request_id=request_id,
+        index=index,
         delta=pb.Delta(token_ids=delta.token_ids, text=delta.text, logprobs=token_logprobs(delta, tokenizer)),
     )
 
 
-def final_message(req: Request, request_id: str) -> pb.GenerateResponse:
+def final_message(req: Request, request_id: str, index: int = 0) -> pb.GenerateResponse:
     t = req.timings.as_dict(len(req.output_ids))
     final = pb.Final(
         finish_reason=FINISH.get(req.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
@@ -116,7 +117,7 @@ def final_message(req: Request, request_id: str) -> pb.GenerateResponse:
         final.stop_string = req.stop_reason
     elif req.stop_reason is not None:  # the stop token id, or which EOS token ended the output
         final.stop_token_id = int(req.stop_reason)
-    return pb.GenerateResponse(request_id=request_id, final=final)
+    return pb.GenerateResponse(request_id=request_id, final=final, index=index)
 
 
 def score_item(item: pb.ScoreItem, i: int):

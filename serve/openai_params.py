@@ -23,9 +23,9 @@ from xlaserve.runtime.admission import RequestTooLarge
 from xlaserve.runtime.request import Request
 from xlaserve.runtime.sampling_params import MAX_SEED, SamplingParams
 from xlaserve.serve import openai_tools as tools_
+from xlaserve.serve.limits import MAX_CHOICES, most_choices
 from xlaserve.serve.openai_schemas import ApiError, ChatRequest, CompletionRequest
 
-MAX_CHOICES = 128  # n × prompts of one request
 PENALTIES = ("presence_penalty", "frequency_penalty")
 PASSED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "ignore_eos", "regex", "grammar")
 
@@ -49,6 +49,7 @@ class Plan:
     top_logprobs: int | None  # None: no log-probs
     echo: bool = False
     tool_calls: bool = False  # parse tool calls out of the output
+    tool_grammar: bool = False  # the output is constrained to tool calls (required / named)
     parallel_tool_calls: bool = True
     names: dict = field(default_factory=dict)  # SamplingParams field -> the request's parameter
 
@@ -145,9 +146,8 @@ def _requests(llm, plan: Plan, kwargs: dict, max_tokens, default, seed, client, 
 
 
 def _capacity(llm, choices: int, param: str) -> None:
-    e = llm.engine_config
-    if choices > MAX_CHOICES or choices > e.max_slots + e.max_queue:
-        most = min(MAX_CHOICES, e.max_slots + e.max_queue)
+    most = most_choices(llm.engine_config.max_slots, llm.engine_config.max_queue)
+    if choices > most:
         raise _invalid(f"{choices} choices requested; at most {most} run at once here", param)
 
 
@@ -196,6 +196,7 @@ def chat_plan(llm, body: ChatRequest, model: str, client: str | None) -> Plan:
     except ValueError as e:
         raise _field_error(e, {}, "messages") from None
     plan = Plan(True, model, [Prompt(ids)], [], body.n, top, tool_calls=on, parallel_tool_calls=parallel)
+    plan.tool_grammar = names.get("grammar") == "tool_choice"
     plan.names = names
     _requests(llm, plan, kwargs, given, None, body.seed, client, "messages")
     return plan

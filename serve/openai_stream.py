@@ -20,13 +20,13 @@ import time
 
 from fastapi.responses import StreamingResponse
 
-from xlaserve.runtime.engine_loop import EngineFailed
+from xlaserve.runtime.engine_loop import EngineFailed, merge
 from xlaserve.runtime.request import FinishReason
 from xlaserve.serve import openai_format as fmt
 from xlaserve.serve.openai_params import Plan
 from xlaserve.serve.openai_schemas import ApiError
 from xlaserve.serve.openai_tools import ToolCallStream
-from xlaserve.serve.sse import DONE, HEADERS, event, merge
+from xlaserve.serve.sse import DONE, HEADERS, event
 
 CUT = (FinishReason.CANCELLED, FinishReason.DEADLINE)
 
@@ -78,7 +78,10 @@ class Events:
 
     async def _chat(self):
         plan = self.plan
-        held = [ToolCallStream(plan.parallel_tool_calls) if plan.tool_calls else None for _ in self.streams]
+        held = [
+            ToolCallStream(plan.parallel_tool_calls, plan.tool_grammar) if plan.tool_calls else None
+            for _ in self.streams
+        ]
         for i in range(len(self.streams)):
             yield self._chunk(
                 {
@@ -90,29 +93,35 @@ class Events:
             )
         async for i, d in merge(self.streams):
             yield len(d.token_ids)
-            text = d.text if held[i] is None else held[i].feed(d.text)
+            text, calls = (d.text, []) if held[i] is None else held[i].feed(d.text)
             if text or (d.logprobs and plan.top_logprobs is not None):
                 lps = fmt.chat_logprobs(d.logprobs, self.texts) if plan.top_logprobs is not None else None
                 yield self._chunk(
                     {"index": i, "delta": {"content": text}, "logprobs": lps, "finish_reason": None}
                 )
+            if calls:
+                yield self._calls_chunk(i, calls)
             if not d.finished:
                 continue
             req = d.request
             if req.finish_reason in CUT:
                 raise cut_error(req)
-            calls = []
+            called = False
             if held[i] is not None:
-                rest, calls = held[i].finish()
+                rest, calls, called = held[i].finish()
                 if rest:
                     yield self._chunk(
                         {"index": i, "delta": {"content": rest}, "logprobs": None, "finish_reason": None}
                     )
-            if calls:
-                delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
-                yield self._chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
-            reason = fmt.finish_reason(req, bool(calls))
+                if calls:
+                    yield self._calls_chunk(i, calls)
+            reason = fmt.finish_reason(req, called)
             yield self._chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": reason})
+
+    def _calls_chunk(self, i: int, calls: list[dict]) -> bytes:
+        return self._chunk(
+            {"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+        )
 
     async def _completion(self):
         plan, texts, n = self.plan, self.texts, self.plan.n

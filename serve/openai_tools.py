@@ -14,12 +14,14 @@ Out: the model answers in that format, one block per call:
     </tool_call>
 tool_choice "required" or a named function constrains the output to such blocks with a Lark grammar
 (llguidance's dialect embeds each function's JSON schema with %json); "auto" leaves the model free
-and the blocks are parsed out of its text afterwards (`parse_tool_calls`); streaming holds text
-back from where a block starts (`ToolCallStream`).
+and the blocks are parsed out of its text afterwards (`parse_tool_calls`). Streamed
+(`ToolCallStream`), constrained calls go out piece by piece as OpenAI streams them; free output is
+held back from where a block starts and its calls go out whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
@@ -29,6 +31,9 @@ from xlaserve.serve.openai_schemas import ApiError, Message, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_ARGS = re.compile(r'"arguments"\s*:\s*')
+# A block's start up to its arguments, as tool_grammar makes the model write it.
+_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
 def reads_tools(template: str) -> bool:
@@ -161,6 +166,37 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+def object_end(text: str, start: int) -> int | None:
+    """The index just past the JSON object opening at text[start] ("{"), or None while it is open
+    (strings and their escapes skipped; the text is assumed to be JSON, as a grammar makes it)."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _raw_arguments(body: str, args: dict) -> str:
+    """A call's arguments as the model wrote them (what a stream sent), else re-serialized."""
+    m = _ARGS.search(body)
+    end = object_end(body, m.end()) if m and body[m.end() : m.end() + 1] == "{" else None
+    if end is not None:
+        raw = body[m.end() : end]
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(raw) == args:
+                return raw
+    return json.dumps(args, ensure_ascii=False)
+
+
 def parse_tool_calls(text: str, parallel: bool = True) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a model's text: every `<tool_call>` block that holds JSON with a
     name and arguments becomes an OpenAI tool call; the text around the blocks stays content (None
@@ -176,7 +212,7 @@ def parse_tool_calls(text: str, parallel: bool = True) -> tuple[str | None, list
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             return text, []
         args = value.get("arguments", value.get("parameters", {}))
-        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        arguments = args if isinstance(args, str) else _raw_arguments(body, args)
         calls.append(
             {
                 "id": new_call_id(),
@@ -189,29 +225,75 @@ def parse_tool_calls(text: str, parallel: bool = True) -> tuple[str | None, list
 
 
 class ToolCallStream:
-    """Streams a model's text with tool calls in it: text before the first `<tool_call>` goes out as
-    it comes (less a tail that could be the start of one); from there on it is held, and `finish`
-    parses it: (content still to send, tool calls)."""
+    """Streams a model's text with tool calls in it. `feed` and `finish` return (content to send,
+    tool-call deltas to send) in OpenAI's chunk format.
 
-    def __init__(self, parallel: bool = True):
-        self.parallel, self.held, self.calling = parallel, "", False
+    Free output (tool_choice "auto"): text before the first `<tool_call>` goes out as it comes (less
+    a tail that could be the start of one); from there on it is held, and `finish` parses it, the
+    calls going out whole (a block may yet fail to parse, and then it was content).
+    Constrained output (`incremental`: "required" or a named function; the grammar guarantees
+    `<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>` blocks): each call goes out as
+    OpenAI streams one: its id, type and name once the name is complete, then its arguments' text
+    piece by piece as the model writes it. Concatenated, the pieces equal the non-streamed call's
+    arguments."""
 
-    def feed(self, text: str) -> str:
+    def __init__(self, parallel: bool = True, incremental: bool = False):
+        self.parallel, self.incremental = parallel, incremental
+        self.held, self.calling = "", False
+        self.calls = 0  # calls started (incremental)
+        self.args_at: int | None = None  # where the open call's arguments start in held
+        self.sent = 0  # held[args_at:sent] has gone out
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
         self.held += text
         if self.calling:
-            return ""
+            return "", self._advance() if self.incremental else []
         at = self.held.find(OPEN)
         if at >= 0:
             self.calling = True
             out, self.held = self.held[:at], self.held[at:]
-            return out
+            return out, self._advance() if self.incremental else []
         keep = max((k for k in range(1, len(OPEN)) if self.held.endswith(OPEN[:k])), default=0)
         out, self.held = (self.held[:-keep], self.held[-keep:]) if keep else (self.held, "")
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[dict]]:
+    def finish(self) -> tuple[str, list[dict], bool]:
+        """(content still to send, tool-call deltas still to send, whether the output called tools)."""
+        if self.incremental and self.calling:
+            return "", self._advance(), self.calls > 0
         held, self.held = self.held, ""
         if not self.calling:
-            return held, []
+            return held, [], False
         content, calls = parse_tool_calls(held, self.parallel)
-        return (content or "", calls) if calls else (held, [])
+        if not calls:
+            return held, [], False
+        return content or "", [{"index": k, **c} for k, c in enumerate(calls)], True
+
+    def _advance(self) -> list[dict]:
+        """Deltas for what `held` (which starts at a block) now adds: a call's head, arguments."""
+        out = []
+        while True:
+            if self.args_at is None:
+                at = self.held.find(OPEN)
+                if at < 0:  # between blocks: keep only what could begin the next one
+                    self.held = self.held[-(len(OPEN) - 1) :]
+                    return out
+                self.held = self.held[at:]
+                m = _HEAD.match(self.held)
+                if m is None:
+                    return out
+                self.args_at = m.end()
+                name = json.loads(f'"{m.group(1)}"')
+                head = {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
+                out.append({"index": self.calls, **head})
+                self.calls += 1
+                self.sent = self.args_at
+            end = object_end(self.held, self.args_at)
+            upto = len(self.held) if end is None else end
+            if upto > self.sent:
+                piece = self.held[self.sent : upto]
+                out.append({"index": self.calls - 1, "function": {"arguments": piece}})
+                self.sent = upto
+            if end is None:
+                return out
+            self.held, self.args_at, self.sent = self.held[end:], None, 0

@@ -16,6 +16,7 @@ UNAUTHENTICATED (guards.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,18 +24,20 @@ import grpc
 
 from xlaserve import __version__
 from xlaserve.runtime.admission import Overloaded, Rejected, RequestTooLarge
-from xlaserve.runtime.engine_loop import Draining, EngineFailed, EngineLoop
+from xlaserve.runtime.engine_loop import Draining, EngineFailed, EngineLoop, merge
 from xlaserve.runtime.request import FinishReason
+from xlaserve.runtime.sampling_params import MAX_SEED
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.serve import messages
 from xlaserve.serve.auth import client_identity
-from xlaserve.serve.limits import MAX_SCORE_ITEMS, WORKER_THREADS
+from xlaserve.serve.limits import MAX_SCORE_ITEMS, WORKER_THREADS, most_choices
 from xlaserve.serve.metrics import Metrics
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2_grpc as pb_grpc
 
 Code = grpc.StatusCode
 REFUSED = (ValueError, Rejected, EngineFailed)
+CUT = (FinishReason.DEADLINE, FinishReason.CANCELLED)  # ended by the server, not the client
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -116,56 +119,81 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         await self._check(context, request.model)
-        ids = None
+        ids, streams = None, []
         try:
             ids = messages.request_ids(request.request_id, self._scope(context))
-            req = await self._work(
-                self._make_request, request, ids[0], self._client(context), self._timeout(context)
+            requests = await self._work(
+                self._make_requests, request, ids[0], self._client(context), self._timeout(context)
             )
-            stream = self.loop.submit_nowait(req, asyncio.get_running_loop())
+            aio = asyncio.get_running_loop()
+            for r in requests:
+                streams.append(self.loop.submit_nowait(r, aio))
+            for s in streams:  # all samples are admitted, or none runs
+                await s.admission()
         except REFUSED as e:
+            for s in streams:
+                s.cancel()
             await self._reject(context, e, ids)
+        except BaseException:  # cancelled while waiting for admission: the client went away
+            for s in streams:
+                s.cancel(self._end_reason(s.request))
+            raise
         try:
-            try:
-                await stream.admission()
-            except REFUSED as e:
-                await self._reject(context, e, ids)
-            tokenizer, last, echo = self.llm.tokenizer, None, ids[1]
-            async for delta in stream:
+            tokenizer, last, echo = self.llm.tokenizer, None, [ids[1]] * len(streams)
+            async for i, delta in merge(streams):
                 if delta.token_ids or delta.text:
                     now = time.perf_counter()
                     self.metrics.tokens_streamed(len(delta.token_ids), None if last is None else now - last)
                     last = now
-                    yield messages.delta_message(delta, tokenizer, echo)
-                    echo = ""
+                    yield messages.delta_message(delta, tokenizer, echo[i], index=i)
+                    echo[i] = ""
         except EngineFailed as e:
             self.metrics.rejected("internal")
             await context.abort(Code.INTERNAL, str(e))
         finally:
-            if not stream.ended:  # the client went away or its deadline passed: free the slot
-                stream.cancel(self._end_reason(req))
-        yield messages.final_message(req, ids[1])
-        if req.finish_reason is FinishReason.DEADLINE:
+            for s in streams:
+                if not s.ended:  # the client went away or its deadline passed: free the slot
+                    s.cancel(self._end_reason(s.request))
+        for i, s in enumerate(streams):
+            yield messages.final_message(s.request, ids[1], index=i)
+        cut = [s.request for s in streams if s.request.finish_reason in CUT]
+        if cut and cut[0].finish_reason is FinishReason.DEADLINE:
             await context.abort(
-                Code.DEADLINE_EXCEEDED, f"deadline exceeded after {len(req.output_ids)} tokens"
+                Code.DEADLINE_EXCEEDED, f"deadline exceeded after {len(cut[0].output_ids)} tokens"
             )
-        if req.finish_reason is FinishReason.CANCELLED:  # not the client's cancel: that ends the RPC
+        if cut:  # not the client's cancel: that ends the RPC
             await context.abort(
                 Code.UNAVAILABLE,
-                f"the server is shutting down; the stream was cut after {len(req.output_ids)} tokens",
+                f"the server is shutting down; the stream was cut after {len(cut[0].output_ids)} tokens",
             )
 
-    def _make_request(self, request, request_id: str, client: str | None, timeout: float | None):
+    def _make_requests(self, request, request_id: str, client: str | None, timeout: float | None):
+        """request.n requests (validated; the prompt tokenized once). Sample j's engine id is
+        request_id + "\\t" + j: a tab can be in neither a client's id nor a uuid, so none collide."""
+        e = self.llm.engine_config
+        n, most = request.n or 1, most_choices(e.max_slots, e.max_queue)
+        if not 1 <= n <= most:
+            raise ValueError(f"n={request.n} must be in [1, {most}] (all samples run at once here)")
         prompt, chat = messages.prompt_of(request)
-        return self.llm.make_request(
-            prompt,
-            messages.sampling_params(request.sampling, self.llm.sampling_params),
-            chat=chat,
-            request_id=request_id,
-            priority=request.priority,
-            client_id=client,
-            timeout_s=timeout,
-        )
+        params = messages.sampling_params(request.sampling, self.llm.sampling_params)
+        requests = []
+        for j in range(n):
+            if j:
+                prompt, chat = requests[0].prompt_ids, False
+                if params.seed is not None:
+                    params = dataclasses.replace(params, seed=(requests[0].params.seed + j) & MAX_SEED)
+            requests.append(
+                self.llm.make_request(
+                    prompt,
+                    params,
+                    chat=chat,
+                    request_id=request_id if n == 1 else f"{request_id}\t{j}",
+                    priority=request.priority,
+                    client_id=client,
+                    timeout_s=timeout,
+                )
+            )
+        return requests
 
     async def Score(self, request, context):
         await self._check(context, request.model)

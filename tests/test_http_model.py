@@ -212,9 +212,23 @@ def test_forced_tool_calls_validate(client):
     assert (
         calls
         and calls[0].function.name == "get_weather"
+        and calls[0].id.startswith("call_")
         and chunks[-1].choices[0].finish_reason == "tool_calls"
     )
     assert not "".join(c.choices[0].delta.content or "" for c in chunks)  # the call is not content
+    # the arguments arrive piece by piece, and together equal the non-streamed call's
+    pieces = [t.function.arguments for t in calls[1:]]
+    assert len(pieces) > 2 and all(t.index == 0 and t.id is None for t in calls[1:])
+    whole = client.chat.completions.create(
+        model="smollm2",
+        messages=ask,
+        max_tokens=40,
+        temperature=0,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    assert "".join(pieces) == whole.choices[0].message.tool_calls[0].function.arguments
 
 
 def test_serve_process_http_alone_health_and_sigterm_drain(model_path):

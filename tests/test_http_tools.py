@@ -235,13 +235,39 @@ def test_tool_calls_parsed_from_text():
 def test_streamed_text_is_held_back_from_the_first_tool_call():
     stream = ToolCallStream()
     pieces = ["Checking", " now <tool", "_c", 'all>\n{"name": "get_time", ', '"arguments": {}}\n</tool_call>']
-    assert [stream.feed(p) for p in pieces] == ["Checking", " now ", "", "", ""]
-    rest, calls = stream.finish()
-    assert rest == "" and calls[0]["function"]["name"] == "get_time"
+    assert [stream.feed(p) for p in pieces] == [("Checking", []), (" now ", []), ("", []), ("", []), ("", [])]
+    rest, calls, called = stream.finish()
+    assert rest == "" and called and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
+    assert calls[0]["index"] == 0 and calls[0]["id"].startswith("call_")
     plain = ToolCallStream()
-    assert plain.feed("a <tool") == "a " and plain.feed("box>") == "<toolbox>" and plain.finish() == ("", [])
+    assert plain.feed("a <tool") == ("a ", []) and plain.feed("box>") == ("<toolbox>", [])
+    assert plain.finish() == ("", [], False)
     broken = ToolCallStream()
-    assert broken.feed("<tool_call>{oops") == "" and broken.finish() == ("<tool_call>{oops", [])
+    assert broken.feed("<tool_call>{oops") == ("", []) and broken.finish() == ("<tool_call>{oops", [], False)
+
+
+def test_constrained_calls_stream_piece_by_piece_as_openai_streams_them():
+    args = [{"city": 'Par}is "x" {', "days": [1, {"n": 2}]}, {}]
+    text = call("get_weather", args[0]) + "\n" + call("get_time", args[1])
+    for size in (1, 3, 7, len(text)):
+        stream, deltas = ToolCallStream(incremental=True), []
+        for k in range(0, len(text), size):
+            content, calls = stream.feed(text[k : k + size])
+            assert content == ""
+            deltas += calls
+        rest, calls, called = stream.finish()
+        deltas += calls
+        assert rest == "" and called
+        heads = [d for d in deltas if "id" in d]
+        assert [(h["index"], h["function"]["name"], h["function"]["arguments"]) for h in heads] == [
+            (0, "get_weather", ""),
+            (1, "get_time", ""),
+        ]
+        streamed = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in (0, 1)]
+        whole = [c["function"]["arguments"] for c in parse_tool_calls(text)[1]]
+        assert streamed == whole and [json.loads(a) for a in streamed] == args
+        if size == 1:  # each character as it came, the head first
+            assert len(deltas) > 20 and deltas.index(heads[1]) > deltas.index(heads[0]) + 10
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,8 @@ BAD = [
         "model 'other'",
     ),
     (pb.DetokenizeRequest(token_ids=[1, 777]), Code.INVALID_ARGUMENT, "token_ids contains 777"),
+    (pb.GenerateRequest(text="w1", n=-1), Code.INVALID_ARGUMENT, "n=-1 must be in [1, 12]"),
+    (pb.GenerateRequest(text="w1", n=13), Code.INVALID_ARGUMENT, "n=13 must be in [1, 12]"),
 ]
 
 
@@ -211,6 +213,38 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, request_
     assert info.value.code() == code, info.value.details()
     assert message in info.value.details()
     assert client.generate("w20", max_tokens=3).token_ids == [21, 22, 23]
+
+
+def test_n_samples_stream_interleaved_each_with_its_index(served):
+    _, client = served
+    msgs = list(client.generate_stream("w5 w6", n=3, max_tokens=4, temperature=0.0, request_id="many"))
+    assert {m.index for m in msgs} == {0, 1, 2}
+    finals = [m for m in msgs if m.HasField("final")]
+    assert [m.index for m in finals] == [0, 1, 2] and all(m.request_id == "many" for m in finals)
+    assert msgs[-3:] == finals  # every final after every delta
+    outs = client.generate_n("w5 w6", n=3, max_tokens=4, temperature=0.0)
+    for out in outs:
+        assert out.token_ids == [7, 8, 9, 10] and out.finish_reason == "length"
+        assert out.usage["prompt_tokens"] == 2 and out.request_id
+    assert len({out.request_id for out in outs}) == 1
+    wait_idle(client)
+
+
+def test_n_samples_are_admitted_together_and_cancelled_together():
+    server, client = start(mock_llm(step_s=0.02, max_slots=2, max_queue=1))
+    try:
+        with pytest.raises(grpc.RpcError) as info:  # 4 > 2 slots + 1 queued
+            client.generate_n("w1", n=4, max_tokens=2)
+        assert info.value.code() == Code.INVALID_ARGUMENT and "n=4 must be in [1, 3]" in info.value.details()
+        stream = client.generate_stream("w1", n=3, max_tokens=200)
+        next(stream)
+        stream.cancel()
+        stats = wait_idle(client)
+        assert stats.requests_finished["cancelled"] == 3
+        assert [o.token_ids for o in client.generate_n("w1", n=2, max_tokens=2)] == [[2, 3], [2, 3]]
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_duplicate_request_id_is_refused(served):

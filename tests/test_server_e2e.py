@@ -83,6 +83,15 @@ def test_64_concurrent_streams_each_equal_to_its_solo_output(served, solo):
         assert out.token_ids == solo[i % 8].token_ids and out.text == solo[i % 8].text, i
 
 
+def test_n_seeded_samples_equal_separate_requests_with_seeds_seed_plus_j(served):
+    _, client = served
+    sampled = dict(temperature=1.0, max_tokens=12, ignore_eos=True)
+    outs = client.generate_n(PROMPTS[2], n=3, seed=7, **sampled)
+    alone = [client.generate(PROMPTS[2], seed=7 + j, **sampled) for j in range(3)]
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    assert len({tuple(o.token_ids) for o in outs}) > 1  # independent samples, not copies
+
+
 def test_20_cancelled_streams_give_everything_back(served):
     _, client = served
     streams = [

@@ -121,6 +121,18 @@ def test_a_grammar_that_does_not_compile_is_refused_naming_the_field(grammars, f
         messages.sampling_params(msg, make)
 
 
+GBNF = 'root ::= answer " (" hedge ")"\nanswer ::= "yes" | "no"\nhedge ::= "maybe" | "surely"\n'
+
+
+def test_gbnf_grammars_compile_as_lark_does(grammars, tokenizer):
+    matcher = grammars.compile(SamplingParams(grammar=GBNF))
+    for t in tokenizer.encode("no (surely)", add_special_tokens=False):
+        assert matcher.advance(t)
+    assert matcher.accepting
+    with pytest.raises(ValueError, match=r"^grammar does not compile: "):
+        grammars.compile(SamplingParams(grammar='root ::= "a" undefined'))
+
+
 def test_proto_fields_map_to_sampling_params():
     msg = pb.SamplingParams(regex="[0-9]+", max_tokens=5)
     assert messages.sampling_params(msg) == SamplingParams(regex="[0-9]+", max_tokens=5)
@@ -311,9 +323,11 @@ def test_regex_and_lark_outputs_match(llm):
         for r in regexes
     ]
     lark = 'start: "Answer: " num ("," num)? ("," num)?\nnum: /[1-9][0-9]?/'
+    params.append(SamplingParams(grammar=GBNF, temperature=1.0, seed=4, max_tokens=24))
     params.append(SamplingParams(grammar=lark, temperature=1.0, seed=5, max_tokens=24))
     outs = llm.generate(["Is the sky blue? Answer:"] * len(params), params)
-    for out, p in zip(outs[:-1], params, strict=False):
+    assert re.fullmatch(r"(yes|no) \((maybe|surely)\)", outs[-2].text), outs[-2].text
+    for out, p in zip(outs[:-2], params, strict=False):
         assert re.fullmatch(p.regex, out.text), (p.regex, out.text, out.finish_reason)
         assert out.finish_reason in ("stop", "eos")
     last = outs[-1]
