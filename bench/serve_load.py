@@ -190,30 +190,40 @@ async def run_config(
     }
 
 
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
+def _key(r: dict) -> tuple:
+    return r.get("server") or "xlaserve", r["rate_rps"], r["concurrency"]
+
+
 def schema_overhead(rows: list[dict]) -> list[dict]:
-    """For each load run with and without the schema: ITL p50/p90 with it / without it."""
-    out = []
-    for r in rows:
-        if not r["json_schema"]:
-            continue
-        load = (r.get("server"), r["rate_rps"], r["concurrency"])
+    """Per server and load run with and without the schema: ITL p50/p90 with it / without it, the
+    median over repeats (each repeat's pair ran back to back, so drift cancels in its ratio)."""
+    ratios: dict[tuple, dict[str, list]] = {}
+    for r in (r for r in rows if r["json_schema"]):
         base = next(
             b
             for b in rows
-            if not b["json_schema"] and (b.get("server"), b["rate_rps"], b["concurrency"]) == load
+            if not b["json_schema"] and _key(b) == _key(r) and b.get("repeat", 0) == r.get("repeat", 0)
         )
         with_, without = r["itl_s"], base["itl_s"]
-        ratio = {q: with_[q] / without[q] if with_[q] and without[q] else None for q in ("p50", "p90")}
-        out.append(
-            {
-                "server": load[0] or "xlaserve",
-                "rate_rps": load[1],
-                "concurrency": load[2],
-                "itl_p50_ratio": ratio["p50"],
-                "itl_p90_ratio": ratio["p90"],
-            }
-        )
-    return out
+        for q in ("p50", "p90"):
+            ratio = with_[q] / without[q] if with_[q] and without[q] else None
+            ratios.setdefault(_key(r), {}).setdefault(q, []).append(ratio)
+    return [
+        {
+            "server": key[0],
+            "rate_rps": key[1],
+            "concurrency": key[2],
+            "itl_p50_ratio": _median(r["p50"]),
+            "itl_p90_ratio": _median(r["p90"]),
+            "repeats": len(r["p50"]),
+        }
+        for key, r in ratios.items()
+    ]
 
 
 def _load(r: dict) -> str:
@@ -287,6 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("llamacpp",),
         help="also serve the same GGUF with llama-server (bench/llamacpp.py builds it) and run the same load",
     )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs of each load (with --structured both: alternating)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default=None)
@@ -335,7 +348,7 @@ def _loads(args) -> list[tuple[str, float]]:
 def _sweep(args, target: str, texts: list[str], schemas: list, label: str) -> list[dict]:
     rows = []
     for kind, value in _loads(args):
-        for constrain in schemas:
+        for repeat, constrain in ((k, c) for k in range(args.repeats) for c in schemas):
             row = asyncio.run(
                 run_config(
                     target,
@@ -349,27 +362,25 @@ def _sweep(args, target: str, texts: list[str], schemas: list, label: str) -> li
                     schema=constrain,
                 )
             )
-            rows.append({"server": label, **row})
+            rows.append({"server": label, "repeat": repeat, **row})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def peer_ratios(rows: list[dict]) -> list[dict]:
-    """Per load: xlaserve / llama.cpp output tok/s, and TTFT p50 of each."""
+    """Per load: xlaserve / llama.cpp output tok/s and each one's TTFT p50 (medians over repeats)."""
+    med = lambda server, load, f: _median([f(r) for r in rows if _key(r) == (server, *load)])
     out = []
-    for r in (r for r in rows if r["server"] == "xlaserve"):
-        load = (r["rate_rps"], r["concurrency"])
-        peer = next(
-            p for p in rows if p["server"] == "llama.cpp" and (p["rate_rps"], p["concurrency"]) == load
-        )
+    for load in dict.fromkeys(_key(r)[1:] for r in rows if _key(r)[0] == "xlaserve"):
+        ours, peer = (med(s, load, lambda r: r["output_tok_s"]) for s in ("xlaserve", "llama.cpp"))
         out.append(
             {
                 "rate_rps": load[0],
                 "concurrency": load[1],
-                "output_tok_s_ratio": r["output_tok_s"] / peer["output_tok_s"]
-                if peer["output_tok_s"]
-                else None,
-                "ttft_p50_s": {"xlaserve": r["ttft_s"]["p50"], "llama.cpp": peer["ttft_s"]["p50"]},
+                "output_tok_s_ratio": ours / peer if ours is not None and peer else None,
+                "ttft_p50_s": {
+                    s: med(s, load, lambda r: r["ttft_s"]["p50"]) for s in ("xlaserve", "llama.cpp")
+                },
             }
         )
     return out
@@ -378,8 +389,8 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
 def run(args) -> dict:
     import jax
 
-    if args.num_requests < 1:
-        raise SystemExit(f"--num-requests={args.num_requests} must be ≥ 1")
+    if args.num_requests < 1 or args.repeats < 1:
+        raise SystemExit(f"--num-requests={args.num_requests} and --repeats={args.repeats} must be ≥ 1")
     schema = SCHEMA
     if args.json_schema:
         with open(args.json_schema) as f:

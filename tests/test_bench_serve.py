@@ -80,16 +80,23 @@ def test_the_command_writes_its_result_with_the_schema_overhead(targets, tmp_pat
             "4",
             "--structured",
             "both",
+            "--repeats",
+            "2",
             "--json-schema",
             str(schema),
             "--out",
             str(tmp_path),
         ]
     )
-    assert [r["json_schema"] for r in result["rows"]] == [False, True]
+    assert [(r["repeat"], r["json_schema"]) for r in result["rows"]] == [
+        (0, False),
+        (0, True),
+        (1, False),
+        (1, True),
+    ]
     assert result["rows"][0]["status"] == {"OK": 4}
     (overhead,) = result["schema_overhead"]
-    assert overhead["concurrency"] == 2 and overhead["itl_p50_ratio"] > 0
+    assert overhead["concurrency"] == 2 and overhead["itl_p50_ratio"] > 0 and overhead["repeats"] == 2
     written = json.loads(next(tmp_path.glob("*-serve-*.json")).read_text())
     assert (
         written["command"].startswith("xlaserve bench serve --server")
