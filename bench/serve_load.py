@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import os
 import platform
 import random
 import subprocess
@@ -396,6 +397,7 @@ def run(args) -> dict:
         with open(args.json_schema) as f:
             schema = json.load(f)
     schemas = {"off": [None], "on": [schema], "both": [None, schema]}[args.structured]
+    load_start = os.getloadavg()[0]  # a busy machine makes every latency noisy: recorded
     texts = prompts(args.num_requests, seed=args.seed)
     peer = None
     if args.compare == "llamacpp":
@@ -428,7 +430,12 @@ def run(args) -> dict:
         "command": report.command_line("xlaserve bench serve", add_arguments, args),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "server": where,
-        "client_machine": {"platform": platform.platform(), "backend": jax.default_backend()},
+        "client_machine": {
+            "platform": platform.platform(),
+            "backend": jax.default_backend(),
+            "cpus": os.cpu_count(),
+            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+        },
         "max_tokens": args.max_tokens,
         "json_schema": schema if args.structured != "off" else None,
         "rows": rows,

@@ -27,7 +27,7 @@ import numpy as np
 
 from xlaserve.runtime.sampling_params import SamplingParams
 
-__all__ = ["SamplingState", "allowed_tokens", "filter_logits", "sample"]
+__all__ = ["SamplingState", "allowed_tokens", "draw_keys", "filter_logits", "penalize", "sample", "warp"]
 
 
 @jax.tree_util.register_dataclass
@@ -89,21 +89,13 @@ def sample(logits, state: SamplingState, seen, positions, *, max_top: int, allow
     if allowed is not None:
         logits = jnp.where(allowed_tokens(allowed, logits.shape[-1]), logits, -jnp.inf)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalty = state.repetition_penalty[:, None]
-    penalized = jnp.where(
-        seen & (penalty != 1.0), jnp.where(logits > 0, logits / penalty, logits * penalty), logits
-    )
+    penalized = penalize(logits, seen, state.repetition_penalty)
     greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
     is_greedy = state.temperature == 0.0
 
     def draw(_):
-        x = penalized / jnp.where(is_greedy, 1.0, state.temperature)[:, None]
-        x = filter_logits(x, state.top_k, state.top_p, state.min_p)
-        keys = jax.vmap(lambda w, p: jax.random.fold_in(jax.random.wrap_key_data(w), p))(
-            state.seed_words, positions
-        )
-        drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-        return jnp.where(is_greedy, greedy_tokens, drawn)
+        drawn = jax.vmap(jax.random.categorical)(draw_keys(state, positions), warp(penalized, state))
+        return jnp.where(is_greedy, greedy_tokens, drawn.astype(jnp.int32))
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, draw, None)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
@@ -121,6 +113,29 @@ def sample(logits, state: SamplingState, seen, positions, *, max_top: int, allow
 
     top_ids, top_lps = jax.lax.cond(jnp.any(state.n_top > 0), top, none, None)
     return tokens, chosen, top_ids, top_lps
+
+
+def penalize(logits, seen, penalty):
+    """HF's repetition penalty: logits [B, V] of the `seen` tokens divided (if > 0) or multiplied by
+    the row's penalty [B]."""
+    penalty = penalty[:, None]
+    return jnp.where(
+        seen & (penalty != 1.0), jnp.where(logits > 0, logits / penalty, logits * penalty), logits
+    )
+
+
+def warp(penalized, state: SamplingState):
+    """The logits a sampled row draws from: temperature, then top-k / top-p / min-p (-inf outside).
+    Greedy rows (temperature 0) pass through unscaled."""
+    x = penalized / jnp.where(state.temperature == 0.0, 1.0, state.temperature)[:, None]
+    return filter_logits(x, state.top_k, state.top_p, state.min_p)
+
+
+def draw_keys(state: SamplingState, positions):
+    """The key of each row's draw for the token at absolute position `positions` [B]."""
+    return jax.vmap(lambda w, p: jax.random.fold_in(jax.random.wrap_key_data(w), p))(
+        state.seed_words, positions
+    )
 
 
 def _order_key(x):
