@@ -1,6 +1,7 @@
-"""Our Pallas kernels against the XLA paths and the hardware, in one run (GPU; `--smoke` on CPU).
+"""Our Pallas kernels against the XLA paths and the hardware, in one run (GPU or TPU; `--smoke` on
+CPU). On TPU it runs the Mosaic kernels (`pallas_kernels/tpu_*.py`), elsewhere the Triton ones.
 
-    python -m xlaserve.bench.kernels           # H100/H200: bench/results/<device>-kernels-<date>.json
+    python -m xlaserve.bench.kernels           # H100/H200/TPU: bench/results/<device>-kernels-<date>.json
     python -m xlaserve.bench.kernels --smoke   # tiny shapes, interpret mode: checks the script runs
 
 - copy bandwidth: a large device-to-device copy (read + write bytes / time; `bench/roofline.py`'s),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -68,9 +70,10 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> list[dict]:
-    from xlaserve.pallas_kernels.paged_attention import decode_attention
-    from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention
+def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float, tpu: bool = False) -> list[dict]:
+    from xlaserve.pallas_kernels import paged_attention, tpu_attention
+    from xlaserve.runtime.attention import NO_WINDOW, KVCache
+    from xlaserve.runtime.attention import paged_attention as xla_attention
 
     h, g, d = cfg["heads"]
     page, dtype = cfg["page"], jnp.bfloat16
@@ -86,16 +89,24 @@ def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> 
             q = jax.random.normal(k3, (b, h, g, d), dtype)
             table = jnp.arange(pages, dtype=jnp.int32).reshape(b, width)
             lengths = jnp.full((b,), ctx, jnp.int32)
-            tile = 4 if width % 4 == 0 else 1
-            splits = max(1, min(16, (width // tile) // 8))
+            if tpu:  # Mosaic: tiles of up to 128 tokens, no split-K (one core walks the grid)
+                tile = next(t for t in (8, 4, 2, 1) if width % t == 0 and t * page <= 128)
+                splits = 1
+                kernel = functools.partial(tpu_attention.decode_attention, pages_per_tile=tile)
+            else:
+                tile = 4 if width % 4 == 0 else 1
+                splits = max(1, min(16, (width // tile) // 8))
+                kernel = functools.partial(
+                    paged_attention.decode_attention, pages_per_tile=tile, splits=splits
+                )
             pallas = jax.jit(
-                lambda q, k, v, lengths, table, s=splits, t=tile: decode_attention(
-                    q, k, v, 0, NO_WINDOW, lengths, table, pages_per_tile=t, splits=s, interpret=interpret
+                lambda q, k, v, lengths, table, f=kernel: f(
+                    q, k, v, 0, NO_WINDOW, lengths, table, interpret=interpret
                 )
             )
             block = min(ctx, 512 if not interpret else ctx)
             xla = jax.jit(
-                lambda q, k, v, lengths, table, blk=block: paged_attention(
+                lambda q, k, v, lengths, table, blk=block: xla_attention(
                     q[:, None], KVCache(k, v), 0, table, (lengths - 1)[:, None], lengths, block=blk
                 )[:, 0]
             )
@@ -123,8 +134,11 @@ def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float) -> 
     return rows
 
 
-def matmul_rows(cfg: dict, repeats: int, interpret: bool) -> list[dict]:
+def matmul_rows(cfg: dict, repeats: int, interpret: bool, tpu: bool = False) -> list[dict]:
+    from xlaserve.pallas_kernels import tpu_matmul
     from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmul_reference
+
+    matmul = tpu_matmul.quantized_matmul if tpu else quantized_matmul
     from xlaserve.runtime.quant import linear, quantize
 
     rng = np.random.default_rng(0)
@@ -149,7 +163,7 @@ def matmul_rows(cfg: dict, repeats: int, interpret: bool) -> list[dict]:
             )
             row = {"shape": name, "m": m, "bf16_dense_s": t_dense}
             for q, qa in quants.items():
-                kernel = jax.jit(lambda x, w: quantized_matmul(x, *w.arrays, **w.layout, interpret=interpret))
+                kernel = jax.jit(lambda x, w: matmul(x, *w.arrays, **w.layout, interpret=interpret))
                 want = quantized_matmul_reference(x, *qa.arrays, **qa.layout)
                 rel = float(jnp.abs(kernel(x, qa) - want).max() / (jnp.abs(want).max() + 1e-30))
                 t_kernel = timed(kernel, x, qa, repeats=repeats)
@@ -174,7 +188,7 @@ def main(argv=None) -> dict:
     cfg = SMOKE if args.smoke else FULL
     repeats = args.repeats or (1 if args.smoke else 20)
     dev = report.device_info()
-    interpret = dev["platform"] == "cpu"
+    interpret, tpu = dev["platform"] == "cpu", dev["platform"] == "tpu"
     copy_bw = copy_bandwidth(cfg["copy_mib"] * 2**20, repeats=max(repeats, 3))
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", flush=True)
     result = {
@@ -184,10 +198,11 @@ def main(argv=None) -> dict:
         "device": dev,
         "jax_version": jax.__version__,
         "interpret": interpret,
+        "kernels": "mosaic" if tpu else "triton",
         "smoke": args.smoke,
         "copy_bandwidth_Bps": copy_bw,
-        "decode_attention": attention_rows(cfg, repeats, interpret, copy_bw),
-        "quantized_matmul": matmul_rows(cfg, repeats, interpret),
+        "decode_attention": attention_rows(cfg, repeats, interpret, copy_bw, tpu),
+        "quantized_matmul": matmul_rows(cfg, repeats, interpret, tpu),
     }
     report.write(result, report.result_path(args.out, "kernels-smoke" if args.smoke else "kernels"))
     return result

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from xlaserve.pallas_kernels import paged_attention as pk
+from xlaserve.pallas_kernels import tpu_attention as tpa
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
 
 # A finite "minus infinity": exp() of it underflows to 0 without producing NaN in max-subtraction.
@@ -92,7 +93,7 @@ def paged_attention(
     b, t, h, g, d = q.shape
     scale = d**-0.5 if scale is None else scale
     window = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
-    if kernels.attention == "pallas" and (t == 1 or b == 1):
+    if kernels.attention == "pallas" and (t == 1 or b == 1) and _kernel_takes(cache, h, kernels):
         return _pallas_attention(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     page_size = cache.page_size
@@ -150,12 +151,33 @@ def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:
     return ppt
 
 
+def _local_heads(h: int, kernels: Kernels) -> int:
+    """kv heads per device: split over tp when they divide, else all of them on every device."""
+    tp = kernels.mesh.shape["tp"] if kernels.mesh is not None else 1
+    return h // tp if h % tp == 0 else h
+
+
+def _kernel_takes(cache: KVCache, h: int, kernels: Kernels) -> bool:
+    """Whether the Pallas kernels of this platform take this cache (decided statically; the TPU
+    kernels need float32/bfloat16 K/V, whole sublane tiles per page and, in bfloat16, kv heads in
+    pairs: `tpu_attention.unsupported`). Otherwise the XLA path runs."""
+    if kernels.pallas_platform != "tpu":
+        return True
+    return tpa.unsupported(cache.k.dtype, _local_heads(h, kernels), cache.page_size) is None
+
+
 def _pallas_attention(
     q, cache: KVCache, layer, window, page_table, q_pos, kv_len, kernels: Kernels, scale, softcap
 ):
-    """Our kernels; on a mesh, per shard under shard_map (kv heads split over tp when they divide,
-    the query heads with them; otherwise every device runs all heads)."""
+    """Our kernels (Triton's on GPU, Mosaic's on TPU); on a mesh, per shard under shard_map (kv
+    heads split over tp when they divide, the query heads with them; otherwise every device runs
+    all heads)."""
     b, t, h = q.shape[:3]
+    if kernels.pallas_platform == "tpu":
+        fn, args, q_in = _tpu_kernel(
+            q, layer, window, page_table, q_pos, kv_len, cache.page_size, kernels, scale, softcap
+        )
+        return _run_sharded(fn, q_in, cache, args, kernels, t)
     ppt = _pages_per_tile(page_table.shape[1], cache.page_size)
     opts = dict(pages_per_tile=ppt, scale=scale, softcap=softcap, interpret=kernels.interpret)
     if t == 1:
@@ -167,6 +189,26 @@ def _pallas_attention(
         block_q = 16 if t % 16 == 0 else t
         fn = functools.partial(pk.prefill_attention, block_q=block_q, **opts)
         args, q_in = (layer, window, q_pos[0, 0], kv_len[0], page_table[0]), q[0]  # q [T, H, G, D]
+    return _run_sharded(fn, q_in, cache, args, kernels, t)
+
+
+def _tpu_kernel(
+    q, layer, window, page_table, q_pos, kv_len, page_size: int, kernels: Kernels, scale, softcap
+):
+    """(kernel, its arguments after q, k, v, q as it takes it) for the Mosaic kernels: tiles of
+    about 128 tokens (a power-of-two number of pages dividing the table width)."""
+    ppt = _pages_per_tile(page_table.shape[1], page_size, tile_tokens=128)
+    opts = dict(pages_per_tile=ppt, scale=scale, softcap=softcap, interpret=kernels.interpret)
+    if q.shape[1] == 1:
+        fn = functools.partial(tpa.decode_attention, **opts)
+        return fn, (layer, window, kv_len, page_table), q[:, 0]
+    fn = functools.partial(tpa.prefill_attention, **opts)
+    return fn, (layer, window, q_pos[0, 0], kv_len[0], page_table[0]), q[0]
+
+
+def _run_sharded(fn, q_in, cache: KVCache, args, kernels: Kernels, t: int):
+    """fn(q_in, k, v, *args), per shard under shard_map on a mesh; back to [B, T, H, G, D]."""
+    h = q_in.shape[1]
     mesh = kernels.mesh
     if mesh is not None:
         from jax.sharding import PartitionSpec as P

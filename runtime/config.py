@@ -61,10 +61,23 @@ class Kernels:
     mesh: object = None  # the ("tp",) jax Mesh the model is sharded over, when more than one device
     # (weight name, (output axis, input axis)) for every sharded matrix: its mesh axes
     matrix_specs: tuple[tuple[str, tuple], ...] = ()
+    # which Pallas kernels: "gpu" (Triton), "tpu" (Mosaic), or None for the devices' platform
+    # (the mesh's, else jax's default backend; CPU interprets the "gpu" kernels)
+    platform: str | None = None
 
     def spec(self, name: str) -> tuple:
         """(output, input) mesh axes of matrix `name` ("layers.wq"); (None, None) when replicated."""
         return dict(self.matrix_specs).get(name, (None, None))
+
+    @property
+    def pallas_platform(self) -> str:
+        """"tpu" or "gpu": the family of Pallas kernels the "pallas" implementations run."""
+        if self.platform is not None:
+            return self.platform
+        import jax
+
+        backend = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+        return "tpu" if backend == "tpu" else "gpu"
 
 
 XLA_KERNELS = Kernels()
@@ -189,7 +202,9 @@ class EngineConfig:
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
     - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto" (Pallas on GPU/TPU, XLA on
-      CPU). On CPU the Pallas kernels run in interpret mode (correct, slow: for tests).
+      CPU). On CPU the Pallas kernels run in interpret mode (correct, slow: for tests). The kernels
+      are Triton's on GPU and Mosaic's on TPU (`Kernels.pallas_platform`); a shape or dtype a TPU
+      kernel does not take runs on the XLA path (pallas_kernels/tpu_*.py `unsupported`).
     """
 
     max_slots: int = 8

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.pallas_kernels import tpu_matmul
 from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
 
@@ -260,7 +261,8 @@ def linear(
 ) -> jax.Array:
     """x[..., K] @ W[N, K]^T -> [..., N]; W dense or `QuantArray`. Accumulates in float32.
 
-    With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel; on a mesh
+    With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel (Triton's on
+    GPU, Mosaic's on TPU, where shapes it does not take use the XLA path); on a mesh
     the kernel runs per shard under shard_map, `spec` = (output axis, input axis) of W: a split
     input axis (row-parallel) ends with a psum."""
     if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
@@ -273,8 +275,15 @@ def linear(
 
 
 def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):
+    tpu = kernels.pallas_platform == "tpu"
+
     def local(x, w):
-        y = quantized_matmul(x.reshape(-1, x.shape[-1]), *w.arrays, **w.layout, interpret=kernels.interpret)
+        n, k = w.shape
+        if tpu and tpu_matmul.unsupported(n, k, w.kind, w.block, w.min is not None):
+            y = _quant_dot(x, w, chunk=kernels.mesh is None)  # a shape the Mosaic kernel does not take
+        else:
+            kernel = tpu_matmul.quantized_matmul if tpu else quantized_matmul
+            y = kernel(x.reshape(-1, x.shape[-1]), *w.arrays, **w.layout, interpret=kernels.interpret)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return jax.lax.psum(y, "tp") if in_axis else y
 

@@ -5,6 +5,8 @@ kernel runs (jax's `uninitialized_value`), so "finite everywhere" proves every e
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,3 +273,65 @@ def test_smollm2_greedy_through_the_kernels_equals_the_xla_path(llm, model_path)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     ours = [o.token_ids for o in kernels.generate(prompts, params)]
     assert ours == [o.token_ids for o in llm.generate(prompts, params)]
+
+
+# -- lowering for GPU (Triton), on any machine -----------------------------------------------------
+
+
+def export_cuda(fn, *specs) -> str:
+    """`jax.export` for CUDA runs the Pallas -> Triton lowering here (no GPU needed) and raises
+    Triton's constraint errors; PTX compilation still needs a GPU."""
+    from jax.experimental.pallas import triton as pltriton
+
+    target = getattr(pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
+    checks = [jax.export.DisabledSafetyCheck.custom_call(target)]
+    return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*specs).mlir_module()
+
+
+def test_triton_kernels_lower_for_cuda():
+    """Llama-like shapes: 8 kv heads x 4 queries, head_dim 128, page 16, bfloat16; Q4_1 and int8."""
+    s, i32 = jax.ShapeDtypeStruct, jax.ShapeDtypeStruct((), jnp.int32)
+    kv = s((2, 64, 16, 8, 128), jnp.bfloat16)
+    texts = [
+        export_cuda(
+            lambda q, k, v, layer, window, lengths, table: decode_attention(
+                q, k, v, layer, window, lengths, table, splits=2, softcap=30.0, interpret=False
+            ),
+            s((4, 8, 4, 128), jnp.bfloat16),
+            kv,
+            kv,
+            i32,
+            i32,
+            s((4,), jnp.int32),
+            s((4, 16), jnp.int32),
+        ),
+        export_cuda(
+            lambda q, k, v, layer, window, start, kv_len, row: prefill_attention(
+                q, k, v, layer, window, start, kv_len, row, interpret=False
+            ),
+            s((64, 8, 4, 128), jnp.bfloat16),
+            kv,
+            kv,
+            i32,
+            i32,
+            i32,
+            i32,
+            s((16,), jnp.int32),
+        ),
+    ]
+    for kind, block, data, mins in (
+        ("q4_1", 32, s((512, 1024), jnp.uint8), True),
+        ("q8_0", 2048, s((512, 2048), jnp.int8), False),
+    ):
+        scale = s((512, 2048 // block), jnp.float16 if block == 32 else jnp.float32)
+        for m in (1, 64):
+            texts.append(
+                export_cuda(
+                    functools.partial(quantized_matmul, kind=kind, block=block, interpret=False),
+                    s((m, 2048), jnp.bfloat16),
+                    data,
+                    scale,
+                    scale if mins else None,
+                )
+            )
+    assert all("triton" in text for text in texts)
