@@ -1,7 +1,8 @@
 """Structured output on the host: a request's JSON schema, regex or grammar (SamplingParams'
 json_schema, regex, grammar: Lark in llguidance's dialect, or llama.cpp's GBNF, which llguidance
-converts to Lark; a grammar with a `start:` rule or `%llguidance` line is read as Lark) compiled by llguidance into a `Matcher`, the per-sequence parser state
-that says which tokens may come next. No JAX here; the device applies the masks (sampling.py).
+converts to Lark; a grammar with a `start:` rule or `%llguidance` line is read as Lark) compiled by
+llguidance into a `Matcher`, the per-sequence parser state that says which tokens may come next.
+No JAX here; the device applies the masks (sampling.py).
 
 - `Grammars` belongs to one tokenizer and model: it builds llguidance's tokenizer once (on first
   use: ~0.3 s for SmolLM2's 49k tokens, ~1 s for Qwen's 152k) and compiles requests' grammars,
