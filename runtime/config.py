@@ -71,7 +71,7 @@ class Kernels:
 
     @property
     def pallas_platform(self) -> str:
-        """"tpu" or "gpu": the family of Pallas kernels the "pallas" implementations run."""
+        """The family of Pallas kernels the "pallas" implementations run: "tpu" or "gpu"."""
         if self.platform is not None:
             return self.platform
         import jax
