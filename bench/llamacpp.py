@@ -8,8 +8,8 @@ and ninja into CACHE (override with XLASERVE_LLAMACPP) with FLAGS: AVX-512 (VNNI
 (these VMs advertise AMX but executing it raises SIGILL), no curl. About 25 minutes on 2 cores:
 benchmarks only, never CI.
 
-- `llama_bench(gguf, ...)`: llama-bench's pp (prompt processing) and tg (token generation, batch 1)
-  tokens/s, mean and stddev over its repetitions.
+- `Decoder(gguf)`: the `bench decode --compare` reference interface (ttft, decode) over
+  llama-bench (prompt processing) and llama-batched-bench (batch-B generation after a C-token prompt).
 - `LlamaServer(gguf, slots, ...)`: llama-server on a free loopback port with `slots` parallel
   sequences (continuous batching), serving the OpenAI API our HTTP load generator drives.
 """
@@ -42,7 +42,7 @@ FLAGS = [
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 ]
-TARGETS = ("llama-bench", "llama-server")
+TARGETS = ("llama-bench", "llama-batched-bench", "llama-server")
 BUILD = "build"
 
 
@@ -96,37 +96,44 @@ def version() -> str:
     return (run.stdout + run.stderr).strip().splitlines()[0] if (run.stdout + run.stderr).strip() else ""
 
 
-def llama_bench(
-    gguf: Path, *, n_prompt: int = 128, n_gen: int = 128, threads: int | None = None, repetitions: int = 3
-) -> dict:
-    """{"pp": {"tok_s", "stddev"}, "tg": {...}} from llama-bench -o json (batch 1 generation)."""
-    threads = threads or os.cpu_count()
-    cmd = [
-        str(binary("llama-bench")),
-        "-m",
-        str(gguf),
-        "-p",
-        str(n_prompt),
-        "-n",
-        str(n_gen),
-        "-t",
-        str(threads),
-        "-r",
-        str(repetitions),
-        "-o",
-        "json",
-    ]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    out = {"command": " ".join(cmd[1:]), "threads": threads}
-    for entry in json.loads(run.stdout):
-        key = "pp" if entry["n_gen"] == 0 else "tg"
-        out[key] = {
-            "tokens": entry["n_prompt"] or entry["n_gen"],
-            "tok_s": entry["avg_ts"],
-            "stddev": entry["stddev_ts"],
+def _run_json_lines(cmd: list[str]) -> list[dict]:
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+class Decoder:
+    """llama.cpp as `bench decode`'s reference (the interface of bench/hf.Decoder), each call one
+    run of a llama.cpp benchmark tool on the GGUF (its load time is outside its own timings).
+
+    ttft(tokens): len(tokens) / llama-bench's prompt-processing tok/s (one repetition).
+    decode(batch, context, steps): seconds per step, batch / llama-batched-bench's S_TG with
+    batch sequences of `context` prompt tokens generating `steps` tokens each (the context grows
+    from `context` to `context + steps`; ours reaches `context` at the last step)."""
+
+    def __init__(self, gguf: Path, threads: int | None = None):
+        self.gguf, self.threads = Path(gguf), threads or os.cpu_count()
+        self.describe = {
+            "name": f"llama.cpp ({version()})",
+            "config": f"llama-bench prompts, llama-batched-bench generation, {self.threads} threads",
+            "threads": self.threads,
+            "flags": FLAGS,
         }
-        out["build"] = f"{entry.get('build_commit', '')} ({entry.get('build_number', '')})"
-    return out
+
+    def ttft(self, tokens) -> float:
+        n = len(tokens)
+        cmd = [str(binary("llama-bench")), "-m", str(self.gguf), "-p", str(n), "-n", "0"]
+        cmd += ["-t", str(self.threads), "-r", "1", "-o", "jsonl"]
+        (entry,) = _run_json_lines(cmd)
+        return n / entry["avg_ts"]
+
+    def decode(self, batch: int, context: int, steps: int) -> float:
+        cmd = [str(binary("llama-batched-bench")), "-m", str(self.gguf), "-c", str(batch * (context + steps))]
+        cmd += ["-b", "2048", "-ub", "512", "-npp", str(context), "-ntg", str(steps), "-npl", str(batch)]
+        cmd += ["-t", str(self.threads), "--output-format", "jsonl"]
+        (entry,) = _run_json_lines(cmd)
+        return batch / entry["speed_tg"]
 
 
 def free_port() -> int:
