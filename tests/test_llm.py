@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import LOGIT_ATOL, TEST_ENGINE, hf_logits
+from helpers import LOGIT_ATOL, SMALL_ENGINE, hf_logits
 
 from xlaserve import LLM, EngineConfig, SamplingParams
 
@@ -136,7 +136,7 @@ def test_dequantized_weights_and_multistep_decode_give_the_same_text(llm, model_
     """Weights dequantized to fp32 at load with 3 decode steps per dispatch, against the default:
     Q4_1 kept quantized (dequantized inside the programs), one step per dispatch."""
     assert type(llm.engine.weights.layers.w_up).__name__ == "QuantArray"
-    other = LLM(str(model_path), **{**TEST_ENGINE, "max_slots": 2}, quantized=False, decode_steps=3)
+    other = LLM(str(model_path), **SMALL_ENGINE, quantized=False, decode_steps=3)
     assert other.engine.weights.layers.w_up.dtype == np.float32
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     ours = [o.token_ids for o in other.generate(PROMPTS, params)]

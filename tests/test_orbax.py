@@ -10,7 +10,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from helpers import TEST_ENGINE
+from helpers import SMALL_ENGINE, TEST_ENGINE
 
 from xlaserve.checkpoints import convert, orbax
 from xlaserve.checkpoints.load import load_model
@@ -56,7 +56,7 @@ def test_restored_model_generates_what_the_gguf_does(llm, keep_ckpt):
     assert ours == [o.token_ids for o in llm.generate(GREEDY_PROMPTS, params)]
     # quantized=False: the restored blocks dequantized on device at load (the same engine shapes
     # as test_llm's dequantized run)
-    dense = LLM(str(keep_ckpt), **{**TEST_ENGINE, "max_slots": 2}, quantized=False, decode_steps=3)
+    dense = LLM(str(keep_ckpt), **SMALL_ENGINE, quantized=False, decode_steps=3)
     assert dense.engine.weights.layers.w_up.dtype == np.float32 and dense.quantization == "none"
     assert [o.token_ids for o in dense.generate(GREEDY_PROMPTS, params)] == ours
 

@@ -256,18 +256,11 @@ def test_reference_dequantizes_exactly_like_the_model(kind, group):
 
 def test_smollm2_greedy_through_the_kernels_equals_the_xla_path(llm, model_path):
     """The real model with both kernels (interpret mode) against the default XLA engine."""
-    from helpers import TEST_ENGINE
+    from helpers import SMALL_ENGINE
 
     from xlaserve import LLM, SamplingParams
 
-    kernels = LLM(
-        str(model_path),
-        # one prefill and one KV bucket: every program is compiled with interpret-mode kernels
-        **{**TEST_ENGINE, "max_slots": 2, "prefill_buckets": (32,), "max_model_len": 64},
-        attention_impl="pallas",
-        matmul_impl="pallas",
-        scoring=False,
-    )
+    kernels = LLM(str(model_path), **SMALL_ENGINE, attention_impl="pallas", matmul_impl="pallas")
     assert kernels.engine.st.kernels.attention == kernels.engine.st.kernels.matmul == "pallas"
     assert kernels.engine.weights.layers.w_up.packed  # the kernel reads GGUF's packed nibbles
     prompts = ["The capital of France is", "def add(a, b):"]
