@@ -1,5 +1,5 @@
 """`xlaserve bench serve|decode`: the benchmarks of xlaserve.bench behind the command line
-(a gRPC load test of a running server; the decode/prefill roofline of a compiled engine)."""
+(a load test of a server over gRPC or HTTP; the decode/prefill roofline of a compiled engine)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ def register(sub, load: bool = True) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     if not load:
         return
-    from xlaserve.bench import decode, serve_load
+    from xlaserve.bench import decode, serve
 
-    p = bench.add_parser("serve", help="load-test a server over gRPC (TTFT, ITL, e2e percentiles, tok/s)")
-    serve_load.add_arguments(p)
-    p.set_defaults(func=lambda a: serve_load.run(a) and 0)
+    p = bench.add_parser(
+        "serve", help="load-test a server over gRPC or HTTP (TTFT, ITL, e2e percentiles, tok/s)"
+    )
+    serve.add_arguments(p)
+    p.set_defaults(func=lambda a: serve.run(a) and 0)
     p = bench.add_parser(
         "decode", help="decode/prefill roofline: step time, tok/s, %% of memory bandwidth, TTFT, compile time"
     )

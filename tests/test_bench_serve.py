@@ -12,7 +12,7 @@ import pytest
 from serving import ENGINE, mock_llm, start, start_http
 
 from xlaserve import LLM
-from xlaserve.bench import serve_load
+from xlaserve.bench import serve, serve_load
 from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.gguf import open_reader, read_metadata
 from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
@@ -66,7 +66,7 @@ def test_refusals_are_counted_by_status(targets):
 def test_the_command_writes_its_result_with_the_schema_overhead(targets, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "string"}))
-    result = serve_load.main(
+    result = serve.main(
         [
             "--server",
             targets["http"],
@@ -123,7 +123,7 @@ def test_the_peer_comparison_pairs_rows_by_load():
 
     rows = [row("xlaserve", 1, 30.0, 0.1), row("xlaserve", 8, 90.0, 0.5)]
     rows += [row("llama.cpp", 1, 60.0, 0.05), row("llama.cpp", 8, 180.0, 0.25)]
-    ratios = serve_load.peer_ratios(rows)
+    ratios = serve.peer_ratios(rows)
     assert [(c["concurrency"], c["output_tok_s_ratio"]) for c in ratios] == [(1, 0.5), (8, 0.5)]
     assert ratios[1]["ttft_p50_s"] == {"xlaserve": 0.5, "llama.cpp": 0.25}
-    assert "| 8 concurrent | 0.500 | 500 / 250 |" in serve_load.table(rows)
+    assert "| 8 concurrent | 0.500 | 500 / 250 |" in serve.table(rows)
