@@ -89,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-impl", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--matmul-impl", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--compile-cache", default="", help="JAX compilation cache ('' = off: true compile times)")
+    p.add_argument("--memory-fraction", type=float, help="share of device memory to plan for (0.9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(report.RESULTS), help="output directory (default: bench/results)")
 
@@ -117,6 +118,7 @@ def engine_config(args, dtype: str) -> EngineConfig:
         dtype=dtype,
         attention_impl=args.attention_impl,
         matmul_impl=args.matmul_impl,
+        memory_fraction=args.memory_fraction,
     )
 
 

@@ -54,6 +54,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-slots", type=int, help="concurrent sequences (decode batch, per replica)")
     g.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     g.add_argument("--page-size", type=int, help="tokens per KV page")
+    g.add_argument(
+        "--memory-fraction",
+        type=float,
+        help="share of each device's memory to plan weights, KV pages and activations into (default 0.9); "
+        "sizes the page pool and, unless --max-slots is given, the slots",
+    )
     g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
@@ -84,6 +90,7 @@ def engine_kwargs(args) -> dict:
         "max_slots",
         "max_model_len",
         "page_size",
+        "memory_fraction",
         "decode_steps",
         "prefill_buckets",
         "dtype",

@@ -175,7 +175,9 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 class EngineConfig:
     """Serving policy. None means "choose for the backend" (see `resolve`).
 
-    - max_slots: decode batch size (concurrent sequences).
+    - max_slots: decode batch size (concurrent sequences). None: sized by the memory plan (as many
+      sequences of max_model_len as fit, at most runtime/memory.py's DEFAULT_SLOTS); `resolve`
+      alone, which knows no memory, takes 8 (or the largest slot bucket).
     - page_size: tokens per KV page. num_pages: pool size (None: every slot can reach max_model_len).
     - max_model_len: longest sequence (prompt + output) served; ≤ the model's context.
     - prefill_buckets: padded prompt-chunk lengths; the largest is the chunk size for long prompts.
@@ -205,9 +207,14 @@ class EngineConfig:
       CPU). On CPU the Pallas kernels run in interpret mode (correct, slow: for tests). The kernels
       are Triton's on GPU and Mosaic's on TPU (`Kernels.pallas_platform`); a shape or dtype a TPU
       kernel does not take runs on the XLA path (pallas_kernels/tpu_*.py `unsupported`).
+    - memory_fraction: the share of each device's memory the engine plans to use for weights, KV
+      pages and activations (runtime/memory.py); None: 0.9. A max_slots or num_pages given that does
+      not fit in it is refused.
+    - device_memory: bytes of memory per device to plan for; None: asked of the device (the
+      allocator's limit on GPU/TPU, the host's RAM on CPU). For planning another machine's run.
     """
 
-    max_slots: int = 8
+    max_slots: int | None = None
     page_size: int = 16
     num_pages: int | None = None
     max_model_len: int | None = None
@@ -230,6 +237,8 @@ class EngineConfig:
     compile_cache: str | None = None
     attention_impl: str = "auto"
     matmul_impl: str = "auto"
+    memory_fraction: float | None = None
+    device_memory: int | None = None
 
     def prefill_bucket(self, n: int) -> int:
         """The smallest prefill bucket holding n tokens (the largest bucket if none does)."""
@@ -254,6 +263,7 @@ class EngineConfig:
             quantized=True if self.quantized is None else self.quantized,
             max_model_len=max_len,
             prefill_buckets=tuple(sorted(set(self.prefill_buckets))),
+            max_slots=max((8, *(self.slot_buckets or ()))) if self.max_slots is None else self.max_slots,
         )
         _check(cfg.max_slots >= 1, "max_slots", cfg.max_slots, "must be ≥ 1")
         _check(cfg.page_size >= 1, "page_size", cfg.page_size, "must be ≥ 1")
@@ -300,6 +310,19 @@ class EngineConfig:
             if value == "auto":
                 cfg = dataclasses.replace(cfg, **{name: "xla" if on_cpu else "pallas"})
         _check(cfg.max_queue >= 1, "max_queue", cfg.max_queue, "must be ≥ 1")
+        fraction = cfg.memory_fraction
+        _check(
+            fraction is None or (isinstance(fraction, int | float) and 0 < fraction <= 1),
+            "memory_fraction",
+            fraction,
+            "must be in (0, 1] (or None: 0.9)",
+        )
+        _check(
+            cfg.device_memory is None or cfg.device_memory >= 1,
+            "device_memory",
+            cfg.device_memory,
+            "must be a positive number of bytes (or None: ask the device)",
+        )
         for name in ("max_per_client", "max_prompt_tokens", "max_new_tokens", "prefill_token_budget"):
             value = getattr(cfg, name)
             _check(value is None or value >= 1, name, value, "must be ≥ 1 (or None)")

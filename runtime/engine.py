@@ -3,7 +3,10 @@
 Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into pages, `insert` a
 prefilled sequence into a slot, `decode` one dispatch of k decode steps for every slot, `free` a
 slot. Every program is compiled ahead of time in the constructor, so no request can trigger a
-compile; JAX's persistent compilation cache makes later start-ups fast.
+compile; JAX's persistent compilation cache makes later start-ups fast. The programs, their abstract
+arguments and the kernels are described by `Layout` (runtime/layout.py), the same list `xlaserve
+lower` lowers for other platforms; before anything is placed, the memory plan (runtime/memory.py)
+sizes the slots and page pool to the devices' memory or refuses a configuration that cannot fit.
 
 Structured output has programs of its own, compiled with the others: a masked prefill per bucket
 and a masked one-step decode per (slots, KV) bucket, which take the grammar slots' token bitmasks
@@ -22,14 +25,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from xlaserve.runtime import models, placement, programs, quant
+from xlaserve.runtime import layout, memory, placement, quant
 from xlaserve.runtime.attention import KVCache
-from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
-from xlaserve.runtime.grammar import mask_words
-from xlaserve.runtime.programs import DecodeState, Sampled, Statics
+from xlaserve.runtime.config import EngineConfig, ModelConfig
+from xlaserve.runtime.layout import Layout, Program
+from xlaserve.runtime.programs import DecodeState, Sampled
 from xlaserve.runtime.sampling import SamplingState
 
 log = logging.getLogger("xlaserve")
@@ -42,19 +44,8 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def abstract(tree, default_sharding=None):
-    """Shapes, dtypes and shardings of a pytree (device arrays keep theirs; host arrays get
-    `default_sharding`)."""
-
-    def one(a):
-        sharding = a.sharding if isinstance(a, jax.Array) else default_sharding
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-
-    return jax.tree.map(one, tree)
-
-
 # Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
-SCORE_TOKENS = 256
+SCORE_TOKENS = layout.SCORE_TOKENS
 
 
 class Engine:
@@ -68,158 +59,67 @@ class Engine:
         progress: Callable[[str], None] | None = None,
     ):
         """weights: the family's weights pytree (host or device arrays); mesh: a ("tp",) mesh to
-        shard the model over (None: the default device)."""
+        shard the model over (None: the default device). The configuration is sized to the devices'
+        memory first (runtime/memory.py): a configuration that cannot fit is refused (ValueError)
+        before anything is placed."""
         self.cfg, self.mesh = cfg, mesh
-        family = models.of(cfg)
-        family.check(cfg)
-        kv = family.kv_spec(cfg)
+        self._progress = progress or (lambda msg: None)
         backend = jax.default_backend()
-        self.ecfg = ecfg = engine_cfg.resolve(cfg, backend)
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+        device = (
+            (engine_cfg.device_memory, "device_memory")
+            if engine_cfg.device_memory
+            else memory.device_memory(devices, backend)
+        )
+        if jax.process_count() > 1 and engine_cfg.max_slots is None:
+            # every process must compile the same programs: no sizing from a host's own memory
+            engine_cfg = dataclasses.replace(engine_cfg, max_slots=8)
+        self.layout = lay = Layout.build(cfg, weights, engine_cfg, backend=backend, mesh=mesh, device=device)
+        self.ecfg, self.st, self.plan = lay.ecfg, lay.st, lay.plan
+        ecfg = lay.ecfg
+        (progress or log.info)(lay.plan.describe())
         host = quant.for_backend(weights, backend, ecfg.matmul_impl)
-        sharded = mesh is not None and mesh.size > 1
-        kernels = Kernels(
-            attention=ecfg.attention_impl,
-            matmul=ecfg.matmul_impl,
-            interpret=backend == "cpu",
-            mesh=mesh if sharded else None,
-            matrix_specs=placement.matrix_specs(cfg, host, mesh if sharded else None),
-        )
-        self.st = Statics(
-            cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
-        )
-        shape = (kv.num_layers, ecfg.total_pages, ecfg.page_size, kv.num_kv_heads, kv.head_dim)
-        self._repl = None if mesh is None else NamedSharding(mesh, P())
+        self._repl = lay.repl
         if mesh is None:
             self.weights = jax.device_put(host)
-            cache_sharding = None
         else:
             self.weights = placement.place(cfg, host, mesh)
-            cache_sharding = placement.cache_sharding(cfg, mesh)
-        zeros = jax.jit(lambda: jnp.zeros(shape, ecfg.dtype), out_shardings=cache_sharding)
+        k = lay.cache.k
+        zeros = jax.jit(lambda: jnp.zeros(k.shape, k.dtype), out_shardings=k.sharding)
         self.cache = KVCache(zeros(), zeros())  # created in place, shard by shard
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
-        self._progress = progress or (lambda msg: None)
         self.compile_seconds: dict[str, float] = {}
-        self._prefill: dict[int, jax.stages.Compiled] = {}
-        self._prefill_masked: dict[int, jax.stages.Compiled] = {}
-        self._score: dict[tuple[int, int], jax.stages.Compiled] = {}  # (rows, bucket)
         self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
 
     # -- compilation ------------------------------------------------------------------------------
 
-    def _spec(self, shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._repl)
-
-    def _outputs(self, *parts):
-        """out_shardings: the cache keeps its sharding, "state" its own, everything else replicated."""
-        if self.mesh is None:
-            return None
-        table = {
-            "cache": jax.tree.map(lambda a: a.sharding, self.cache),
-            "state": jax.tree.map(lambda a: a.sharding, self.state),
-        }
-        return (
-            tuple(table.get(p, self._repl) for p in parts)
-            if len(parts) > 1
-            else table.get(parts[0], self._repl)
-        )
-
-    def _compile(self, name: str, fn, donate: tuple[str, ...], *args, outputs: tuple[str, ...] = ()):
-        self._progress(f"compiling {name}")
+    def _compile(self, program: Program) -> jax.stages.Compiled:
+        self._progress(f"compiling {program.name}")
         t0 = time.perf_counter()
-        jitted = jax.jit(
-            fn, donate_argnames=donate, out_shardings=self._outputs(*outputs) if outputs else None
-        )
-        compiled = jitted.lower(*args).compile()
-        self.compile_seconds[name] = dt = time.perf_counter() - t0
-        log.info("compiled %s in %.2fs", name, dt)
+        compiled = program.jit().lower(*program.args).compile()
+        self.compile_seconds[program.name] = dt = time.perf_counter() - t0
+        log.info("compiled %s in %.2fs", program.name, dt)
         return compiled
 
     @property
     def mask_words(self) -> int:
         """int32 words of one grammar bitmask (the model's vocabulary, 32 tokens a word)."""
-        return mask_words(self.cfg.vocab_size)
-
-    def _prefill_args(self, t: int, masked: bool = False):
-        i32 = self._spec((), jnp.int32)
-        return (
-            abstract(self.weights),
-            abstract(self.cache),
-            self._spec((t,), jnp.int32),
-            i32,
-            i32,
-            self._spec((self.ecfg.pages_per_seq,), jnp.int32),
-            abstract(SamplingState.zeros(1), self._repl),
-            self._spec((self.cfg.vocab_size,), bool),
-        ) + ((self._spec((self.mask_words,), jnp.int32),) if masked else ())
-
-    def _decode_fn(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False):
-        ecfg = self.ecfg
-        steps = 1 if masked else ecfg.decode_steps
-        fn = functools.partial(
-            programs.decode,
-            st=self.st,
-            steps=steps,
-            kv_pages=kv_tokens // ecfg.page_size,
-            rows=rows,
-            with_logits=with_logits,
-        )
-        table = self._spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32)
-        kind = "_logits" if with_logits else "_masked" if masked else ""
-        name = f"decode{kind}[S={rows},k={steps},kv={kv_tokens}]"
-        args = (abstract(self.weights), abstract(self.cache), abstract(self.state), table)
-        if masked:
-            args += (self._spec((ecfg.max_slots, self.mask_words), jnp.int32),)
-        outputs = ("cache", "state", "packed", "logits") if with_logits else ("cache", "state", "packed")
-        return self._compile(name, fn, ("cache", "state"), *args, outputs=outputs)
+        return self.layout.mask_words
 
     def _compile_all(self) -> None:
-        ecfg, i32 = self.ecfg, self._spec((), jnp.int32)
-        for t in ecfg.prefill_buckets:
-            st = dataclasses.replace(self.st, block=ecfg.attn_block_for(t))
-            fn = functools.partial(programs.prefill, st=st)
-            self._prefill[t] = self._compile(
-                f"prefill[T={t}]", fn, ("cache",), *self._prefill_args(t), outputs=("cache", "packed")
-            )
-            self._prefill_masked[t] = self._compile(
-                f"prefill_masked[T={t}]",
-                fn,
-                ("cache",),
-                *self._prefill_args(t, masked=True),
-                outputs=("cache", "packed"),
-            )
-            if ecfg.scoring:
-                fn = functools.partial(programs.score, st=st)
-                for rows in self.score_rows(t):
-                    args = (
-                        abstract(self.weights),
-                        abstract(self.cache),
-                        self._spec((rows, t), jnp.int32),
-                        self._spec((rows,), jnp.int32),
-                        self._spec((rows,), jnp.int32),
-                        self._spec((rows, ecfg.pages_per_seq), jnp.int32),
-                        self._spec((rows, t), jnp.int32),
-                    )
-                    self._score[rows, t] = self._compile(
-                        f"score[B={rows},T={t}]", fn, ("cache",), *args, outputs=("cache", "scores")
-                    )
-        self._decode = {
-            (rows, kv): self._decode_fn(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets
+        """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
+        `_prefill_masked[t]`, `_score[rows, t]`, `_decode[rows, kv]`, `_decode_masked[rows, kv]`,
+        `_insert`, `_free`."""
+        compiled: dict[str, dict] = {
+            k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked")
         }
-        self._decode_masked = {
-            (rows, kv): self._decode_fn(rows, kv, masked=True)
-            for rows in ecfg.slot_buckets
-            for kv in ecfg.kv_buckets
-        }
-        packed = self._spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
-        row = abstract(SamplingState.zeros(1), self._repl)
-        presence = self._spec((self.cfg.vocab_size,), bool)
-        state = abstract(self.state)
-        self._insert = self._compile(
-            "insert", programs.insert, ("state",), state, i32, packed, i32, row, presence, outputs=("state",)
-        )
-        self._free = self._compile("free", programs.free, ("state",), state, i32, outputs=("state",))
+        for program in self.layout.programs():
+            compiled.setdefault(program.kind, {})[program.key] = self._compile(program)
+        self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
+        self._score = compiled["score"]
+        self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
+        self._insert, self._free = compiled["insert"][None], compiled["free"][None]
         log.info(
             "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
         )
@@ -257,11 +157,8 @@ class Engine:
         return packed
 
     def score_rows(self, t: int) -> tuple[int, ...]:
-        """Batch sizes the scoring program is compiled for at chunk bucket t: 1, and as many rows
-        as fit SCORE_TOKENS tokens (at most max_slots). One call over many short sequences costs
-        little more than over one on CPU, and it keeps a GPU busy."""
-        most = min(self.ecfg.max_slots, max(1, SCORE_TOKENS // t))
-        return (1,) if most == 1 else (1, most)
+        """Batch sizes the scoring program is compiled for at chunk bucket t (`layout.score_rows`)."""
+        return layout.score_rows(self.ecfg, t)
 
     def score_batch(self, items) -> list[tuple[np.ndarray, np.ndarray]]:
         """Prefill (tokens, start, page_row, targets) chunks of distinct sequences in one call, all
@@ -327,15 +224,7 @@ class Engine:
 
     @functools.cached_property
     def _prefill_logits(self):
-        t = self.ecfg.prefill_buckets[-1]
-        fn = functools.partial(programs.prefill, st=self.st, all_logits=True)
-        return self._compile(
-            f"prefill_logits[T={t}]",
-            fn,
-            ("cache",),
-            *self._prefill_args(t),
-            outputs=("cache", "packed", "logits"),
-        )
+        return self._compile(self.layout.prefill(self.ecfg.prefill_buckets[-1], all_logits=True))
 
     def prefill_with_logits(self, tokens, start, page_row, sampling, presence):
         """Like `prefill` (chunk padded to the largest bucket), also returning logits [n, V]."""
@@ -352,7 +241,7 @@ class Engine:
         from."""
         key = (self.ecfg.max_slots, self.kv_bucket(kv_tokens))
         if key not in self._decode_logits:
-            self._decode_logits[key] = self._decode_fn(*key, with_logits=True)
+            self._decode_logits[key] = self._compile(self.layout.decode(*key, with_logits=True))
         self.cache, self.state, packed, lg = self._decode_logits[key](
             self.weights, self.cache, self.state, page_table
         )

@@ -288,7 +288,9 @@ def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):
         return jax.lax.psum(y, "tp") if in_axis else y
 
     out_axis, in_axis = spec
-    if kernels.mesh is None or spec == (None, None):
+    # A replicated matrix needs no shard_map, except for a Mosaic kernel, which XLA cannot
+    # partition: every device then runs it on its whole copy.
+    if kernels.mesh is None or (spec == (None, None) and not tpu):
         return local(x, w)
     from jax.sharding import PartitionSpec as P
 

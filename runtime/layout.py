@@ -1,0 +1,250 @@
+"""The programs an engine compiles, described without allocating a single array: the one list that
+both the Engine (which compiles it at start-up) and `xlaserve lower` (which lowers it for platforms
+this machine need not have, runtime/lower.py) walk, so a program added here is compiled and lowered
+alike.
+
+`Layout.build` resolves the engine configuration for a backend (the one the programs are for, not
+necessarily this machine's), sizes it to the device's memory (runtime/memory.py), picks the kernels
+that backend runs, and holds abstract arguments (ShapeDtypeStructs with their shardings) for the
+weights, the KV cache and the decode state. `Layout.programs()` lists, in compile order:
+
+    prefill[T], prefill_masked[T]           per prefill bucket T
+    score[B=b,T=t]                          per bucket t and batch b (`score_rows`), with scoring on
+    decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
+    insert, free
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from xlaserve.runtime import memory, models, placement, programs, quant
+from xlaserve.runtime.attention import KVCache
+from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
+from xlaserve.runtime.grammar import mask_words
+from xlaserve.runtime.programs import DecodeState, Statics
+from xlaserve.runtime.sampling import SamplingState
+
+# Tokens per batched scoring call (rows x chunk bucket): see `score_rows`.
+SCORE_TOKENS = 256
+
+
+def abstract(tree, default_sharding=None):
+    """Shapes, dtypes and shardings of a pytree (device arrays keep theirs; host arrays and
+    ShapeDtypeStructs without one get `default_sharding`)."""
+
+    def one(a):
+        sharding = a.sharding if isinstance(a, jax.Array) else getattr(a, "sharding", None)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or default_sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def score_rows(ecfg: EngineConfig, t: int) -> tuple[int, ...]:
+    """Batch sizes the scoring program is compiled for at chunk bucket t: 1, and as many rows as fit
+    SCORE_TOKENS tokens (at most max_slots). One call over many short sequences costs little more
+    than over one on CPU, and it keeps a GPU busy."""
+    most = min(ecfg.max_slots, max(1, SCORE_TOKENS // t))
+    return (1,) if most == 1 else (1, most)
+
+
+def score_tokens(ecfg: EngineConfig) -> int:
+    """Tokens of the largest scoring call (0 without scoring)."""
+    return max((r * t for t in ecfg.prefill_buckets for r in score_rows(ecfg, t)), default=0) * ecfg.scoring
+
+
+@dataclass(frozen=True)
+class Program:
+    """One device program: `fn` jitted with `donate` and `out_shardings`, for `args` (abstract).
+    `kind` and `key` say where the engine keeps it (kind "decode", key (rows, kv tokens))."""
+
+    kind: str
+    key: object
+    name: str
+    fn: Callable
+    donate: tuple[str, ...]
+    args: tuple
+    out_shardings: object
+
+    def jit(self):
+        return jax.jit(self.fn, donate_argnames=self.donate, out_shardings=self.out_shardings)
+
+
+@dataclass(frozen=True)
+class Layout:
+    cfg: ModelConfig
+    ecfg: EngineConfig  # resolved for `backend` and sized to memory
+    backend: str  # "cpu", "gpu" or "tpu": the programs' target
+    mesh: Mesh | None
+    st: Statics
+    weights: object  # abstract weights (the layout `backend`'s matmul wants), with shardings
+    cache: KVCache  # abstract [L, N, P, H, D] each
+    state: DecodeState  # abstract
+    plan: memory.MemoryPlan | None  # None: no device memory to plan for
+
+    @classmethod
+    def build(
+        cls,
+        cfg: ModelConfig,
+        weights,
+        engine_cfg: EngineConfig,
+        *,
+        backend: str,
+        mesh: Mesh | None = None,
+        device: tuple[int, str] | None = None,
+    ) -> Layout:
+        """weights: the family's weights, arrays or ShapeDtypeStructs (as loaded: packed quantized
+        matrices); device: (bytes per device, where the figure comes from) to plan for, or None."""
+        family = models.of(cfg)
+        family.check(cfg)
+        matmul = engine_cfg.resolve(cfg, backend).matmul_impl
+        host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul), abstract(weights))
+        sharded = mesh is not None and mesh.size > 1
+        repl = cache_sharding = None
+        if mesh is not None:
+            shardings = placement.weight_shardings(cfg, host, mesh)
+            host = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), host, shardings
+            )
+            repl, cache_sharding = NamedSharding(mesh, P()), placement.cache_sharding(cfg, mesh)
+        kv = family.kv_spec(cfg)
+        tp = mesh.size if sharded else 1
+
+        def cache_of(ecfg: EngineConfig, pages: int):
+            shape = (kv.num_layers, pages, ecfg.page_size, kv.num_kv_heads, kv.head_dim)
+            return jax.ShapeDtypeStruct(shape, jnp.dtype(ecfg.dtype), sharding=cache_sharding)
+
+        def make_plan(ecfg: EngineConfig) -> memory.MemoryPlan:
+            page = cache_of(ecfg, 1)
+            return memory.plan(cfg, ecfg, host, page, device, tp, score_tokens(ecfg))
+
+        if device is None:
+            ecfg, plan = engine_cfg.resolve(cfg, backend), None
+        else:
+            ecfg, plan = memory.size(cfg, engine_cfg, backend, make_plan)
+        kernels = Kernels(
+            attention=ecfg.attention_impl,
+            matmul=ecfg.matmul_impl,
+            interpret=backend == "cpu",
+            mesh=mesh if sharded else None,
+            matrix_specs=placement.matrix_specs(cfg, host, mesh if sharded else None),
+            platform="tpu" if backend == "tpu" else "gpu",  # the target's kernels, not this machine's
+        )
+        st = Statics(
+            cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
+        )
+        k = cache_of(ecfg, ecfg.total_pages)
+        state = abstract(jax.eval_shape(lambda: DecodeState.zeros(ecfg.max_slots, cfg.vocab_size)), repl)
+        return cls(cfg, ecfg, backend, mesh, st, host, KVCache(k, k), state, plan)
+
+    # -- the programs ---------------------------------------------------------------------------
+
+    @property
+    def repl(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+    @property
+    def mask_words(self) -> int:
+        """int32 words of one grammar bitmask (the model's vocabulary, 32 tokens a word)."""
+        return mask_words(self.cfg.vocab_size)
+
+    def spec(self, shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.repl)
+
+    def _outputs(self, parts: tuple[str, ...]):
+        """out_shardings: the cache keeps its sharding, "state" its own, everything else replicated."""
+        if self.mesh is None or not parts:
+            return None
+        table = {
+            "cache": jax.tree.map(lambda a: a.sharding, self.cache),
+            "state": jax.tree.map(lambda a: a.sharding, self.state),
+        }
+        shardings = tuple(table.get(p, self.repl) for p in parts)
+        return shardings if len(parts) > 1 else shardings[0]
+
+    def program(self, kind, key, name, fn, donate, args, outputs=()) -> Program:
+        return Program(kind, key, name, fn, donate, tuple(args), self._outputs(outputs))
+
+    def prefill(self, t: int, masked: bool = False, all_logits: bool = False) -> Program:
+        """One chunk of bucket t of one sequence (masked: with the grammar's bitmask; all_logits:
+        the test entry point returning every position's logits)."""
+        st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t)) if not all_logits else self.st
+        i32 = self.spec((), jnp.int32)
+        args = (
+            self.weights,
+            self.cache,
+            self.spec((t,), jnp.int32),
+            i32,
+            i32,
+            self.spec((self.ecfg.pages_per_seq,), jnp.int32),
+            abstract(SamplingState.zeros(1), self.repl),
+            self.spec((self.cfg.vocab_size,), bool),
+        ) + ((self.spec((self.mask_words,), jnp.int32),) if masked else ())
+        kind = "prefill_logits" if all_logits else "prefill_masked" if masked else "prefill"
+        fn = functools.partial(programs.prefill, st=st, all_logits=all_logits)
+        outputs = ("cache", "packed", "logits") if all_logits else ("cache", "packed")
+        return self.program(kind, t, f"{kind}[T={t}]", fn, ("cache",), args, outputs)
+
+    def score(self, rows: int, t: int) -> Program:
+        st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
+        i32 = lambda *shape: self.spec(shape, jnp.int32)
+        w = self.ecfg.pages_per_seq
+        args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), i32(rows, t))
+        fn = functools.partial(programs.score, st=st)
+        return self.program(
+            "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores")
+        )
+
+    def decode(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False) -> Program:
+        """`decode_steps` steps (masked: one) of the first `rows` slots attending over `kv_tokens`."""
+        ecfg = self.ecfg
+        steps = 1 if masked else ecfg.decode_steps
+        fn = functools.partial(
+            programs.decode,
+            st=self.st,
+            steps=steps,
+            kv_pages=kv_tokens // ecfg.page_size,
+            rows=rows,
+            with_logits=with_logits,
+        )
+        args = (
+            self.weights,
+            self.cache,
+            self.state,
+            self.spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32),
+        )
+        if masked:
+            args += (self.spec((ecfg.max_slots, self.mask_words), jnp.int32),)
+        kind = "decode_logits" if with_logits else "decode_masked" if masked else "decode"
+        outputs = ("cache", "state", "packed") + (("logits",) if with_logits else ())
+        name = f"{kind}[S={rows},k={steps},kv={kv_tokens}]"
+        return self.program(kind, (rows, kv_tokens), name, fn, ("cache", "state"), args, outputs)
+
+    def programs(self) -> list[Program]:
+        """Every program the engine compiles at start-up, in order."""
+        ecfg, out = self.ecfg, []
+        for t in ecfg.prefill_buckets:
+            out += [self.prefill(t), self.prefill(t, masked=True)]
+            if ecfg.scoring:
+                out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
+        grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]
+        out += [self.decode(rows, kv) for rows, kv in grid]
+        out += [self.decode(rows, kv, masked=True) for rows, kv in grid]
+        i32 = self.spec((), jnp.int32)
+        packed = self.spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
+        row = abstract(SamplingState.zeros(1), self.repl)
+        presence = self.spec((self.cfg.vocab_size,), bool)
+        args = (self.state, i32, packed, i32, row, presence)
+        out.append(self.program("insert", None, "insert", programs.insert, ("state",), args, ("state",)))
+        out.append(
+            self.program("free", None, "free", programs.free, ("state",), (self.state, i32), ("state",))
+        )
+        return out

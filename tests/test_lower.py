@@ -1,0 +1,174 @@
+"""`xlaserve lower`: every engine program lowered on CPU for cuda and tpu, with the kernels the
+engine picks there (nothing is compiled, no accelerator is needed).
+
+The matrix (slow lane: SmolLM2 as stored and the llama3-8b preset dense and int4, at tp=1 and tp=2
+on simulated CPU devices) runs the command as a user does, one process per configuration, with one
+bucket of each kind so that each run lowers a handful of programs in seconds, and checks the
+Triton (cuda) and Mosaic (tpu) kernels are inside the decode programs. The fast lane lowers the
+tiny preset in this process, reports a failure truthfully and checks the command's refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xlaserve import cli
+from xlaserve.runtime import lower
+from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.layout import Layout
+from xlaserve.runtime.models.presets import PRESETS
+
+# One bucket of each kind: prefill/prefill_masked/score (B=1, 2) at T=32, decode/decode_masked at
+# S=2, kv=256 (= max_model_len rounded to the 256-token attention block), insert, free.
+SMALL = ["--max-model-len", "256", "--prefill-buckets", "32", "--kv-buckets", "256", "--max-slots", "2"]
+SMALL += ["--slot-buckets", "2"]
+CONFIGS = {
+    "smollm2 tp=1": ["--model", "smollm2"],
+    "smollm2 tp=2": ["--model", "smollm2", "--mesh", "tp=2"],
+    "llama3-8b tp=1": ["--preset", "llama3-8b"],
+    "llama3-8b tp=2": ["--preset", "llama3-8b", "--mesh", "tp=2"],
+    "llama3-8b int4 tp=1": ["--preset", "llama3-8b", "--quant", "int4"],
+    "llama3-8b int4 tp=2": ["--preset", "llama3-8b", "--quant", "int4", "--mesh", "tp=2"],
+}
+# The Pallas kernels by the name their custom call carries: Triton's (cuda) decode attention and
+# quantized matmul (pallas_kernels/paged_attention.py, quantized_matmul.py), Mosaic's (tpu) by the
+# names pallas_kernels/tpu_attention.py and tpu_matmul.py give them.
+ATTENTION, MATMUL = "_decode_kernel", "_kernel"
+TPU_ATTENTION, TPU_MATMUL = "decode_attention", "quantized_matmul"
+
+
+def run_lower(out, *flags):
+    cmd = [sys.executable, "-m", "xlaserve.cli", "lower", "--out", str(out), *SMALL, *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    summary = json.loads((out / "lowered.json").read_text()) if (out / "lowered.json").exists() else None
+    return done, summary
+
+
+@pytest.fixture(scope="module")
+def results(model_path, tmp_path_factory):
+    """Per configuration: (process, lowered.json) of `lower --platforms cuda,tpu`, planned for an H200."""
+    out = {}
+    for name, flags in CONFIGS.items():
+        folder = tmp_path_factory.mktemp("lowered")
+        out[name] = run_lower(folder, "--platforms", "cuda,tpu", "--device-memory", "141GiB", *flags)
+    return out
+
+
+def rows(summary, platform, kind=None):
+    return [
+        r for r in summary["programs"] if r["platform"] == platform and (kind is None or r["kind"] == kind)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cuda_lowers_every_program_with_kernels_in_decode(results, config):
+    done, summary = results[config]
+    assert summary is not None, done.stderr[-3000:]
+    cuda = rows(summary, "cuda")
+    assert [r["error"] for r in cuda if r["error"]] == []
+    kinds = {"prefill", "prefill_masked", "score", "decode", "decode_masked", "insert", "free"}
+    assert {r["kind"] for r in cuda} == kinds
+    quantized = "int4" in config or "smollm2" in config  # SmolLM2's Q4_1/Q8_0 blocks stay quantized
+    for r in rows(summary, "cuda", "decode") + rows(summary, "cuda", "decode_masked"):
+        assert f"triton:{ATTENTION}" in r["kernels"], r
+        assert (f"triton:{MATMUL}" in r["kernels"]) == quantized, r
+        assert "decode" in r["path"].rsplit("/", 1)[-1]
+        assert r["weight_bytes"] > 0 and r["kv_bytes"] > 0
+    assert all(Path(r["path"]).read_text().startswith("module @") for r in cuda)
+    assert "141.00 GiB" in summary["plans"]["cuda"]
+    assert f"| decode[S=2,k=1,kv=256] | cuda | triton:{ATTENTION}" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tpu_lowers_every_program_with_kernels_in_decode(results, config):
+    """Mosaic kernels inside the tpu decode programs: attention where the TPU kernel takes the
+    cache (bfloat16 K/V with kv heads in pairs per device: llama3-8b's 8, not SmolLM2's 3, which
+    attends on the XLA path), the quantized matmul for quantized weights."""
+    done, summary = results[config]
+    tpu = rows(summary, "tpu")
+    assert [r["error"] for r in tpu if r["error"]] == [], done.stdout[-3000:]
+    quantized = "int4" in config or "smollm2" in config
+    for r in rows(summary, "tpu", "decode") + rows(summary, "tpu", "decode_masked"):
+        mosaic = [k for k in r["kernels"] if k.startswith("mosaic:")]
+        assert any(TPU_ATTENTION in k for k in mosaic) == ("llama3" in config), r
+        assert any(TPU_MATMUL in k for k in mosaic) == quantized, r
+    assert done.returncode == 0
+
+
+@pytest.mark.slow
+def test_tpu_lowers_everything_with_xla_kernels(tmp_path):
+    """--attention-impl xla --matmul-impl xla: every tpu program lowers (the gap is the kernels)."""
+    flags = ["--preset", "llama3-8b", "--quant", "int4", "--mesh", "tp=2", "--platforms", "tpu"]
+    done, summary = run_lower(tmp_path, *flags, "--attention-impl", "xla", "--matmul-impl", "xla")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(summary["programs"]) == 8 and all(r["kernels"] == [] for r in summary["programs"])
+
+
+# -- fast lane -------------------------------------------------------------------------------------
+
+
+def test_tiny_preset_lowers_for_cuda_in_process(tmp_path):
+    cfg = PRESETS["tiny"]
+    ecfg = EngineConfig(max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2)
+    layout = Layout.build(cfg, lower.preset_weights(cfg, "q4_0", "bfloat16"), ecfg, backend="gpu")
+    got = {r.program: r for r in lower.lower_all(layout, "cuda", tmp_path)}
+    assert list(got) == [p.name for p in layout.programs()]
+    assert all(r.error is None for r in got.values()), [r.error for r in got.values()]
+    assert got["decode[S=2,k=1,kv=256]"].kernels == (f"triton:{ATTENTION}", f"triton:{MATMUL}")
+    assert got["insert"].kernels == () and got["insert"].weight_bytes is None
+    assert sorted(p.name for p in (tmp_path / "cuda").iterdir()) == sorted(
+        lower.file_name(name) for name in got
+    )
+    assert lower.file_name("decode[S=8,k=1,kv=512]") == "decode.S8.k1.kv512.mlir"
+
+
+def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
+    """A program that cannot be lowered is a row with its error and the others are still lowered
+    (here Triton's kernels forced onto tpu: their compiler parameters are GPU-only; insert, free and
+    the two-row score, which attends on the XLA path, call no kernel); the command then prints the
+    table and exits 1."""
+    cfg = PRESETS["tiny"]
+    ecfg = EngineConfig(max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2)
+    layout = Layout.build(cfg, lower.preset_weights(cfg, "none", "bfloat16"), ecfg, backend="tpu")
+    triton = dataclasses.replace(layout.st.kernels, platform="gpu")
+    layout = dataclasses.replace(layout, st=dataclasses.replace(layout.st, kernels=triton))
+    got = lower.lower_all(layout, "tpu", tmp_path)
+    assert [r.program for r in got if r.error is None] == ["score[B=2,T=32]", "insert", "free"]
+    assert all("Compiler params for platform gpu" in r.error and r.path is None for r in got if r.error)
+    monkeypatch.setattr(lower, "lower_all", lambda *a, **k: got)
+    assert cli.main(["lower", "--preset", "tiny", "--platforms", "tpu", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "| decode[S=2,k=1,kv=256] | tpu | - | " in out and "FAILED: ValueError: Compiler params" in out
+
+
+def test_kernel_calls_found_by_target_and_name():
+    text = (
+        "%1 = stablehlo.custom_call @__gpu$xla.gpu.triton(%0) "
+        '{mhlo.backend_config = {name = "_decode_kernel"}}\n'
+        '%2 = stablehlo.custom_call @tpu_custom_call(%1) {backend_config = "{}", kernel_name = "attn"}\n'
+        "%3 = stablehlo.custom_call @Sharding(%2) {}\n"
+    )
+    assert lower.kernel_calls(text) == ("mosaic:attn", "triton:_decode_kernel")
+
+
+def test_unknown_platform_is_refused(tmp_path, capsys):
+    assert cli.main(["lower", "--platforms", "cuda,gpu", "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown platform 'gpu'" in err and "allowed: cpu, cuda, rocm, tpu" in err
+
+
+def test_preset_that_does_not_fit_the_stated_memory_is_refused(tmp_path, capsys):
+    argv = ["lower", "--platforms", "cuda", "--preset", "llama3-8b", "--device-memory", "8GiB"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "weights 14.96 GiB" in err and "7.20 GiB (8.00 GiB --device-memory x memory_fraction 0.9)" in err
+    assert "Allowed: device memory ≥" in err
+    assert cli.main(["lower", "--preset", "llama3-9b", "--out", str(tmp_path)]) == 2
+    assert f"allowed: {', '.join(sorted(PRESETS))}" in capsys.readouterr().err
