@@ -24,6 +24,9 @@ and a prefill program per prompt length. Then, in order:
 The KV cache keeps its initial zeros: a step's time does not depend on the values, while prefilling
 batch x context tokens first would dominate a CPU run.
 
+`--compare llamacpp` runs llama.cpp on the same GGUF (bench/llamacpp.py: llama-bench for a prompt,
+llama-batched-bench for batch x context decode), alternating with ours in the same way.
+
 `--compare hf` runs HF transformers (bench/hf.py) on the same GGUF (loaded as bench/compare_hf.py
 loads it; for a preset, a LlamaForCausalLM of the same shapes with random weights, built on the
 device) with the same prompt token ids and the same (batch, context) steps, alternating with ours
@@ -84,7 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps per configuration")
     p.add_argument("--repeats", type=int, default=3, help="rounds per configuration (median)")
     p.add_argument("--copy-mib", type=int, help="copy-bandwidth array size (default 1024; CPU 256)")
-    p.add_argument("--compare", choices=["hf"], help="also run HF transformers, alternating with ours")
+    p.add_argument(
+        "--compare",
+        choices=["hf", "llamacpp"],
+        help="also run HF transformers, or llama.cpp on the same GGUF (bench/llamacpp.py), alternately",
+    )
     p.add_argument("--mesh", help="tp=N: shard the model over N devices")
     p.add_argument("--attention-impl", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--matmul-impl", choices=["auto", "pallas", "xla"], default="auto")
@@ -126,11 +133,15 @@ def run(args) -> dict:
     """Measure, print the markdown report and write the result (JSON, markdown, plots)."""
     import jax
 
-    from xlaserve.bench import hf
+    from xlaserve.bench import hf, llamacpp
     from xlaserve.runtime.engine import Engine
     from xlaserve.runtime.models.params import weight_bytes
     from xlaserve.sharding.mesh import device_groups, parse_mesh
 
+    if args.compare == "llamacpp":
+        if args.preset:
+            raise SystemExit("--compare llamacpp runs the same GGUF: give --model, not --preset")
+        llamacpp.binary("llama-batched-bench")  # built? (else: the command that builds it)
     contexts, batches = args.context_lengths, args.batch_sizes
     prompts = args.prompt_lengths or contexts
     if any(c % 16 or c <= max(args.steps, args.warmup) for c in contexts):
@@ -168,9 +179,14 @@ def run(args) -> dict:
         mine.decode(b, c, args.warmup)
     peak, peak_source = peak_memory(devices)  # before the reference shares the process
     ref = None
+    if args.compare == "llamacpp":
+        if model.path is None or model.path.suffix != ".gguf":
+            raise SystemExit(f"--compare llamacpp runs the same GGUF; {model.name} is not one")
+        ref = llamacpp.Decoder(model.path)
     if args.compare == "hf":
         log("building HF Llama, same shapes" if args.preset else "loading HF transformers on the same file")
         ref = hf.Decoder(model.path, model.cfg if args.preset else None)
+    if ref is not None:
         for n in prompts:
             ref.ttft(tokens[n])
         for b, c in configs:

@@ -92,8 +92,10 @@ def build(log=print) -> Path:
 
 
 def version() -> str:
+    """The source package and what the built tool says of itself (an sdist build has no git info)."""
     run = subprocess.run([str(binary("llama-bench")), "--version"], capture_output=True, text=True)
-    return (run.stdout + run.stderr).strip().splitlines()[0] if (run.stdout + run.stderr).strip() else ""
+    said = (run.stdout + run.stderr).strip().splitlines()
+    return f"{PACKAGE} {VERSION}" + (f", {said[0]}" if said else "")
 
 
 def _run_json_lines(cmd: list[str]) -> list[dict]:
