@@ -125,7 +125,7 @@ def read_metadata(reader) -> dict:
 
 def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=None) -> ModelConfig:
     arch = meta.get("general.architecture")
-    family = models.for_gguf(arch)
+    family = models.for_gguf(arch, experts=bool(meta.get(f"{arch}.expert_count")))
     if family is None:
         supported = ", ".join(models.gguf_architectures())
         raise CheckpointError(path, f"unsupported architecture {arch!r} (supported: {supported})")
@@ -168,29 +168,35 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
         )
     swa_base = meta.get(f"{arch}.rope.freq_base_swa") is not None and window
     optional = lambda key: None if meta.get(f"{arch}.{key}") is None else get(key, kind=float)
-    cfg = ModelConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=get("feed_forward_length"),
-        num_layers=get("block_count"),
-        num_heads=heads,
-        num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
-        rope=rope,
-        max_position_embeddings=get("context_length", 4096),
-        tie_word_embeddings=family.gguf_names["lm_head"] not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        name=str(meta.get("general.name", family.name)),
-        architecture=family.name,
-        sliding_window=int(window) if window else None,
-        attention_bias=bias("attn_q") and not declares("layers.bq"),
-        mlp_bias=bias("ffn_up"),
-        rope_local=RopeConfig(theta=get("rope.freq_base_swa", kind=float)) if swa_base else None,
-        attn_logit_softcapping=optional("attn_logit_softcapping"),
-        final_logit_softcapping=optional("final_logit_softcapping"),
-    )
+    try:
+        cfg = ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_layers=get("block_count"),
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope=rope,
+            max_position_embeddings=get("context_length", 4096),
+            tie_word_embeddings=family.gguf_names["lm_head"] not in tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            name=str(meta.get("general.name", family.name)),
+            architecture=family.name,
+            sliding_window=int(window) if window else None,
+            attention_bias=bias("attn_q") and not declares("layers.bq"),
+            mlp_bias=bias("ffn_up"),
+            rope_local=RopeConfig(theta=get("rope.freq_base_swa", kind=float)) if swa_base else None,
+            attn_logit_softcapping=optional("attn_logit_softcapping"),
+            final_logit_softcapping=optional("final_logit_softcapping"),
+            **moe_fields(meta, arch, get),
+        )
+    except CheckpointError:
+        raise
+    except ValueError as e:  # a value ModelConfig refuses (top-k above the expert count, ...)
+        raise CheckpointError(path, str(e)) from None
     fixed = family.gguf_config(cfg)
     if "layer_types" in fixed and cfg.sliding_window is None:
         fixed = {**fixed, "layer_types": None, "rope_local": None}
@@ -198,6 +204,20 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path, freq_factors=Non
         return dataclasses.replace(cfg, **fixed)
     except ValueError as e:
         raise CheckpointError(path, str(e)) from None
+
+
+def moe_fields(meta: dict, arch: str, get) -> dict:
+    """The mixture-of-experts fields of the metadata (none without `{arch}.expert_count`); the
+    top-k renormalisation is the family's (`gguf_config`), as llama.cpp fixes it per architecture."""
+    if not meta.get(f"{arch}.expert_count"):
+        return {}
+    size = meta.get(f"{arch}.expert_feed_forward_length")
+    return dict(
+        num_experts=get("expert_count"),
+        num_experts_per_tok=get("expert_used_count"),
+        moe_intermediate_size=get("expert_feed_forward_length") if size else None,
+        shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
+    )
 
 
 def read_tensor(t, path: Path):

@@ -4,6 +4,7 @@ from config.json's `architectures` (else `model_type`) and names the tensors (`h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def config_from_hf(directory: Path) -> ModelConfig:
         )
         rope, rope_local = ropes_from_config(c, path)
         number = lambda key: None if c.get(key) is None else float(c[key])
-        return ModelConfig(
+        cfg = ModelConfig(
             vocab_size=int(c["vocab_size"]),
             hidden_size=int(c["hidden_size"]),
             intermediate_size=int(c["intermediate_size"]),
@@ -117,11 +118,36 @@ def config_from_hf(directory: Path) -> ModelConfig:
             attn_logit_softcapping=number("attn_logit_softcapping"),
             final_logit_softcapping=number("final_logit_softcapping"),
             query_pre_attn_scalar=number("query_pre_attn_scalar"),
+            **moe_fields(c, path),
         )
+        return dataclasses.replace(cfg, **family.hf_config(cfg))
     except KeyError as e:
         raise CheckpointError(path, f"required key {e.args[0]!r} is missing") from None
     except ValueError as e:
         raise CheckpointError(path, str(e)) from None
+
+
+def moe_fields(c: dict, path: Path) -> dict:
+    """The mixture-of-experts fields of config.json (none for a dense model). Every layer must have
+    experts: dense layers among them (`decoder_sparse_step` > 1, `mlp_only_layers`) are refused."""
+    experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)
+    if not experts:
+        return {}
+    step, dense = int(c.get("decoder_sparse_step") or 1), list(c.get("mlp_only_layers") or [])
+    if step != 1 or dense:
+        raise CheckpointError(
+            path,
+            f"decoder_sparse_step={step}, mlp_only_layers={dense}: layers without experts are not "
+            "supported (supported: decoder_sparse_step=1 and no mlp_only_layers, every layer MoE)",
+        )
+    size = c.get("moe_intermediate_size")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(size) if size else None,
+        shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+    )
 
 
 def layer_windows(window, types, layers: int, path) -> tuple[int | None, tuple[str, ...] | None]:
@@ -171,11 +197,16 @@ def load_hf_dir(directory, *, dtype) -> Loaded:
     if not cfg.tie_word_embeddings and family.hf_names["lm_head"] not in tensors:
         raise CheckpointError(directory, "tensor lm_head.weight is missing and tie_word_embeddings is false")
 
-    def read(name: str, layer: int | None):
-        tensor = family.hf_names[name].format(i=layer)
+    def one(tensor: str):
         if tensor not in tensors:
             raise CheckpointError(directory, f"tensor {tensor} is missing from the safetensors files")
         return np.asarray(tensors[tensor])
+
+    def read(name: str, layer: int | None):
+        template = family.hf_names[name]
+        if "{e}" in template:  # one tensor per expert, stacked [E, ...]
+            return np.stack([one(template.format(i=layer, e=e)) for e in range(cfg.num_experts)])
+        return one(template.format(i=layer))
 
     weights = assemble(cfg, read, dequant=True, dtype=dtype, path=directory)
     return Loaded(config=cfg, weights=weights, tokenizer=tokenizer, source=str(directory))

@@ -118,6 +118,13 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (else head_dim's)
+    # mixture of experts (runtime/models/moe.py): every layer's feed-forward is E experts of which
+    # each token takes the top k by router probability; 0 experts: a dense feed-forward
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # k, 1 ≤ k ≤ E
+    moe_intermediate_size: int | None = None  # an expert's ffn size (None: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # a sigmoid-gated shared expert of this size (Qwen2-MoE)
+    norm_topk_prob: bool = False  # the top-k probabilities are renormalised to sum to 1
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -133,6 +140,18 @@ class ModelConfig:
                     f"layer_types={self.layer_types!r} must give one of {LAYER_TYPES} for each of the "
                     f"{self.num_layers} layers"
                 )
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts} must be ≥ 0 (0: no experts)")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}] "
+                f"(num_experts)"
+            )
+        if not self.num_experts and (self.num_experts_per_tok or self.shared_expert_intermediate_size):
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} / shared_expert_intermediate_size="
+                f"{self.shared_expert_intermediate_size} need num_experts ≥ 1"
+            )
 
     def windows(self) -> tuple[int | None, ...]:
         """Per layer: the attention window (the last `w` positions), None for a global layer."""
@@ -148,10 +167,21 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def param_count(self) -> int:
+    @property
+    def expert_size(self) -> int:
+        """An expert's ffn size (F of the [E, F, D] expert matrices)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def param_count(self, active: bool = False) -> int:
+        """Parameters in total (`active`: those one token reads, its k experts only)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        ffn = 3 * d * f
+        if self.num_experts:
+            used = self.num_experts_per_tok if active else self.num_experts
+            s = self.shared_expert_intermediate_size
+            ffn = used * 3 * d * self.expert_size + self.num_experts * d + 3 * d * s + (d if s else 0)
+        per_layer = attn + ffn + 2 * d
         heads = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + heads + d
 
@@ -167,7 +197,14 @@ FEATURES = {
     "attn_logit_softcapping": None,
     "final_logit_softcapping": None,
     "query_pre_attn_scalar": None,
+    "num_experts": 0,
+    "num_experts_per_tok": 0,
+    "moe_intermediate_size": None,
+    "shared_expert_intermediate_size": 0,
+    "norm_topk_prob": False,
 }
+# the mixture-of-experts fields: every MoE family implements all of them
+MOE_FEATURES = frozenset(list(FEATURES)[list(FEATURES).index("num_experts") :])
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 

@@ -44,8 +44,18 @@ def _sharding(cfg, info: ParamInfo, array, mesh: Mesh, rules):
     return dataclasses.replace(array, data=ns, scale=ns, min=None if array.min is None else ns)
 
 
+def check_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
+    """An ep axis needs experts, and must divide their number (experts are never split)."""
+    ep = mesh.shape.get("ep", 1)
+    if ep > 1 and not cfg.num_experts:
+        raise ValueError(f"mesh ep={ep} needs a mixture-of-experts model; {cfg.name} has no experts")
+    if ep > 1 and cfg.num_experts % ep:
+        raise ValueError(f"mesh ep={ep} does not divide num_experts={cfg.num_experts} (ep must divide it)")
+
+
 def weight_shardings(cfg: ModelConfig, weights, mesh: Mesh, rules=RULES):
     """A pytree shaped like `weights` whose leaves are NamedShardings."""
+    check_mesh(cfg, mesh)
     infos = models.declare(cfg)
     sharding_rules.check_rules((i.axes for i in declared(infos).values()), rules)
     return jax.tree.map(

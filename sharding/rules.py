@@ -3,7 +3,8 @@
 Model code names logical axes (each family declares them per weight); RULES maps each to a mesh
 axis. With tp on the "tp" axis this gives column-parallel q/k/v/gate/up (their output axis is
 split), row-parallel o/down (their input axis is split; XLA adds one all-reduce after each), and a
-vocab-parallel embedding / lm_head. An axis is split only where it divides evenly at its granule
+vocab-parallel embedding / lm_head, and experts split over "ep" (expert parallelism; everything
+else is replicated over ep). An axis is split only where it divides evenly at its granule
 (whole heads for q/k/v, whole quantization blocks for a quantized input axis); otherwise that axis
 is replicated, e.g. SmolLM2's 3 kv heads and 9 query heads at tp=2 or 4.
 
@@ -27,6 +28,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": "tp",
     "ffw": "tp",
     "vocab": "tp",
+    "experts": "ep",
 }
 
 

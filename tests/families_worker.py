@@ -27,6 +27,7 @@ from xlaserve.sharding.mesh import device_groups, parse_mesh
 
 ENGINE = EngineConfig(max_slots=2, prefill_buckets=(16,), max_model_len=64, compile_cache="", scoring=False)
 TINY = dataclasses.replace(PRESETS["tiny"], num_heads=4, num_kv_heads=2)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 SLIDING = dict(sliding_window=8, layer_types=("sliding_attention", "full_attention"))
 CONFIGS = {
     "llama": TINY,
@@ -53,6 +54,12 @@ CONFIGS = {
         **SLIDING,
     ),
     "phi3": dataclasses.replace(TINY, architecture="phi3", sliding_window=8),
+    # mixtures of experts (tests/test_moe.py runs them against HF and on ep meshes)
+    "qwen2_moe": dataclasses.replace(
+        TINY, architecture="qwen2_moe", **MOE, shared_expert_intermediate_size=96
+    ),
+    "qwen3_moe": dataclasses.replace(TINY, architecture="qwen3_moe", head_dim=32, **MOE, norm_topk_prob=True),
+    "mixtral": dataclasses.replace(TINY, architecture="mixtral", **MOE, norm_topk_prob=True),
 }
 
 

@@ -8,11 +8,22 @@ in `FAMILIES` below. Checkpoint readers look families up by the name their forma
 from __future__ import annotations
 
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.models import gemma, llama, phi3, qwen
+from xlaserve.runtime.models import gemma, llama, mixtral, phi3, qwen, qwen_moe
 from xlaserve.runtime.models.family import Family, KVSpec
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (llama.FAMILY, qwen.QWEN2, qwen.QWEN3, gemma.GEMMA2, gemma.GEMMA3, phi3.FAMILY)
+    f.name: f
+    for f in (
+        llama.FAMILY,
+        qwen.QWEN2,
+        qwen.QWEN3,
+        gemma.GEMMA2,
+        gemma.GEMMA3,
+        phi3.FAMILY,
+        qwen_moe.QWEN2_MOE,
+        qwen_moe.QWEN3_MOE,
+        mixtral.FAMILY,
+    )
 }
 
 
@@ -54,8 +65,11 @@ def for_hf(architectures: list[str] | None, model_type: str | None) -> Family | 
     return next((f for f in FAMILIES.values() if set(architectures or ()) & set(f.hf_architectures)), None)
 
 
-def for_gguf(architecture: str | None) -> Family | None:
-    return next((f for f in FAMILIES.values() if architecture in f.gguf_architectures), None)
+def for_gguf(architecture: str | None, experts: bool = False) -> Family | None:
+    """The family of a GGUF `general.architecture`; `experts`: the file has experts (llama.cpp's
+    "llama" is Llama without them, Mixtral with them). A name only one family uses needs no flag."""
+    named = [f for f in FAMILIES.values() if architecture in f.gguf_architectures]
+    return next((f for f in named if f.moe == experts), named[0] if len(named) == 1 else None)
 
 
 def hf_model_types() -> list[str]:
@@ -63,7 +77,7 @@ def hf_model_types() -> list[str]:
 
 
 def gguf_architectures() -> list[str]:
-    return [a for f in FAMILIES.values() for a in f.gguf_architectures]
+    return list(dict.fromkeys(a for f in FAMILIES.values() for a in f.gguf_architectures))
 
 
 __all__ = [

@@ -5,6 +5,8 @@ family choosing its variant by the weights it declares and a few static switches
 - per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3) when `q_norm`/`k_norm` are;
 - "sandwich" norms after attention and after the feed-forward (Gemma 2/3) when
   `post_attn_norm`/`post_mlp_norm` are;
+- a mixture-of-experts feed-forward (`moe.py`) in place of the dense one when the config has
+  experts (`moe` is declared, `w_gate`/`w_up`/`w_down` are not);
 - from the config: the activation, per-layer sliding windows and RoPE, the attention scale and
   attention-logit soft-capping, final-logit soft-capping.
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention, token_slots, write_kv
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
+from xlaserve.runtime.models import moe as moe_ffn
 from xlaserve.runtime.models.layers import head, matmul, rms_norm, rope
 from xlaserve.runtime.models.params import declare, declare_stacked
 from xlaserve.runtime.quant import QuantArray, take_rows
@@ -50,9 +53,9 @@ class Layer:
     wv: Matrix  # [L, H*K, D]
     wo: Matrix  # [L, D, Hq*K]
     mlp_norm: jax.Array  # [L, D]
-    w_gate: Matrix  # [L, F, D]
-    w_up: Matrix  # [L, F, D]
-    w_down: Matrix  # [L, D, F]
+    w_gate: Matrix | None = None  # [L, F, D]; None with experts
+    w_up: Matrix | None = None  # [L, F, D]
+    w_down: Matrix | None = None  # [L, D, F]
     bq: jax.Array | None = None  # [L, Hq*K]
     bk: jax.Array | None = None  # [L, H*K]
     bv: jax.Array | None = None  # [L, H*K]
@@ -60,6 +63,7 @@ class Layer:
     k_norm: jax.Array | None = None  # [L, K]
     post_attn_norm: jax.Array | None = None  # [L, D]
     post_mlp_norm: jax.Array | None = None  # [L, D]
+    moe: moe_ffn.Experts | None = None  # the experts that replace w_gate/w_up/w_down
 
 
 @jax.tree_util.register_dataclass
@@ -85,6 +89,7 @@ def param_info(
     """A `Weights` whose leaves are `ParamInfo`s, with the optional weights the family has."""
     n, d, f, k = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * k, cfg.num_kv_heads * k
+    dense = not cfg.num_experts
     mat = lambda *dims: declare_stacked(range(n), *dims, matrix=True)
     vec = lambda *dims: declare_stacked(range(n), *dims, matrix=False)
     layers = Layer(
@@ -94,9 +99,9 @@ def param_info(
         wv=mat((kv, "kv_heads"), (d, "embed")),
         wo=mat((d, "embed"), (q, "q_heads")),
         mlp_norm=vec((d, None)),
-        w_gate=mat((f, "ffw"), (d, "embed")),
-        w_up=mat((f, "ffw"), (d, "embed")),
-        w_down=mat((d, "embed"), (f, "ffw")),
+        w_gate=mat((f, "ffw"), (d, "embed")) if dense else None,
+        w_up=mat((f, "ffw"), (d, "embed")) if dense else None,
+        w_down=mat((d, "embed"), (f, "ffw")) if dense else None,
         bq=vec((q, "q_heads")) if qkv_bias else None,
         bk=vec((kv, "kv_heads")) if qkv_bias else None,
         bv=vec((kv, "kv_heads")) if qkv_bias else None,
@@ -104,6 +109,7 @@ def param_info(
         k_norm=vec((k, None)) if qk_norm else None,
         post_attn_norm=vec((d, None)) if sandwich else None,
         post_mlp_norm=vec((d, None)) if sandwich else None,
+        moe=None if dense else moe_ffn.declare(cfg),
     )
     vocab = lambda: declare((cfg.vocab_size, "vocab"), (d, "embed"), matrix=True)
     return Weights(
@@ -187,7 +193,10 @@ def forward(
             x = x + (o if w.post_attn_norm is None else norm(o, w.post_attn_norm))
         with jax.named_scope("mlp"):
             y = norm(x, w.mlp_norm)
-            y = mm(act(mm(y, w.w_gate, "w_gate")) * mm(y, w.w_up, "w_up"), w.w_down, "w_down")
+            if w.moe is not None:
+                y = moe_ffn.block(y, w.moe, cfg=cfg, kernels=kernels, act=act, mm=mm)
+            else:
+                y = mm(act(mm(y, w.w_gate, "w_gate")) * mm(y, w.w_up, "w_up"), w.w_down, "w_down")
             x = x + (y if w.post_mlp_norm is None else norm(y, w.post_mlp_norm))
         return (x, cache), None
 

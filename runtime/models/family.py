@@ -24,6 +24,13 @@ A family module builds one `Family` and the registry (`runtime/models/__init__.p
   from the file's metadata returning the fields to replace.
 - `layer_types(n)`: the per-layer attention kinds an HF config.json without `layer_types` implies
   (None: every layer alike).
+- `moe`: the family's feed-forward is a mixture of experts. A GGUF architecture may name a dense
+  family and a MoE one (llama.cpp writes Mixtral as "llama" with `llama.expert_count`): the file's
+  expert count picks between them.
+- `hf_config`: ModelConfig fields the family fixes whatever config.json says (Mixtral always
+  renormalises its top-2): a function of the config read from config.json returning the fields.
+- In `hf_names`, "{e}" stands for the expert index: the loader stacks experts 0..E-1 of a
+  per-expert tensor (GGUF stores them stacked already).
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ class Family:
     gguf_transforms: Mapping[str, Callable] = field(default_factory=dict)
     gguf_config: Callable[[ModelConfig], dict] = lambda cfg: {}
     layer_types: Callable[[int], tuple[str, ...] | None] = lambda n: None
+    moe: bool = False
+    hf_config: Callable[[ModelConfig], dict] = lambda cfg: {}
 
     def check(self, cfg: ModelConfig, source: str = "") -> None:
         """Refuse a config that sets an optional feature this family does not implement."""

@@ -25,5 +25,13 @@ PRESETS = {
         ("smollm2-135m", (49152, 576, 1536, 30, 9, 3, 64), dict(rope=RopeConfig(theta=100000.0),
             max_position_embeddings=8192, tie_word_embeddings=True)),
         ("tiny", (512, 64, 128, 2, 4, 2, 16), dict(max_position_embeddings=1024)),
+        # mixtures of experts: 30.5B parameters, 3.3B read per token (8 of 128 experts of 768)
+        ("qwen3-30b-a3b", (151936, 2048, 6144, 48, 32, 4, 128), dict(architecture="qwen3_moe",
+            rope=RopeConfig(theta=1e6), max_position_embeddings=40960, rms_norm_eps=1e-6,
+            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True)),
+        # 46.7B parameters, 12.9B per token (2 of 8 experts of 14336)
+        ("mixtral-8x7b", (32000, 4096, 14336, 32, 32, 8, 128), dict(architecture="mixtral",
+            rope=RopeConfig(theta=1e6), max_position_embeddings=32768, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True)),
     ]
 }  # fmt: skip

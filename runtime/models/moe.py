@@ -1,0 +1,233 @@
+"""The mixture-of-experts feed-forward the decoder runs in place of the dense one when the config
+has experts (`ModelConfig.num_experts`): Qwen2-MoE, Qwen3-MoE, Mixtral.
+
+Per token: router logits in float32, softmax, the top k by probability (`jax.lax.top_k`: ties go to
+the lower expert index, as torch.topk resolves them), optionally renormalised to sum to 1; the
+token's output is the weighted sum of its k experts' gated feed-forwards, plus (Qwen2-MoE) a shared
+expert gated by sigmoid(x . w). Every token reaches every expert it picks: there is no capacity
+factor and nothing is dropped, so the output is HF's.
+
+Three ways to run the experts, equal up to summation order (tested against each other):
+- `grouped`: the k * N (token, expert) pairs sorted by expert and one `jax.lax.ragged_dot` per
+  projection (the XLA grouped matmul; prefill);
+- `gathered`: each pair's expert matrices gathered and multiplied as a batch, so a decode step
+  reads only the experts its tokens route to (`routed_bytes`); chosen when there are fewer pairs
+  than experts;
+- `dense_reference`: every expert on every token, weighted by a [N, E] combine matrix (tests).
+
+Expert parallelism ("ep" mesh axis, the psum formulation): the experts are split over ep (E / ep on
+each device, and their ffn axis over tp when it splits at whole quantization blocks); tokens and
+routing are replicated, each device runs its own experts on the pairs routed to them and one psum
+over (ep, tp) sums the contributions, the all-reduce a row-parallel dense feed-forward ends in.
+
+Dimension letters: N tokens, D hidden, E experts (El: on this device), F expert ffn, S shared
+expert ffn, k experts per token, M = N * k (token, expert) pairs, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from xlaserve.runtime.config import Kernels, ModelConfig
+from xlaserve.runtime.models.params import declare_stacked
+from xlaserve.runtime.quant import QuantArray, dequantize, map_quant
+
+Matrix = jax.Array | QuantArray
+HIGHEST = jax.lax.Precision.HIGHEST
+# lhs [M, D] ragged along M, rhs [El, out, in]: contract lhs 1 with rhs 2, groups on rhs 0
+_RAGGED = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Experts:
+    """One MoE feed-forward per layer, stacked over layers. The routers stay float (never
+    quantized, as llama.cpp keeps them): routing is bit-for-bit the checkpoint's."""
+
+    router: jax.Array  # [L, E, D]
+    gate: Matrix  # [L, E, F, D]
+    up: Matrix  # [L, E, F, D]
+    down: Matrix  # [L, E, D, F]
+    shared_gate: Matrix | None = None  # [L, S, D]
+    shared_up: Matrix | None = None  # [L, S, D]
+    shared_down: Matrix | None = None  # [L, D, S]
+    shared_router: jax.Array | None = None  # [L, 1, D]: the shared expert's sigmoid gate
+
+
+def declare(cfg: ModelConfig) -> Experts:
+    n, d, e, f, s = (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_experts,
+        cfg.expert_size,
+        cfg.shared_expert_intermediate_size,
+    )
+    mat = lambda *dims: declare_stacked(range(n), *dims, matrix=True)
+    shared = s > 0
+    return Experts(
+        router=declare_stacked(range(n), (e, None), (d, "embed"), matrix=False),
+        gate=mat((e, "experts"), (f, "ffw"), (d, "embed")),
+        up=mat((e, "experts"), (f, "ffw"), (d, "embed")),
+        down=mat((e, "experts"), (d, "embed"), (f, "ffw")),
+        shared_gate=mat((s, "ffw"), (d, "embed")) if shared else None,
+        shared_up=mat((s, "ffw"), (d, "embed")) if shared else None,
+        shared_down=mat((d, "embed"), (s, "ffw")) if shared else None,
+        shared_router=declare_stacked(range(n), (1, None), (d, "embed"), matrix=False) if shared else None,
+    )
+
+
+def route(x, router, cfg: ModelConfig):
+    """x [N, D], router [E, D] -> (weights float32 [N, k], expert ids int32 [N, k]), as HF routes:
+    float32 softmax over all experts, top k of the probabilities, renormalised if the config says."""
+    logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), router.astype(jnp.float32), precision=HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def _dense(w: Matrix, dtype):
+    return dequantize(w, dtype) if isinstance(w, QuantArray) else w.astype(dtype)
+
+
+def _local(ids, weights, e0: int | jax.Array, el: int):
+    """Pairs flattened [M]: expert ids relative to this device's first expert `e0`, whether the
+    expert is here, and the routing weight (0 for an expert elsewhere)."""
+    rel = ids.reshape(-1) - e0
+    here = (rel >= 0) & (rel < el)
+    return rel, here, jnp.where(here, weights.reshape(-1), 0.0)
+
+
+def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
+    """Sorted by expert, one ragged_dot per projection. x [N, D], ids/weights [N, k], expert
+    matrices of this device's El experts ([El, F, D], [El, F, D], [El, D, F]) -> [N, D] float32:
+    the weighted sum over the pairs whose expert is here."""
+    n, k = ids.shape
+    el, dtype = gate.shape[0], x.dtype
+    rel, here, w = _local(ids, weights, e0, el)
+    key = jnp.where(here, rel, el)  # pairs of other devices' experts sort last, into no group
+    order = jnp.argsort(key, stable=True)  # [M]
+    sizes = jnp.zeros((el + 1,), jnp.int32).at[key].add(1)[:el]  # pairs per local expert
+    xs = jnp.take(x, order // k, axis=0)  # [M, D]
+    mm = lambda a, b: jax.lax.ragged_dot_general(
+        a, _dense(b, dtype), sizes, _RAGGED, precision=HIGHEST, preferred_element_type=jnp.float32
+    ).astype(dtype)
+    h = act(mm(xs, gate)) * mm(xs, up)  # [M, F]
+    y = mm(h, down).astype(jnp.float32)  # [M, D]; rows past sum(sizes) are zeros
+    y = jnp.where(here[order][:, None], y * w[order][:, None], 0.0)
+    back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))  # inverse permutation
+    return jnp.take(y, back, axis=0).reshape(n, k, -1).sum(1)
+
+
+def gathered(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
+    """Each pair's expert matrices gathered ([M, F, D] ...): reads only the routed experts (decode).
+    Same arguments and result as `grouped`."""
+    n, k = ids.shape
+    el, dtype = gate.shape[0], x.dtype
+    rel, here, w = _local(ids, weights, e0, el)
+    idx = jnp.clip(rel, 0, el - 1)
+    take = lambda m: _dense(
+        map_quant(lambda a: jnp.take(a, idx, axis=0), m)
+        if isinstance(m, QuantArray)
+        else jnp.take(m, idx, axis=0),
+        dtype,
+    )
+    xs = jnp.repeat(x, k, axis=0)  # [M, D], pair j is token j // k
+    mm = lambda a, b, spec: jnp.einsum(spec, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+    h = act(mm(xs, take(gate), "md,mfd->mf").astype(dtype)) * mm(xs, take(up), "md,mfd->mf").astype(dtype)
+    y = mm(h, take(down), "mf,mdf->md")
+    y = jnp.where(here[:, None], y * w[:, None], 0.0)
+    return y.reshape(n, k, -1).sum(1)
+
+
+def dense_reference(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
+    """Every expert on every token, combined by the routing weights: the reference for tests."""
+    el, dtype = gate.shape[0], x.dtype
+    rel, _, w = _local(ids, weights, e0, el)
+    combine = jnp.zeros((x.shape[0] * ids.shape[1], el), jnp.float32)
+    combine = combine.at[jnp.arange(rel.shape[0]), jnp.clip(rel, 0, el - 1)].add(w)
+    combine = combine.reshape(*ids.shape, el).sum(1)  # [N, El]
+    mm = lambda spec, a, b: jnp.einsum(spec, a, _dense(b, dtype), precision=HIGHEST)
+    h = act(mm("nd,efd->nef", x, gate)) * mm("nd,efd->nef", x, up)
+    y = mm("nef,edf->ned", h, down).astype(jnp.float32)
+    return jnp.einsum("ned,ne->nd", y, combine, precision=HIGHEST)
+
+
+IMPLS = {"grouped": grouped, "gathered": gathered, "dense": dense_reference}
+
+
+def pick(pairs: int, experts: int) -> str:
+    """`gathered` when the step routes fewer pairs than there are experts (decode: it then reads
+    at most `pairs` experts' weights), else `grouped`."""
+    return "gathered" if pairs < experts else "grouped"
+
+
+def routed_bytes(cfg: ModelConfig, tokens: int, bytes_per_weight: float) -> tuple[float, float]:
+    """(expert weight bytes one decode step of `tokens` tokens reads at most on the gathered path,
+    what a dense pass over every expert reads), for all layers."""
+    per_expert = 3 * cfg.hidden_size * cfg.expert_size * bytes_per_weight * cfg.num_layers
+    read = min(tokens * cfg.num_experts_per_tok, cfg.num_experts)
+    return read * per_expert, cfg.num_experts * per_expert
+
+
+def _ep_specs(cfg: ModelConfig, kernels: Kernels):
+    """(experts mesh axis, ffn mesh axis, the axes the partial sums are psum'd over) on a mesh."""
+    mesh = kernels.mesh
+    ep = "ep" if mesh.shape.get("ep", 1) > 1 else None
+    outs = {
+        kernels.spec("layers.moe.gate")[0],
+        kernels.spec("layers.moe.up")[0],
+        kernels.spec("layers.moe.down")[1],
+    }
+    ffw = outs.pop() if len(outs) == 1 else None  # split F only where all three split it alike
+    return ep, ffw, tuple(a for a in (ep, ffw) if a is not None)
+
+
+def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, impl: str | None = None):
+    """The MoE feed-forward of one layer: x [B, T, D] -> [B, T, D] (x's dtype). `mm` is the
+    decoder's matmul by weight name (for the shared expert); `impl` forces one of `IMPLS`."""
+    b, t, d = x.shape
+    xf = x.reshape(-1, d)
+    weights, ids = route(xf, w.router, cfg)
+    experts = w.gate, w.up, w.down
+    mesh = kernels.mesh
+    name = impl or pick(xf.shape[0] * cfg.num_experts_per_tok, cfg.num_experts)
+    run = functools.partial(IMPLS[name], act=act)
+    if mesh is None:
+        y = run(xf, ids, weights, *experts)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        ep, ffw, summed = _ep_specs(cfg, kernels)
+        el = cfg.num_experts // (mesh.shape["ep"] if ep else 1)
+
+        def local(xf, ids, weights, gate, up, down):
+            e0 = jax.lax.axis_index("ep") * el if ep else 0
+            y = run(xf, ids, weights, gate, up, down, e0=e0)
+            return jax.lax.psum(y, summed) if summed else y
+
+        spec = lambda m, s: map_quant(lambda _: s, m) if isinstance(m, QuantArray) else s
+        in_specs = (P(), P(), P(), spec(w.gate, P(ep, ffw, None)), spec(w.up, P(ep, ffw, None)))
+        in_specs += (spec(w.down, P(ep, None, ffw)),)
+        y = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)(
+            xf, ids, weights, *experts
+        )
+    y = y.astype(x.dtype)
+    if w.shared_router is not None:
+        s = mm(
+            act(mm(xf, w.shared_gate, "moe.shared_gate")) * mm(xf, w.shared_up, "moe.shared_up"),
+            w.shared_down,
+            "moe.shared_down",
+        )
+        gate = jax.nn.sigmoid(
+            jnp.einsum("nd,od->no", xf, w.shared_router.astype(xf.dtype), precision=HIGHEST)
+        )
+        y = y + gate * s
+    return y.reshape(b, t, d)

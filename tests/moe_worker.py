@@ -1,0 +1,45 @@
+"""The tiny MoE checkpoints (tests/tiny_moe.py) on 8 simulated CPU devices, in one process: each
+checkpoint's logits over a teacher-forced sequence (a prefill pass, then one token per pass) with
+the experts split over ep (ep=4; tp=2,ep=2 with the attention and expert ffn split over tp too;
+ep=2 as the second replica of dp=2,ep=2 runs it, on devices 2-3). Writes `<out>/<name>.npz`
+(one float32 [len(seq), V] array per mesh).
+
+Run by tests/test_moe.py: python moe_worker.py SPEC.json OUT, the spec a list of
+{"path", "seq", "prefill", "meshes"}."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import tiny_moe
+
+from xlaserve.checkpoints.load import load_model
+from xlaserve.sharding.mesh import device_groups, parse_mesh
+
+MESHES = {"ep=4": 0, "tp=2,ep=2": 0, "dp=2,ep=2": 1}  # mesh -> the dp replica that runs it
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    specs, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    for spec in specs:
+        loaded = load_model(spec["path"], dequantize=False)
+        arrays = {}
+        for mesh in spec["meshes"]:
+            group = device_groups(parse_mesh(mesh))[MESHES[mesh]]
+            arrays[mesh] = tiny_moe.run_logits(
+                loaded.config, loaded.weights, spec["seq"], mesh=group, prefill=spec["prefill"]
+            )
+        name = Path(spec["path"]).name
+        np.savez(out / f"{name}.npz", **arrays)
+        print(name, "done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
