@@ -299,7 +299,9 @@ def run(args) -> dict:
         "compare": peer,
         "table": table(rows),
     }
-    report.write(result, report.result_path(args.out, "serve"))  # JSON + markdown
+    # one file per kind of run a day: plain, with a JSON schema, against llama.cpp
+    name = "serve" + ("-llamacpp" if peer else "") + ("-json-schema" if args.structured != "off" else "")
+    report.write(result, report.result_path(args.out, name))  # JSON + markdown
     return result
 
 
