@@ -235,7 +235,7 @@ EVENTS = st.lists(
 REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "slid": 0}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(
     events=EVENTS,
     pages=st.integers(8, 14),
