@@ -139,12 +139,14 @@ class GenerationService(pb_grpc.GenerationServicer):
                 s.cancel(self._end_reason(s.request))
             raise
         try:
-            tokenizer, last, echo = self.llm.tokenizer, None, [ids[1]] * len(streams)
+            tokenizer, echo = self.llm.tokenizer, [ids[1]] * len(streams)
+            last: list[float | None] = [None] * len(streams)  # per sample: ITL is within one sample
             async for i, delta in merge(streams):
                 if delta.token_ids or delta.text:
                     now = time.perf_counter()
-                    self.metrics.tokens_streamed(len(delta.token_ids), None if last is None else now - last)
-                    last = now
+                    gap = None if last[i] is None else now - last[i]
+                    self.metrics.tokens_streamed(len(delta.token_ids), gap)
+                    last[i] = now
                     yield messages.delta_message(delta, tokenizer, echo[i], index=i)
                     echo[i] = ""
         except EngineFailed as e:
