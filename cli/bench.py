@@ -1,4 +1,4 @@
-"""`xlaserve bench serve|decode`: the benchmarks of xlaserve.bench behind the command line
+"""`xlaserve bench serve|decode|kv-cache`: the benchmarks of xlaserve.bench behind the command line
 (a load test of a server over gRPC or HTTP; the decode/prefill roofline of a compiled engine)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ def register(sub, load: bool = True) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     if not load:
         return
-    from xlaserve.bench import decode, serve
+    from xlaserve.bench import decode, kv_cache, serve
 
     p = bench.add_parser(
         "serve", help="load-test a server over gRPC or HTTP (TTFT, ITL, e2e percentiles, tok/s)"
@@ -22,3 +22,8 @@ def register(sub, load: bool = True) -> None:
     )
     decode.add_arguments(p)
     p.set_defaults(func=lambda a: decode.run(a) and 0)
+    p = bench.add_parser(
+        "kv-cache", help="quantized KV cache: perplexity, greedy agreement and memory against full precision"
+    )
+    kv_cache.add_arguments(p)
+    p.set_defaults(func=lambda a: kv_cache.run(a) and 0)

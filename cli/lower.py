@@ -63,6 +63,9 @@ def register(sub) -> None:
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 (float32 for cpu)"
     )
+    p.add_argument(
+        "--kv-cache-dtype", choices=["auto", "int8", "fp8"], help="K/V cache storage (fp8: cuda/tpu only)"
+    )
     p.add_argument("--max-slots", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--page-size", type=int)
@@ -151,6 +154,7 @@ def cmd_lower(args) -> int:
     name, cfg, weights, quant = _weights(args, dtype, progress)
     fields = ("max_slots", "max_model_len", "page_size", "decode_steps", "prefill_buckets", "kv_buckets")
     fields += ("slot_buckets", "attention_impl", "matmul_impl", "memory_fraction", "device_memory")
+    fields += ("kv_cache_dtype",)
     given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     engine_cfg = EngineConfig(**given, dtype=dtype, scoring=args.scoring, compile_cache="")
     out, rows, plans = Path(args.out), [], {}
@@ -165,7 +169,9 @@ def cmd_lower(args) -> int:
         plan = (
             layout.plan.describe() if layout.plan else "no memory plan (give --device-memory for the target)"
         )
-        progress(f"{platform}: {name} ({quant}, {layout.ecfg.dtype}) tp={spec.tp}; {plan}")
+        kv = layout.ecfg.kv_cache_dtype
+        label = layout.ecfg.dtype + (f", KV {kv}" if kv != "auto" else "")
+        progress(f"{platform}: {name} ({quant}, {label}) tp={spec.tp}; {plan}")
         plans[platform] = plan
         rows += lower.lower_all(layout, platform, out, progress)
     failed = [r for r in rows if r.error]

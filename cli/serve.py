@@ -102,7 +102,7 @@ def cmd_serve(args) -> int:
         loop = http.attach(llm, loop)
     e, ecfg = llm.engine, llm.engine_config
     weights_mb = weight_bytes(e.weights) / 2**20
-    kv_mb = 2 * e.cache.k.nbytes / 2**20
+    kv_mb = weight_bytes(e.cache) / 2**20
     compile_s = sum(e.compile_seconds.values())
     progress.done(
         f"SERVING {llm.config.name} ({llm.quantization}, {ecfg.dtype}) on {llm.describe_mesh()}; "

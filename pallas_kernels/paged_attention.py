@@ -15,9 +15,16 @@ Mask: a key at absolute position p is visible to a query at position t iff
 
 (HF transformers' sliding-window rule; a decode query sits at t = length - 1). `window` is an int32
 given at run time like `layer`, so one compiled kernel serves local and global layers; pass a huge
-value (2**30) for global attention. Scores are q·k * scale (scale defaults to D**-0.5), or with
-`softcap` softcap * tanh(q·k * scale / softcap), before masking. Hidden positions get a finite mask
-value and weights of exactly 0, so an idle slot (length 0) yields zeros, never NaN.
+value (2**30) for global attention.
+
+Quantized cache: with `k_scale`, `v_scale` [L, N, P, H] (float32, one per token and kv head) the
+stored k, v (int8 or float8 e4m3) stand for k * k_scale, v * v_scale. A tile's keys are converted to
+q's dtype (exact for both formats), their scales multiply the tile's scores and the value scales
+the softmax weights: dequantized K/V never exist in memory.
+
+Scores are q·k * scale (scale defaults to D**-0.5), or with `softcap` softcap * tanh(q·k * scale /
+softcap), before masking. Hidden positions get a finite mask value and weights of exactly 0, so an
+idle slot (length 0) yields zeros, never NaN.
 
 Only the tiles holding visible keys are read: each loop starts at the tile of the first position any
 query of the program can see, and stops after the tile of the last, so a windowed layer reads about
@@ -50,24 +57,39 @@ def _interpret_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _scores(q, k, scale: float, softcap: float | None):
-    """q [R, D] · k [T, D] -> [R, T] f32 logits, scaled and (optionally) soft-capped."""
+def _scores(q, k, scale: float, softcap: float | None, k_scale=None):
+    """q [R, D] · k [T, D] -> [R, T] f32 logits, scaled (k_scale [T]: per key too) and
+    (optionally) soft-capped."""
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+    if k_scale is not None:
+        s = s * k_scale[None, :]
     if softcap is None:
         return s * scale
     return softcap * jnp.tanh(s * (scale / softcap))
 
 
-def _softmax_step(carry, q, k, v, visible, scale, softcap):
-    """One tile of the online softmax. q [R, D]; k, v [T, D]; visible [R, T] or [1, T]."""
+def _softmax_step(carry, q, k, v, visible, scale, softcap, scales=None):
+    """One tile of the online softmax. q [R, D]; k, v [T, D]; visible [R, T] or [1, T]; scales:
+    None, or (k_scale, v_scale) [T] of a quantized tile."""
     peak, total, acc = carry
-    s = jnp.where(visible, _scores(q, k, scale, softcap), MASK_VALUE)
+    k_scale = None
+    if scales is not None:
+        (k_scale, v_scale), k, v = scales, k.astype(q.dtype), v.astype(q.dtype)
+    s = jnp.where(visible, _scores(q, k, scale, softcap, k_scale), MASK_VALUE)
     peak_new = jnp.maximum(peak, jnp.max(s, axis=1))
     p = jnp.where(visible, jnp.exp(s - peak_new[:, None]), 0.0)
     correction = jnp.exp(peak - peak_new)
     total = total * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pw = p if scales is None else p * v_scale[None, :]
+    acc = acc * correction[:, None] + jnp.dot(pw.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return peak_new, total, acc
+
+
+def _tile_scales(refs, layer, pids, h, tile: int):
+    """(k_scale, v_scale) [tile] of a tile's pages for kv head h, or None for a float cache."""
+    if not refs:
+        return None
+    return tuple(r[layer, pids, :, h].reshape(tile) for r in refs)
 
 
 def _init_state(rows: int, d: int):
@@ -92,16 +114,14 @@ def _decode_kernel(
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    m_ref,
-    l_ref,
-    *,
+    *refs,  # [ks_ref, vs_ref,] o_ref, m_ref, l_ref
     pages_per_tile: int,
     splits: int,
     tiles: int,
     scale: float,
     softcap: float | None,
 ):
+    *scale_refs, o_ref, m_ref, l_ref = refs
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, window, length = meta_ref[0], meta_ref[1], lengths_ref[b]
     rows, d = q_ref.shape
@@ -121,7 +141,8 @@ def _decode_kernel(
         v = v_ref[layer, pids, :, h, :].reshape(tile, d)
         pos = (t * tile + jnp.arange(tile))[None, :]
         visible = (pos < length) & (pos >= lo)
-        return _softmax_step(carry, q, k, v, visible, scale, softcap)
+        scales = _tile_scales(scale_refs, layer, pids, h, tile)
+        return _softmax_step(carry, q, k, v, visible, scale, softcap, scales)
 
     peak, total, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, _init_state(rows, d))
     o_ref[...] = acc
@@ -141,6 +162,8 @@ def decode_attention(
     window,
     lengths,
     page_table,
+    k_scale=None,
+    v_scale=None,
     *,
     pages_per_tile: int = 4,
     splits: int = 1,
@@ -152,7 +175,8 @@ def decode_attention(
 ):
     """One new token per sequence. q [B, H, G, D]; k, v [L, N, P, H, D]; layer, window int32
     scalars; lengths [B] (tokens to attend, the query's own included; 0 for idle); page_table [B, W]
-    with W a multiple of pages_per_tile. Sequence b's query sits at position lengths[b] - 1 and sees
+    with W a multiple of pages_per_tile; k_scale, v_scale [L, N, P, H] for a quantized cache.
+    Sequence b's query sits at position lengths[b] - 1 and sees
     keys p with lengths[b] - window <= p < lengths[b]. scale: None for D**-0.5; softcap: None or
     the Gemma 2 attention logit cap. Returns [B, H, G, D] in q's dtype."""
     b, h, g, d = q.shape
@@ -171,6 +195,7 @@ def decode_attention(
     )
     full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     meta = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)])
+    scales = () if k_scale is None else (k_scale, v_scale)
     acc, peak, total = pl.pallas_call(
         kernel,
         grid=(b, h, splits),
@@ -181,6 +206,7 @@ def decode_attention(
             pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0)),
             full(k),
             full(v),
+            *map(full, scales),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, d), lambda i, j, s: (i, j, s, 0, 0)),
@@ -194,7 +220,7 @@ def decode_attention(
         ],
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(meta, lengths.astype(jnp.int32), page_table.astype(jnp.int32), qp, k, v)
+    )(meta, lengths.astype(jnp.int32), page_table.astype(jnp.int32), qp, k, v, *scales)
     return combine_splits(acc, peak, total)[:, :, :g].astype(q.dtype)
 
 
@@ -242,14 +268,14 @@ def _prefill_kernel(
     q_ref,
     k_ref,
     v_ref,
-    o_ref,
-    *,
+    *refs,  # [ks_ref, vs_ref,] o_ref
     block_q: int,
     g_rows: int,
     pages_per_tile: int,
     scale: float,
     softcap: float | None,
 ):
+    *scale_refs, o_ref = refs
     i, h = pl.program_id(0), pl.program_id(1)
     layer, start, kv_len, window = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
     rows, d = q_ref.shape  # rows = block_q * g_rows
@@ -268,7 +294,8 @@ def _prefill_kernel(
         v = v_ref[layer, pids, :, h, :].reshape(tile, d)
         kv_pos = (t * tile + jnp.arange(tile))[None, :]
         visible = (kv_pos <= q_pos[:, None]) & (kv_pos < kv_len) & (q_pos[:, None] - kv_pos < window)
-        return _softmax_step(carry, q, k, v, visible, scale, softcap)
+        scales = _tile_scales(scale_refs, layer, pids, h, tile)
+        return _softmax_step(carry, q, k, v, visible, scale, softcap, scales)
 
     _, total, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, _init_state(rows, d))
     o_ref[...] = (acc / jnp.where(total == 0, 1.0, total)[:, None]).astype(o_ref.dtype)
@@ -287,6 +314,8 @@ def prefill_attention(
     start,
     kv_len,
     page_row,
+    k_scale=None,
+    v_scale=None,
     *,
     block_q: int = 16,
     pages_per_tile: int = 4,
@@ -298,7 +327,8 @@ def prefill_attention(
 ):
     """One chunk of one sequence. q [T, H, G, D] at positions start .. start+T-1 (T a multiple of
     block_q; rows past kv_len - start are padding); k, v [L, N, P, H, D]; layer, window, start,
-    kv_len int32 scalars; page_row [W] (W a multiple of pages_per_tile). The query at position t
+    kv_len int32 scalars; page_row [W] (W a multiple of pages_per_tile); k_scale, v_scale
+    [L, N, P, H] for a quantized cache. The query at position t
     sees keys p with t - window < p <= t and p < kv_len (the cached prefix and the chunk itself).
     scale: None for D**-0.5; softcap: None or the Gemma 2 attention logit cap.
     Returns [T, H, G, D] in q's dtype; a row with nothing visible is 0."""
@@ -320,6 +350,7 @@ def prefill_attention(
     )
     full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     meta = jnp.stack([jnp.asarray(x, jnp.int32) for x in (layer, start, kv_len, window)])
+    scales = () if k_scale is None else (k_scale, v_scale)
     out = pl.pallas_call(
         kernel,
         grid=(t // block_q, h),
@@ -329,12 +360,13 @@ def prefill_attention(
             pl.BlockSpec((None, rows, d), lambda i, j: (j, i, 0)),
             full(k),
             full(v),
+            *map(full, scales),
         ],
         out_specs=pl.BlockSpec((None, rows, d), lambda i, j: (j, i, 0)),
         out_shape=jax.ShapeDtypeStruct((h, t * g_rows, d), q.dtype),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(meta, page_row.astype(jnp.int32), qp, k, v)
+    )(meta, page_row.astype(jnp.int32), qp, k, v, *scales)
     return out.reshape(h, t, g_rows, d).transpose(1, 0, 2, 3)[:, :, :g]
 
 

@@ -13,6 +13,12 @@ the cost follows the real context length, or the window.
 When the table is exactly one block wide there is no loop: decode cuts the table to a KV-length
 bucket and attends densely, because on CPU each loop iteration costs ~0.1 ms per layer, more than
 the attention itself at short contexts.
+
+Quantized cache (`kv_cache_dtype` int8 or fp8): K and V are stored as int8 or float8 e4m3 with one
+float32 scale per token and kv head (`k_scale`, `v_scale` [L, N, P, H]): x ~= stored * scale, the
+scale being max|x| over the head dim divided by the format's largest value (127, 448). Attention
+never materializes dequantized K/V: the key scales multiply the scores and the value scales the
+softmax weights, both [.., keys], so the extra work is per key, not per element.
 """
 
 from __future__ import annotations
@@ -32,11 +38,17 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 NO_WINDOW = 1 << 30  # the window of a global layer: longer than any context
 
 
+# kv_cache_dtype -> (stored dtype, the largest magnitude it holds); "auto" stores the engine dtype
+KV_FORMATS = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
     k: jax.Array  # [L, N, P, H, D]
     v: jax.Array  # [L, N, P, H, D]
+    k_scale: jax.Array | None = None  # [L, N, P, H] float32 when quantized, else None
+    v_scale: jax.Array | None = None
 
     @property
     def page_size(self) -> int:
@@ -46,15 +58,57 @@ class KVCache:
     def num_pages(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @staticmethod
+    def abstract(shape, dtype: str, kv_cache_dtype: str = "auto", sharding=None, scale_sharding=None):
+        """A cache of ShapeDtypeStructs: K/V of `shape` [L, N, P, H, D] in `dtype` ("auto") or the
+        quantized format, with their scales [L, N, P, H]."""
+        if kv_cache_dtype == "auto":
+            kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+            return KVCache(kv, kv)
+        kv = jax.ShapeDtypeStruct(shape, KV_FORMATS[kv_cache_dtype][0], sharding=sharding)
+        scale = jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=scale_sharding)
+        return KVCache(kv, kv, scale, scale)
+
+
+def token_bytes(cache: KVCache) -> int:
+    """Bytes one token's K and V (and scales) take, over every layer."""
+    tokens = cache.num_pages * cache.page_size
+    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache)) // tokens
+
+
+def quantize_kv(x, dtype):
+    """x [..., D] -> (stored [..., D] in `dtype`, scale [...] float32) with x ~= stored * scale."""
+    top = next(t for d, t in KV_FORMATS.values() if jnp.dtype(d) == jnp.dtype(dtype))
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / top
+    y = x * jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)[..., None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        y = jnp.clip(jnp.round(y), -top, top)
+    return y.astype(dtype), scale
+
+
+def dequantize_kv(cache: KVCache, dtype=jnp.float32) -> KVCache:
+    """The full-precision cache a quantized one stands for (tests, references)."""
+    if not cache.quantized:
+        return cache
+    de = lambda x, s: (x.astype(jnp.float32) * s[..., None]).astype(dtype)
+    return KVCache(de(cache.k, cache.k_scale), de(cache.v, cache.v_scale))
+
 
 def write_kv(cache: KVCache, layer, k, v, pages, offsets) -> KVCache:
-    """Store k, v [B, T, H, D] at (pages, offsets) [B, T] of `layer`. A page index ≥ N is dropped;
-    callers use it for padding tokens and idle slots."""
+    """Store k, v [B, T, H, D] at (pages, offsets) [B, T] of `layer`, quantized (with their scales)
+    when the cache is. A page index ≥ N is dropped; callers use it for padding tokens and idle
+    slots."""
     idx = (layer, pages, offsets)
-    return KVCache(
-        cache.k.at[idx].set(k.astype(cache.k.dtype), mode="drop"),
-        cache.v.at[idx].set(v.astype(cache.v.dtype), mode="drop"),
-    )
+    put = lambda arr, x: arr.at[idx].set(x.astype(arr.dtype), mode="drop")
+    if not cache.quantized:
+        return KVCache(put(cache.k, k), put(cache.v, v))
+    (kq, ks), (vq, vs) = quantize_kv(k, cache.k.dtype), quantize_kv(v, cache.v.dtype)
+    return KVCache(put(cache.k, kq), put(cache.v, vq), put(cache.k_scale, ks), put(cache.v_scale, vs))
 
 
 def token_slots(page_table, positions, valid, page_size: int, num_pages: int):
@@ -109,8 +163,12 @@ def paged_attention(
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * pages_per_block, pages_per_block, axis=1)
         k = cache.k[layer, pages].reshape(b, block, h, d)  # gather: [B, block, H, D]
         v = cache.v[layer, pages].reshape(b, block, h, d)
+        if cache.quantized:  # scales per key [B, 1, H, 1, block]: on the scores and the weights
+            per_key = lambda sc: sc[layer, pages].reshape(b, block, h).transpose(0, 2, 1)[:, None, :, None]
+            k_scale, v_scale = per_key(cache.k_scale), per_key(cache.v_scale)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         s = jnp.einsum("bthgd,bshd->bthgs", q, k, precision=precision, preferred_element_type=jnp.float32)
-        s = s * scale
+        s = s * (scale * k_scale if cache.quantized else scale)
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         kv_pos = j * block + jnp.arange(block)
@@ -125,8 +183,13 @@ def paged_attention(
         p = jnp.where(visible, jnp.exp(s - peak_new[..., None]), 0.0)
         correction = jnp.exp(peak - peak_new)
         total = total * correction + p.sum(axis=-1)
+        pw = p * v_scale if cache.quantized else p
         pv = jnp.einsum(
-            "bthgs,bshd->bthgd", p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+            "bthgs,bshd->bthgd",
+            pw.astype(v.dtype),
+            v,
+            precision=precision,
+            preferred_element_type=jnp.float32,
         )
         return peak_new, total, acc * correction[..., None] + pv
 
@@ -189,7 +252,7 @@ def _pallas_attention(
         block_q = 16 if t % 16 == 0 else t
         fn = functools.partial(pk.prefill_attention, block_q=block_q, **opts)
         args, q_in = (layer, window, q_pos[0, 0], kv_len[0], page_table[0]), q[0]  # q [T, H, G, D]
-    return _run_sharded(fn, q_in, cache, args, kernels, t)
+    return _run_sharded(fn, q_in, cache, args, kernels, t, scales=cache.quantized)
 
 
 def _tpu_kernel(
@@ -206,19 +269,20 @@ def _tpu_kernel(
     return fn, (layer, window, q_pos[0, 0], kv_len[0], page_table[0]), q[0]
 
 
-def _run_sharded(fn, q_in, cache: KVCache, args, kernels: Kernels, t: int):
-    """fn(q_in, k, v, *args), per shard under shard_map on a mesh; back to [B, T, H, G, D]."""
+def _run_sharded(fn, q_in, cache: KVCache, args, kernels: Kernels, t: int, scales: bool = False):
+    """fn(q_in, k, v, *args[, k_scale, v_scale]), per shard under shard_map on a mesh; back to
+    [B, T, H, G, D]."""
     h = q_in.shape[1]
     mesh = kernels.mesh
+    extra = (cache.k_scale, cache.v_scale) if scales else ()
     if mesh is not None:
         from jax.sharding import PartitionSpec as P
 
         heads = "tp" if h % mesh.shape["tp"] == 0 else None
-        qs, cs = P(None, heads, None, None), P(None, None, None, heads, None)
-        fn = jax.shard_map(
-            fn, mesh=mesh, in_specs=(qs, cs, cs) + (P(),) * len(args), out_specs=qs, check_vma=False
-        )
-    out = fn(q_in, cache.k, cache.v, *args)
+        qs, cs, ss = P(None, heads, None, None), P(None, None, None, heads, None), P(None, None, None, heads)
+        specs = (qs, cs, cs) + (P(),) * len(args) + (ss,) * len(extra)
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)
+    out = fn(q_in, cache.k, cache.v, *args, *extra)
     return out[:, None] if t == 1 else out[None]
 
 

@@ -236,6 +236,9 @@ class EngineConfig:
     - admission: max_queue waiting requests; max_per_client requests in flight per client id (None:
       no limit); max_prompt_tokens / max_new_tokens (None: max_model_len - 1).
     - dtype: activations/KV/weights ("float32", "bfloat16"); None: float32 on CPU, bfloat16 elsewhere.
+    - kv_cache_dtype: how K/V are stored: "auto" (in dtype), "int8" (every backend) or "fp8" (float8
+      e4m3; GPU/TPU), each quantized with a float32 scale per token and kv head (runtime/attention.py).
+      A quantized cache takes about half the bytes of a bfloat16 one, so twice the slots fit.
     - quantized: keep GGUF-quantized weights quantized in memory (dequantized inside the programs;
       on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
@@ -270,6 +273,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
     dtype: str | None = None
+    kv_cache_dtype: str = "auto"
     quantized: bool | None = None
     compile_cache: str | None = None
     attention_impl: str = "auto"
@@ -376,6 +380,18 @@ class EngineConfig:
             "dtype",
             cfg.dtype,
             "must be float32, bfloat16 or float16",
+        )
+        _check(
+            cfg.kv_cache_dtype in ("auto", "int8", "fp8"),
+            "kv_cache_dtype",
+            cfg.kv_cache_dtype,
+            "must be auto, int8 or fp8",
+        )
+        _check(
+            not (on_cpu and cfg.kv_cache_dtype == "fp8"),
+            "kv_cache_dtype",
+            cfg.kv_cache_dtype,
+            "needs a GPU or TPU (float8 e4m3); on cpu use auto or int8",
         )
         min_pages = cfg.pages_per_seq
         _check(

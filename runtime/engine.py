@@ -28,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from xlaserve.runtime import layout, memory, placement, quant
-from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.programs import DecodeState, Sampled
@@ -84,9 +83,8 @@ class Engine:
             self.weights = jax.device_put(host)
         else:
             self.weights = placement.place(cfg, host, mesh)
-        k = lay.cache.k
-        zeros = jax.jit(lambda: jnp.zeros(k.shape, k.dtype), out_shardings=k.sharding)
-        self.cache = KVCache(zeros(), zeros())  # created in place, shard by shard
+        zeros = lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)()
+        self.cache = jax.tree.map(zeros, lay.cache)  # created in place, shard by shard
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
         self.compile_seconds: dict[str, float] = {}
         self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}

@@ -108,19 +108,20 @@ class Layout:
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
         host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul), abstract(weights))
         sharded = mesh is not None and mesh.size > 1
-        repl = cache_sharding = None
+        repl = cache_sharding = scale_sharding = None
         if mesh is not None:
             shardings = placement.weight_shardings(cfg, host, mesh)
             host = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), host, shardings
             )
             repl, cache_sharding = NamedSharding(mesh, P()), placement.cache_sharding(cfg, mesh)
+            scale_sharding = NamedSharding(mesh, P(*cache_sharding.spec[:-1]))
         kv = family.kv_spec(cfg)
         tp = mesh.size if sharded else 1
 
-        def cache_of(ecfg: EngineConfig, pages: int):
+        def cache_of(ecfg: EngineConfig, pages: int) -> KVCache:
             shape = (kv.num_layers, pages, ecfg.page_size, kv.num_kv_heads, kv.head_dim)
-            return jax.ShapeDtypeStruct(shape, jnp.dtype(ecfg.dtype), sharding=cache_sharding)
+            return KVCache.abstract(shape, ecfg.dtype, ecfg.kv_cache_dtype, cache_sharding, scale_sharding)
 
         def make_plan(ecfg: EngineConfig) -> memory.MemoryPlan:
             page = cache_of(ecfg, 1)
@@ -141,9 +142,9 @@ class Layout:
         st = Statics(
             cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels
         )
-        k = cache_of(ecfg, ecfg.total_pages)
+        cache = cache_of(ecfg, ecfg.total_pages)
         state = abstract(jax.eval_shape(lambda: DecodeState.zeros(ecfg.max_slots, cfg.vocab_size)), repl)
-        return cls(cfg, ecfg, backend, mesh, st, host, KVCache(k, k), state, plan)
+        return cls(cfg, ecfg, backend, mesh, st, host, cache, state, plan)
 
     # -- the programs ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from xlaserve.runtime import models
+from xlaserve.runtime.attention import token_bytes
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.memory import fmt
 from xlaserve.runtime.models import params
@@ -72,7 +73,7 @@ def step_bytes(layout: Layout, program: Program) -> tuple[int | None, int | None
     """(weight bytes, KV bytes) one step of `program` moves, all devices together: every weight
     once (an untied embedding table only at the step's token rows) and the K/V the step reads
     (decode: every row's KV bucket) or writes (prefill, score: the chunk's tokens)."""
-    cfg, ecfg = layout.cfg, layout.ecfg
+    cfg = layout.cfg
     if program.kind.startswith("decode"):
         rows, kv_tokens = program.key
         tokens, kv = rows, rows * kv_tokens
@@ -85,8 +86,7 @@ def step_bytes(layout: Layout, program: Program) -> tuple[int | None, int | None
     if by_name.get("lm_head") is not None:  # untied: the embedding table is read at `tokens` rows
         embed = params.weight_bytes(by_name["embed"])
         weights -= embed - embed * min(tokens, cfg.vocab_size) // cfg.vocab_size
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(ecfg.dtype).itemsize
-    return weights, kv * per_token
+    return weights, kv * token_bytes(layout.cache)
 
 
 @dataclass(frozen=True)

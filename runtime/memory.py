@@ -135,7 +135,7 @@ class MemoryPlan:
     fraction: float
     devices: int  # devices of the mesh (each holds what is below)
     weights: int
-    page_bytes: int  # K and V of one page, every layer, on one device
+    page_bytes: int  # K and V (and their scales) of one page, every layer, on one device
     pages: int
     page_size: int  # tokens
     slots: int
@@ -166,14 +166,14 @@ class MemoryPlan:
 
 def plan(cfg, ecfg: EngineConfig, weights, cache_page, device: tuple[int, str], tp: int, score_tokens: int):
     """The plan of a resolved config. `weights`: abstract weights with their shardings;
-    `cache_page`: an abstract K array of one page [L, 1, P, H, D] with the cache's sharding."""
+    `cache_page`: an abstract KVCache of one page (K, V [L, 1, P, H, D]) with its shardings."""
     return MemoryPlan(
         device_bytes=device[0],
         source=device[1],
         fraction=ecfg.memory_fraction or DEFAULT_FRACTION,
         devices=tp,
         weights=shard_bytes(weights),
-        page_bytes=2 * shard_bytes(cache_page),
+        page_bytes=shard_bytes(cache_page),
         pages=ecfg.total_pages,
         page_size=ecfg.page_size,
         slots=ecfg.max_slots,
