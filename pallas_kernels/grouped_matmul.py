@@ -35,6 +35,19 @@ from jax.experimental.pallas import triton as pltriton
 from .quantized_matmul import _largest_pow2_divisor, dequantize_reference, split_x, tile_product
 
 
+def unsupported(n: int, k: int, kind: str | None, block: int | None, has_mins: bool) -> str | None:
+    """Why the kernel cannot take rhs [G, N, K] (None: it can)."""
+    if n % 16:
+        return f"{n} output rows (a multiple of 16)"
+    per_channel = kind == "q8_0" and block == k and not has_mins
+    if kind is not None and not per_channel and block & (block - 1):
+        return f"group size {block} (a power of two)"
+    least = 16 if kind is None or per_channel else max(block, 32)
+    if k % least:
+        return f"{k} input columns (a multiple of {least})"
+    return None
+
+
 def tile_groups(group_sizes, m: int, bm: int):
     """Group row offsets [G + 1] and, per row tile of bm rows, the first and the last group whose
     rows may meet it ([2, ceil(M / bm)] int32; last < first for a tile past every group)."""
