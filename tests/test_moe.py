@@ -284,11 +284,13 @@ def test_convert_time_int8_experts_match_hf_on_their_dequantized_weights(built, 
 
 @pytest.mark.slow
 def test_experts_split_over_8_simulated_devices_match_hf(built, tmp_path):
-    """One worker process for every family and mesh: ep=4, tp=2,ep=2 and dp=2,ep=2's second replica."""
+    """One worker process for every family and mesh: ep=4, tp=2,ep=2 and dp=2,ep=2's second replica;
+    Qwen3-MoE at tp=2,ep=2 also with the grouped matmul kernel under the shard_map."""
     specs, wants = [], {}
     for family in tm.FAMILIES:  # dp=2,ep=2 (an ep=2 replica) for the family with a shared expert
         directory, _, _, seq, want = built(family)
         meshes = ["ep=4", "tp=2,ep=2"] + (["dp=2,ep=2"] if family == "qwen2_moe" else [])
+        meshes += ["tp=2,ep=2 pallas"] if family == "qwen3_moe" else []  # the grouped kernel per shard
         specs.append({"path": str(directory), "seq": seq, "prefill": len(PROMPT), "meshes": meshes})
         wants[directory.name] = (want, seq)
     (tmp_path / "spec.json").write_text(json.dumps(specs))
