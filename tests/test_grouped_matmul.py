@@ -1,7 +1,7 @@
 """The grouped matmul kernels (pallas_kernels/grouped_matmul.py: Triton; tpu_grouped_matmul.py:
 Mosaic, megablox for dense experts) in interpret mode on CPU, against their pure-jnp reference and
 against jax.lax.ragged_dot on the dequantized weights: ragged group sizes with empty groups (first,
-inner, last), groups spanning several row tiles and several groups inside one tile, rows past
+inner, last), several groups inside one row tile and groups crossing tile boundaries, rows past
 sum(sizes) (which must come out zero), dense float32/bfloat16 experts and every packed layout; and
 lowered for cuda (Triton) and tpu (Mosaic) on this CPU-only machine.
 
