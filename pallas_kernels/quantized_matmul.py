@@ -52,6 +52,44 @@ def _largest_pow2_divisor(n: int, cap: int, least: int) -> int:
     return best
 
 
+def split_x(x, kind: str | None, group: int):
+    """x [M, K] -> (x_lo, x_hi): for 4-bit kinds the halves of each group of K that meet the low and
+    the high nibbles, each [M, K / 2] (a free reshape); else (x, x[:, :1]) (x_hi unused)."""
+    if kind in (None, "q8_0"):
+        return x, x[:, :1]
+    m, k = x.shape
+    xg = x.reshape(m, k // group, group)
+    return xg[..., : group // 2].reshape(m, k // 2), xg[..., group // 2 :].reshape(m, k // 2)
+
+
+def tile_product(x_lo, x_hi, w, d, m, kind: str | None):
+    """One K-tile's products [bm, bn] in float32: x parts [bm, c] times the stored weight tile
+    w [bn, c] dequantized in registers with its scales d and mins m [bn, c / columns per group]
+    (d None: per channel, scaled by the caller; m None: no mins), in the float32 operations of
+    `dequantize_reference`. kind None: w is a dense float tile."""
+    dot = lambda a, b: jnp.dot(a, b.astype(a.dtype).T, preferred_element_type=jnp.float32)
+    if kind is None:
+        return dot(x_lo, w)
+    bn, cols = w.shape
+
+    def expand(s):  # [bn, groups] -> [bn, cols]
+        groups = s.shape[1]
+        s = s.astype(jnp.float32)
+        return jnp.broadcast_to(s[:, :, None], (bn, groups, cols // groups)).reshape(bn, cols)
+
+    if kind == "q8_0":
+        w = w.astype(jnp.float32)
+        w = w if d is None else w * expand(d)
+        return dot(x_lo, w if m is None else w + expand(m))
+    lo, hi, d = (w & 0x0F).astype(jnp.float32), (w >> 4).astype(jnp.float32), expand(d)
+    if kind == "q4_0":
+        lo, hi = d * (lo - 8.0), d * (hi - 8.0)
+    else:
+        m = expand(m)
+        lo, hi = d * lo + m, d * hi + m
+    return dot(x_lo, lo) + dot(x_hi, hi)
+
+
 def _kernel(
     x_lo_ref,
     x_hi_ref,
@@ -70,38 +108,20 @@ def _kernel(
     """One (rows, cols, split) program. For 4-bit kinds x_lo/x_hi are [bm, K/2]; for int8 x_hi is
     unused and x_lo is x [bm, K]."""
     split = pl.program_id(2)
-    bn = w_ref.shape[0]
     four_bit = kind != "q8_0"
     cols = bk // 2 if four_bit else bk  # stored bytes of W per tile along K
     groups = bk // group if not per_channel else 1
 
-    def expand(s):  # [bn, groups] -> [bn, cols]
-        return jnp.broadcast_to(s[:, :, None], (bn, groups, cols // groups)).reshape(bn, cols)
-
     def body(t, acc):
-        span = pl.ds(t * cols, cols)
-        w = w_ref[:, span]
-        d = 1.0 if per_channel else expand(d_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
-        x = x_lo_ref[:, span]
-        if not four_bit:
-            w = w.astype(jnp.float32) * d
-            if asym:
-                w = w + expand(m_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
-            return acc + jnp.dot(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32)
-        lo, hi = (w & 0x0F), (w >> 4)
-        if kind == "q4_0":
-            lo = d * (lo.astype(jnp.float32) - 8.0)
-            hi = d * (hi.astype(jnp.float32) - 8.0)
-        else:
-            m = expand(m_ref[:, pl.ds(t * groups, groups)].astype(jnp.float32))
-            lo = d * lo.astype(jnp.float32) + m
-            hi = d * hi.astype(jnp.float32) + m
-        acc += jnp.dot(x, lo.astype(x.dtype).T, preferred_element_type=jnp.float32)
-        return acc + jnp.dot(x_hi_ref[:, span], hi.astype(x.dtype).T, preferred_element_type=jnp.float32)
+        span, gspan = pl.ds(t * cols, cols), pl.ds(t * groups, groups)
+        d = None if per_channel else d_ref[:, gspan]
+        m = m_ref[:, gspan] if asym or kind == "q4_1" else None
+        x_hi = x_hi_ref[:, span] if four_bit else None
+        return acc + tile_product(x_lo_ref[:, span], x_hi, w_ref[:, span], d, m, kind)
 
     first = split * tiles_per_split
     acc = jax.lax.fori_loop(
-        first, first + tiles_per_split, body, jnp.zeros((x_lo_ref.shape[0], bn), jnp.float32)
+        first, first + tiles_per_split, body, jnp.zeros((x_lo_ref.shape[0], w_ref.shape[0]), jnp.float32)
     )
     if per_channel:
         acc = acc * d_ref[...].astype(jnp.float32)[:, 0][None, :]
@@ -148,13 +168,7 @@ def quantized_matmul(
         splits = max(s for s in range(1, want + 1) if k_tiles % s == 0)
     else:
         splits = 1
-    x = jnp.pad(x, ((0, mp - m), (0, 0)))
-    if four_bit:
-        xg = x.reshape(mp, k // group, group)
-        x_lo = xg[..., : group // 2].reshape(mp, k // 2)
-        x_hi = xg[..., group // 2 :].reshape(mp, k // 2)
-    else:
-        x_lo, x_hi = x, x[:, :1]
+    x_lo, x_hi = split_x(jnp.pad(x, ((0, mp - m), (0, 0))), kind, group)
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kernel = functools.partial(
         _kernel,

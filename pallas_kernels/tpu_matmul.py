@@ -145,6 +145,17 @@ def _kernel(x_lo_ref, x_hi_ref, w_ref, d_ref, m_ref, o_ref, *, kind, gcols, per_
             o_ref[...] = o_ref[...] * d_ref[...].astype(jnp.float32)
 
 
+def scale_block(groups: int, cols: int, gcols: int, tc: int, bn: int):
+    """(block shape, index map (j, kt) -> block index) of grouped scales (or mins) [N, groups] for
+    weight tiles [bn, tc] of W's `cols` stored columns, `gcols` per group."""
+    per_tile = tc // gcols if gcols <= tc else 1
+    if per_tile == 1:
+        return (bn, 1), lambda j, kt: (j, jax.lax.div(kt * tc, gcols))
+    if tc == cols:  # all of K in one tile: the scale block is all groups (partial block)
+        return (bn, -(-groups // LANES) * LANES), lambda j, kt: (j, 0)
+    return (bn, per_tile), lambda j, kt: (j, kt)
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "block", "interpret"))
 def quantized_matmul(x, data, scale, mins, *, kind: str, block: int, interpret: bool | None = None):
     """x [M, K] @ dequant(W)^T -> [M, N] float32; arguments as `quantized_matmul.quantized_matmul`
@@ -174,14 +185,8 @@ def quantized_matmul(x, data, scale, mins, *, kind: str, block: int, interpret: 
         scale, mins = scale.reshape(1, n), None
         in_specs += [pl.BlockSpec((1, bn), lambda i, j, kt: (0, j)), None]
     else:
-        groups = k // block
-        per_tile = tc // gcols if gcols <= tc else 1
-        if per_tile == 1:
-            g_spec = pl.BlockSpec((bn, 1), lambda i, j, kt: (j, jax.lax.div(kt * tc, gcols)))
-        elif tc == cols:  # all of K in one tile: the scale block is all groups (partial block)
-            g_spec = pl.BlockSpec((bn, -(-groups // LANES) * LANES), lambda i, j, kt: (j, 0))
-        else:
-            g_spec = pl.BlockSpec((bn, per_tile), lambda i, j, kt: (j, kt))
+        shape, at = scale_block(k // block, cols, gcols, tc, bn)
+        g_spec = pl.BlockSpec(shape, lambda i, j, kt: at(j, kt))
         in_specs += [g_spec, g_spec if mins is not None else None]
     kernel = functools.partial(_kernel, kind=kind, gcols=gcols, per_channel=per_channel, asym=asym)
     out = pl.pallas_call(

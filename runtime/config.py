@@ -56,7 +56,9 @@ class Kernels:
     """Which implementation the model's matmuls and attention use (static: part of a program)."""
 
     attention: str = "xla"  # "xla" or "pallas"
-    matmul: str = "xla"  # "xla" or "pallas" (quantized weights only; dense weights always use XLA)
+    # "xla" or "pallas": quantized weights, and the MoE experts' grouped matmul (dense or quantized);
+    # other dense weights always use XLA
+    matmul: str = "xla"
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     mesh: object = None  # the ("tp",) jax Mesh the model is sharded over, when more than one device
     # (weight name, (output axis, input axis)) for every sharded matrix: its mesh axes

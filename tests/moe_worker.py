@@ -1,7 +1,8 @@
 """The tiny MoE checkpoints (tests/tiny_moe.py) on 8 simulated CPU devices, in one process: each
 checkpoint's logits over a teacher-forced sequence (a prefill pass, then one token per pass) with
 the experts split over ep (ep=4; tp=2,ep=2 with the attention and expert ffn split over tp too;
-ep=2 as the second replica of dp=2,ep=2 runs it, on devices 2-3). Writes `<out>/<name>.npz`
+ep=2 as the second replica of dp=2,ep=2 runs it, on devices 2-3; "<mesh> pallas": the prefill
+pass's experts through the grouped matmul kernel, interpreted, under the shard_map). Writes `<out>/<name>.npz`
 (one float32 [len(seq), V] array per mesh).
 
 Run by tests/test_moe.py: python moe_worker.py SPEC.json OUT, the spec a list of
@@ -23,6 +24,7 @@ from xlaserve.checkpoints.load import load_model
 from xlaserve.sharding.mesh import device_groups, parse_mesh
 
 MESHES = {"ep=4": 0, "tp=2,ep=2": 0, "dp=2,ep=2": 1}  # mesh -> the dp replica that runs it
+PALLAS = " pallas"  # a mesh named with this suffix runs the grouped matmul kernel (interpreted)
 
 
 def main():
@@ -32,9 +34,15 @@ def main():
         loaded = load_model(spec["path"], dequantize=False)
         arrays = {}
         for mesh in spec["meshes"]:
-            group = device_groups(parse_mesh(mesh))[MESHES[mesh]]
+            shape = mesh.removesuffix(PALLAS)
+            group = device_groups(parse_mesh(shape))[MESHES[shape]]
             arrays[mesh] = tiny_moe.run_logits(
-                loaded.config, loaded.weights, spec["seq"], mesh=group, prefill=spec["prefill"]
+                loaded.config,
+                loaded.weights,
+                spec["seq"],
+                mesh=group,
+                prefill=spec["prefill"],
+                matmul="pallas" if mesh.endswith(PALLAS) else "xla",
             )
         name = Path(spec["path"]).name
         np.savez(out / f"{name}.npz", **arrays)

@@ -4,7 +4,8 @@ engine picks there (nothing is compiled, no accelerator is needed).
 The matrix (slow lane: SmolLM2 as stored and the llama3-8b preset dense and int4, at tp=1 and tp=2
 on simulated CPU devices) runs the command as a user does, one process per configuration, with one
 bucket of each kind so that each run lowers a handful of programs in seconds, and checks the
-Triton (cuda) and Mosaic (tpu) kernels are inside the decode programs. The fast lane lowers the
+Triton (cuda) and Mosaic (tpu) kernels are inside the decode programs, and the grouped matmul
+kernels inside Qwen3-30B-A3B's prefill programs. The fast lane lowers the
 tiny preset in this process, reports a failure truthfully and checks the command's refusals."""
 
 from __future__ import annotations
@@ -109,6 +110,33 @@ def test_tpu_lowers_everything_with_xla_kernels(tmp_path):
     done, summary = run_lower(tmp_path, *flags, "--attention-impl", "xla", "--matmul-impl", "xla")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(summary["programs"]) == 8 and all(r["kernels"] == [] for r in summary["programs"])
+
+
+# Qwen3-30B-A3B (128 experts, 8 per token): dense bfloat16 experts at tp=1, int4 (q4_0) at tp=2.
+MOE_CONFIGS = {
+    "qwen3-30b-a3b tp=1": ["--preset", "qwen3-30b-a3b"],
+    "qwen3-30b-a3b int4 tp=2": ["--preset", "qwen3-30b-a3b", "--quant", "int4", "--mesh", "tp=2"],
+}
+GROUPED, TPU_GROUPED, MEGABLOX = (
+    "triton:_grouped_kernel",
+    "mosaic:xlaserve_grouped_matmul_q4_0",
+    "mosaic:kernel",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", MOE_CONFIGS)
+def test_moe_prefill_programs_run_the_grouped_matmul_kernels(tmp_path, config):
+    """The sorted-by-expert (grouped) path of prefill and score runs the grouped matmul kernel:
+    Triton's on cuda; on tpu megablox's gmm (named `kernel`) for dense experts, ours for int4.
+    Decode (2 slots x 8 pairs < 128 experts) gathers its experts instead."""
+    flags = ["--platforms", "cuda,tpu", "--device-memory", "141GiB", *MOE_CONFIGS[config]]
+    done, summary = run_lower(tmp_path, *flags)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tpu_grouped = TPU_GROUPED if "int4" in config else MEGABLOX
+    for r in summary["programs"]:
+        grouped = GROUPED if r["platform"] == "cuda" else tpu_grouped
+        assert (grouped in r["kernels"]) == (r["kind"] in ("prefill", "prefill_masked", "score")), r
 
 
 # -- fast lane -------------------------------------------------------------------------------------

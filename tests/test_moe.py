@@ -29,7 +29,7 @@ from tiny_gguf import tokenizer_meta
 from xlaserve.checkpoints.load import load_model
 from xlaserve.checkpoints.loaded import CheckpointError
 from xlaserve.runtime import models, placement
-from xlaserve.runtime.config import ModelConfig
+from xlaserve.runtime.config import Kernels, ModelConfig
 from xlaserve.runtime.models import moe
 from xlaserve.runtime.models.params import named
 from xlaserve.runtime.quant import QuantArray, dequantize, quantize
@@ -71,6 +71,27 @@ def test_the_three_expert_paths_agree_whole_and_split_over_ep(n, k, quant):
         )
         parts = [impl(x, ids, weights, *(cut(m, i) for m in (gate, up, down)), e0=2 * i) for i in range(4)]
         np.testing.assert_allclose(sum(parts), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("quant", [None, "q8_0", "q4_1"])
+def test_the_grouped_path_runs_the_pallas_kernels_when_asked_and_matches_ragged_dot(platform, quant):
+    """Kernels(matmul="pallas"): the three projections of `grouped` run the grouped matmul kernel
+    (Triton's or Mosaic's, interpreted) on the experts as stored, and agree with ragged_dot."""
+    rng = np.random.default_rng(7)
+    mats = [rng.normal(size=(4, 256, 256)).astype(np.float32) * 0.1 for _ in range(3)]  # E=4, F=D=256
+    gate, up, down = [
+        jax.tree.map(jnp.asarray, quantize(m, quant, 32)) if quant else jnp.asarray(m) for m in mats
+    ]
+    x = jnp.asarray(rng.normal(size=(24, 256)), jnp.float32)
+    cfg = ModelConfig(64, 256, 256, 1, 2, 2, 8, num_experts=4, num_experts_per_tok=2)
+    weights, ids = moe.route(x, jnp.asarray(rng.normal(size=(4, 256)), jnp.float32), cfg)
+    mm = moe.grouped_matmul(Kernels(matmul="pallas", interpret=True, platform=platform))
+    run = lambda x, mm: moe.grouped(x, ids, weights, gate, up, down, mm=mm)
+    jaxpr = str(jax.make_jaxpr(run, static_argnums=1)(x, mm))
+    assert jaxpr.count("jit[name=grouped_matmul") == 3 and "pallas_call" in jaxpr
+    np.testing.assert_allclose(run(x, mm), run(x, moe.ragged_dot), atol=2e-5, rtol=1e-5)
+    assert moe.grouped_matmul(Kernels()) is moe.ragged_dot
 
 
 def test_routing_ties_take_the_lower_expert_where_torch_topk_takes_its_sorts_choice():
@@ -263,11 +284,13 @@ def test_convert_time_int8_experts_match_hf_on_their_dequantized_weights(built, 
 
 @pytest.mark.slow
 def test_experts_split_over_8_simulated_devices_match_hf(built, tmp_path):
-    """One worker process for every family and mesh: ep=4, tp=2,ep=2 and dp=2,ep=2's second replica."""
+    """One worker process for every family and mesh: ep=4, tp=2,ep=2 and dp=2,ep=2's second replica;
+    Qwen3-MoE at tp=2,ep=2 also with the grouped matmul kernel under the shard_map."""
     specs, wants = [], {}
     for family in tm.FAMILIES:  # dp=2,ep=2 (an ep=2 replica) for the family with a shared expert
         directory, _, _, seq, want = built(family)
         meshes = ["ep=4", "tp=2,ep=2"] + (["dp=2,ep=2"] if family == "qwen2_moe" else [])
+        meshes += ["tp=2,ep=2 pallas"] if family == "qwen3_moe" else []  # the grouped kernel per shard
         specs.append({"path": str(directory), "seq": seq, "prefill": len(PROMPT), "meshes": meshes})
         wants[directory.name] = (want, seq)
     (tmp_path / "spec.json").write_text(json.dumps(specs))

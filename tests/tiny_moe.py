@@ -156,12 +156,15 @@ def write_gguf(directory, path, meta: dict, kind="F32") -> None:
 # -- our model over a token sequence, without an engine --------------------------------------------
 
 
-def run_logits(cfg, host_weights, ids, *, mesh=None, prefill: int | None = None) -> np.ndarray:
+def run_logits(
+    cfg, host_weights, ids, *, mesh=None, prefill: int | None = None, matmul: str = "xla"
+) -> np.ndarray:
     """float32 logits [len(ids), V] of the family's forward over `ids` (one sequence, teacher
     forced): the first `prefill` tokens in one pass (T = prefill: sorted, ragged_dot experts), the
     others one per pass (T = 1: the decode shape, gathered experts). On `mesh` (an ("ep", "tp") or
     ("tp",) mesh) the weights and cache are placed as the engine places them. Two compiles, no
-    engine: a tenth of an engine's start-up on 2 cores."""
+    engine: a tenth of an engine's start-up on 2 cores. matmul "pallas": the prefill pass's experts
+    run the grouped matmul kernel (interpreted)."""
     import jax
     import jax.numpy as jnp
 
@@ -173,7 +176,8 @@ def run_logits(cfg, host_weights, ids, *, mesh=None, prefill: int | None = None)
     page, n = 16, len(ids)
     prefill = n if prefill is None else prefill
     pages = -(-n // page)
-    kernels = Kernels(mesh=mesh, matrix_specs=placement.matrix_specs(cfg, host_weights, mesh), interpret=True)
+    specs = placement.matrix_specs(cfg, host_weights, mesh)
+    kernels = Kernels(mesh=mesh, matrix_specs=specs, interpret=True, matmul=matmul)
     shape = (kv.num_layers, pages, page, kv.num_kv_heads, kv.head_dim)
     if mesh is None:
         weights, cache = jax.device_put(host_weights), KVCache(jnp.zeros(shape), jnp.zeros(shape))

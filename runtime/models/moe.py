@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from xlaserve.pallas_kernels import grouped_matmul as gmm
+from xlaserve.pallas_kernels import tpu_grouped_matmul as tpu_gmm
 from xlaserve.runtime.config import Kernels, ModelConfig
 from xlaserve.runtime.models.params import declare_stacked
 from xlaserve.runtime.quant import QuantArray, dequantize, map_quant
@@ -105,10 +107,47 @@ def _local(ids, weights, e0: int | jax.Array, el: int):
     return rel, here, jnp.where(here, weights.reshape(-1), 0.0)
 
 
-def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
-    """Sorted by expert, one ragged_dot per projection. x [N, D], ids/weights [N, k], expert
-    matrices of this device's El experts ([El, F, D], [El, F, D], [El, D, F]) -> [N, D] float32:
-    the weighted sum over the pairs whose expert is here."""
+def ragged_dot(a, b: Matrix, sizes):
+    """The XLA grouped matmul: a [M, in] sorted by expert, b [El, out, in], sizes [El] -> [M, out]
+    float32 (zeros past sum(sizes)). Quantized experts are dequantized whole first."""
+    return jax.lax.ragged_dot_general(
+        a, _dense(b, a.dtype), sizes, _RAGGED, precision=HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def grouped_matmul(kernels: Kernels):
+    """The grouped matmul (`ragged_dot`'s arguments and result) that `kernels` pick: with
+    matmul == "pallas" our Pallas kernel (Triton's, or Mosaic's on TPU) reads dense or packed
+    experts as stored, dequantizing in its tiles; experts it does not take, unpacked (CPU layout)
+    ones, and the "xla" matmul use ragged_dot."""
+    if kernels.matmul != "pallas":
+        return ragged_dot
+    tpu = kernels.pallas_platform == "tpu"
+
+    def mm(a, b: Matrix, sizes):
+        if isinstance(b, QuantArray) and not b.packed:
+            return ragged_dot(a, b, sizes)
+        rhs, scale, mins = b.arrays if isinstance(b, QuantArray) else (b, None, None)
+        layout = b.layout if isinstance(b, QuantArray) else {"kind": None, "block": None}
+        _, n, k = b.shape
+        why = (
+            tpu_gmm.unsupported(n, k, **layout, has_mins=mins is not None, dtype=rhs.dtype)
+            if tpu
+            else gmm.unsupported(n, k, **layout, has_mins=mins is not None)
+        )
+        if why is not None:
+            return ragged_dot(a, b, sizes)
+        kernel = tpu_gmm.grouped_matmul if tpu else gmm.grouped_matmul
+        return kernel(a, rhs, sizes, scale, mins, **layout, interpret=kernels.interpret)
+
+    return mm
+
+
+def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, mm=ragged_dot):
+    """Sorted by expert, one grouped matmul `mm` (`ragged_dot`, or `grouped_matmul`'s kernel) per
+    projection. x [N, D], ids/weights [N, k], expert matrices of this device's El experts
+    ([El, F, D], [El, F, D], [El, D, F]) -> [N, D] float32: the weighted sum over the pairs whose
+    expert is here."""
     n, k = ids.shape
     el, dtype = gate.shape[0], x.dtype
     rel, here, w = _local(ids, weights, e0, el)
@@ -116,11 +155,8 @@ def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
     order = jnp.argsort(key, stable=True)  # [M]
     sizes = jnp.zeros((el + 1,), jnp.int32).at[key].add(1)[:el]  # pairs per local expert
     xs = jnp.take(x, order // k, axis=0)  # [M, D]
-    mm = lambda a, b: jax.lax.ragged_dot_general(
-        a, _dense(b, dtype), sizes, _RAGGED, precision=HIGHEST, preferred_element_type=jnp.float32
-    ).astype(dtype)
-    h = act(mm(xs, gate)) * mm(xs, up)  # [M, F]
-    y = mm(h, down).astype(jnp.float32)  # [M, D]; rows past sum(sizes) are zeros
+    h = act(mm(xs, gate, sizes).astype(dtype)) * mm(xs, up, sizes).astype(dtype)  # [M, F]
+    y = mm(h, down, sizes)  # [M, D] float32; rows past sum(sizes) are zeros
     y = jnp.where(here[order][:, None], y * w[order][:, None], 0.0)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))  # inverse permutation
     return jnp.take(y, back, axis=0).reshape(n, k, -1).sum(1)
@@ -200,6 +236,8 @@ def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, impl: s
     mesh = kernels.mesh
     name = impl or pick(xf.shape[0] * cfg.num_experts_per_tok, cfg.num_experts)
     run = functools.partial(IMPLS[name], act=act)
+    if name == "grouped":  # Pallas kernels run per device: under the shard_map below on a mesh
+        run = functools.partial(run, mm=grouped_matmul(kernels))
     if mesh is None:
         y = run(xf, ids, weights, *experts)
     else:
