@@ -54,6 +54,7 @@ from pathlib import Path
 from xlaserve.bench import ours, report
 from xlaserve.bench.ours import QUANT_ALIASES
 from xlaserve.bench.roofline import copy_bandwidth, datasheet, peak_memory, prefill_flops, step_bytes
+from xlaserve.runtime.attention import token_bytes
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.models.presets import PRESETS
 
@@ -97,6 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-impl", choices=["auto", "pallas", "xla"], default="auto")
     p.add_argument("--compile-cache", default="", help="JAX compilation cache ('' = off: true compile times)")
     p.add_argument("--memory-fraction", type=float, help="share of device memory to plan for (0.9)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8", "fp8"],
+        default="auto",
+        help="K/V cache storage (fp8: GPU/TPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(report.RESULTS), help="output directory (default: bench/results)")
 
@@ -126,6 +133,7 @@ def engine_config(args, dtype: str) -> EngineConfig:
         attention_impl=args.attention_impl,
         matmul_impl=args.matmul_impl,
         memory_fraction=args.memory_fraction,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -214,7 +222,7 @@ def run(args) -> dict:
         t, t_ref, rounds = alternate(
             lambda b=b, c=c: mine.decode(b, c, args.steps), lambda b=b, c=c: ref.decode(b, c, args.steps)
         )
-        w, kv = step_bytes(model.cfg, engine.weights, dtype, b, c)
+        w, kv = step_bytes(model.cfg, engine.weights, token_bytes(engine.cache), b, c)
         row = dict(batch=b, context=c, step_s=t, step_s_rounds=rounds, tok_s=b / t)
         row.update(weight_bytes_per_step=w, kv_bytes_per_step=kv, bytes_per_step=w + kv)
         row.update(bytes_per_s=(w + kv) / t, pct_copy_bw=100 * (w + kv) / t / copy_bw)
@@ -255,7 +263,11 @@ def run(args) -> dict:
         "dtype": dtype,
         "quant": model.quant,
         "param_count": model.cfg.param_count(),
-        "engine": {"attention": engine.ecfg.attention_impl, "matmul": engine.ecfg.matmul_impl},
+        "engine": {
+            "attention": engine.ecfg.attention_impl,
+            "matmul": engine.ecfg.matmul_impl,
+            "kv_cache_dtype": engine.ecfg.kv_cache_dtype,
+        },
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -266,13 +278,18 @@ def run(args) -> dict:
         "prefill": prefill,
         "decode": decode,
         "weight_bytes": weight_bytes(engine.weights),
-        "kv_cache_bytes": 2 * engine.cache.k.nbytes,
+        "kv_cache_bytes": weight_bytes(engine.cache),
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
         "compare": {"reference": ref.describe, "prefill": cmp_prefill, "decode": cmp_decode} if ref else None,
         "notes": notes,
     }
-    path = report.result_path(args.out, f"decode-{report.slug(args.preset or Path(args.model).stem)}")
+    # one file per configuration: gpu.sh runs several of one preset on one day
+    name = [args.preset or Path(args.model).stem]
+    name += [args.quant] if args.preset and args.quant not in (None, "none") else []
+    name += [f"kv-{args.kv_cache_dtype}"] if args.kv_cache_dtype != "auto" else []
+    name += [f"vs-{args.compare}"] if args.compare else []
+    path = report.result_path(args.out, "decode-" + report.slug("-".join(name)))
     images = {t: p.name for t, p in report.plot_names(path).items()}
     md = report.render(result, images)
     print(md)

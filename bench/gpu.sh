@@ -25,7 +25,8 @@ PY
 xlaserve lower --platforms cuda --preset llama3-8b --quant int4 --out "$out/lowered" \
   || echo "[gpu.sh] some programs failed to lower: see the table above and $out/lowered/lowered.json" >&2
 step "lowering table"
-# 2. Kernels compiled (interpret off): parity columns beside timings, attention bandwidth, matmul (~1 min).
+# 2. Kernels compiled (interpret off): parity columns beside timings, attention bandwidth (bf16, and
+#    int8/fp8 caches at batch 64 x 8192), matmul (~1 min).
 python -m xlaserve.bench.kernels --out "$out"
 step "kernels"
 # 3. Llama-3-8B preset decode sweep in bf16 and int4 (Q4_0 g32), int8 (per channel) at two points
@@ -38,6 +39,11 @@ for quant in none int4; do
 done
 xlaserve bench decode --preset llama3-8b --quant int8 --batch-sizes 1,64 --context-lengths 512 --out "$out"
 step "decode int8"
+# 3b. An fp8 KV cache where KV bytes dominate a step: int4 weights, batch 64 at 4096 tokens (~1 min);
+#     compare with the same point of the int4 sweep above (bench/kernels.py has the kernel's parity).
+xlaserve bench decode --preset llama3-8b --quant int4 --kv-cache-dtype fp8 --batch-sizes 64 \
+  --context-lengths 4096 --out "$out"
+step "decode int4, fp8 KV"
 xlaserve bench decode --preset llama3-8b --batch-sizes 1,64 --context-lengths 512,2048 --compare hf --out "$out"
 step "decode vs HF (preset)"
 # 4. The real model end to end against HF on the same GGUF (~1 min).

@@ -72,65 +72,70 @@ def timed(fn, *args, repeats: int) -> float:
 
 def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float, tpu: bool = False) -> list[dict]:
     from xlaserve.pallas_kernels import paged_attention, tpu_attention
-    from xlaserve.runtime.attention import NO_WINDOW, KVCache
+    from xlaserve.runtime.attention import KV_FORMATS, NO_WINDOW, KVCache, quantize_kv
     from xlaserve.runtime.attention import paged_attention as xla_attention
 
     h, g, d = cfg["heads"]
     page, dtype = cfg["page"], jnp.bfloat16
     rows = []
     key = jax.random.key(0)
-    for b in cfg["batches"]:
-        for ctx in cfg["contexts"]:
-            width = ctx // page  # pages per sequence; each sequence its own pages
-            pages = b * width
-            k1, k2, k3, key = jax.random.split(key, 4)
-            k = jax.random.normal(k1, (1, pages, page, h, d), dtype)
-            v = jax.random.normal(k2, (1, pages, page, h, d), dtype)
-            q = jax.random.normal(k3, (b, h, g, d), dtype)
-            table = jnp.arange(pages, dtype=jnp.int32).reshape(b, width)
-            lengths = jnp.full((b,), ctx, jnp.int32)
-            if tpu:  # Mosaic: tiles of up to 128 tokens, no split-K (one core walks the grid)
-                tile = next(t for t in (8, 4, 2, 1) if width % t == 0 and t * page <= 128)
-                splits = 1
-                kernel = functools.partial(tpu_attention.decode_attention, pages_per_tile=tile)
-            else:
-                tile = 4 if width % 4 == 0 else 1
-                splits = max(1, min(16, (width // tile) // 8))
-                kernel = functools.partial(
-                    paged_attention.decode_attention, pages_per_tile=tile, splits=splits
-                )
-            pallas = jax.jit(
-                lambda q, k, v, lengths, table, f=kernel: f(
-                    q, k, v, 0, NO_WINDOW, lengths, table, interpret=interpret
-                )
+    points = [(b, ctx, "auto") for b in cfg["batches"] for ctx in cfg["contexts"]]
+    if not tpu:  # an 8-bit cache (the Mosaic kernels take float K/V only) at one long-context point
+        points += [(cfg["batches"][-1], cfg["contexts"][-2], kv) for kv in KV_FORMATS]
+    for b, ctx, kv in points:
+        width = ctx // page  # pages per sequence; each sequence its own pages
+        pages = b * width
+        k1, k2, k3, key = jax.random.split(key, 4)
+        k = jax.random.normal(k1, (1, pages, page, h, d), dtype)
+        v = jax.random.normal(k2, (1, pages, page, h, d), dtype)
+        q = jax.random.normal(k3, (b, h, g, d), dtype)
+        table = jnp.arange(pages, dtype=jnp.int32).reshape(b, width)
+        lengths = jnp.full((b,), ctx, jnp.int32)
+        if tpu:  # Mosaic: tiles of up to 128 tokens, no split-K (one core walks the grid)
+            tile = next(t for t in (8, 4, 2, 1) if width % t == 0 and t * page <= 128)
+            splits = 1
+            kernel = functools.partial(tpu_attention.decode_attention, pages_per_tile=tile)
+        else:
+            tile = 4 if width % 4 == 0 else 1
+            splits = max(1, min(16, (width // tile) // 8))
+            kernel = functools.partial(paged_attention.decode_attention, pages_per_tile=tile, splits=splits)
+        scales = ()
+        if kv != "auto":  # stored 8-bit values and a float32 scale per token and head
+            (k, ks), (v, vs) = (quantize_kv(x, KV_FORMATS[kv][0]) for x in (k, v))
+            scales = (ks, vs)
+        pallas = jax.jit(
+            lambda q, k, v, lengths, table, *sc, f=kernel: f(
+                q, k, v, 0, NO_WINDOW, lengths, table, *sc, interpret=interpret
             )
-            block = min(ctx, 512 if not interpret else ctx)
-            xla = jax.jit(
-                lambda q, k, v, lengths, table, blk=block: xla_attention(
-                    q[:, None], KVCache(k, v), 0, table, (lengths - 1)[:, None], lengths, block=blk
-                )[:, 0]
-            )
-            kv_bytes = 2 * b * ctx * h * d * jnp.dtype(dtype).itemsize
-            args = (q, k, v, lengths, table)
-            outs = [fn(*args).astype(jnp.float32) for fn in (pallas, xla)]
-            diff = float(jnp.abs(outs[0] - outs[1]).max())  # parity, compiled (bf16 inputs)
-            t_pallas = timed(pallas, q, k, v, lengths, table, repeats=repeats)
-            t_xla = timed(xla, q, k, v, lengths, table, repeats=repeats)
-            rows.append(
-                {
-                    "batch": b,
-                    "context": ctx,
-                    "splits": splits,
-                    "max_abs_diff_vs_xla": diff,
-                    "kv_bytes": kv_bytes,
-                    "pallas_s": t_pallas,
-                    "xla_s": t_xla,
-                    "pallas_bytes_per_s": kv_bytes / t_pallas,
-                    "xla_bytes_per_s": kv_bytes / t_xla,
-                    "pallas_pct_copy_bw": 100 * kv_bytes / t_pallas / copy_bw,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+        )
+        block = min(ctx, 512 if not interpret else ctx)
+        xla = jax.jit(
+            lambda q, k, v, lengths, table, *sc, blk=block: xla_attention(
+                q[:, None], KVCache(k, v, *sc), 0, table, (lengths - 1)[:, None], lengths, block=blk
+            )[:, 0]
+        )
+        kv_bytes = sum(x.nbytes for x in (k, v, *scales))
+        args = (q, k, v, lengths, table, *scales)
+        outs = [fn(*args).astype(jnp.float32) for fn in (pallas, xla)]
+        diff = float(jnp.abs(outs[0] - outs[1]).max())  # parity, compiled (bf16 inputs)
+        t_pallas = timed(pallas, *args, repeats=repeats)
+        t_xla = timed(xla, *args, repeats=repeats)
+        rows.append(
+            {
+                "batch": b,
+                "context": ctx,
+                "kv_cache_dtype": kv,
+                "splits": splits,
+                "max_abs_diff_vs_xla": diff,
+                "kv_bytes": kv_bytes,
+                "pallas_s": t_pallas,
+                "xla_s": t_xla,
+                "pallas_bytes_per_s": kv_bytes / t_pallas,
+                "xla_bytes_per_s": kv_bytes / t_xla,
+                "pallas_pct_copy_bw": 100 * kv_bytes / t_pallas / copy_bw,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -71,14 +71,12 @@ def prefill_flops(cfg: ModelConfig, n: int) -> int:
     return cfg.num_layers * (2 * matmul * n + attention) + 2 * cfg.vocab_size * d
 
 
-def step_bytes(cfg: ModelConfig, weights, dtype: str, batch: int, context: int) -> tuple[int, int]:
-    """(weight bytes, KV bytes) one decode step of `batch` sequences at `context` tokens reads."""
-    import jax.numpy as jnp
-
+def step_bytes(cfg: ModelConfig, weights, kv_token_bytes: int, batch: int, context: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step of `batch` sequences at `context` tokens reads;
+    kv_token_bytes: one token's K and V over every layer (`attention.token_bytes`: scales included)."""
     from xlaserve.runtime.models.params import weight_bytes
 
     weight = weight_bytes(weights)
     if weights.lm_head is not None:  # untied: the embedding table is read at the batch's rows only
         weight += weights.embed.nbytes * batch // cfg.vocab_size - weights.embed.nbytes
-    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return weight, kv
+    return weight, batch * context * kv_token_bytes

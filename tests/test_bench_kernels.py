@@ -13,10 +13,13 @@ def test_kernel_benchmark_smoke(tmp_path):
     written = json.loads(next(tmp_path.glob("cpu-kernels-smoke-*.json")).read_text())
     assert written["kind"] == "kernels" and written["interpret"] and result["copy_bandwidth_Bps"] > 0
     attention = written["decode_attention"]
-    assert {(r["batch"], r["context"]) for r in attention} == {(1, 32), (1, 64), (2, 32), (2, 64)}
+    points = [(r["batch"], r["context"], r["kv_cache_dtype"]) for r in attention]
+    full = [(b, c, "auto") for b in (1, 2) for c in (32, 64)]
+    assert points == [*full, (2, 32, "int8"), (2, 32, "fp8")]  # 8-bit caches at one point
     for r in attention:
         assert r["max_abs_diff_vs_xla"] < 2e-2  # bf16
-        assert r["kv_bytes"] == 2 * r["batch"] * r["context"] * 2 * 64 * 2  # K+V, 2 heads x 64, bf16
+        per_head = 64 * 2 if r["kv_cache_dtype"] == "auto" else 64 + 4  # bf16, or 8 bits and a scale
+        assert r["kv_bytes"] == 2 * r["batch"] * r["context"] * 2 * per_head  # K+V, 2 heads
         assert r["pallas_bytes_per_s"] == r["kv_bytes"] / r["pallas_s"]
     for row in written["quantized_matmul"]:
         for q in ("int8", "q4_0 g32", "q4_1 g32"):

@@ -157,6 +157,37 @@ def test_tiny_preset_lowers_for_cuda_in_process(tmp_path):
     assert lower.file_name("decode[S=8,k=1,kv=512]") == "decode.S8.k1.kv512.mlir"
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_cache_lowers_for_cuda_and_tpu(tmp_path, kv):
+    """The tiny preset with an 8-bit cache: on cuda the Triton attention reads the stored K/V and
+    their scales; the TPU kernels take float K/V only, so tpu attends on the XLA path. The table's
+    KV bytes count the scales."""
+    cfg = PRESETS["tiny"]
+    ecfg = EngineConfig(
+        max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2, kv_cache_dtype=kv
+    )
+    stored = {"int8": "xi8", "fp8": "xf8E4M3FN"}[kv]
+    for backend, platform in (("gpu", "cuda"), ("tpu", "tpu")):
+        layout = Layout.build(cfg, lower.preset_weights(cfg, "q4_0", "bfloat16"), ecfg, backend=backend)
+        got = {r.program: r for r in lower.lower_all(layout, platform, tmp_path)}
+        assert all(r.error is None for r in got.values()), [r.error for r in got.values()]
+        decode = got["decode[S=2,k=1,kv=256]"]
+        if platform == "cuda":
+            assert f"triton:{ATTENTION}" in decode.kernels
+        else:
+            assert not any("attention" in k for k in decode.kernels), decode.kernels
+        assert stored in (tmp_path / platform / lower.file_name(decode.program)).read_text()
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)  # 8-bit values, f32 scales
+        assert decode.kv_bytes == 2 * 256 * per_token
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs a GPU or TPU"):
+        Layout.build(
+            cfg,
+            lower.preset_weights(cfg, "none", "float32"),
+            dataclasses.replace(ecfg, kv_cache_dtype="fp8"),
+            backend="cpu",
+        )
+
+
 def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     """A program that cannot be lowered is a row with its error and the others are still lowered
     (here Triton's kernels forced onto tpu: their compiler parameters are GPU-only; insert, free and
