@@ -30,6 +30,13 @@ first, the rest of the reading (text, stops) still overlaps the device, and the 
 the end of one dispatch until the next is queued. With decode_steps k > 1 such a batch advances one
 token per dispatch. A grammar that is complete (only EOS may follow) ends the request with finish
 reason "stop".
+
+Speculative decoding (an engine with `speculative_k`): a decode batch without grammar sequences runs
+one verify step instead of a decode dispatch. Each greedy sequence guesses up to K tokens by n-gram
+lookup in its own prompt and output (runtime/speculative.py), on pages the pool has free (a guess
+never preempts anyone); sampled sequences guess nothing, so they draw exactly as without
+speculation. The guesses need the tokens of the dispatch in flight and the next guesses need this
+step's tokens, so such a step reads results before it returns: nothing is pipelined.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
+from xlaserve.runtime.speculative import ngram_propose
 from xlaserve.runtime.stats import EngineStats
 
 log = logging.getLogger("xlaserve")
@@ -87,6 +95,8 @@ class Runner:
         self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
         self.finished = {reason.value: 0 for reason in FinishReason}
         self.prompt_tokens_computed = 0
+        self.speculative = bool(e.speculative_k)  # n-gram speculation (needs the verify programs)
+        self.guesses = [0, 0]  # speculative guesses made, and kept
 
     @property
     def busy(self) -> bool:
@@ -166,9 +176,15 @@ class Runner:
         if scoring:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
-        if plan.decode:
+        grammar = any(seq.req.grammar is not None for seq in plan.decode)
+        if plan.decode and self.speculative and not grammar:
+            if previous is not None:  # the guesses continue from the tokens in flight
+                deltas += self._read_decode(*previous)
+                previous = None
+            deltas += self._verify(plan.decode)
+        elif plan.decode:
             masks = ()
-            if any(seq.req.grammar is not None for seq in plan.decode):
+            if grammar:
                 if previous is not None:  # the masks need the tokens in flight
                     self._offer_inflight(*previous)
                 masks = (self._masks(plan.decode),)
@@ -191,6 +207,36 @@ class Runner:
             if d.finished and seq is not None:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
+
+    def _verify(self, seqs: list[Seq]) -> list[Delta]:
+        """One speculative step for the running `seqs` (their slots' tokens are all read)."""
+        s, ecfg = self.scheduler, self.engine.ecfg
+        proposed = np.zeros((len(s.slots), ecfg.speculative_k[-1]), np.int32)
+        n = np.zeros((len(s.slots),), np.int32)
+        live = [seq for seq in seqs if not seq.req.finished]  # a finished one runs once more, unread
+        for seq in live:
+            req, tokens = seq.req, seq.tokens()
+            # no guess past max_tokens or max_model_len: the last emitted token is the model's own
+            left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - len(tokens))
+            most = min(proposed.shape[1], left - 1)
+            if req.params.temperature != 0.0 or most <= 0:
+                continue
+            guesses = ngram_propose(tokens, most)
+            held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
+            guesses = guesses[: max(0, held - len(tokens))]
+            proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+        kv = max(seq.length + 1 + n[seq.slot] for seq in seqs)
+        result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
+        deltas = []
+        for seq in live:
+            self.guesses[0] += int(n[seq.slot])
+            self.guesses[1] += int(result.emitted[seq.slot]) - 1
+            for i in range(result.emitted[seq.slot]):
+                deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
+                if seq.req.finished:
+                    break
+            s.decoded(seq)
+        return deltas
 
     def _score(self, group) -> list[Delta]:
         """Score chunks of distinct sequences in one call: position i of a chunk predicts the token

@@ -213,3 +213,42 @@ def test_verify_programs_are_in_the_layout_list():
     assert lower.step_bytes(lay, verify)[1] == 3 * 64 * per_token
     act = lambda layout: memory.activation_bytes(CFG, layout.ecfg, layout.weights, 1, 0)
     assert act(lay) > act(plain)
+
+
+def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
+    """The runner's n-gram speculation (greedy sequences guess, sampled ones do not) changes no
+    token and no log-prob, with more requests than slots and a request too short to guess much."""
+    from serving import mock_tokenizer
+
+    from xlaserve import LLM
+
+    for slot in range(ENGINE.max_slots):  # the other tests left slots active on device
+        engine.free(slot)
+    llm = LLM.from_engine(engine, mock_tokenizer(CFG.vocab_size))
+    prompts = [[5, 6, 7, 8] * 3, PROMPTS[2], PROMPTS[0], [9, 9, 9, 9, 9]]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, max_tokens=20, ignore_eos=True, seed=3, logprobs=0),
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+    ]
+    assert llm.runner.speculative
+    llm.runner.speculative = False
+    plain = llm.generate(prompts, params)
+    llm.runner.speculative = True
+    fast = llm.generate(prompts, params)
+    made, kept = llm.runner.guesses
+    assert kept > 0 and made > kept  # guesses were kept, and rejected
+    for a, b in zip(plain, fast, strict=True):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            np.testing.assert_allclose(
+                [x.logprob, *[lp for _, lp in x.top]],
+                [y.logprob, *[lp for _, lp in y.top]],
+                rtol=1e-4,
+                atol=1e-4,
+            )
+    assert [len(o.token_ids) for o in fast] == [30, 25, 20, 3]
+    assert llm.stats().pages_used == 0
