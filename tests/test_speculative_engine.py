@@ -252,3 +252,18 @@ def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
             )
     assert [len(o.token_ids) for o in fast] == [30, 25, 20, 3]
     assert llm.stats().pages_used == 0
+
+
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_verify_lowers_for_accelerators_with_xla_attention(platform, backend):
+    """The Pallas attention kernels take neither K+1 tokens a row nor (prefill's) a one-row batch of
+    5 queries: verify attends on the XLA path there, its matmuls still run the kernels."""
+    ecfg = EngineConfig(
+        max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2, speculative_k=(4,)
+    )
+    layout = Layout.build(CFG, lower.preset_weights(CFG, "q4_0", "bfloat16"), ecfg, backend=backend)
+    verify = [p for p in layout.programs() if p.kind == "verify"]
+    assert [p.key[0] for p in verify] == [1, 2]
+    for program in verify:
+        text = program.jit().trace(*program.args).lower(lowering_platforms=(platform,)).as_text()
+        assert lower.kernel_calls(text) == (("triton:_kernel",) if platform == "cuda" else ())
