@@ -267,3 +267,14 @@ def test_verify_lowers_for_accelerators_with_xla_attention(platform, backend):
     for program in verify:
         text = program.jit().trace(*program.args).lower(lowering_platforms=(platform,)).as_text()
         assert lower.kernel_calls(text) == (("triton:_kernel",) if platform == "cuda" else ())
+
+
+def test_speculative_k_flag_reaches_the_engine_config():
+    from xlaserve.cli import build_parser
+    from xlaserve.cli.common import engine_kwargs
+
+    for command in (["generate", "hi"], ["serve"]):
+        args = build_parser(command[0]).parse_args([*command, "--speculative-k", "4"])
+        assert engine_kwargs(args)["speculative_k"] == (4,)
+    args = build_parser("lower").parse_args(["lower", "--out", "x", "--speculative-k", "1,4"])
+    assert args.speculative_k == (1, 4)
