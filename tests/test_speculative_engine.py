@@ -278,3 +278,42 @@ def test_speculative_k_flag_reaches_the_engine_config():
         assert engine_kwargs(args)["speculative_k"] == (4,)
     args = build_parser("lower").parse_args(["lower", "--out", "x", "--speculative-k", "1,4"])
     assert args.speculative_k == (1, 4)
+
+
+def test_runner_speculation_on_the_mock_with_a_dry_pool(monkeypatch):
+    """The mock continues with token + 1, so a prompt holding its own continuation is guessed right
+    all along: the same outputs in a fifth of the dispatches, also when the pool is too small for
+    both sequences (a guess takes only free pages: one is cut short here; preemption recomputes)."""
+    from serving import mock_tokenizer
+
+    from xlaserve import LLM
+    from xlaserve.runtime.mock_engine import MockEngine
+    from xlaserve.runtime.scheduler import Scheduler
+
+    reserve, cut = Scheduler.reserve, []
+
+    def counting(self, seq, tokens):  # records whether the pool had pages for every guess
+        held = reserve(self, seq, tokens)
+        cut.append(held < tokens)
+        return held
+
+    monkeypatch.setattr(Scheduler, "reserve", counting)
+
+    def run(speculative_k, num_pages):
+        fields = dict(max_slots=2, max_model_len=256, page_size=4, num_pages=num_pages)
+        engine = MockEngine(EngineConfig(**fields, speculative_k=speculative_k))
+        llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+        prompts = [[*range(5, 125), *range(5, 10)], [*range(200, 320), 200, 201]]
+        params = SamplingParams(temperature=0.0, max_tokens=110, ignore_eos=True, logprobs=1)
+        outs = llm.generate(prompts, params)
+        assert llm.stats().pages_used == 0
+        return [(o.token_ids, [lp.top for lp in o.logprobs]) for o in outs], engine.dispatches, llm
+
+    plain, plain_dispatches, _ = run((), 64)
+    assert plain[0][0] == list(range(10, 120)) and plain[1][0] == list(range(202, 312))
+    for pool in (64, 200):
+        cut.clear()
+        fast, dispatches, llm = run((4,), pool)
+        assert fast == plain
+        assert llm.runner.guesses[1] > 150 and dispatches < plain_dispatches / 4
+        assert (llm.stats().preemptions > 0) == any(cut) == (pool == 64)
