@@ -31,12 +31,13 @@ the end of one dispatch until the next is queued. With decode_steps k > 1 such a
 token per dispatch. A grammar that is complete (only EOS may follow) ends the request with finish
 reason "stop".
 
-Speculative decoding (an engine with `speculative_k`): a decode batch without grammar sequences runs
-one verify step instead of a decode dispatch. Each greedy sequence guesses up to K tokens by n-gram
-lookup in its own prompt and output (runtime/speculative.py), on pages the pool has free (a guess
-never preempts anyone); sampled sequences guess nothing, so they draw exactly as without
-speculation. The guesses need the tokens of the dispatch in flight and the next guesses need this
-step's tokens, so such a step reads results before it returns: nothing is pipelined.
+Speculative decoding (an engine with `speculative_k`): in a decode batch without grammar sequences,
+each greedy sequence guesses up to K tokens by n-gram lookup in its own prompt and output
+(runtime/speculative.py), on pages the pool has free (a guess never preempts anyone); sampled
+sequences guess nothing, so they draw exactly as without speculation. With a guess to check, the
+step runs one verify call instead of a decode dispatch, and reads it before returning (the next
+guesses need its tokens); with none, the decode dispatch. Either way the guesses needed the tokens
+of the dispatch in flight first, so such batches are not pipelined.
 """
 
 from __future__ import annotations
@@ -177,12 +178,15 @@ class Runner:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
+        guesses = None
         if plan.decode and self.speculative and not grammar:
             if previous is not None:  # the guesses continue from the tokens in flight
                 deltas += self._read_decode(*previous)
                 previous = None
-            deltas += self._verify(plan.decode)
-        elif plan.decode:
+            guesses = self._propose(plan.decode)
+        if guesses is not None and guesses[1].any():
+            deltas += self._verify(plan.decode, *guesses)
+        elif plan.decode:  # (without a guess to check, a decode dispatch: cheaper than verify)
             masks = ()
             if grammar:
                 if previous is not None:  # the masks need the tokens in flight
@@ -208,13 +212,15 @@ class Runner:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
 
-    def _verify(self, seqs: list[Seq]) -> list[Delta]:
-        """One speculative step for the running `seqs` (their slots' tokens are all read)."""
+    def _propose(self, seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray]:
+        """The running `seqs`' guesses (their slots' tokens all read), on pages they now hold:
+        (int32 [max_slots, K], counts [max_slots])."""
         s, ecfg = self.scheduler, self.engine.ecfg
         proposed = np.zeros((len(s.slots), ecfg.speculative_k[-1]), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
-        live = [seq for seq in seqs if not seq.req.finished]  # a finished one runs once more, unread
-        for seq in live:
+        for seq in seqs:
+            if seq.req.finished:  # it runs once more, unread
+                continue
             req, tokens = seq.req, seq.tokens()
             # no guess past max_tokens or max_model_len: the last emitted token is the model's own
             left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - len(tokens))
@@ -225,6 +231,12 @@ class Runner:
             held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
             guesses = guesses[: max(0, held - len(tokens))]
             proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+        return proposed, n
+
+    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray) -> list[Delta]:
+        """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
+        s = self.scheduler
+        live = [seq for seq in seqs if not seq.req.finished]
         kv = max(seq.length + 1 + n[seq.slot] for seq in seqs)
         result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
         deltas = []
