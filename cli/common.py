@@ -63,6 +63,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
+        "--speculative-k",
+        type=_int_tuple,
+        help="n-gram speculative decoding of greedy requests: guesses a step, e.g. 4 (default off)",
+    )
+    g.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="default: float32 on CPU, bfloat16 elsewhere",
@@ -99,6 +104,7 @@ def engine_kwargs(args) -> dict:
         "memory_fraction",
         "decode_steps",
         "prefill_buckets",
+        "speculative_k",
         "dtype",
         "kv_cache_dtype",
         "quantized",

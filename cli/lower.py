@@ -75,6 +75,7 @@ def register(sub) -> None:
     p.add_argument(
         "--slot-buckets", type=_int_tuple, help="decode batch sizes compiled (default: 1, max_slots)"
     )
+    p.add_argument("--speculative-k", type=_int_tuple, help="verify programs' guess counts, e.g. 4")
     p.add_argument(
         "--no-scoring", dest="scoring", action="store_false", help="leave out the scoring programs"
     )
@@ -154,7 +155,7 @@ def cmd_lower(args) -> int:
     name, cfg, weights, quant = _weights(args, dtype, progress)
     fields = ("max_slots", "max_model_len", "page_size", "decode_steps", "prefill_buckets", "kv_buckets")
     fields += ("slot_buckets", "attention_impl", "matmul_impl", "memory_fraction", "device_memory")
-    fields += ("kv_cache_dtype",)
+    fields += ("kv_cache_dtype", "speculative_k")
     given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     engine_cfg = EngineConfig(**given, dtype=dtype, scoring=args.scoring, compile_cache="")
     out, rows, plans = Path(args.out), [], {}

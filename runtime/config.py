@@ -228,6 +228,8 @@ class EngineConfig:
       busy slot (on CPU an idle row costs nearly as much as a busy one). None: 1 and max_slots.
     - decode_steps: decode steps run per dispatch (k); the host sees tokens every k steps.
     - max_logprobs: the most top-N alternatives a request may ask for.
+    - speculative_k: the guess counts K the speculative verify program is compiled for (one per
+      slot and KV bucket each); a step with fewer guesses pads to the next. Empty: no speculation.
     - prefill_token_budget: prompt tokens prefilled per step across all prompts, bounding how long
       running streams wait for a new prompt (and a cancel for a long prompt to stop). None: measured
       at start-up so that a step's prefill takes at most max_prefill_stall_s (runtime/budget.py).
@@ -266,6 +268,7 @@ class EngineConfig:
     slot_buckets: tuple[int, ...] | None = None
     decode_steps: int = 1
     max_logprobs: int = 20
+    speculative_k: tuple[int, ...] = ()
     prefill_token_budget: int | None = None
     max_prefill_stall_s: float = 0.25
     prefix_cache: bool = True
@@ -347,6 +350,9 @@ class EngineConfig:
         )
         cfg = dataclasses.replace(cfg, slot_buckets=tuple(sorted(set(slots) | {cfg.max_slots})))
         _check(cfg.decode_steps >= 1, "decode_steps", cfg.decode_steps, "must be ≥ 1")
+        spec_k = tuple(sorted(set(cfg.speculative_k)))
+        _check(all(k >= 1 for k in spec_k), "speculative_k", cfg.speculative_k, "must be counts ≥ 1")
+        cfg = dataclasses.replace(cfg, speculative_k=spec_k)
         for name in ("attention_impl", "matmul_impl"):
             value = getattr(cfg, name)
             _check(value in ("auto", "pallas", "xla"), name, value, "must be auto, pallas or xla")

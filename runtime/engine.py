@@ -8,6 +8,10 @@ arguments and the kernels are described by `Layout` (runtime/layout.py), the sam
 lower` lowers for other platforms; before anything is placed, the memory plan (runtime/memory.py)
 sizes the slots and page pool to the devices' memory or refuses a configuration that cannot fit.
 
+Speculative decoding's `verify` scores each slot's current token and up to K guesses in one call
+and emits the agreeing prefix plus one token of the model's own (runtime/speculative.py); its
+programs, one per guess-count bucket `speculative_k`, are compiled with the others.
+
 Structured output has programs of its own, compiled with the others: a masked prefill per bucket
 and a masked one-step decode per (slots, KV) bucket, which take the grammar slots' token bitmasks
 (runtime/grammar.py). The runner dispatches them only when a sequence with a grammar is in the
@@ -30,7 +34,7 @@ from jax.sharding import Mesh
 from xlaserve.runtime import layout, memory, placement, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
-from xlaserve.runtime.programs import DecodeState, Sampled
+from xlaserve.runtime.programs import DecodeState, Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
 log = logging.getLogger("xlaserve")
@@ -108,15 +112,16 @@ class Engine:
     def _compile_all(self) -> None:
         """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
         `_prefill_masked[t]`, `_score[rows, t]`, `_decode[rows, kv]`, `_decode_masked[rows, kv]`,
-        `_insert`, `_free`."""
+        `_verify[rows, kv, k]`, `_insert`, `_free`."""
         compiled: dict[str, dict] = {
-            k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked")
+            k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
         for program in self.layout.programs():
             compiled.setdefault(program.kind, {})[program.key] = self._compile(program)
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
         self._score = compiled["score"]
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
+        self._verify = compiled["verify"]
         self._insert, self._free = compiled["insert"][None], compiled["free"][None]
         log.info(
             "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
@@ -215,6 +220,31 @@ class Engine:
         self.cache, self.state, packed = program[key](self.weights, self.cache, self.state, *host)
         return packed
 
+    def verify(
+        self,
+        page_table: np.ndarray,
+        kv_tokens: int,
+        proposed: np.ndarray,
+        n_proposed: np.ndarray,
+        busy_rows: int | None = None,
+    ) -> Verified:
+        """One speculative step for the active slots, all below `busy_rows` (default: all slots):
+        slot s's first n_proposed[s] guesses proposed[s] (int32 [max_slots, k ≤ max speculative_k];
+        0 guesses: one plain decode step) are checked against the model, which emits the agreeing
+        prefix and one token of its own. page_table holds pages for positions lengths ..
+        lengths + n_proposed (after the call, pages past the new lengths may be freed); kv_tokens
+        bounds lengths + n_proposed + 1 of every active slot. Returns the emitted tokens on the host
+        (the next proposal needs them)."""
+        k = next((b for b in self.ecfg.speculative_k if b >= proposed.shape[1]), None)
+        if k is None:
+            raise ValueError(f"{proposed.shape[1]} guesses: speculative_k is {self.ecfg.speculative_k}")
+        padded = np.zeros((self.ecfg.max_slots, k), np.int32)
+        padded[:, : proposed.shape[1]] = proposed
+        key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens), k)
+        host = self._put(page_table, padded, np.asarray(n_proposed, np.int32))
+        self.cache, self.state, packed = self._verify[key](self.weights, self.cache, self.state, *host)
+        return Verified.unpack(to_host(packed), k)
+
     def free(self, slot: int) -> None:
         self.state = self._free(self.state, *self._put(np.int32(slot)))
 
@@ -246,4 +276,4 @@ class Engine:
         return packed, to_host(lg)
 
 
-__all__ = ["Engine", "Sampled"]
+__all__ = ["Engine", "Sampled", "Verified"]

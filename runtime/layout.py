@@ -11,6 +11,7 @@ weights, the KV cache and the decode state. `Layout.programs()` lists, in compil
     prefill[T], prefill_masked[T]           per prefill bucket T
     score[B=b,T=t]                          per bucket t and batch b (`score_rows`), with scoring on
     decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
+    verify[S,K,kv]                          per S, kv and guess count K (`speculative_k`)
     insert, free
 """
 
@@ -229,6 +230,27 @@ class Layout:
         name = f"{kind}[S={rows},k={steps},kv={kv_tokens}]"
         return self.program(kind, (rows, kv_tokens), name, fn, ("cache", "state"), args, outputs)
 
+    def verify(self, rows: int, kv_tokens: int, k: int) -> Program:
+        """A speculative step of the first `rows` slots, K = k guesses each, attending over
+        `kv_tokens` (programs.verify)."""
+        ecfg = self.ecfg
+        # Attention on the XLA path: the Pallas kernels take one query token a row (decode) or one
+        # sequence in tiles of ≥ 16 query rows (prefill), and K+1 tokens a row is neither.
+        st = dataclasses.replace(self.st, kernels=dataclasses.replace(self.st.kernels, attention="xla"))
+        fn = functools.partial(programs.verify, st=st, kv_pages=kv_tokens // ecfg.page_size, rows=rows)
+        args = (
+            self.weights,
+            self.cache,
+            self.state,
+            self.spec((ecfg.max_slots, ecfg.pages_per_seq), jnp.int32),
+            self.spec((ecfg.max_slots, k), jnp.int32),
+            self.spec((ecfg.max_slots,), jnp.int32),
+        )
+        name = f"verify[S={rows},K={k},kv={kv_tokens}]"
+        return self.program(
+            "verify", (rows, kv_tokens, k), name, fn, ("cache", "state"), args, ("cache", "state", "packed")
+        )
+
     def programs(self) -> list[Program]:
         """Every program the engine compiles at start-up, in order."""
         ecfg, out = self.ecfg, []
@@ -239,6 +261,7 @@ class Layout:
         grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]
         out += [self.decode(rows, kv) for rows, kv in grid]
         out += [self.decode(rows, kv, masked=True) for rows, kv in grid]
+        out += [self.verify(rows, kv, k) for rows, kv in grid for k in ecfg.speculative_k]
         i32 = self.spec((), jnp.int32)
         packed = self.spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
         row = abstract(SamplingState.zeros(1), self.repl)

@@ -2,7 +2,7 @@
 
 Every process runs the same programs in the same order (SPMD), each on its own devices of one
 global mesh. Process 0 owns the scheduler and the server and decides every step; each engine call
-it makes (prefill, insert, decode, free, score_batch, with the host data they take) is published to
+it makes (prefill, insert, decode, verify, free, score_batch, with the host data they take) is published to
 the coordinator's key-value store, and the other processes replay the calls in order on their
 engines. A call's device results never travel: a later call that takes one (insert takes prefill's
 packed result) names it by call number, and each process substitutes its own copy.
@@ -19,7 +19,7 @@ import numpy as np
 from xlaserve.runtime.engine import to_host
 
 log = logging.getLogger("xlaserve")
-VERBS = ("prefill", "insert", "decode", "free", "score_batch")
+VERBS = ("prefill", "insert", "decode", "verify", "free", "score_batch")
 KEY = "xlaserve/call/{}"
 
 

@@ -72,11 +72,14 @@ def kernel_calls(text: str) -> tuple[str, ...]:
 def step_bytes(layout: Layout, program: Program) -> tuple[int | None, int | None]:
     """(weight bytes, KV bytes) one step of `program` moves, all devices together: every weight
     once (an untied embedding table only at the step's token rows) and the K/V the step reads
-    (decode: every row's KV bucket) or writes (prefill, score: the chunk's tokens)."""
+    (decode, verify: every row's KV bucket) or writes (prefill, score: the chunk's tokens)."""
     cfg = layout.cfg
     if program.kind.startswith("decode"):
         rows, kv_tokens = program.key
         tokens, kv = rows, rows * kv_tokens
+    elif program.kind == "verify":  # K+1 tokens a row
+        rows, kv_tokens, k = program.key
+        tokens, kv = rows * (k + 1), rows * kv_tokens
     elif program.kind.startswith("prefill") or program.kind == "score":
         tokens = kv = program.key if isinstance(program.key, int) else program.key[0] * program.key[1]
     else:

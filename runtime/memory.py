@@ -95,9 +95,10 @@ def _split(leaf) -> int:
 
 def activation_bytes(cfg: ModelConfig, ecfg: EngineConfig, weights, tp: int, score_tokens: int) -> int:
     """An estimate (not a measurement) of the temporaries alive at once in the largest program, per
-    device: the logits and sampling buffers of decode, the feed-forward and attention of the
-    longest prefill chunk, the logits of a scoring call (`score_tokens` tokens), plus the
-    dequantized copy of the largest quantized matrix where the XLA path dequantizes it."""
+    device: the logits and sampling buffers of decode (and of speculative verify, K+1 positions a
+    slot), the feed-forward and attention of the longest prefill chunk, the logits of a scoring
+    call (`score_tokens` tokens), plus the dequantized copy of the largest quantized matrix where
+    the XLA path dequantizes it."""
     b = np.dtype(ecfg.dtype).itemsize
     v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -117,13 +118,15 @@ def activation_bytes(cfg: ModelConfig, ecfg: EngineConfig, weights, tp: int, sco
     t = ecfg.prefill_buckets[-1]
     prefill = tokens(t, ecfg.attn_block_for(t)) + 4 * v
     score = score_tokens * (3 * 4 * v) + tokens(score_tokens, ecfg.attn_block) if score_tokens else 0
+    k1 = max(ecfg.speculative_k, default=-1) + 1  # verify's positions per slot (0: no verify)
+    verify = s * k1 * (8 * 4 * v) + s * tokens(k1, kv) if k1 else 0  # logits and accept's [S, K+1, V]
     dequant = 0
     if ecfg.matmul_impl == "xla":
         for w in jax.tree.leaves(weights, is_leaf=lambda x: isinstance(x, QuantArray)):
             if isinstance(w, QuantArray):
                 n, k = w.shape[-2:]
                 dequant = max(dequant, n * k * (4 + b) // _split(w.data))
-    return max(decode, prefill, score) + dequant
+    return max(decode, prefill, score, verify) + dequant
 
 
 @dataclass(frozen=True)

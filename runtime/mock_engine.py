@@ -12,6 +12,8 @@ what it costs). `device_s` adds up every dispatch's time. With a grammar's bitma
 output) a row takes its token when the mask allows it, else the lowest token the mask allows. It
 has no tokenizer: the caller pairs it with one (`LLM.from_engine(MockEngine(), tokenizer)`; the
 tests use a word-level one spelling token i as "w{i}", tests/serving.py).
+
+A speculative `verify` keeps the leading guesses that follow the same rule, then adds its own.
 """
 
 from __future__ import annotations
@@ -169,3 +171,23 @@ class MockEngine:
             steps.append(nxt[:rows].copy())
             self.tokens = nxt
         return self._run(self.step_s, self._packed(np.stack(steps), self.ecfg.max_logprobs))
+
+    def verify(self, page_table, kv_tokens, proposed, n_proposed, busy_rows=None):
+        """Speculative step: a slot keeps its leading guesses that are each the previous token + 1,
+        then adds its own next token. Returns `Verified` (on the host, as Engine.verify does)."""
+        from xlaserve.runtime.programs import Sampled, Verified  # imports JAX; the mock otherwise not
+
+        self.dispatches += 1
+        rows = busy_rows or self.ecfg.max_slots
+        emitted = np.zeros((rows,), np.int32)
+        tokens = np.zeros((rows, proposed.shape[1] + 1), np.int64)
+        for row in np.flatnonzero(self.active[:rows]):
+            i = 0
+            while True:
+                tokens[row, i] = self._next(self.tokens[row] if i == 0 else tokens[row, i - 1])
+                if i == n_proposed[row] or proposed[row, i] != tokens[row, i]:
+                    break
+                i += 1
+            emitted[row], self.tokens[row] = i + 1, tokens[row, i]
+        packed = np.asarray(self._run(self.step_s, self._packed(tokens, self.ecfg.max_logprobs)))
+        return Verified(emitted, Sampled.unpack(packed))

@@ -4,6 +4,7 @@
 - `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
 - `insert`: put a prefilled sequence into a decode slot.
 - `decode`: advance every slot by `steps` tokens.
+- `verify`: speculative decoding's step: score each slot's token and K guesses, keep what agrees.
 - `free`: retire a slot.
 
 The model is reached through `Statics` (its config names the family: `Statics.forward`,
@@ -25,6 +26,7 @@ from xlaserve.runtime import models
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.sampling import SamplingState, sample
+from xlaserve.runtime.speculative import accept
 
 
 @jax.tree_util.register_dataclass
@@ -110,6 +112,27 @@ class Sampled:
             top_ids=packed[..., 2 : 2 + n],
             top_logprobs=packed[..., 2 + n :].view(np.float32),
         )
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Host view of `verify`'s packed result [R, 1 + (K+1) C]: per row the count emitted, then K+1
+    `pack` rows (the first `emitted` are the output; the rest, and idle rows, are padding)."""
+
+    emitted: np.ndarray  # [R] int32: 1 .. n_proposed + 1 for an active slot, 0 for an idle one
+    sampled: Sampled  # leading dims [R, K+1]
+
+    @staticmethod
+    def unpack(packed: np.ndarray, k: int) -> Verified:
+        packed = np.asarray(packed, np.int32)
+        rows = packed.shape[0]
+        return Verified(packed[:, 0], Sampled.unpack(packed[:, 1:].reshape(rows, k + 1, -1)))
+
+    def tokens(self, row: int) -> list[int]:
+        return self.sampled.tokens[row, : self.emitted[row]].tolist()
+
+    def logprobs(self, row: int) -> np.ndarray:
+        return self.sampled.logprobs[row, : self.emitted[row]]
 
 
 def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Statics):
@@ -264,3 +287,77 @@ def decode(
     if with_logits:
         return cache, state, out, all_logits
     return cache, state, out
+
+
+def verify(
+    weights,
+    cache: KVCache,
+    state: DecodeState,
+    page_table,
+    proposed,
+    n_proposed,
+    *,
+    st: Statics,
+    kv_pages: int,
+    rows: int,
+):
+    """One speculative step for the active slots among the first `rows` (slots ≥ rows must be idle).
+
+    proposed [S, K] int32: each slot's guesses for the tokens after its current one; n_proposed [S]
+    int32 in [0, K]: how many are real (0: the slot runs exactly one plain decode step). The decoder
+    runs over the current token and the guesses at positions lengths .. lengths + K (guesses past
+    n_proposed are padding: not valid, so their K/V is never written); `accept` keeps the agreeing
+    prefix and adds the target's own token. lengths advance by the tokens emitted, so the K/V of
+    rejected guesses lies beyond them: invisible, and overwritten later (the rollback). page_table
+    [S, W] must hold pages for positions lengths .. lengths + n_proposed, within the first
+    `kv_pages` (the KV bucket: lengths + n_proposed + 1 <= kv_pages * page_size).
+    Returns (cache, state, packed int32 [rows, 1 + (K+1) C]: the count emitted (0 for an idle
+    slot), then one `pack` row per position, C = 2 + 2 max_top; see `Verified`)."""
+    full = state
+    state = jax.tree.map(lambda a: a[:rows], state)
+    page_table, proposed = page_table[:rows, :kv_pages], proposed[:rows]
+    active, pos = state.active, state.lengths
+    n = jnp.where(active, n_proposed[:rows], 0)
+    k1 = proposed.shape[1] + 1
+    j = jnp.arange(k1)[None, :]
+    seen = state.seen.at[jnp.arange(rows), state.tokens].set(True)  # as decode: the input counts
+    hidden, cache = st.forward(
+        weights,
+        cache,
+        jnp.concatenate([state.tokens[:, None], proposed], axis=1),
+        pos[:, None] + j,
+        active[:, None] & (j <= n[:, None]),
+        page_table,
+        jnp.where(active, pos + n + 1, 0),
+        kv_pages * cache.page_size,
+    )
+    lg = st.logits(weights, hidden)  # [rows, K+1, V] float32
+    emitted, tokens, logprobs = accept(lg, proposed, n, state.sampling, seen, pos + 1)
+    emitted = jnp.where(active, emitted, 0)
+
+    def top(_):
+        lp, ids = jax.lax.top_k(jax.nn.log_softmax(lg, axis=-1), st.max_top)
+        return ids.astype(jnp.int32), lp
+
+    def none(_):
+        return jnp.zeros((rows, k1, st.max_top), jnp.int32), jnp.zeros((rows, k1, st.max_top), jnp.float32)
+
+    # as `sample`: the top alternatives only when some slot asked for them
+    wanted = jnp.any(state.sampling.n_top > 0) if st.max_top else False
+    top_ids, top_lps = jax.lax.cond(wanted, top, none, None)
+    flat = lambda a: a.reshape(rows * k1, *a.shape[2:])
+    out = pack(flat(tokens), flat(logprobs), flat(top_ids), flat(top_lps)).reshape(rows, -1)
+    # the penalty counts the emitted tokens but the last, which (as in decode) joins at the next
+    # step; positions not counted scatter to index V and are dropped
+    counted = jnp.where(j < emitted[:, None] - 1, tokens, st.cfg.vocab_size)
+    last = jnp.take_along_axis(tokens, jnp.maximum(emitted - 1, 0)[:, None], axis=1)[:, 0]
+    state = dataclasses.replace(
+        state,
+        tokens=jnp.where(active, last, state.tokens),
+        lengths=pos + emitted,
+        seen=seen.at[jnp.arange(rows)[:, None], counted].set(True, mode="drop"),
+    )
+    state = jax.tree.map(
+        lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, 0), full, state
+    )
+    return cache, state, jnp.concatenate([emitted[:, None], out], axis=1)

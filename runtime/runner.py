@@ -30,6 +30,14 @@ first, the rest of the reading (text, stops) still overlaps the device, and the 
 the end of one dispatch until the next is queued. With decode_steps k > 1 such a batch advances one
 token per dispatch. A grammar that is complete (only EOS may follow) ends the request with finish
 reason "stop".
+
+Speculative decoding (an engine with `speculative_k`): in a decode batch without grammar sequences,
+each greedy sequence guesses up to K tokens by n-gram lookup in its own prompt and output
+(runtime/speculative.py), on pages the pool has free (a guess never preempts anyone); sampled
+sequences guess nothing, so they draw exactly as without speculation. With a guess to check, the
+step runs one verify call instead of a decode dispatch, and reads it before returning (the next
+guesses need its tokens); with none, the decode dispatch. Either way the guesses needed the tokens
+of the dispatch in flight first, so such batches are not pipelined.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
+from xlaserve.runtime.speculative import ngram_propose
 from xlaserve.runtime.stats import EngineStats
 
 log = logging.getLogger("xlaserve")
@@ -87,6 +96,8 @@ class Runner:
         self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
         self.finished = {reason.value: 0 for reason in FinishReason}
         self.prompt_tokens_computed = 0
+        self.speculative = bool(e.speculative_k)  # n-gram speculation (needs the verify programs)
+        self.guesses = [0, 0]  # speculative guesses made, and kept
 
     @property
     def busy(self) -> bool:
@@ -166,9 +177,18 @@ class Runner:
         if scoring:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
-        if plan.decode:
+        grammar = any(seq.req.grammar is not None for seq in plan.decode)
+        guesses = None
+        if plan.decode and self.speculative and not grammar:
+            if previous is not None:  # the guesses continue from the tokens in flight
+                deltas += self._read_decode(*previous)
+                previous = None
+            guesses = self._propose(plan.decode)
+        if guesses is not None and guesses[1].any():
+            deltas += self._verify(plan.decode, *guesses)
+        elif plan.decode:  # (without a guess to check, a decode dispatch: cheaper than verify)
             masks = ()
-            if any(seq.req.grammar is not None for seq in plan.decode):
+            if grammar:
                 if previous is not None:  # the masks need the tokens in flight
                     self._offer_inflight(*previous)
                 masks = (self._masks(plan.decode),)
@@ -191,6 +211,44 @@ class Runner:
             if d.finished and seq is not None:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
+
+    def _propose(self, seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray]:
+        """The running `seqs`' guesses (their slots' tokens all read), on pages they now hold:
+        (int32 [max_slots, K], counts [max_slots])."""
+        s, ecfg = self.scheduler, self.engine.ecfg
+        proposed = np.zeros((len(s.slots), ecfg.speculative_k[-1]), np.int32)
+        n = np.zeros((len(s.slots),), np.int32)
+        for seq in seqs:
+            if seq.req.finished:  # it runs once more, unread
+                continue
+            req, tokens = seq.req, seq.tokens()
+            # no guess past max_tokens or max_model_len: the last emitted token is the model's own
+            left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - len(tokens))
+            most = min(proposed.shape[1], left - 1)
+            if req.params.temperature != 0.0 or most <= 0:
+                continue
+            guesses = ngram_propose(tokens, most)
+            held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
+            guesses = guesses[: max(0, held - len(tokens))]
+            proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+        return proposed, n
+
+    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray) -> list[Delta]:
+        """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
+        s = self.scheduler
+        live = [seq for seq in seqs if not seq.req.finished]
+        kv = max(seq.length + 1 + n[seq.slot] for seq in seqs)
+        result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
+        deltas = []
+        for seq in live:
+            self.guesses[0] += int(n[seq.slot])
+            self.guesses[1] += int(result.emitted[seq.slot]) - 1
+            for i in range(result.emitted[seq.slot]):
+                deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
+                if seq.req.finished:
+                    break
+            s.decoded(seq)
+        return deltas
 
     def _score(self, group) -> list[Delta]:
         """Score chunks of distinct sequences in one call: position i of a chunk predicts the token

@@ -217,6 +217,12 @@ class Scheduler:
             self._publish(seq, seq.length)
             self._slide(seq)
 
+    def reserve(self, seq: Seq, tokens: int) -> int:
+        """Pages for `seq`'s first `tokens` tokens if the pool has them now (never preempting: a
+        speculative step's guesses are optional). Returns how many tokens its pages hold."""
+        self._grow(seq, tokens)
+        return len(seq.pages) * self.page_size
+
     def expired(self, now: float) -> list[Seq]:
         """Sequences (waiting or in a slot) whose deadline has passed."""
         return [s for s in self._all() if s.req.deadline is not None and now >= s.req.deadline]

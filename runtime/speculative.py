@@ -84,42 +84,55 @@ def accept(logits, proposed, n_proposed, state: SamplingState, seen, positions, 
     flat = lambda a: a.reshape(s * k1, *a.shape[2:])
     rows = _per_position(state, k1)
     pos = (positions[:, None] + jnp.arange(k1)[None, :]).reshape(-1)
-    penalized = penalize(
-        flat(logits), flat(_seen_before(seen, proposed, n_proposed)), rows.repetition_penalty
+    # Building the penalty's seen sets [S, K+1, V] costs more than the rest of a greedy step, and
+    # the draws below more again: each is skipped (lax.cond) when no row needs it, as in `sample`.
+    penalized = jax.lax.cond(
+        jnp.any(state.repetition_penalty != 1.0),
+        lambda lg: penalize(lg, flat(_seen_before(seen, proposed, n_proposed)), rows.repetition_penalty),
+        lambda lg: lg,
+        flat(logits),
     )
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32).reshape(s, k1)
-    warped = warp(penalized, rows).reshape(s, k1, v)
-    probs = jax.nn.softmax(warped, axis=-1)
-    is_greedy = state.temperature == 0.0
-
     guess = jnp.concatenate([proposed, jnp.zeros((s, 1), jnp.int32)], axis=1)  # [S, K+1]
-    p_guess = jnp.take_along_axis(probs, guess[..., None], axis=-1)[..., 0]
-    if draft_probs is None:
-        keep_prob = p_guess
-    else:
-        q = jnp.concatenate([draft_probs, jnp.ones((s, 1, v), draft_probs.dtype)], axis=1)
-        q_guess = jnp.take_along_axis(q, guess[..., None], axis=-1)[..., 0]
-        keep_prob = jnp.minimum(1.0, p_guess / jnp.maximum(q_guess, 1e-30))
-    keys = draw_keys(rows, pos)  # [S*(K+1)]: `sample`'s key at each position
-    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, ACCEPT)))(keys).reshape(s, k1)
-    agree = jnp.where(is_greedy[:, None], greedy == guess, u < keep_prob)
-    agree &= jnp.arange(k1)[None, :] < n_proposed[:, None]
-    kept = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # leading agreements
+    proposed_at = jnp.arange(k1)[None, :] < n_proposed[:, None]
+    leading = lambda agree: jnp.sum(jnp.cumprod((agree & proposed_at).astype(jnp.int32), axis=1), axis=1)
+    at = lambda a, kept: jnp.take_along_axis(a, kept.reshape(s, *(1,) * (a.ndim - 1)), axis=1)[:, 0]
 
-    # The target's own token at position `kept`: after a rejection, from the residual; after all
-    # guesses (kept == n_proposed), a plain draw with `sample`'s key.
-    at = lambda a: jnp.take_along_axis(a, kept.reshape(s, *(1,) * (a.ndim - 1)), axis=1)[:, 0]
-    p_at = at(probs)
-    rejected = kept < n_proposed
-    q_at = jax.nn.one_hot(at(guess), v, dtype=p_at.dtype) if draft_probs is None else at(q)
-    residual = jnp.maximum(p_at - q_at, 0.0)
-    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_at)
-    key_at = at(keys.reshape(s, k1, *keys.shape[1:]))
-    plain = jax.vmap(jax.random.categorical)(key_at, at(warped))
-    redrawn = jax.vmap(lambda key, r: jax.random.categorical(jax.random.fold_in(key, RESIDUAL), jnp.log(r)))(
-        key_at, residual
-    )
-    own = jnp.where(is_greedy, at(greedy), jnp.where(rejected, redrawn, plain)).astype(jnp.int32)
+    def all_greedy(_):
+        kept = leading(greedy == guess)
+        return kept, at(greedy, kept)
+
+    def with_draws(_):
+        warped = warp(penalized, rows).reshape(s, k1, v)
+        probs = jax.nn.softmax(warped, axis=-1)
+        is_greedy = state.temperature == 0.0
+        p_guess = jnp.take_along_axis(probs, guess[..., None], axis=-1)[..., 0]
+        if draft_probs is None:
+            keep_prob = p_guess
+        else:
+            q = jnp.concatenate([draft_probs, jnp.ones((s, 1, v), draft_probs.dtype)], axis=1)
+            q_guess = jnp.take_along_axis(q, guess[..., None], axis=-1)[..., 0]
+            keep_prob = jnp.minimum(1.0, p_guess / jnp.maximum(q_guess, 1e-30))
+        keys = draw_keys(rows, pos)  # [S*(K+1)]: `sample`'s key at each position
+        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, ACCEPT)))(keys).reshape(s, k1)
+        kept = leading(jnp.where(is_greedy[:, None], greedy == guess, u < keep_prob))
+
+        # The target's own token at position `kept`: after a rejection, from the residual; after
+        # all guesses (kept == n_proposed), a plain draw with `sample`'s key.
+        p_at = at(probs, kept)
+        rejected = kept < n_proposed
+        q_at = jax.nn.one_hot(at(guess, kept), v, dtype=p_at.dtype) if draft_probs is None else at(q, kept)
+        residual = jnp.maximum(p_at - q_at, 0.0)
+        residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_at)
+        key_at = at(keys.reshape(s, k1, *keys.shape[1:]), kept)
+        plain = jax.vmap(jax.random.categorical)(key_at, at(warped, kept))
+        redrawn = jax.vmap(
+            lambda key, r: jax.random.categorical(jax.random.fold_in(key, RESIDUAL), jnp.log(r))
+        )(key_at, residual)
+        own = jnp.where(is_greedy, at(greedy, kept), jnp.where(rejected, redrawn, plain))
+        return kept, own.astype(jnp.int32)
+
+    kept, own = jax.lax.cond(jnp.all(state.temperature == 0.0), all_greedy, with_draws, None)
 
     j = jnp.arange(k1)[None, :]
     tokens = jnp.where(j < kept[:, None], guess, jnp.where(j == kept[:, None], own[:, None], 0))
