@@ -16,6 +16,11 @@ Structured output has programs of its own, compiled with the others: a masked pr
 and a masked one-step decode per (slots, KV) bucket, which take the grammar slots' token bitmasks
 (runtime/grammar.py). The runner dispatches them only when a sequence with a grammar is in the
 call, so requests without one run exactly the programs they ran before.
+
+Mixture-of-experts load: the prefill, score and decode programs also return the tokens each layer
+routed to each expert [L, E]; `_Routed` strips that output from the verbs' results and queues it,
+its copy to the host started at once, and `routed_tokens` adds up the copies that have arrived:
+no extra synchronization on the serving path.
 """
 
 from __future__ import annotations
@@ -49,6 +54,22 @@ def to_host(x) -> np.ndarray:
 
 # Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
 SCORE_TOKENS = layout.SCORE_TOKENS
+
+
+class _Routed:
+    """A compiled program whose last output is its routed-token counts [L, E]: called, it returns
+    the other outputs (as the program would without them) and hands the counts to `sink`."""
+
+    def __init__(self, compiled: jax.stages.Compiled, sink: Callable[[jax.Array], None]):
+        self.compiled, self.sink = compiled, sink
+
+    def __call__(self, *args):
+        *out, routed = self.compiled(*args)
+        self.sink(routed)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def __getattr__(self, name):  # as_text, cost_analysis, ...: the compiled program's
+        return getattr(self.compiled, name)
 
 
 class Engine:
@@ -91,6 +112,8 @@ class Engine:
         self.cache = jax.tree.map(zeros, lay.cache)  # created in place, shard by shard
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
         self.compile_seconds: dict[str, float] = {}
+        self._routed_total = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
+        self._routed_pending: list[jax.Array] = []  # counts [L, E] on their way to the host
         self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
         self._compile_all()
 
@@ -102,7 +125,28 @@ class Engine:
         compiled = program.jit().lower(*program.args).compile()
         self.compile_seconds[program.name] = dt = time.perf_counter() - t0
         log.info("compiled %s in %.2fs", program.name, dt)
-        return compiled
+        return _Routed(compiled, self._routed_sink) if program.routed else compiled
+
+    def _routed_sink(self, routed: jax.Array) -> None:
+        if self.cfg.num_experts:  # a dense model's counts are [L, 0]
+            routed.copy_to_host_async()
+            self._routed_pending.append(routed)
+
+    def routed_tokens(self, wait: bool = False, reset: bool = False) -> np.ndarray:
+        """int64 [L, E]: the real tokens each layer routed to each expert, over every program run
+        so far whose counts have reached the host (wait: all of them, blocking until they have);
+        reset: start counting again from zero after this. Call it from the thread that runs the
+        verbs."""
+        pending, self._routed_pending = self._routed_pending, []
+        for routed in pending:
+            if wait or routed.is_ready():
+                self._routed_total += to_host(routed)
+            else:
+                self._routed_pending.append(routed)
+        out = self._routed_total.copy()
+        if reset:
+            self._routed_total[:] = 0
+        return out
 
     @property
     def mask_words(self) -> int:

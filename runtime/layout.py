@@ -65,7 +65,8 @@ def score_tokens(ecfg: EngineConfig) -> int:
 @dataclass(frozen=True)
 class Program:
     """One device program: `fn` jitted with `donate` and `out_shardings`, for `args` (abstract).
-    `kind` and `key` say where the engine keeps it (kind "decode", key (rows, kv tokens))."""
+    `kind` and `key` say where the engine keeps it (kind "decode", key (rows, kv tokens)).
+    `routed`: its last output is the tokens routed per layer and expert [L, E] (programs.py)."""
 
     kind: str
     key: object
@@ -74,6 +75,7 @@ class Program:
     donate: tuple[str, ...]
     args: tuple
     out_shardings: object
+    routed: bool = False
 
     def jit(self):
         return jax.jit(self.fn, donate_argnames=self.donate, out_shardings=self.out_shardings)
@@ -173,7 +175,8 @@ class Layout:
         return shardings if len(parts) > 1 else shardings[0]
 
     def program(self, kind, key, name, fn, donate, args, outputs=()) -> Program:
-        return Program(kind, key, name, fn, donate, tuple(args), self._outputs(outputs))
+        routed = bool(outputs) and outputs[-1] == "routed"
+        return Program(kind, key, name, fn, donate, tuple(args), self._outputs(outputs), routed)
 
     def prefill(self, t: int, masked: bool = False, all_logits: bool = False) -> Program:
         """One chunk of bucket t of one sequence (masked: with the grammar's bitmask; all_logits:
@@ -192,7 +195,7 @@ class Layout:
         ) + ((self.spec((self.mask_words,), jnp.int32),) if masked else ())
         kind = "prefill_logits" if all_logits else "prefill_masked" if masked else "prefill"
         fn = functools.partial(programs.prefill, st=st, all_logits=all_logits)
-        outputs = ("cache", "packed", "logits") if all_logits else ("cache", "packed")
+        outputs = ("cache", "packed", "logits", "routed") if all_logits else ("cache", "packed", "routed")
         return self.program(kind, t, f"{kind}[T={t}]", fn, ("cache",), args, outputs)
 
     def score(self, rows: int, t: int) -> Program:
@@ -202,7 +205,7 @@ class Layout:
         args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), i32(rows, t))
         fn = functools.partial(programs.score, st=st)
         return self.program(
-            "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores")
+            "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores", "routed")
         )
 
     def decode(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False) -> Program:
@@ -226,7 +229,7 @@ class Layout:
         if masked:
             args += (self.spec((ecfg.max_slots, self.mask_words), jnp.int32),)
         kind = "decode_logits" if with_logits else "decode_masked" if masked else "decode"
-        outputs = ("cache", "state", "packed") + (("logits",) if with_logits else ())
+        outputs = ("cache", "state", "packed") + (("logits",) if with_logits else ()) + ("routed",)
         name = f"{kind}[S={rows},k={steps},kv={kv_tokens}]"
         return self.program(kind, (rows, kv_tokens), name, fn, ("cache", "state"), args, outputs)
 
@@ -248,7 +251,13 @@ class Layout:
         )
         name = f"verify[S={rows},K={k},kv={kv_tokens}]"
         return self.program(
-            "verify", (rows, kv_tokens, k), name, fn, ("cache", "state"), args, ("cache", "state", "packed")
+            "verify",
+            (rows, kv_tokens, k),
+            name,
+            fn,
+            ("cache", "state"),
+            args,
+            ("cache", "state", "packed", "routed"),
         )
 
     def programs(self) -> list[Program]:

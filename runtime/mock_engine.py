@@ -159,6 +159,9 @@ class MockEngine:
     def free(self, slot):
         self.active[slot] = False
 
+    def routed_tokens(self, wait: bool = False, reset: bool = False) -> np.ndarray:
+        return np.zeros((self.cfg.num_layers, 0), np.int64)  # a dense model routes nothing
+
     def decode(self, page_table, kv_tokens, busy_rows=None, allowed=None):
         self.dispatches += 1
         rows = busy_rows or self.ecfg.max_slots

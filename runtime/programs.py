@@ -11,6 +11,8 @@ The model is reached through `Statics` (its config names the family: `Statics.fo
 `Statics.logits`), so these programs serve every family. Results leave the device as one int32
 array per call ("packed"): for each row
 [token, bitcast(logprob), top ids (N), bitcast(top logprobs) (N)], so the host copies once.
+`prefill`, `score` and `decode` also return, last, the real tokens routed to each expert in each
+layer int32 [L, E] (E = 0 for a dense model): the engine sums them (`Engine.routed_tokens`).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Statics:
         """The model family running `cfg`: its forward and logits."""
         return models.of(self.cfg)
 
-    def forward(self, weights, cache, tokens, positions, valid, page_table, kv_len, block=None):
+    def forward(self, weights, cache, tokens, positions, valid, page_table, kv_len, block=None, routed=False):
         return self.family.forward(
             weights,
             cache,
@@ -79,6 +81,7 @@ class Statics:
             block=self.block if block is None else block,
             dtype=self.dtype,
             kernels=self.kernels,
+            routed=routed,
         )
 
     def logits(self, weights, hidden):
@@ -136,9 +139,10 @@ class Verified:
 
 
 def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Statics):
-    """The decoder over one chunk [T] of one sequence: hidden states [T, D] and the cache."""
+    """The decoder over one chunk [T] of one sequence: hidden states [T, D], the cache and the
+    tokens routed per layer and expert [L, E]."""
     idx = jnp.arange(tokens.shape[0])
-    hidden, cache = st.forward(
+    hidden, cache, routed = st.forward(
         weights,
         cache,
         tokens[None, :],
@@ -146,8 +150,9 @@ def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Static
         (idx < n_valid)[None, :],
         page_row[None, :],
         (start + n_valid)[None],
+        routed=True,
     )
-    return hidden[0], cache
+    return hidden[0], cache, routed
 
 
 def prefill(
@@ -170,9 +175,9 @@ def prefill(
     chunk; page_row [W]; sampling: a 1-row SamplingState; presence [V] bool: the prompt's tokens
     (for the repetition penalty); allowed: None, or the grammar's bitmask int32 [ceil(V/32)] for the
     token sampled (the masked variant, a program of its own). Returns (cache, packed [1, C]) and,
-    with all_logits, the float32 logits of every chunk position [T, V].
+    with all_logits, the float32 logits of every chunk position [T, V]; then routed [L, E].
     """
-    hidden, cache = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
+    hidden, cache, routed = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
     last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
     lg = st.logits(weights, last)
     mask = None if allowed is None else allowed[None, :]
@@ -180,8 +185,8 @@ def prefill(
         *sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top, allowed=mask)
     )
     if all_logits:
-        return cache, result, st.logits(weights, hidden)
-    return cache, result
+        return cache, result, st.logits(weights, hidden), routed
+    return cache, result, routed
 
 
 def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *, st: Statics):
@@ -189,9 +194,9 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
     the log-probability of targets[b, i] (the token at position start[b] + i + 1) and whether it
     is the argmax. tokens, targets [B, T] (padded); start, n_valid [B] (a row with n_valid 0 is
     padding: it writes nothing); page_rows [B, W].
-    Returns (cache, int32 [B, T, 2]: bitcast log-prob, is-greedy)."""
+    Returns (cache, int32 [B, T, 2]: bitcast log-prob, is-greedy, routed [L, E])."""
     idx = jnp.arange(tokens.shape[1])
-    hidden, cache = st.forward(
+    hidden, cache, routed = st.forward(
         weights,
         cache,
         tokens,
@@ -199,11 +204,13 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
         idx[None, :] < n_valid[:, None],
         page_rows,
         start + n_valid,
+        routed=True,
     )
     lg = st.logits(weights, hidden)  # [B, T, V]
     lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(lg, axis=-1) == targets
-    return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
+    scores = jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
+    return cache, scores, routed
 
 
 def insert(state: DecodeState, slot, packed, length, sampling: SamplingState, presence) -> DecodeState:
@@ -242,7 +249,7 @@ def decode(
     allowed: None, or the slots' grammar bitmasks int32 [S, ceil(V/32)] (all ones for a slot without
     one): the masked variant, one step only (the host must see each token before the next mask).
     Returns (cache, state, packed [steps, rows, C]) and, with_logits, the float32 logits
-    [steps, rows, V] each token was drawn from."""
+    [steps, rows, V] each token was drawn from; then the active slots' tokens routed [L, E]."""
     assert allowed is None or steps == 1, "a grammar mask holds for one step"
     full = state
     state = jax.tree.map(lambda a: a[:rows], state)
@@ -252,10 +259,10 @@ def decode(
     idx = jnp.arange(rows)
 
     def step(i, carry):
-        cache, state, out, all_logits = carry
+        cache, state, out, all_logits, routed = carry
         pos, active = state.lengths, state.active
         seen = state.seen.at[idx, state.tokens].set(True)
-        hidden, cache = st.forward(
+        hidden, cache, counts = st.forward(
             weights,
             cache,
             state.tokens[:, None],
@@ -264,6 +271,7 @@ def decode(
             page_table,
             jnp.where(active, pos + 1, 0),
             block,
+            routed=True,
         )
         lg = st.logits(weights, hidden[:, 0])
         tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top, allowed=allowed)
@@ -276,17 +284,19 @@ def decode(
             lengths=jnp.where(active, pos + 1, pos),
             seen=seen,
         )
-        return cache, state, out, all_logits
+        return cache, state, out, all_logits, routed + counts
 
     out = jnp.zeros((steps, rows, 2 + 2 * st.max_top), jnp.int32)
     all_logits = jnp.zeros((steps, rows, st.cfg.vocab_size) if with_logits else (0,), jnp.float32)
-    cache, state, out, all_logits = jax.lax.fori_loop(0, steps, step, (cache, state, out, all_logits))
+    routed = jnp.zeros((st.cfg.num_layers, st.cfg.num_experts), jnp.int32)
+    carry = (cache, state, out, all_logits, routed)
+    cache, state, out, all_logits, routed = jax.lax.fori_loop(0, steps, step, carry)
     state = jax.tree.map(
         lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, 0), full, state
     )
     if with_logits:
-        return cache, state, out, all_logits
-    return cache, state, out
+        return cache, state, out, all_logits, routed
+    return cache, state, out, routed
 
 
 def verify(
@@ -312,7 +322,8 @@ def verify(
     [S, W] must hold pages for positions lengths .. lengths + n_proposed, within the first
     `kv_pages` (the KV bucket: lengths + n_proposed + 1 <= kv_pages * page_size).
     Returns (cache, state, packed int32 [rows, 1 + (K+1) C]: the count emitted (0 for an idle
-    slot), then one `pack` row per position, C = 2 + 2 max_top; see `Verified`)."""
+    slot), then one `pack` row per position, C = 2 + 2 max_top; see `Verified`), then routed [L, E]
+    (every valid position's tokens, rejected guesses included: load the experts carried)."""
     full = state
     state = jax.tree.map(lambda a: a[:rows], state)
     page_table, proposed = page_table[:rows, :kv_pages], proposed[:rows]
@@ -321,7 +332,7 @@ def verify(
     k1 = proposed.shape[1] + 1
     j = jnp.arange(k1)[None, :]
     seen = state.seen.at[jnp.arange(rows), state.tokens].set(True)  # as decode: the input counts
-    hidden, cache = st.forward(
+    hidden, cache, routed = st.forward(
         weights,
         cache,
         jnp.concatenate([state.tokens[:, None], proposed], axis=1),
@@ -330,6 +341,7 @@ def verify(
         page_table,
         jnp.where(active, pos + n + 1, 0),
         kv_pages * cache.page_size,
+        routed=True,
     )
     lg = st.logits(weights, hidden)  # [rows, K+1, V] float32
     emitted, tokens, logprobs = accept(lg, proposed, n, state.sampling, seen, pos + 1)
@@ -360,4 +372,4 @@ def verify(
     state = jax.tree.map(
         lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, 0), full, state
     )
-    return cache, state, jnp.concatenate([emitted[:, None], out], axis=1)
+    return cache, state, jnp.concatenate([emitted[:, None], out], axis=1), routed

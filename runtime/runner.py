@@ -123,11 +123,13 @@ class Runner:
         return seq.req
 
     def stats(self) -> EngineStats:
+        routed = self.engine.routed_tokens()  # [L, E]; [L, 0] for a dense model
         return dataclasses.replace(
             self.scheduler.stats(),
             requests_running=len(self.seqs) - len(self.scheduler.waiting),
             requests_finished=dict(self.finished),
             prefill_tokens_computed=self.prompt_tokens_computed,
+            moe_routed=tuple(tuple(row) for row in routed.tolist()) if routed.size else (),
         )
 
     def step(self) -> list[Delta]:

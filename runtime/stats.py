@@ -2,7 +2,8 @@
 
 The scheduler fills in the slot, page and prefix-cache fields (`Scheduler.stats`), the runner adds
 its request and prefill counters (`Runner.stats`), the engine loop whether it is draining
-(`EngineLoop.stats`). Data-parallel replicas add theirs up: `a + b`, or `EngineStats.total(parts)`.
+(`EngineLoop.stats`), and a mixture-of-experts engine the tokens routed to each expert in each layer
+(`Engine.routed_tokens`). Data-parallel replicas add theirs up: `a + b`, or `EngineStats.total(parts)`.
 The gRPC `ServerStats` message (serve/messages.py) and the Prometheus gauges (serve/metrics.py)
 are read from these fields; `EngineStats()` is the all-zero snapshot of an engine not loaded yet.
 """
@@ -31,6 +32,10 @@ class EngineStats:
     requests_finished: dict[str, int] = field(default_factory=dict, hash=False)  # by FinishReason value
     replicas: int = 1  # runners summed into this snapshot
     draining: bool = False  # the engine loop admits nothing new
+    # [layer][expert]: real tokens each MoE layer routed to each expert since start-up (prompt,
+    # scored and decoded tokens alike, the server's warm-up request too; not the prefill budget's
+    # timing chunks); () for a dense model
+    moe_routed: tuple[tuple[int, ...], ...] = ()
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -49,6 +54,8 @@ class EngineStats:
                 values[f.name] = {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
             elif f.name == "draining":
                 values[f.name] = a or b
+            elif f.name == "moe_routed":  # replicas of one model: same [L][E] shape, or one is ()
+                values[f.name] = tuple(map(_add_rows, a, b)) if a and b else a or b
             else:
                 values[f.name] = a + b
         return EngineStats(**values)
@@ -61,3 +68,7 @@ class EngineStats:
         for p in parts[1:]:
             out = out + p
         return out
+
+
+def _add_rows(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))

@@ -185,4 +185,6 @@ def server_stats(stats: EngineStats, uptime_s: float) -> pb.ServerStats:
         requests_finished=stats.requests_finished,
         draining=stats.draining,
         uptime_s=uptime_s,
+        moe_experts=len(stats.moe_routed[0]) if stats.moe_routed else 0,
+        moe_routed_tokens=[n for layer in stats.moe_routed for n in layer],
     )

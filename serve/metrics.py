@@ -1,6 +1,6 @@
 """Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
-engine's gauges (slots, pages, queue, prefix hit rate, preemptions) read from its `EngineStats` at
-scrape time.
+engine's gauges (slots, pages, queue, prefix hit rate, preemptions, and for a mixture-of-experts
+model `xlaserve_moe_routed_tokens_total{layer,expert}`) read from its `EngineStats` at scrape time.
 
 Every request that reached the engine is counted once, when it ends, however it ends (finished,
 cancelled by its client, past its deadline, cut at shutdown): the engine loop calls `finished` from
@@ -48,6 +48,16 @@ class EngineCollector:
         yield CounterMetricFamily(
             "xlaserve_preemptions", "Sequences preempted for lack of KV pages", value=s.preemptions
         )
+        if s.moe_routed:  # a mixture-of-experts model: its load per layer and expert
+            routed = CounterMetricFamily(
+                "xlaserve_moe_routed_tokens",
+                "Tokens each mixture-of-experts layer routed to each expert",
+                labels=["layer", "expert"],
+            )
+            for layer, row in enumerate(s.moe_routed):
+                for expert, n in enumerate(row):
+                    routed.add_metric([str(layer), str(expert)], n)
+            yield routed
 
 
 class Metrics:

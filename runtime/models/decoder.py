@@ -141,12 +141,14 @@ def forward(
     dtype,
     kernels: Kernels = XLA_KERNELS,
     style: Style = Style(),
+    routed: bool = False,
 ):
     """Run the decoder over tokens [B, T] at `positions` [B, T], writing their K/V into the cache.
 
     `valid` [B, T] marks real tokens (padding and idle slots write nothing); `kv_len` [B] is each
     sequence's length including these tokens. Returns (hidden states [B, T, D] after the final
-    norm, updated cache).
+    norm, updated cache) and, with `routed`, the valid tokens each layer routed to each expert
+    int32 [L, E] (E = num_experts: [L, 0] for a dense model).
     """
     b, t = tokens.shape
     h, g, k = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -194,14 +196,17 @@ def forward(
         with jax.named_scope("mlp"):
             y = norm(x, w.mlp_norm)
             if w.moe is not None:
-                y = moe_ffn.block(y, w.moe, cfg=cfg, kernels=kernels, act=act, mm=mm)
+                y, counts = moe_ffn.block(y, w.moe, cfg=cfg, kernels=kernels, act=act, mm=mm, valid=valid)
             else:
                 y = mm(act(mm(y, w.w_gate, "w_gate")) * mm(y, w.w_up, "w_up"), w.w_down, "w_down")
+                counts = jnp.zeros((cfg.num_experts,), jnp.int32)
             x = x + (y if w.post_mlp_norm is None else norm(y, w.post_mlp_norm))
-        return (x, cache), None
+        return (x, cache), counts
 
     xs = (weights.layers, jnp.arange(cfg.num_layers), jnp.asarray(windows), jnp.asarray(inv_freqs))
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), xs)
+    (x, cache), counts = jax.lax.scan(layer, (x, cache), xs)  # counts [L, E]
+    if routed:
+        return norm(x, weights.final_norm), cache, counts
     return norm(x, weights.final_norm), cache
 
 

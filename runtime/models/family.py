@@ -10,8 +10,9 @@ A family module builds one `Family` and the registry (`runtime/models/__init__.p
 - `gguf_permute`: weights whose rows llama.cpp's converter permuted for its interleaved RoPE, with
   the `ModelConfig` field that holds their head count (the loader undoes it).
 - `forward(weights, cache, tokens, positions, valid, page_table, kv_len, *, cfg, block, dtype,
-  kernels)` -> (hidden [B, T, D] after the final norm, cache) and `logits(weights, hidden, kernels,
-  cfg, specs)` -> float32 [..., V].
+  kernels, routed=False)` -> (hidden [B, T, D] after the final norm, cache), and with `routed` also
+  the valid tokens each layer routed to each expert int32 [L, num_experts]; and `logits(weights,
+  hidden, kernels, cfg, specs)` -> float32 [..., V].
 - `features`: the optional `ModelConfig` fields (see `FEATURES` there) the family implements; a
   checkpoint that sets any other one is refused with an error naming it, never silently run wrong.
 - `kv_spec(cfg)`: what the paged KV cache needs: kv heads, head dim, per-layer attention window.

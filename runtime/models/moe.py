@@ -15,6 +15,9 @@ Three ways to run the experts, equal up to summation order (tested against each 
   than experts;
 - `dense_reference`: every expert on every token, weighted by a [N, E] combine matrix (tests).
 
+Observability: `block` also returns the (token, expert) pairs of real tokens per expert [E] int32;
+the decoder stacks them per layer and the programs hand them to the engine (`routed_counts`).
+
 Expert parallelism ("ep" mesh axis, the psum formulation): the experts are split over ep (E / ep on
 each device, and their ffn axis over tp when it splits at whole quantization blocks); tokens and
 routing are replicated, each device runs its own experts on the pairs routed to them and one psum
@@ -93,6 +96,13 @@ def route(x, router, cfg: ModelConfig):
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(-1, keepdims=True)
     return weights, ids.astype(jnp.int32)
+
+
+def routed_counts(ids, valid, experts: int):
+    """ids [N, k] int32, valid [N] bool -> int32 [E]: how many real tokens chose each expert
+    (padding and idle slots are routed too, but not counted)."""
+    ones = jnp.repeat(valid.astype(jnp.int32), ids.shape[1])  # pair j is token j // k
+    return jnp.zeros((experts,), jnp.int32).at[ids.reshape(-1)].add(ones)
 
 
 def _dense(w: Matrix, dtype):
@@ -226,12 +236,15 @@ def _ep_specs(cfg: ModelConfig, kernels: Kernels):
     return ep, ffw, tuple(a for a in (ep, ffw) if a is not None)
 
 
-def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, impl: str | None = None):
-    """The MoE feed-forward of one layer: x [B, T, D] -> [B, T, D] (x's dtype). `mm` is the
-    decoder's matmul by weight name (for the shared expert); `impl` forces one of `IMPLS`."""
+def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, valid=None, impl: str | None = None):
+    """The MoE feed-forward of one layer: x [B, T, D] -> ([B, T, D] (x's dtype), the real tokens
+    routed to each expert int32 [E]). valid [B, T] bool marks the real tokens (None: all). `mm` is
+    the decoder's matmul by weight name (for the shared expert); `impl` forces one of `IMPLS`."""
     b, t, d = x.shape
     xf = x.reshape(-1, d)
     weights, ids = route(xf, w.router, cfg)
+    valid = jnp.ones((b * t,), bool) if valid is None else valid.reshape(-1)
+    counts = routed_counts(ids, valid, cfg.num_experts)
     experts = w.gate, w.up, w.down
     mesh = kernels.mesh
     name = impl or pick(xf.shape[0] * cfg.num_experts_per_tok, cfg.num_experts)
@@ -268,4 +281,4 @@ def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, impl: s
             jnp.einsum("nd,od->no", xf, w.shared_router.astype(xf.dtype), precision=HIGHEST)
         )
         y = y + gate * s
-    return y.reshape(b, t, d)
+    return y.reshape(b, t, d), counts

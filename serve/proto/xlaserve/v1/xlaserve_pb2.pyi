@@ -303,7 +303,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s")
+    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s", "moe_experts", "moe_routed_tokens")
     class RequestsFinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +324,8 @@ class ServerStats(_message.Message):
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MOE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MOE_ROUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_busy: int
     queue_length: int
@@ -337,4 +339,6 @@ class ServerStats(_message.Message):
     requests_finished: _containers.ScalarMap[str, int]
     draining: bool
     uptime_s: float
-    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    moe_experts: int
+    moe_routed_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., moe_experts: _Optional[int] = ..., moe_routed_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
