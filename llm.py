@@ -20,6 +20,7 @@ import numpy as np
 
 from xlaserve.checkpoints import registry
 from xlaserve.checkpoints.load import load_model
+from xlaserve.data import TWO_CITIES
 from xlaserve.runtime import budget
 from xlaserve.runtime.admission import check_sampling, prompt_bytes
 from xlaserve.runtime.config import EngineConfig
@@ -84,8 +85,15 @@ class LLM:
         loaded = load_model(path, dequantize=not quantized, dtype=dtype, mesh=groups[0])
         load_seconds = time.perf_counter() - t0
         weights = lambda i, g: loaded.weights if i == 0 or loaded.restore is None else loaded.restore(g)
+        calibration = None
+        if base.kv_cache_dtype != "auto":  # real text to measure the key smoothing on, after
+            # the token sequences start with (its key is the attention sink every query reads)
+            cfg = loaded.config
+            start = cfg.bos_token_id if cfg.bos_token_id is not None else next(iter(cfg.eos_token_ids), None)
+            text = loaded.tokenizer.encode(TWO_CITIES.read_text()[:4000], add_special_tokens=False)
+            calibration = text if start is None else [start, *text]
         engines = [
-            Engine(loaded.config, weights(i, g), base, mesh=g, progress=progress)
+            Engine(loaded.config, weights(i, g), base, mesh=g, progress=progress, calibration=calibration)
             for i, g in enumerate(groups)
         ]
         if jax.process_count() > 1:  # multi-host: process 0 leads, the others replay its calls

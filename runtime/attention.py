@@ -18,7 +18,9 @@ Quantized cache (`kv_cache_dtype` int8 or fp8): K and V are stored as int8 or fl
 float32 scale per token and kv head (`k_scale`, `v_scale` [L, N, P, H]): x ~= stored * scale, the
 scale being max|x| over the head dim divided by the format's largest value (127, 448). Attention
 never materializes dequantized K/V: the key scales multiply the scores and the value scales the
-softmax weights, both [.., keys], so the extra work is per key, not per element.
+softmax weights, both [.., keys], so the extra work is per key, not per element. Keys are
+quantized divided by `k_smooth` [L, H, D] and queries multiplied by it (runtime/kv_smoothing.py:
+a few large key channels would otherwise set every token's scale).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xlaserve.pallas_kernels import paged_attention as pk
 from xlaserve.pallas_kernels import tpu_attention as tpa
@@ -49,6 +53,7 @@ class KVCache:
     v: jax.Array  # [L, N, P, H, D]
     k_scale: jax.Array | None = None  # [L, N, P, H] float32 when quantized, else None
     v_scale: jax.Array | None = None
+    k_smooth: jax.Array | None = None  # [L, H, D] float32 when quantized: keys stored divided by it
 
     @property
     def page_size(self) -> int:
@@ -62,22 +67,32 @@ class KVCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    def per_token(self) -> tuple:
+        """The arrays holding something per token: K, V and their scales (not k_smooth)."""
+        return tuple(a for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None)
+
     @staticmethod
-    def abstract(shape, dtype: str, kv_cache_dtype: str = "auto", sharding=None, scale_sharding=None):
+    def abstract(shape, dtype: str, kv_cache_dtype: str = "auto", sharding=None):
         """A cache of ShapeDtypeStructs: K/V of `shape` [L, N, P, H, D] in `dtype` ("auto") or the
-        quantized format, with their scales [L, N, P, H]."""
+        quantized format, with their scales [L, N, P, H] and key divisors [L, H, D]. `sharding`: a
+        NamedSharding of K/V (kv heads split or not); the others follow its head axis."""
         if kv_cache_dtype == "auto":
             kv = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
             return KVCache(kv, kv)
+        heads = None if sharding is None else sharding.spec[3]
+        like = lambda *spec: None if sharding is None else NamedSharding(sharding.mesh, P(*spec))
         kv = jax.ShapeDtypeStruct(shape, KV_FORMATS[kv_cache_dtype][0], sharding=sharding)
-        scale = jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=scale_sharding)
-        return KVCache(kv, kv, scale, scale)
+        scale = jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=like(None, None, None, heads))
+        smooth = (shape[0], *shape[3:])
+        return KVCache(
+            kv, kv, scale, scale, jax.ShapeDtypeStruct(smooth, jnp.float32, sharding=like(None, heads, None))
+        )
 
 
 def token_bytes(cache: KVCache) -> int:
     """Bytes one token's K and V (and scales) take, over every layer."""
     tokens = cache.num_pages * cache.page_size
-    return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache)) // tokens
+    return sum(a.size * jnp.dtype(a.dtype).itemsize for a in cache.per_token()) // tokens
 
 
 def quantize_kv(x, dtype):
@@ -95,8 +110,11 @@ def dequantize_kv(cache: KVCache, dtype=jnp.float32) -> KVCache:
     """The full-precision cache a quantized one stands for (tests, references)."""
     if not cache.quantized:
         return cache
-    de = lambda x, s: (x.astype(jnp.float32) * s[..., None]).astype(dtype)
-    return KVCache(de(cache.k, cache.k_scale), de(cache.v, cache.v_scale))
+    de = lambda x, s: x.astype(jnp.float32) * s[..., None]
+    k = de(cache.k, cache.k_scale)
+    if cache.k_smooth is not None:
+        k = k * cache.k_smooth[:, None, None]
+    return KVCache(k.astype(dtype), de(cache.v, cache.v_scale).astype(dtype))
 
 
 def write_kv(cache: KVCache, layer, k, v, pages, offsets) -> KVCache:
@@ -107,8 +125,11 @@ def write_kv(cache: KVCache, layer, k, v, pages, offsets) -> KVCache:
     put = lambda arr, x: arr.at[idx].set(x.astype(arr.dtype), mode="drop")
     if not cache.quantized:
         return KVCache(put(cache.k, k), put(cache.v, v))
+    if cache.k_smooth is not None:
+        k = k.astype(jnp.float32) / cache.k_smooth[layer]
     (kq, ks), (vq, vs) = quantize_kv(k, cache.k.dtype), quantize_kv(v, cache.v.dtype)
-    return KVCache(put(cache.k, kq), put(cache.v, vq), put(cache.k_scale, ks), put(cache.v_scale, vs))
+    stored = (put(cache.k, kq), put(cache.v, vq), put(cache.k_scale, ks), put(cache.v_scale, vs))
+    return KVCache(*stored, cache.k_smooth)
 
 
 def token_slots(page_table, positions, valid, page_size: int, num_pages: int):
@@ -147,6 +168,8 @@ def paged_attention(
     b, t, h, g, d = q.shape
     scale = d**-0.5 if scale is None else scale
     window = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
+    if cache.k_smooth is not None:  # keys were stored divided by it: q.k is unchanged
+        q = (q * cache.k_smooth[layer][:, None, :]).astype(q.dtype)
     if kernels.attention == "pallas" and (t == 1 or b == 1) and _kernel_takes(cache, h, kernels):
         return _pallas_attention(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
@@ -276,8 +299,6 @@ def _run_sharded(fn, q_in, cache: KVCache, args, kernels: Kernels, t: int, scale
     mesh = kernels.mesh
     extra = (cache.k_scale, cache.v_scale) if scales else ()
     if mesh is not None:
-        from jax.sharding import PartitionSpec as P
-
         heads = "tp" if h % mesh.shape["tp"] == 0 else None
         qs, cs, ss = P(None, heads, None, None), P(None, None, None, heads, None), P(None, None, None, heads)
         specs = (qs, cs, cs) + (P(),) * len(args) + (ss,) * len(extra)

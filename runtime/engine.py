@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from xlaserve.runtime import layout, memory, placement, quant
+from xlaserve.runtime import kv_smoothing, layout, memory, placement, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.programs import DecodeState, Sampled, Verified
@@ -81,11 +81,13 @@ class Engine:
         *,
         mesh: Mesh | None = None,
         progress: Callable[[str], None] | None = None,
+        calibration=None,
     ):
         """weights: the family's weights pytree (host or device arrays); mesh: a ("tp",) mesh to
         shard the model over (None: the default device). The configuration is sized to the devices'
         memory first (runtime/memory.py): a configuration that cannot fit is refused (ValueError)
-        before anything is placed."""
+        before anything is placed. calibration: token ids of a text to measure the key smoothing of
+        a quantized KV cache on (runtime/kv_smoothing.py; None: seeded random ids)."""
         self.cfg, self.mesh = cfg, mesh
         self._progress = progress or (lambda msg: None)
         backend = jax.default_backend()
@@ -110,6 +112,11 @@ class Engine:
             self.weights = placement.place(cfg, host, mesh)
         zeros = lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype), out_shardings=a.sharding)()
         self.cache = jax.tree.map(zeros, lay.cache)  # created in place, shard by shard
+        if self.cache.k_smooth is not None:
+            tokens = kv_smoothing.calibration_tokens(cfg.vocab_size, calibration)
+            s = kv_smoothing.measure(self.st, self.weights, lay.cache.k_smooth.shape, tokens, ecfg.page_size)
+            smooth = jax.device_put(s, lay.cache.k_smooth.sharding)
+            self.cache = dataclasses.replace(self.cache, k_smooth=smooth)
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
         self.compile_seconds: dict[str, float] = {}
         self._routed_total = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)

@@ -111,20 +111,19 @@ class Layout:
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
         host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul), abstract(weights))
         sharded = mesh is not None and mesh.size > 1
-        repl = cache_sharding = scale_sharding = None
+        repl = cache_sharding = None
         if mesh is not None:
             shardings = placement.weight_shardings(cfg, host, mesh)
             host = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), host, shardings
             )
             repl, cache_sharding = NamedSharding(mesh, P()), placement.cache_sharding(cfg, mesh)
-            scale_sharding = NamedSharding(mesh, P(*cache_sharding.spec[:-1]))
         kv = family.kv_spec(cfg)
         tp = mesh.size if sharded else 1
 
         def cache_of(ecfg: EngineConfig, pages: int) -> KVCache:
             shape = (kv.num_layers, pages, ecfg.page_size, kv.num_kv_heads, kv.head_dim)
-            return KVCache.abstract(shape, ecfg.dtype, ecfg.kv_cache_dtype, cache_sharding, scale_sharding)
+            return KVCache.abstract(shape, ecfg.dtype, ecfg.kv_cache_dtype, cache_sharding)
 
         def make_plan(ecfg: EngineConfig) -> memory.MemoryPlan:
             page = cache_of(ecfg, 1)
