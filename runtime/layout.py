@@ -35,6 +35,9 @@ from xlaserve.runtime.sampling import SamplingState
 
 # Tokens per batched scoring call (rows x chunk bucket): see `score_rows`.
 SCORE_TOKENS = 256
+# Candidate next tokens the scoring program scores at each position (its own next token and up to
+# SCORE_TARGETS - 1 others from the same logits: the choices of a multiple-choice question).
+SCORE_TARGETS = 8
 
 
 def abstract(tree, default_sharding=None):
@@ -198,7 +201,8 @@ class Layout:
         st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
         i32 = lambda *shape: self.spec(shape, jnp.int32)
         w = self.ecfg.pages_per_seq
-        args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), i32(rows, t))
+        targets = i32(rows, t, SCORE_TARGETS)
+        args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), targets)
         fn = functools.partial(programs.score, st=st)
         return self.program(
             "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores")
