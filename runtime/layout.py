@@ -59,6 +59,12 @@ def score_rows(ecfg: EngineConfig, t: int) -> tuple[int, ...]:
     return (1,) if most == 1 else (1, most)
 
 
+def score_few(t: int) -> int:
+    """Positions per row of the `score_few` programs at chunk bucket t (batched calls whose rows
+    each score at most this many: a multiple-choice row scores its answer, not its question)."""
+    return max(1, t // 4)
+
+
 def score_tokens(ecfg: EngineConfig) -> int:
     """Tokens of the largest scoring call (0 without scoring)."""
     return max((r * t for t in ecfg.prefill_buckets for r in score_rows(ecfg, t)), default=0) * ecfg.scoring
@@ -197,15 +203,21 @@ class Layout:
         outputs = ("cache", "packed", "logits") if all_logits else ("cache", "packed")
         return self.program(kind, t, f"{kind}[T={t}]", fn, ("cache",), args, outputs)
 
-    def score(self, rows: int, t: int) -> Program:
+    def score(self, rows: int, t: int, few: int | None = None) -> Program:
+        """few: the `score_few` variant, logits at `few` selected positions per row only."""
         st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
         i32 = lambda *shape: self.spec(shape, jnp.int32)
         w = self.ecfg.pages_per_seq
-        targets = i32(rows, t, SCORE_TARGETS)
+        targets = i32(rows, few or t, SCORE_TARGETS)
         args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), targets)
         fn = functools.partial(programs.score, st=st)
+        if few is None:
+            return self.program(
+                "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores")
+            )
+        name = f"score_few[B={rows},T={t},S={few}]"
         return self.program(
-            "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores")
+            "score_few", (rows, t), name, fn, ("cache",), (*args, i32(rows, few)), ("cache", "scores")
         )
 
     def decode(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False) -> Program:
@@ -240,6 +252,7 @@ class Layout:
             out += [self.prefill(t), self.prefill(t, masked=True)]
             if ecfg.scoring:
                 out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
+                out += [self.score(rows, t, score_few(t)) for rows in score_rows(ecfg, t) if rows > 1]
         grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]
         out += [self.decode(rows, kv) for rows, kv in grid]
         out += [self.decode(rows, kv, masked=True) for rows, kv in grid]

@@ -77,7 +77,7 @@ def step_bytes(layout: Layout, program: Program) -> tuple[int | None, int | None
     if program.kind.startswith("decode"):
         rows, kv_tokens = program.key
         tokens, kv = rows, rows * kv_tokens
-    elif program.kind.startswith("prefill") or program.kind == "score":
+    elif program.kind.startswith(("prefill", "score")):
         tokens = kv = program.key if isinstance(program.key, int) else program.key[0] * program.key[1]
     else:
         return None, None

@@ -138,7 +138,7 @@ class MockEngine:
         t = self.ecfg.prefill_bucket(max(len(tokens) for tokens, *_ in items))
         np.asarray(self._run(self.step_s + self.token_s * t * len(items), np.zeros(0)))  # one call, read
         out = []
-        for tokens, _, _, targets in items:
+        for tokens, _, _, targets, *_ in items:
             targets = np.asarray(targets, np.int64)  # [n] or [n, K] candidates
             nxt = self._next(np.asarray(tokens)[: len(targets)])
             greedy = targets == (nxt if targets.ndim == 1 else nxt[:, None])

@@ -161,14 +161,17 @@ def prefill(
     return cache, result
 
 
-def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *, st: Statics):
+def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, sel=None, *, st: Statics):
     """One chunk of each of B sequences being scored, in one call: for each row b, position i and
     candidate k, the log-probability of targets[b, i, k] as the token at position start[b] + i + 1
     and whether it is the argmax. Candidate 0 is the row's own next token; the others are other
     continuations of the same prefix, read from the same logits (LLM.score shares one row among
     requests that differ only in their last token). tokens [B, T], targets [B, T, K] (padded);
     start, n_valid [B] (a row with n_valid 0 is padding: it writes nothing); page_rows [B, W].
-    Returns (cache, int32 [B, T, K, 2]: bitcast log-prob, is-greedy)."""
+    sel: None, or int32 [B, S]: the only positions scored (the `score_few` variant; targets then
+    [B, S, K]): the logits of every position cost a [T, V] matmul per row, often more than the rest
+    of the model, when a multiple-choice row scores a handful of them.
+    Returns (cache, int32 [B, T or S, K, 2]: bitcast log-prob, is-greedy)."""
     idx = jnp.arange(tokens.shape[1])
     hidden, cache = st.forward(
         weights,
@@ -179,7 +182,9 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
         page_rows,
         start + n_valid,
     )
-    lg = st.logits(weights, hidden)  # [B, T, V]
+    if sel is not None:
+        hidden = jnp.take_along_axis(hidden, sel[..., None], axis=1)  # [B, S, D]
+    lg = st.logits(weights, hidden)  # [B, T or S, V]
     lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets, axis=-1)  # [B, T, K]
     greedy = jnp.argmax(lg, axis=-1)[..., None] == targets
     return cache, jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)

@@ -201,7 +201,8 @@ class Runner:
         items = []
         for chunk, row, _ in group:
             end = chunk.start + len(chunk.tokens)
-            items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end)))
+            first = max(0, chunk.seq.req.score_start - 1 - chunk.start)  # the first position read
+            items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end), first))
         deltas = []
         for (chunk, _, _), (logprobs, greedy) in zip(group, self.engine.score_batch(items), strict=True):
             self.scheduler.prefilled(chunk)

@@ -123,3 +123,22 @@ def test_shared_rows_score_as_single_rows_and_hf_on_the_model(llm, hf_model, mc_
         want = [ref[len(ctx) - 1 + i, t] for i, t in enumerate(a.token_ids)]
         np.testing.assert_allclose(a.logprobs, want, atol=LOGIT_ATOL)
         assert a.is_greedy == [int(np.argmax(ref[len(ctx) - 1 + i])) == t for i, t in enumerate(a.token_ids)]
+
+
+def test_logits_at_the_scored_positions_only_equal_all_logits(llm, mc_pairs):
+    """Batched calls whose rows score a few positions each run `score_few` (logits at those
+    positions alone); with it hidden, the same calls compute every position's logits."""
+    engine, used = llm.engine, []
+    few = dict(engine._score_few)
+    assert few  # compiled at start-up beside the full score programs
+    try:
+        engine._score_few = {}
+        full = llm.score(mc_pairs)
+        engine._score_few = {k: lambda *a, _p=p, _k=k: used.append(_k) or _p(*a) for k, p in few.items()}
+        got = llm.score(mc_pairs)
+    finally:
+        engine._score_few = few
+    assert used
+    for a, b in zip(got, full, strict=True):
+        assert a.token_ids == b.token_ids and a.is_greedy == b.is_greedy
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
