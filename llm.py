@@ -26,12 +26,13 @@ from xlaserve.runtime.admission import check_sampling, prompt_bytes
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.grammar import Grammars
+from xlaserve.runtime.layout import SCORE_TARGETS
 from xlaserve.runtime.leader import LeaderEngine
 from xlaserve.runtime.replicas import Replicas
 from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
 from xlaserve.runtime.sampling_params import SamplingParams, with_seed
-from xlaserve.runtime.scoring import ScoreResult, rolling_windows
+from xlaserve.runtime.scoring import ScoreResult, read_row, rolling_windows, share_rows
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
 
@@ -288,6 +289,9 @@ class LLM:
                 raise ValueError(
                     f"start={start!r} must be an integer in [1, {len(tokens) - 1}] (len(tokens) - 1)"
                 )
+        return self._scoring(tokens, start, request_id)
+
+    def _scoring(self, tokens, start: int, request_id: str | None, alts=None) -> Request:
         req = Request(
             request_id=request_id or f"score-{next(self._ids)}",
             prompt_ids=tokens,
@@ -296,6 +300,7 @@ class LLM:
             eos_ids=self.eos_ids,
             timings=Timings(arrival=time.perf_counter()),
             score_start=start,
+            score_alts=alts or {},
         )
         self.runner.scheduler.check(req)
         return req
@@ -306,14 +311,23 @@ class LLM:
         bos = self.config.bos_token_id
         return bos if bos is not None else next(iter(self.eos_ids))
 
-    def score(self, items) -> list[ScoreResult]:
+    def score(self, items, *, share: bool = True) -> list[ScoreResult]:
         """Log-probs of continuations: each item is (context, continuation) text, or (token ids,
         start) to score ids[start:]. Runs prefill-only through the slot manager, batched; shared
-        contexts hit the prefix cache."""
+        contexts hit the prefix cache. share: items that differ only in their last token (the
+        one-token choices of a question) are read from one row's logits (scoring.share_rows);
+        False scores every item as a row of its own."""
         requests = [self.score_request(item) for item in items]
-        for _ in self._run(requests):
+        if not share:
+            for _ in self._run(requests):
+                pass
+            return [ScoreResult.of(r) for r in requests]
+        pairs = [(r.prompt_ids, r.score_start) for r in requests]
+        rows, where = share_rows(pairs, max_alts=SCORE_TARGETS - 1)
+        row_reqs = [self._scoring(row.tokens, row.start, None, row.alts) for row in rows]
+        for _ in self._run(row_reqs):
             pass
-        return [ScoreResult.of(r) for r in requests]
+        return [read_row(*pairs[i], rows[r], row_reqs[r]) for i, r in enumerate(where)]
 
     def score_rolling(
         self, texts, window: int | None = None, prefix_token: int | None = None

@@ -12,8 +12,9 @@ lm-eval's own models.
 with these two registered.) Requests are tokenized exactly as lm-eval's HF backend tokenizes them
 (TemplateLM: trailing context spaces move to the continuation, context+continuation are encoded
 whole and split) and all of a task's requests go to the engine at once, so the slot manager
-batches them and shared contexts hit the prefix cache. Rolling log-likelihoods use lm-eval's own
-window helpers.
+batches them, the choices of a question that differ only in their last token are read from one
+row's logits (runtime/scoring.py share_rows), and shared contexts hit the prefix cache. Rolling
+log-likelihoods use lm-eval's own window helpers.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def to_host(x) -> np.ndarray:
 
 # Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
 SCORE_TOKENS = layout.SCORE_TOKENS
+SCORE_TARGETS = layout.SCORE_TARGETS
 
 
 class _Routed:
@@ -170,7 +171,7 @@ class Engine:
         for program in self.layout.programs():
             compiled.setdefault(program.kind, {})[program.key] = self._compile(program)
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
-        self._score = compiled["score"]
+        self._score, self._score_few = compiled["score"], compiled.get("score_few", {})
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
         self._insert, self._free = compiled["insert"][None], compiled["free"][None]
@@ -215,30 +216,53 @@ class Engine:
         return layout.score_rows(self.ecfg, t)
 
     def score_batch(self, items) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Prefill (tokens, start, page_row, targets) chunks of distinct sequences in one call, all
-        in one prefill bucket and at most score_rows(bucket)[-1] of them. For each, per chunk
-        position i: the log-prob of targets[i] (the next token) and whether it was the argmax,
-        (float32 [n], bool [n])."""
+        """Prefill (tokens, start, page_row, targets[, scored_from]) chunks of distinct sequences in
+        one call, all in one prefill bucket and at most score_rows(bucket)[-1] of them. targets: the
+        next token per chunk position, [n], or up to SCORE_TARGETS candidates per position, [n, K]
+        (column 0 the next token; pad with any id). scored_from: the first chunk position whose
+        results are read (default 0); when every chunk reads at most `layout.score_few(bucket)`
+        positions, a `score_few` program computes logits at those alone. For each chunk, per
+        position i (and candidate k): the log-prob of targets[i(, k)] and whether it was the argmax,
+        (float32, bool), shaped as targets (zeros before scored_from in a score_few call)."""
         if not self._score:
             raise ValueError("this engine was built with scoring=False")
         bucket = self.ecfg.prefill_bucket
         t = bucket(max(len(tokens) for tokens, *_ in items))
         rows = next((r for r in self.score_rows(t) if r >= len(items)), None)
         assert rows is not None and all(bucket(len(it[0])) == t for it in items), (t, len(items))
-        tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t), np.int32)
+        tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t, SCORE_TARGETS), np.int32)
         start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
         table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)
-        for i, (toks, first, page_row, targets) in enumerate(items):
-            tokens[i, : len(toks)], nxt[i, : len(targets)] = toks, targets
+        firsts = np.zeros((rows,), np.int32)
+        for i, (toks, first, page_row, targets, *scored_from) in enumerate(items):
+            targets = np.asarray(targets, np.int32)
+            targets = targets[:, None] if targets.ndim == 1 else targets  # [n, K]
+            tokens[i, : len(toks)], nxt[i, : len(targets), : targets.shape[1]] = toks, targets
             start[i], n_valid[i], table[i] = first, len(toks), page_row
-        self.cache, out = self._score[rows, t](
-            self.weights, self.cache, *self._put(tokens, start, n_valid, table, nxt)
-        )
-        out = to_host(out)
-        return [
-            (out[i, : len(toks), 0].view(np.float32), out[i, : len(toks), 1].astype(bool))
-            for i, (toks, *_) in enumerate(items)
-        ]
+            firsts[i] = scored_from[0] if scored_from else 0
+        few = layout.score_few(t)
+        if (rows, t) in self._score_few and all(
+            len(it[0]) - f <= few for it, f in zip(items, firsts[: len(items)], strict=True)
+        ):
+            sel = np.minimum(firsts[:, None] + np.arange(few), t - 1).astype(np.int32)  # [rows, S]
+            picked = np.take_along_axis(nxt, sel[..., None], axis=1)
+            self.cache, part = self._score_few[rows, t](
+                self.weights, self.cache, *self._put(tokens, start, n_valid, table, picked, sel)
+            )
+            part, out = to_host(part), np.zeros((rows, t, SCORE_TARGETS, 2), np.int32)
+            for i, (toks, *_) in enumerate(items):  # back to chunk positions
+                out[i, firsts[i] : len(toks)] = part[i, : len(toks) - firsts[i]]
+        else:
+            self.cache, out = self._score[rows, t](
+                self.weights, self.cache, *self._put(tokens, start, n_valid, table, nxt)
+            )
+            out = to_host(out)  # [rows, t, SCORE_TARGETS, 2]
+        results = []
+        for i, (toks, _, _, targets, *_) in enumerate(items):
+            k = 1 if np.ndim(targets) < 2 else np.shape(targets)[1]
+            lp, greedy = out[i, : len(toks), :k, 0].view(np.float32), out[i, : len(toks), :k, 1].astype(bool)
+            results.append((lp[:, 0], greedy[:, 0]) if np.ndim(targets) < 2 else (lp, greedy))
+        return results
 
     def insert(self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray) -> None:
         slot, length, sampling, presence = self._put(np.int32(slot), np.int32(length), sampling, presence)

@@ -36,6 +36,9 @@ from xlaserve.runtime.sampling import SamplingState
 
 # Tokens per batched scoring call (rows x chunk bucket): see `score_rows`.
 SCORE_TOKENS = 256
+# Candidate next tokens the scoring program scores at each position (its own next token and up to
+# SCORE_TARGETS - 1 others from the same logits: the choices of a multiple-choice question).
+SCORE_TARGETS = 8
 
 
 def abstract(tree, default_sharding=None):
@@ -55,6 +58,12 @@ def score_rows(ecfg: EngineConfig, t: int) -> tuple[int, ...]:
     than over one on CPU, and it keeps a GPU busy."""
     most = min(ecfg.max_slots, max(1, SCORE_TOKENS // t))
     return (1,) if most == 1 else (1, most)
+
+
+def score_few(t: int) -> int:
+    """Positions per row of the `score_few` programs at chunk bucket t (batched calls whose rows
+    each score at most this many: a multiple-choice row scores its answer, not its question)."""
+    return max(1, t // 4)
 
 
 def score_tokens(ecfg: EngineConfig) -> int:
@@ -197,14 +206,33 @@ class Layout:
         outputs = ("cache", "packed", "logits", "routed") if all_logits else ("cache", "packed", "routed")
         return self.program(kind, t, f"{kind}[T={t}]", fn, ("cache",), args, outputs)
 
-    def score(self, rows: int, t: int) -> Program:
+    def score(self, rows: int, t: int, few: int | None = None) -> Program:
+        """few: the `score_few` variant, logits at `few` selected positions per row only."""
         st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
         i32 = lambda *shape: self.spec(shape, jnp.int32)
         w = self.ecfg.pages_per_seq
-        args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), i32(rows, t))
+        targets = i32(rows, few or t, SCORE_TARGETS)
+        args = (self.weights, self.cache, i32(rows, t), i32(rows), i32(rows), i32(rows, w), targets)
         fn = functools.partial(programs.score, st=st)
+        if few is None:
+            return self.program(
+                "score",
+                (rows, t),
+                f"score[B={rows},T={t}]",
+                fn,
+                ("cache",),
+                args,
+                ("cache", "scores", "routed"),
+            )
+        name = f"score_few[B={rows},T={t},S={few}]"
         return self.program(
-            "score", (rows, t), f"score[B={rows},T={t}]", fn, ("cache",), args, ("cache", "scores", "routed")
+            "score_few",
+            (rows, t),
+            name,
+            fn,
+            ("cache",),
+            (*args, i32(rows, few)),
+            ("cache", "scores", "routed"),
         )
 
     def decode(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False) -> Program:
@@ -266,6 +294,7 @@ class Layout:
             out += [self.prefill(t), self.prefill(t, masked=True)]
             if ecfg.scoring:
                 out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
+                out += [self.score(rows, t, score_few(t)) for rows in score_rows(ecfg, t) if rows > 1]
         grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]
         out += [self.decode(rows, kv) for rows, kv in grid]
         out += [self.decode(rows, kv, masked=True) for rows, kv in grid]

@@ -80,7 +80,7 @@ def step_bytes(layout: Layout, program: Program) -> tuple[int | None, int | None
     elif program.kind == "verify":  # K+1 tokens a row
         rows, kv_tokens, k = program.key
         tokens, kv = rows * (k + 1), rows * kv_tokens
-    elif program.kind.startswith("prefill") or program.kind == "score":
+    elif program.kind.startswith(("prefill", "score")):
         tokens = kv = program.key if isinstance(program.key, int) else program.key[0] * program.key[1]
     else:
         return None, None

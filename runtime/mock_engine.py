@@ -140,16 +140,13 @@ class MockEngine:
         t = self.ecfg.prefill_bucket(max(len(tokens) for tokens, *_ in items))
         np.asarray(self._run(self.step_s + self.token_s * t * len(items), np.zeros(0)))  # one call, read
         out = []
-        for tokens, _, _, targets in items:
-            greedy = np.asarray(targets) == self._next(np.asarray(tokens)[: len(targets)])
+        for tokens, _, _, targets, *_ in items:
+            targets = np.asarray(targets, np.int64)  # [n] or [n, K] candidates
+            nxt = self._next(np.asarray(tokens)[: len(targets)])
+            greedy = targets == (nxt if targets.ndim == 1 else nxt[:, None])
             lps = np.where(greedy, 0.0, OTHER_LOGPROB).astype(np.float32)
-            pad = len(tokens) - len(targets)
-            out.append(
-                (
-                    np.concatenate([lps, np.zeros(pad, np.float32)]),
-                    np.concatenate([greedy, np.zeros(pad, bool)]),
-                )
-            )
+            pad = [(0, len(tokens) - len(targets))] + [(0, 0)] * (targets.ndim - 1)
+            out.append((np.pad(lps, pad), np.pad(greedy, pad)))
         return out
 
     def insert(self, slot, packed, length, sampling, presence):

@@ -189,12 +189,17 @@ def prefill(
     return cache, result, routed
 
 
-def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *, st: Statics):
-    """One chunk of each of B sequences being scored, in one call: for each row b and position i,
-    the log-probability of targets[b, i] (the token at position start[b] + i + 1) and whether it
-    is the argmax. tokens, targets [B, T] (padded); start, n_valid [B] (a row with n_valid 0 is
-    padding: it writes nothing); page_rows [B, W].
-    Returns (cache, int32 [B, T, 2]: bitcast log-prob, is-greedy, routed [L, E])."""
+def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, sel=None, *, st: Statics):
+    """One chunk of each of B sequences being scored, in one call: for each row b, position i and
+    candidate k, the log-probability of targets[b, i, k] as the token at position start[b] + i + 1
+    and whether it is the argmax. Candidate 0 is the row's own next token; the others are other
+    continuations of the same prefix, read from the same logits (LLM.score shares one row among
+    requests that differ only in their last token). tokens [B, T], targets [B, T, K] (padded);
+    start, n_valid [B] (a row with n_valid 0 is padding: it writes nothing); page_rows [B, W].
+    sel: None, or int32 [B, S]: the only positions scored (the `score_few` variant; targets then
+    [B, S, K]): the logits of every position cost a [T, V] matmul per row, often more than the rest
+    of the model, when a multiple-choice row scores a handful of them.
+    Returns (cache, int32 [B, T or S, K, 2]: bitcast log-prob, is-greedy, routed [L, E])."""
     idx = jnp.arange(tokens.shape[1])
     hidden, cache, routed = st.forward(
         weights,
@@ -206,9 +211,11 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, *
         start + n_valid,
         routed=True,
     )
-    lg = st.logits(weights, hidden)  # [B, T, V]
-    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(lg, axis=-1) == targets
+    if sel is not None:
+        hidden = jnp.take_along_axis(hidden, sel[..., None], axis=1)  # [B, S, D]
+    lg = st.logits(weights, hidden)  # [B, T or S, V]
+    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets, axis=-1)  # [B, T, K]
+    greedy = jnp.argmax(lg, axis=-1)[..., None] == targets
     scores = jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
     return cache, scores, routed
 

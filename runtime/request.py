@@ -106,6 +106,12 @@ class Request:
     deadline: float | None = None  # time.perf_counter() after which the request ends (DEADLINE)
     score_start: int | None = None  # scoring request: report log-probs of prompt_ids[score_start:]
     scores: list[tuple[float, bool]] = field(default_factory=list)  # (log-prob, is-greedy) per scored token
+    # Other candidates for a scored position, read from the same logits: index p in [score_start,
+    # len(prompt_ids)] -> token ids that could stand at p instead of prompt_ids[p] (at most
+    # SCORE_TARGETS - 1 each; p == len(prompt_ids): candidates after the last token). Their
+    # (log-prob, is-greedy) land in alt_scores[(p, token)]. See runtime/scoring.py `share_rows`.
+    score_alts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    alt_scores: dict[tuple[int, int], tuple[float, bool]] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # emitted text (stop strings never included)

@@ -50,7 +50,7 @@ import numpy as np
 
 from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
-from xlaserve.runtime.engine import Engine, to_host
+from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
@@ -90,6 +90,9 @@ class Runner:
             token_budget=token_budget or e.prefill_token_budget,
             prefix_cache=e.prefix_cache,
             window=_window(engine.cfg),
+            # a step with only scoring to do fills a scoring call (one at the smallest bucket)
+            score_budget=max(token_budget or e.prefill_token_budget or 0, SCORE_TOKENS),
+            bucket=e.prefill_bucket,
         )
         self._rows: dict[Seq, SamplingState] = {}
         self.seqs: dict[str, Seq] = {}
@@ -254,15 +257,22 @@ class Runner:
 
     def _score(self, group) -> list[Delta]:
         """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
-        at chunk.start + i + 1."""
+        at chunk.start + i + 1 (and the request's other candidates for that index, if any)."""
         items = []
         for chunk, row, _ in group:
             end = chunk.start + len(chunk.tokens)
-            items.append((chunk.tokens, chunk.start, row, chunk.seq.tokens()[chunk.start + 1 : end + 1]))
+            first = max(0, chunk.seq.req.score_start - 1 - chunk.start)  # the first position read
+            items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end), first))
         deltas = []
         for (chunk, _, _), (logprobs, greedy) in zip(group, self.engine.score_batch(items), strict=True):
             self.scheduler.prefilled(chunk)
             req, n = chunk.seq.req, len(chunk.seq.tokens())
+            if logprobs.ndim == 2:  # [n, K]: column 0 the next token, then score_alts
+                for i in range(len(chunk.tokens)):
+                    p = chunk.start + i + 1
+                    for k, token in enumerate(req.score_alts.get(p, ()), 1):
+                        req.alt_scores[p, token] = (float(logprobs[i, k]), bool(greedy[i, k]))
+                logprobs, greedy = logprobs[:, 0], greedy[:, 0]
             for i in range(len(chunk.tokens)):
                 if req.score_start <= chunk.start + i + 1 < n:
                     req.scores.append((float(logprobs[i]), bool(greedy[i])))
@@ -355,6 +365,21 @@ class Runner:
         seq.req.grammar = None  # the matcher's memory goes with it
         if self.seqs.pop(seq.req.request_id, None) is not None and seq.req.finish_reason is not None:
             self.finished[seq.req.finish_reason.value] += 1
+
+
+def _targets(seq: Seq, start: int, end: int):
+    """What chunk positions start .. end - 1 of a scoring sequence score: the next tokens [<= n],
+    or, when the request has other candidates (score_alts), [n, 1 + most candidates] (column 0 the
+    next token or 0 past the end, then the candidates, padded with 0)."""
+    tokens, alts = seq.tokens(), seq.req.score_alts
+    if not alts:
+        return tokens[start + 1 : end + 1]
+    width = 1 + max(len(alts.get(p, ())) for p in range(start + 1, end + 1))
+    out = np.zeros((end - start, width), np.int32)
+    for i, p in enumerate(range(start + 1, end + 1)):
+        row = (tokens[p] if p < len(tokens) else 0, *alts.get(p, ()))
+        out[i, : len(row)] = row
+    return out
 
 
 def _window(cfg) -> int | None:

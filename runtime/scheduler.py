@@ -109,9 +109,14 @@ class Scheduler:
         token_budget: int | None = None,
         prefix_cache: bool = True,
         window: int | None = None,
+        score_budget: int | None = None,
+        bucket=None,
     ):
         """window: when every layer attends only to its last `window` positions (the largest
-        window of the model), a running sequence's pages that fall out of it go back to the pool."""
+        window of the model), a running sequence's pages that fall out of it go back to the pool.
+        score_budget, bucket (chunk length -> its padded length): a step with only scoring to
+        prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None: such
+        steps take token_budget like any other."""
         self.page_size = page_size
         self.window = window
         self.decode_steps = decode_steps
@@ -119,6 +124,7 @@ class Scheduler:
         self.limits = limits
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
+        self.score_budget, self.bucket = score_budget, bucket
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
@@ -181,7 +187,11 @@ class Scheduler:
         # prompt never preempts a running stream: that would thrash, each recomputing the other).
         decode = self._decode_batch()
         prefills, budget = [], self.token_budget
-        for seq in self.fair.order(self._in_slots(State.PREFILL)):
+        prefilling = self._in_slots(State.PREFILL)
+        scoring_only = prefilling and all(s.req.score_start is not None for s in prefilling)
+        if scoring_only and not decode and self.score_budget:
+            prefills, budget = self._score_chunks(prefilling), 0
+        for seq in self.fair.order(prefilling) if budget else ():
             todo, start = seq.tokens(), seq.computed
             while budget > 0 and start < len(todo):
                 n = min(len(todo) - start, self.chunk, budget)
@@ -196,6 +206,22 @@ class Scheduler:
         kv = max((s.length + s.inflight + self.decode_steps for s in decode), default=0)
         freed, self._freed = self._freed, []
         return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed)
+
+    def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
+        """The chunks of a step that only scores: no stream waits on it, so instead of the token
+        budget (sized to bound running streams' stall) it fills one scoring call (score_budget
+        padded tokens: rows x bucket). A prompt that fits no longer goes in whole or waits for
+        the next step (split, it would take a padded row in each); the first chunk always goes."""
+        chunks, budget = [], self.score_budget
+        for seq in seqs:
+            todo, start = seq.tokens(), seq.computed
+            while start < len(todo):
+                n = min(len(todo) - start, self.chunk)
+                if (chunks and self.bucket(n) > budget) or not self._grow(seq, start + n):
+                    return chunks
+                chunks.append(Chunk(seq, start, todo[start : start + n]))
+                start, budget = start + n, budget - self.bucket(n)
+        return chunks
 
     def prefilled(self, chunk: Chunk) -> None:
         """A chunk was dispatched; after the last one the sequence decodes."""

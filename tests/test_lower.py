@@ -73,7 +73,7 @@ def test_cuda_lowers_every_program_with_kernels_in_decode(results, config):
     assert summary is not None, done.stderr[-3000:]
     cuda = rows(summary, "cuda")
     assert [r["error"] for r in cuda if r["error"]] == []
-    kinds = {"prefill", "prefill_masked", "score", "decode", "decode_masked", "insert", "free"}
+    kinds = {"prefill", "prefill_masked", "score", "score_few", "decode", "decode_masked", "insert", "free"}
     assert {r["kind"] for r in cuda} == kinds
     quantized = "int4" in config or "smollm2" in config  # SmolLM2's Q4_1/Q8_0 blocks stay quantized
     for r in rows(summary, "cuda", "decode") + rows(summary, "cuda", "decode_masked"):
@@ -191,7 +191,7 @@ def test_quantized_kv_cache_lowers_for_cuda_and_tpu(tmp_path, kv):
 def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     """A program that cannot be lowered is a row with its error and the others are still lowered
     (here Triton's kernels forced onto tpu: their compiler parameters are GPU-only; insert, free and
-    the two-row score, which attends on the XLA path, call no kernel); the command then prints the
+    the two-row scores, which attend on the XLA path, call no kernel); the command then prints the
     table and exits 1."""
     cfg = PRESETS["tiny"]
     ecfg = EngineConfig(max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2)
@@ -199,7 +199,8 @@ def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     triton = dataclasses.replace(layout.st.kernels, platform="gpu")
     layout = dataclasses.replace(layout, st=dataclasses.replace(layout.st, kernels=triton))
     got = lower.lower_all(layout, "tpu", tmp_path)
-    assert [r.program for r in got if r.error is None] == ["score[B=2,T=32]", "insert", "free"]
+    ok = ["score[B=2,T=32]", "score_few[B=2,T=32,S=8]", "insert", "free"]
+    assert [r.program for r in got if r.error is None] == ok
     assert all("Compiler params for platform gpu" in r.error and r.path is None for r in got if r.error)
     monkeypatch.setattr(lower, "lower_all", lambda *a, **k: got)
     assert cli.main(["lower", "--preset", "tiny", "--platforms", "tpu", "--out", str(tmp_path)]) == 1
