@@ -63,9 +63,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
-        "--speculative-k",
-        type=_int_tuple,
-        help="n-gram speculative decoding of greedy requests: guesses a step, e.g. 4 (default off)",
+        "--speculative",
+        choices=["ngram"],
+        help="speculative decoding of greedy requests: ngram (guesses by prompt lookup; default off)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help="with --speculative: the most guesses checked per step (default 4)",
     )
     g.add_argument(
         "--dtype",
@@ -104,7 +109,6 @@ def engine_kwargs(args) -> dict:
         "memory_fraction",
         "decode_steps",
         "prefill_buckets",
-        "speculative_k",
         "dtype",
         "kv_cache_dtype",
         "quantized",
@@ -114,7 +118,13 @@ def engine_kwargs(args) -> dict:
         "attention_impl",
         "matmul_impl",
     )
-    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
+    kwargs = {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
+    k = getattr(args, "num_speculative_tokens", None)
+    if getattr(args, "speculative", None) == "ngram":
+        kwargs["speculative_k"] = (4 if k is None else k,)
+    elif k is not None:
+        raise ValueError("--num-speculative-tokens needs --speculative ngram")
+    return kwargs
 
 
 def read_bytes(path: str | None) -> bytes | None:

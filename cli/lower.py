@@ -75,7 +75,12 @@ def register(sub) -> None:
     p.add_argument(
         "--slot-buckets", type=_int_tuple, help="decode batch sizes compiled (default: 1, max_slots)"
     )
-    p.add_argument("--speculative-k", type=_int_tuple, help="verify programs' guess counts, e.g. 4")
+    p.add_argument(
+        "--num-speculative-tokens",
+        dest="speculative_k",
+        type=_int_tuple,
+        help="verify programs' guess counts, e.g. 4",
+    )
     p.add_argument(
         "--no-scoring", dest="scoring", action="store_false", help="leave out the scoring programs"
     )

@@ -83,6 +83,7 @@ class Kernels:
 
 
 XLA_KERNELS = Kernels()
+MAX_SPECULATIVE = 16  # the most guesses one verify step checks per slot
 
 
 @dataclass(frozen=True)
@@ -351,7 +352,12 @@ class EngineConfig:
         cfg = dataclasses.replace(cfg, slot_buckets=tuple(sorted(set(slots) | {cfg.max_slots})))
         _check(cfg.decode_steps >= 1, "decode_steps", cfg.decode_steps, "must be ≥ 1")
         spec_k = tuple(sorted(set(cfg.speculative_k)))
-        _check(all(k >= 1 for k in spec_k), "speculative_k", cfg.speculative_k, "must be counts ≥ 1")
+        _check(
+            all(1 <= k <= MAX_SPECULATIVE for k in spec_k),
+            "speculative_k",
+            cfg.speculative_k,
+            f"must be guess counts in [1, {MAX_SPECULATIVE}]",
+        )
         cfg = dataclasses.replace(cfg, speculative_k=spec_k)
         for name in ("attention_impl", "matmul_impl"):
             value = getattr(cfg, name)

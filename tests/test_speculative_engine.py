@@ -274,10 +274,17 @@ def test_speculative_k_flag_reaches_the_engine_config():
     from xlaserve.cli.common import engine_kwargs
 
     for command in (["generate", "hi"], ["serve"]):
-        args = build_parser(command[0]).parse_args([*command, "--speculative-k", "4"])
-        assert engine_kwargs(args)["speculative_k"] == (4,)
-    args = build_parser("lower").parse_args(["lower", "--out", "x", "--speculative-k", "1,4"])
+        parse = build_parser(command[0]).parse_args
+        args = parse([*command, "--speculative", "ngram", "--num-speculative-tokens", "6"])
+        assert engine_kwargs(args)["speculative_k"] == (6,)
+        assert engine_kwargs(parse([*command, "--speculative", "ngram"]))["speculative_k"] == (4,)
+        assert "speculative_k" not in engine_kwargs(parse(command))
+        with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative ngram"):
+            engine_kwargs(parse([*command, "--num-speculative-tokens", "3"]))
+    args = build_parser("lower").parse_args(["lower", "--out", "x", "--num-speculative-tokens", "1,4"])
     assert args.speculative_k == (1, 4)
+    with pytest.raises(ValueError, match=r"speculative_k=\(0, 99\) must be guess counts in \[1, 16\]"):
+        EngineConfig(speculative_k=(0, 99)).resolve(CFG, "cpu")
 
 
 def test_runner_speculation_on_the_mock_with_a_dry_pool(monkeypatch):
