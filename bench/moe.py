@@ -55,7 +55,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts its CPU ba
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -64,6 +63,7 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from xlaserve.bench import report  # noqa: E402
+from xlaserve.bench.kernels import timed  # noqa: E402
 from xlaserve.runtime.config import ModelConfig  # noqa: E402
 from xlaserve.runtime.models import moe  # noqa: E402
 from xlaserve.runtime.models.presets import PRESETS  # noqa: E402
@@ -143,17 +143,6 @@ def exchange_bytes(n: int, ep: int, tp: int, cfg: ModelConfig = CFG, b: int = AC
         "all_to_all": 2 * (ep - 1) / ep * padded * d * b + 2 * (tp - 1) / tp * padded * d * b + gather,
         "ragged_all_to_all": 2 * (ep - 1) / ep * m * d * b + 2 * (tp - 1) / tp * m * d * b + gather,
     }
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def expert_parallel(rng, repeats: int) -> list[dict]:
