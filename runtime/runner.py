@@ -194,14 +194,14 @@ class Runner:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
-        guesses, k = None, self._k(plan.decode) if plan.decode and not grammar else 0
+        guesses, (k, break_even) = None, self._k(plan.decode) if plan.decode and not grammar else (0, 1.0)
         if k:
             if previous is not None:  # the guesses continue from the tokens in flight
                 deltas += self._read_decode(*previous)
                 previous = None
-            guesses = self._propose(plan.decode, k)
+            guesses = self._propose(plan.decode, k, break_even)
         if guesses is not None and guesses[1].any():
-            deltas += self._verify(plan.decode, *guesses)
+            deltas += self._verify(plan.decode, *guesses, break_even)
         elif plan.decode:  # (without a guess to check, a decode dispatch: cheaper than verify)
             masks = ()
             if grammar:
@@ -228,13 +228,14 @@ class Runner:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
 
-    def _k(self, seqs: list[Seq]) -> int:
-        """The most guesses a sequence makes this step: the schedule's K for the batch size, 0 when
-        not speculating or when no sequence may guess (then the batch stays pipelined)."""
+    def _k(self, seqs: list[Seq]) -> tuple[int, float]:
+        """(the most guesses a sequence makes this step, the break-even tokens a step) from the
+        schedule for the batch size; K is 0 when not speculating or when no sequence may guess
+        (then the batch stays pipelined)."""
         if not self.speculative:
-            return 0
-        k = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
-        return k if k and any(self._may_guess(seq.req) for seq in seqs) else 0
+            return 0, 1.0
+        k, break_even = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
+        return (k, break_even) if k and any(self._may_guess(seq.req) for seq in seqs) else (0, 1.0)
 
     @staticmethod
     def _may_guess(req: Request) -> bool:
@@ -243,9 +244,10 @@ class Runner:
         on = p.temperature == 0.0 and p.speculative and counts is not None
         return on and counts.guessing(len(req.output_ids))
 
-    def _propose(self, seqs: list[Seq], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
         """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
-        now hold: (int32 [max_slots, k], counts [max_slots])."""
+        now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
+        A sequence that may guess and does not get its guesses checked records a one-token step."""
         s, ecfg = self.scheduler, self.engine.ecfg
         proposed = np.zeros((len(s.slots), k), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
@@ -262,9 +264,21 @@ class Runner:
             held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
             guesses = guesses[: max(0, held - len(tokens))]
             proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+            if not len(guesses):
+                req.speculative.record(0, 1, len(req.output_ids), break_even)
+        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
+        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
+        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
+        live = [seq for seq in seqs if not seq.req.finished]
+        expected = sum(seq.req.speculative.expected(k) if n[seq.slot] else 1.0 for seq in live)
+        if n.any() and expected < break_even * len(live):
+            for seq in live:
+                if n[seq.slot]:
+                    seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
+            n[:] = 0
         return proposed, n
 
-    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray) -> list[Delta]:
+    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray, break_even: float) -> list[Delta]:
         """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
         s = self.scheduler
         live = [seq for seq in seqs if not seq.req.finished]
@@ -282,7 +296,6 @@ class Runner:
                 self.guesses[0] += guessed
                 self.guesses[1] += emitted - 1
                 self.emitted[emitted] += 1
-                break_even = self.engine.ecfg.speculative_break_even
                 seq.req.speculative.record(guessed, emitted, len(seq.req.output_ids), break_even)
         return deltas
 

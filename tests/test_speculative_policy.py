@@ -56,8 +56,14 @@ def test_batches_where_no_sequence_may_guess_stay_pipelined(monkeypatch):
         unpipelined.clear()
         _, llm = run(fresh, params, **engine)
         assert sum(unpipelined) == 1 and llm.engine.verifies == 0  # the last read only
+    # greedy sequences may guess: their tokens are read before each dispatch; finding nothing to
+    # guess counts as a one-token step, so after WINDOW such steps they stop for BACKOFF tokens,
+    # try WINDOW more and stop for 2 * BACKOFF (past the end); with a break-even of 1, never
     unpipelined.clear()
-    run(fresh, GREEDY)  # greedy sequences may guess (and find nothing): read before each dispatch
+    run(fresh, GREEDY)
+    assert 2 * WINDOW <= sum(unpipelined) <= 2 * WINDOW + 1
+    unpipelined.clear()
+    run(fresh, GREEDY, speculative_schedule=((8, 4, 1.0),))
     assert sum(unpipelined) > 50
 
 
@@ -81,8 +87,9 @@ def test_http_takes_the_opt_out_and_checks_it():
 
 
 def test_k_follows_the_batch_size_schedule():
-    assert schedule_k(((1, 4), (4, 2)), 1) == 4 and schedule_k(((1, 4), (4, 2)), 3) == 2
-    assert schedule_k(((1, 4), (4, 2)), 5) == 0
+    schedule = ((1, 4, 1.5), (4, 2, 3.0))
+    assert schedule_k(schedule, 1) == (4, 1.5) and schedule_k(schedule, 3) == (2, 3.0)
+    assert schedule_k(schedule, 5) == (0, 1.0)
     plain, plain_llm = run(RIGHT, GREEDY, speculative_k=())
     full, _ = run(RIGHT, GREEDY)
     # two sequences run together all along: a schedule that stops at one guesses nothing, and the
@@ -105,13 +112,12 @@ def test_k_follows_the_batch_size_schedule():
 def test_default_schedule_and_validation():
     tiny = PRESETS["tiny"]
     resolve = lambda **f: EngineConfig(max_model_len=64, prefill_buckets=(16,), **f).resolve(tiny, "cpu")
-    assert resolve(speculative_k=(2, 4)).speculative_schedule == ((8, 4),)
+    assert resolve(speculative_k=(2, 4)).speculative_schedule == ((1, 4, 1.5), (8, 4, 3.0))
+    assert resolve(speculative_k=(4,), speculative_schedule=((2, 3),)).speculative_schedule == ((2, 3, 1.5),)
     assert resolve().speculative_schedule == ()
-    for bad in (((4, 2), (2, 2)), ((1, 5),), ((0, 1),)):
+    for bad in (((4, 2), (2, 2)), ((1, 5),), ((0, 1),), ((1, 4, 0.5),), ((1,),)):
         with pytest.raises(ValueError, match=r"speculative_schedule=.* must be"):
             resolve(speculative_k=(4,), speculative_schedule=bad)
-    with pytest.raises(ValueError, match=r"speculative_break_even=0\.5 must be"):
-        resolve(speculative_k=(4,), speculative_break_even=0.5)
 
 
 def test_a_request_whose_guesses_fail_stops_guessing():
@@ -119,11 +125,13 @@ def test_a_request_whose_guesses_fail_stops_guessing():
     (out,), llm = run([WRONG], params, max_model_len=512)
     assert out.token_ids == list(range(11, 101))
     assert out.speculative["accepted"] == 0
-    # WINDOW failed steps, BACKOFF tokens plainly, WINDOW more, then 2 * BACKOFF: past the end
-    assert llm.engine.verifies == 2 * WINDOW
+    # one verify step (no history yet: it gets a try) emits 1 token; from then on its expected
+    # tokens are below break-even, so its guesses are not checked; WINDOW steps in, it stops for
+    # BACKOFF tokens, tries once more, and stops for 2 * BACKOFF: past the end
+    assert llm.engine.verifies == 2
     # with a break-even of 1 token a step it never stops: a verify call per token after the
     # prefill's, but the last (no guess may reach past max_tokens)
-    (always,), llm = run([WRONG], params, max_model_len=512, speculative_break_even=1.0)
+    (always,), llm = run([WRONG], params, max_model_len=512, speculative_schedule=((8, 4, 1.0),))
     assert always.token_ids == out.token_ids and llm.engine.verifies == 88
 
 
@@ -139,3 +147,19 @@ def test_counts_switch_off_below_break_even_and_back_on_after_backoff():
     for _ in range(3 * WINDOW):
         good.record(4, 2, 10, break_even=1.4)  # 2 tokens a step: worth it
     assert good.guessing(10) and good.switched_off == 0
+
+
+def test_a_batch_verifies_only_when_its_rows_make_up_for_the_cost():
+    """One row guessing right (5 tokens a step) and one guessing wrong (1): 6 tokens a step pay
+    for a verify step costing 2.5 decode steps a row (5 in all) but not one costing 3.5 (7); there
+    the rows stop guessing (outputs unchanged)."""
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    prompts = [RIGHT[0], WRONG]
+    plain, _ = run(prompts, params, speculative_k=(), max_model_len=512)
+    cheap, cheap_llm = run(prompts, params, max_model_len=512, speculative_schedule=((2, 4, 2.5),))
+    dear, dear_llm = run(prompts, params, max_model_len=512, speculative_schedule=((2, 4, 3.5),))
+    for outs in (cheap, dear):
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert cheap[0].speculative["accepted"] > 40 and cheap_llm.engine.verifies > 10
+    # the first step has no history (each row may try); after it, 5 + 1 < 3.5 * 2
+    assert dear_llm.engine.verifies <= 3 and dear[0].speculative["accepted"] <= 3 * 4
