@@ -57,6 +57,7 @@ def _json_output(llm, prompt, out) -> dict:
         "logprobs": lp,
         "usage": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids)},
         "timings": out.timings,
+        "speculative": out.speculative,
     }
 
 
@@ -122,6 +123,7 @@ def generate_remote(args, prompts: list[str], params) -> int:
                                 "stop_reason": out.stop_reason,
                                 "usage": out.usage,
                                 "timings": out.timings,
+                                "speculative": out.speculative,
                             },
                             ensure_ascii=False,
                         )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xlaserve.runtime.spec_policy import resolve_schedule
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -231,6 +233,11 @@ class EngineConfig:
     - max_logprobs: the most top-N alternatives a request may ask for.
     - speculative_k: the guess counts K the speculative verify program is compiled for (one per
       slot and KV bucket each); a step with fewer guesses pads to the next. Empty: no speculation.
+    - speculative_schedule: K by batch size: entries (most running sequences, K ≤ max speculative_k,
+      break-even) increasing in batch size; a step with more sequences than the last guesses
+      nothing; a request whose steps emit fewer than break-even tokens on average (the cost of a
+      verify step in decode steps; a pair's is spec_policy.VERIFY_COST) stops guessing for a while
+      (runtime/spec_policy.py). None: spec_policy.SCHEDULE, K capped at max speculative_k.
     - prefill_token_budget: prompt tokens prefilled per step across all prompts, bounding how long
       running streams wait for a new prompt (and a cancel for a long prompt to stop). None: measured
       at start-up so that a step's prefill takes at most max_prefill_stall_s (runtime/budget.py).
@@ -270,6 +277,7 @@ class EngineConfig:
     decode_steps: int = 1
     max_logprobs: int = 20
     speculative_k: tuple[int, ...] = ()
+    speculative_schedule: tuple[tuple, ...] | None = None
     prefill_token_budget: int | None = None
     max_prefill_stall_s: float = 0.25
     prefix_cache: bool = True
@@ -359,6 +367,8 @@ class EngineConfig:
             f"must be guess counts in [1, {MAX_SPECULATIVE}]",
         )
         cfg = dataclasses.replace(cfg, speculative_k=spec_k)
+        schedule = resolve_schedule(cfg.speculative_schedule, spec_k[-1] if spec_k else 0)
+        cfg = dataclasses.replace(cfg, speculative_schedule=schedule)
         for name in ("attention_impl", "matmul_impl"):
             value = getattr(cfg, name)
             _check(value in ("auto", "pallas", "xla"), name, value, "must be auto, pallas or xla")

@@ -183,9 +183,11 @@ class Engine:
 
     def _put(self, *host):
         """Host inputs as device arrays. Needed across processes (every process supplies the same
-        value for its devices); on one process the executable takes numpy directly."""
+        value for its devices); on one process the executable takes numpy directly, copied: on CPU
+        it may read the caller's buffer without a copy when the (asynchronous) call runs, and the
+        scheduler changes its page table (of which a prefill's page row is a view) in place."""
         if self.mesh is None or jax.process_count() == 1:
-            return host
+            return tuple(x.copy() if isinstance(x, np.ndarray) else x for x in host)
         return tuple(jax.device_put(x, self._repl) for x in host)
 
     def prefill(

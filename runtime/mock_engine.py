@@ -94,6 +94,7 @@ class MockEngine:
         self.tokens = np.zeros((self.ecfg.max_slots,), np.int64)
         self.active = np.zeros((self.ecfg.max_slots,), bool)
         self.dispatches = 0
+        self.verifies = 0  # of the dispatches, verify calls
 
     def _packed(self, tokens: np.ndarray, n_top: int) -> _OnHost:
         out = np.zeros((*tokens.shape, 2 + 2 * self.ecfg.max_logprobs), np.int32)
@@ -178,6 +179,7 @@ class MockEngine:
         from xlaserve.runtime.programs import Sampled, Verified  # imports JAX; the mock otherwise not
 
         self.dispatches += 1
+        self.verifies += 1
         rows = busy_rows or self.ecfg.max_slots
         emitted = np.zeros((rows,), np.int32)
         tokens = np.zeros((rows, proposed.shape[1] + 1), np.int64)

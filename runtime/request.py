@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.spec_policy import SpecCounts
 
 
 class FinishReason(enum.StrEnum):
@@ -74,6 +75,9 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     timings: dict
     cached_tokens: int = 0
+    # speculative decoding: {"proposed": guesses made, "accepted": guesses kept}; None when the
+    # engine does not speculate
+    speculative: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -121,6 +125,7 @@ class Request:
     # structured output: the grammar's state (runtime/grammar.py Matcher), None without one (and
     # once the request has ended: the runner frees it)
     grammar: object | None = None
+    speculative: SpecCounts | None = None  # set by a runner that speculates
     # incremental detokenization state
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -224,4 +229,5 @@ class Request:
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
             timings=self.timings.as_dict(len(self.output_ids)),
             cached_tokens=self.cached_tokens,
+            speculative=None if self.speculative is None else self.speculative.as_dict(),
         )

@@ -37,7 +37,11 @@ each greedy sequence guesses up to K tokens by n-gram lookup in its own prompt a
 sequences guess nothing, so they draw exactly as without speculation. With a guess to check, the
 step runs one verify call instead of a decode dispatch, and reads it before returning (the next
 guesses need its tokens); with none, the decode dispatch. Either way the guesses needed the tokens
-of the dispatch in flight first, so such batches are not pipelined.
+of the dispatch in flight first, so such batches are not pipelined. Only batches where some sequence
+may guess pay that: a step guesses up to the K its batch size gets from the schedule, and only
+greedy sequences that have not opted out and are not switched off for poor acceptance guess
+(runtime/spec_policy.py). Each request counts its guesses made and kept (`Request.speculative`);
+the runner sums them, and how many tokens each guessing sequence emitted per verify step.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
+from xlaserve.runtime.spec_policy import SpecCounts, schedule_k
 from xlaserve.runtime.speculative import ngram_propose
 from xlaserve.runtime.stats import EngineStats
 
@@ -101,6 +106,8 @@ class Runner:
         self.prompt_tokens_computed = 0
         self.speculative = bool(e.speculative_k)  # n-gram speculation (needs the verify programs)
         self.guesses = [0, 0]  # speculative guesses made, and kept
+        # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
+        self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
 
     @property
     def busy(self) -> bool:
@@ -113,6 +120,7 @@ class Runner:
         if req.params.constrained and req.grammar is None:
             req.grammar = self.grammars.compile(req.params)  # built without LLM.make_request
         seq = self.scheduler.add(req)
+        req.speculative = SpecCounts() if self.speculative else None
         self._rows[seq] = SamplingState.of(req.params, req.seed)
         self.seqs[req.request_id] = seq
 
@@ -133,6 +141,9 @@ class Runner:
             requests_finished=dict(self.finished),
             prefill_tokens_computed=self.prompt_tokens_computed,
             moe_routed=tuple(tuple(row) for row in routed.tolist()) if routed.size else (),
+            speculative_proposed=self.guesses[0],
+            speculative_accepted=self.guesses[1],
+            speculative_emitted=tuple(self.emitted),
         )
 
     def step(self) -> list[Delta]:
@@ -183,14 +194,14 @@ class Runner:
             deltas += self._score(scoring)
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
-        guesses = None
-        if plan.decode and self.speculative and not grammar:
+        guesses, (k, break_even) = None, self._k(plan.decode) if plan.decode and not grammar else (0, 1.0)
+        if k:
             if previous is not None:  # the guesses continue from the tokens in flight
                 deltas += self._read_decode(*previous)
                 previous = None
-            guesses = self._propose(plan.decode)
+            guesses = self._propose(plan.decode, k, break_even)
         if guesses is not None and guesses[1].any():
-            deltas += self._verify(plan.decode, *guesses)
+            deltas += self._verify(plan.decode, *guesses, break_even)
         elif plan.decode:  # (without a guess to check, a decode dispatch: cheaper than verify)
             masks = ()
             if grammar:
@@ -217,28 +228,57 @@ class Runner:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
 
-    def _propose(self, seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray]:
-        """The running `seqs`' guesses (their slots' tokens all read), on pages they now hold:
-        (int32 [max_slots, K], counts [max_slots])."""
+    def _k(self, seqs: list[Seq]) -> tuple[int, float]:
+        """(the most guesses a sequence makes this step, the break-even tokens a step) from the
+        schedule for the batch size; K is 0 when not speculating or when no sequence may guess
+        (then the batch stays pipelined)."""
+        if not self.speculative:
+            return 0, 1.0
+        k, break_even = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
+        return (k, break_even) if k and any(self._may_guess(seq.req) for seq in seqs) else (0, 1.0)
+
+    @staticmethod
+    def _may_guess(req: Request) -> bool:
+        """Greedy, not opted out, not switched off for poor acceptance (spec_policy.py)."""
+        p, counts = req.params, req.speculative
+        on = p.temperature == 0.0 and p.speculative and counts is not None
+        return on and counts.guessing(len(req.output_ids))
+
+    def _propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
+        """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
+        now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
+        A sequence that may guess and does not get its guesses checked records a one-token step."""
         s, ecfg = self.scheduler, self.engine.ecfg
-        proposed = np.zeros((len(s.slots), ecfg.speculative_k[-1]), np.int32)
+        proposed = np.zeros((len(s.slots), k), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
         for seq in seqs:
-            if seq.req.finished:  # it runs once more, unread
+            if seq.req.finished or not self._may_guess(seq.req):  # a finished one runs once more, unread
                 continue
             req, tokens = seq.req, seq.tokens()
             # no guess past max_tokens or max_model_len: the last emitted token is the model's own
             left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - len(tokens))
-            most = min(proposed.shape[1], left - 1)
-            if req.params.temperature != 0.0 or most <= 0:
+            most = min(k, left - 1)
+            if most <= 0:
                 continue
             guesses = ngram_propose(tokens, most)
             held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
             guesses = guesses[: max(0, held - len(tokens))]
             proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+            if not len(guesses):
+                req.speculative.record(0, 1, len(req.output_ids), break_even)
+        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
+        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
+        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
+        live = [seq for seq in seqs if not seq.req.finished]
+        expected = sum(seq.req.speculative.expected(k) if n[seq.slot] else 1.0 for seq in live)
+        if n.any() and expected < break_even * len(live):
+            for seq in live:
+                if n[seq.slot]:
+                    seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
+            n[:] = 0
         return proposed, n
 
-    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray) -> list[Delta]:
+    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray, break_even: float) -> list[Delta]:
         """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
         s = self.scheduler
         live = [seq for seq in seqs if not seq.req.finished]
@@ -246,13 +286,17 @@ class Runner:
         result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
         deltas = []
         for seq in live:
-            self.guesses[0] += int(n[seq.slot])
-            self.guesses[1] += int(result.emitted[seq.slot]) - 1
-            for i in range(result.emitted[seq.slot]):
+            guessed, emitted = int(n[seq.slot]), int(result.emitted[seq.slot])
+            for i in range(emitted):
                 deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
                 if seq.req.finished:
                     break
             s.decoded(seq)
+            if guessed:  # the request's counts and the runner's always move together
+                self.guesses[0] += guessed
+                self.guesses[1] += emitted - 1
+                self.emitted[emitted] += 1
+                seq.req.speculative.record(guessed, emitted, len(seq.req.output_ids), break_even)
         return deltas
 
     def _score(self, group) -> list[Delta]:

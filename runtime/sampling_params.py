@@ -24,7 +24,8 @@ class SamplingParams:
     vLLM and OpenAI-compatible spelling), any other negative value is refused. repetition_penalty 1
     disables it. logprobs None returns no log-probs; 0 the chosen token's; N also the top N
     alternatives. stop: strings that end the output (not included in the text); stop_token_ids
-    likewise for ids.
+    likewise for ids. speculative False: the request never guesses when the engine speculates
+    (greedy output is the same either way; runtime/spec_policy.py).
 
     Structured output (at most one): json_schema (a JSON schema, as a dict or its JSON text; the
     output is JSON the schema accepts), regex (the whole output matches
@@ -50,6 +51,7 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     grammar: str | None = None
+    speculative: bool = True  # False: never guess (speculative decoding); outputs are the same
 
     def __post_init__(self):
         if isinstance(self.json_schema, dict | bool):
@@ -85,8 +87,9 @@ class SamplingParams:
                     f"stop_token_ids[{i}]={t!r} must be a token id: an integer ≥ 0 and below the model's "
                     "vocabulary size"
                 )
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        for name in ("ignore_eos", "speculative"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, MAX_LOGPROBS, "and at most the engine's max_logprobs")
 

@@ -3,7 +3,8 @@
 The scheduler fills in the slot, page and prefix-cache fields (`Scheduler.stats`), the runner adds
 its request and prefill counters (`Runner.stats`), the engine loop whether it is draining
 (`EngineLoop.stats`), and a mixture-of-experts engine the tokens routed to each expert in each layer
-(`Engine.routed_tokens`). Data-parallel replicas add theirs up: `a + b`, or `EngineStats.total(parts)`.
+(`Engine.routed_tokens`), and a speculating runner its guesses. Data-parallel replicas add theirs
+up: `a + b`, or `EngineStats.total(parts)`.
 The gRPC `ServerStats` message (serve/messages.py) and the Prometheus gauges (serve/metrics.py)
 are read from these fields; `EngineStats()` is the all-zero snapshot of an engine not loaded yet.
 """
@@ -36,6 +37,17 @@ class EngineStats:
     # scored and decoded tokens alike, the server's warm-up request too; not the prefill budget's
     # timing chunks); () for a dense model
     moe_routed: tuple[tuple[int, ...], ...] = ()
+    # speculative decoding since start-up (the warm-up request too): guesses made and kept, and
+    # [n] the verify steps in which a guessing sequence emitted n tokens (kept guesses + 1; index
+    # 0 unused); () for an engine that does not speculate
+    speculative_proposed: int = 0
+    speculative_accepted: int = 0
+    speculative_emitted: tuple[int, ...] = ()
+
+    @property
+    def speculative_acceptance(self) -> float:
+        """Guesses kept / guesses made (0 before any)."""
+        return self.speculative_accepted / self.speculative_proposed if self.speculative_proposed else 0.0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -54,6 +66,10 @@ class EngineStats:
                 values[f.name] = {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
             elif f.name == "draining":
                 values[f.name] = a or b
+            elif f.name == "speculative_emitted":  # replicas may compile different K: pad the shorter
+                n = max(len(a), len(b))
+                a, b = a + (0,) * (n - len(a)), b + (0,) * (n - len(b))
+                values[f.name] = tuple(x + y for x, y in zip(a, b, strict=True))
             elif f.name == "moe_routed":  # replicas of one model: same [L][E] shape, or one is ()
                 values[f.name] = tuple(map(_add_rows, a, b)) if a and b else a or b
             else:

@@ -34,6 +34,7 @@ class Completion:
     stop_reason: str | int | None = None
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    speculative: dict | None = None  # {"proposed", "accepted"}; None when the server does not speculate
 
     def add(self, msg: pb.GenerateResponse) -> None:
         self.request_id = msg.request_id or self.request_id  # set on the first and the final message
@@ -52,6 +53,8 @@ class Completion:
             self.timings = {
                 k: getattr(f.timings, k) for k in ("queue_s", "ttft_s", "total_s", "decode_tokens_per_s")
             }
+            if f.HasField("speculative"):
+                self.speculative = {"proposed": f.speculative.proposed, "accepted": f.speculative.accepted}
 
 
 def generate_request(

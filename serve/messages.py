@@ -32,6 +32,7 @@ SAMPLING_FIELDS = (
     "json_schema",
     "regex",
     "grammar",
+    "speculative",
 )
 
 
@@ -113,6 +114,8 @@ def final_message(req: Request, request_id: str, index: int = 0) -> pb.GenerateR
         ),
         timings=pb.Timings(**{k: v for k, v in t.items() if v is not None}),
     )
+    if req.speculative is not None:
+        final.speculative.CopyFrom(pb.Speculative(**req.speculative.as_dict()))
     if isinstance(req.stop_reason, str):
         final.stop_string = req.stop_reason
     elif req.stop_reason is not None:  # the stop token id, or which EOS token ended the output
@@ -187,4 +190,6 @@ def server_stats(stats: EngineStats, uptime_s: float) -> pb.ServerStats:
         uptime_s=uptime_s,
         moe_experts=len(stats.moe_routed[0]) if stats.moe_routed else 0,
         moe_routed_tokens=[n for layer in stats.moe_routed for n in layer],
+        speculative_proposed_tokens=stats.speculative_proposed,
+        speculative_accepted_tokens=stats.speculative_accepted,
     )

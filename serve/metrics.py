@@ -1,6 +1,8 @@
 """Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
 engine's gauges (slots, pages, queue, prefix hit rate, preemptions, and for a mixture-of-experts
-model `xlaserve_moe_routed_tokens_total{layer,expert}`) read from its `EngineStats` at scrape time.
+model `xlaserve_moe_routed_tokens_total{layer,expert}`, for a speculating engine its guesses made
+and kept and the tokens a guessing sequence emitted per verify step) read from its `EngineStats` at
+scrape time.
 
 Every request that reached the engine is counted once, when it ends, however it ends (finished,
 cancelled by its client, past its deadline, cut at shutdown): the engine loop calls `finished` from
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from xlaserve.runtime.request import Request
 from xlaserve.runtime.stats import EngineStats
@@ -58,6 +60,31 @@ class EngineCollector:
                 for expert, n in enumerate(row):
                     routed.add_metric([str(layer), str(expert)], n)
             yield routed
+        if s.speculative_emitted:  # the engine speculates
+            yield from _speculative(s)
+
+
+def _speculative(s: EngineStats):
+    yield CounterMetricFamily(
+        "xlaserve_speculative_proposed_tokens", "Speculative guesses made", value=s.speculative_proposed
+    )
+    yield CounterMetricFamily(
+        "xlaserve_speculative_accepted_tokens",
+        "Speculative guesses the target model kept",
+        value=s.speculative_accepted,
+    )
+    # counts[n]: verify steps in which a sequence that guessed emitted n tokens (buckets le=1..K+1)
+    counts, cumulative, buckets = s.speculative_emitted, 0, []
+    for n in range(1, len(counts)):
+        cumulative += counts[n]
+        buckets.append((str(float(n)), cumulative))
+    buckets.append(("+Inf", cumulative))
+    yield HistogramMetricFamily(
+        "xlaserve_speculative_accepted_length",
+        "Tokens a sequence that guessed emitted per verify step (guesses kept + 1)",
+        buckets=buckets,
+        sum_value=sum(n * c for n, c in enumerate(counts)),
+    )
 
 
 class Metrics:

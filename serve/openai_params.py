@@ -4,9 +4,9 @@ it tokenizes. Every refusal is an ApiError(400) naming the parameter as the clie
 
 Field by field: max_tokens / max_completion_tokens -> max_tokens (default: chat, the room left in
 the context; completions, 16 as OpenAI's); temperature, top_p, seed, stop, and the extensions
-top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, regex, grammar -> the same names;
-presence_penalty / frequency_penalty -> the same names once SamplingParams has them, until then 0
-only; chat logprobs + top_logprobs, completions logprobs -> logprobs (how many alternatives);
+top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, regex, grammar, speculative -> the
+same names; presence_penalty / frequency_penalty -> the same names once SamplingParams has them,
+until then 0 only; chat logprobs + top_logprobs, completions logprobs -> logprobs (how many alternatives);
 response_format json_object / json_schema -> json_schema; tool_choice "required" or a named
 function -> grammar (openai_tools.py). Choice j of n samples with seed + j, so a seeded request
 reproduces every choice and no two choices are the same sample.
@@ -27,7 +27,17 @@ from xlaserve.serve.limits import MAX_CHOICES, most_choices
 from xlaserve.serve.openai_schemas import ApiError, ChatRequest, CompletionRequest
 
 PENALTIES = ("presence_penalty", "frequency_penalty")
-PASSED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "ignore_eos", "regex", "grammar")
+PASSED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "regex",
+    "grammar",
+    "speculative",
+)
 
 
 @dataclass

@@ -95,7 +95,8 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     """Fields both endpoints take; top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-    regex and grammar are extensions (vLLM's names)."""
+    regex and grammar are extensions (vLLM's names); speculative (false: the request never guesses
+    when the server speculates) is xlaserve's."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -118,6 +119,7 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     regex: str | None = None
     grammar: str | None = None
+    speculative: bool | None = None
 
 
 class ChatRequest(_Sampling):

@@ -35,6 +35,7 @@ ENGINE = EngineConfig(
     scoring=False,
     max_logprobs=3,
     speculative_k=(1, 4),
+    speculative_schedule=((3, 4, 1.0),),  # every greedy sequence guesses every step
 )
 PROMPTS = {0: [5, 9, 100, 7, 300, 21, 9], 2: [42, 17, 17, 400, 3, 250, 88, 12, 5, 61]}
 STEPS = 40  # tokens each slot emits in the reference run

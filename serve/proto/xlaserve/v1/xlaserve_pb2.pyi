@@ -43,7 +43,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs", "json_schema", "regex", "grammar")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs", "json_schema", "regex", "grammar", "speculative")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class SamplingParams(_message.Message):
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REGEX_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -72,7 +73,8 @@ class SamplingParams(_message.Message):
     json_schema: str
     regex: str
     grammar: str
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ...) -> None: ...
+    speculative: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "request_id", "text", "tokens", "chat", "sampling", "priority", "n")
@@ -146,19 +148,29 @@ class Timings(_message.Message):
     decode_tokens_per_s: float
     def __init__(self, queue_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
+class Speculative(_message.Message):
+    __slots__ = ("proposed", "accepted")
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    proposed: int
+    accepted: int
+    def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
+
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "stop_string", "stop_token_id", "usage", "timings")
+    __slots__ = ("finish_reason", "stop_string", "stop_token_id", "usage", "timings", "speculative")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     stop_string: str
     stop_token_id: int
     usage: Usage
     timings: Timings
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    speculative: Speculative
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., speculative: _Optional[_Union[Speculative, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "delta", "final", "index")
@@ -303,7 +315,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s", "moe_experts", "moe_routed_tokens")
+    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s", "moe_experts", "moe_routed_tokens", "speculative_proposed_tokens", "speculative_accepted_tokens")
     class RequestsFinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +338,8 @@ class ServerStats(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MOE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MOE_ROUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_busy: int
     queue_length: int
@@ -341,4 +355,6 @@ class ServerStats(_message.Message):
     uptime_s: float
     moe_experts: int
     moe_routed_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., moe_experts: _Optional[int] = ..., moe_routed_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    speculative_proposed_tokens: int
+    speculative_accepted_tokens: int
+    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., moe_experts: _Optional[int] = ..., moe_routed_tokens: _Optional[_Iterable[int]] = ..., speculative_proposed_tokens: _Optional[int] = ..., speculative_accepted_tokens: _Optional[int] = ...) -> None: ...

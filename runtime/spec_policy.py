@@ -1,0 +1,111 @@
+"""When speculation pays: how many guesses a step makes, and which requests make them. No JAX here.
+
+A verify step for a batch costs more than a decode step for it (K + 1 positions a row instead of
+one), so it pays only when it emits enough more tokens. Three rules keep speculation from being
+slower than plain decoding (the runner applies them in `_propose`):
+
+- A request may opt out (`SamplingParams.speculative=False`): it never guesses.
+- K by batch size (`EngineConfig.speculative_schedule`, like TensorRT-LLM's draft_len_schedule):
+  entries (most sequences, K, break-even) in increasing order; a step with b running sequences
+  guesses up to the K of the first entry with b ≤ most, and nothing past the last. Decode at batch
+  1 reads the weights for one token (memory-bound), so K + 1 positions cost little more; at larger
+  batches decode is compute-bound and a verify step costs several decode steps.
+- A batch runs a verify step only when its rows' expected tokens (each guessing row's recent mean,
+  1 for the rest) are at least the entry's break-even times the rows: one row guessing well does
+  not pay for eight. Otherwise its guessing rows count the step as one token (below).
+- A request whose guesses mostly fail stops guessing: over its last WINDOW steps in which it may
+  guess it must emit, on average, at least the entry's break-even tokens a step (the cost of that
+  step in decode steps); below that it decodes plainly for BACKOFF output tokens (doubling each
+  time it is switched off again), then tries again with an empty window. A step in which its
+  n-gram lookup found nothing counts as one token: it still cost the batch its pipelining (the
+  lookup needed the tokens in flight; runner.py).
+
+The break-evens are what `python -m xlaserve.bench.spec` measured on SmolLM2-135M, 2-core CPU,
+K = 4 (bench/results/cpu-spec-smollm2-*.md): a verify step costs c decode steps where c = mean
+accepted length x off tok/s / forced tok/s on prompts whose guesses mostly fail (about 1.5 at
+batch 1, about 3 at batch 8: XLA:CPU decode is compute-bound already at a few rows). With e tokens
+emitted per verify step, speculation is faster iff e > c; for K guesses each kept with probability
+a, e = 1 + a + ... + a^K.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+VERIFY_COST = 1.5  # verify / decode step time at batch 1 (K=4, CPU): an entry's default break-even
+WINDOW = 8  # steps a request's acceptance is judged over
+BACKOFF = 32  # output tokens a switched-off request decodes plainly before guessing again
+# The default schedule: (most running sequences, K, break-even); K is capped at the largest
+# compiled K. Nothing above 8 sequences: there a verify step costs more than K+1 decode tokens buy.
+SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
+Entry = tuple[int, int, float]
+
+
+def resolve_schedule(schedule, most_k: int) -> tuple[Entry, ...]:
+    """EngineConfig.speculative_schedule checked (ValueError naming the field) and resolved to
+    (most, K, break-even) entries: a pair (most, K) gets VERIFY_COST; None gives SCHEDULE with K
+    capped at most_k (the largest speculative_k); () without speculation (most_k 0)."""
+    if not most_k:  # no speculation: any schedule is moot
+        return ()
+    if schedule is None:
+        schedule = tuple((b, min(k, most_k), c) for b, k, c in SCHEDULE)
+    entries = tuple((*e, VERIFY_COST) if len(e) == 2 else tuple(e) for e in schedule)
+    ok = all(
+        len(e) == 3
+        and e[0] >= 1
+        and 0 <= e[1] <= most_k
+        and isinstance(e[2], int | float)
+        and 1 <= e[2] <= 17
+        for e in entries
+    )
+    if not ok or not all(a[0] < b[0] for a, b in itertools.pairwise(entries)):
+        raise ValueError(
+            f"speculative_schedule={schedule!r} must be (batch size ≥ 1, K in [0, {most_k}][, break-even "
+            "tokens in [1, 17]]) entries in increasing batch size"
+        )
+    return entries
+
+
+def schedule_k(schedule: tuple[Entry, ...], batch: int) -> tuple[int, float]:
+    """(the most guesses per sequence, the break-even tokens a step) for a step of `batch` running
+    sequences: those of the first entry with batch ≤ most; (0, 1.0) past the last."""
+    return next(((k, c) for most, k, c in schedule if batch <= most), (0, 1.0))
+
+
+@dataclass
+class SpecCounts:
+    """One request's speculation: its totals, and whether it guesses now.
+
+    proposed: guesses it made; accepted: of those, the ones the target kept (a step's kept guesses
+    count even when the request ended inside them, e.g. on EOS: they measure agreement)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # tokens emitted a step
+    off_until: int = 0  # output length before which it does not guess
+    backoff: int = BACKOFF
+    switched_off: int = 0  # times its acceptance fell below break-even
+
+    def guessing(self, n_output: int) -> bool:
+        return n_output >= self.off_until
+
+    def expected(self, k: int) -> float:
+        """Tokens it may be expected to emit in a verify step with k guesses: its recent mean, and
+        k + 1 (the most) while it has none (so it gets a try)."""
+        return sum(self.recent) / len(self.recent) if self.recent else k + 1.0
+
+    def record(self, proposed: int, emitted: int, n_output: int, break_even: float) -> None:
+        """One step in which it may guess: it made `proposed` guesses (0: its lookup found none) and
+        emitted `emitted` tokens (kept guesses + 1), with `n_output` output tokens then."""
+        self.proposed += proposed
+        self.accepted += emitted - 1
+        self.recent.append(emitted)
+        if len(self.recent) == WINDOW and sum(self.recent) < break_even * WINDOW:
+            self.off_until, self.backoff = n_output + self.backoff, 2 * self.backoff
+            self.switched_off += 1
+            self.recent.clear()
+
+    def as_dict(self) -> dict:
+        return {"proposed": self.proposed, "accepted": self.accepted}
