@@ -15,6 +15,7 @@ For each model and KV cache dtype, one small engine runs:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 # the text is scored in windows of max_model_len - 2 tokens, chunks of 128 attending to the cache
@@ -65,7 +66,7 @@ def one_engine(model: str, kv: str, text: str, max_tokens: int) -> dict:
     outs = llm.generate([[{"role": "user", "content": p}] for p in PROMPTS], params, chat=True)
     return {
         "kv_cache_dtype": kv,
-        "perplexity": float(2.718281828459045 ** (nll / len(res.logprobs))),
+        "perplexity": math.exp(nll / len(res.logprobs)),
         "tokens_scored": len(res.logprobs),
         "kv_bytes_per_token": _token_bytes(llm),
         "outputs": [list(o.token_ids) for o in outs],
