@@ -322,12 +322,19 @@ class LLM:
             for _ in self._run(requests):
                 pass
             return [ScoreResult.of(r) for r in requests]
+        rows, read = self.shared_rows(requests)
+        for _ in self._run(rows):
+            pass
+        return read()
+
+    def shared_rows(self, requests: list[Request]) -> tuple[list[Request], Callable[[], list[ScoreResult]]]:
+        """The scoring requests that stand for `requests` (checked items of `score_request`), and
+        what reads each item's result once they have all finished: items that differ only in their
+        last token share one row (scoring.share_rows). The gRPC Score path runs these too."""
         pairs = [(r.prompt_ids, r.score_start) for r in requests]
         rows, where = share_rows(pairs, max_alts=SCORE_TARGETS - 1)
         row_reqs = [self._scoring(row.tokens, row.start, None, row.alts) for row in rows]
-        for _ in self._run(row_reqs):
-            pass
-        return [read_row(*pairs[i], rows[r], row_reqs[r]) for i, r in enumerate(where)]
+        return row_reqs, lambda: [read_row(*pairs[i], rows[r], row_reqs[r]) for i, r in enumerate(where)]
 
     def score_rolling(
         self, texts, window: int | None = None, prefix_token: int | None = None

@@ -8,6 +8,7 @@ import uuid
 
 from xlaserve.runtime.request import Delta, FinishReason, Request
 from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.scoring import ScoreResult
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.serve.limits import MAX_REQUEST_ID
 from xlaserve.serve.proto.xlaserve.v1 import xlaserve_pb2 as pb
@@ -135,15 +136,13 @@ def score_item(item: pb.ScoreItem, i: int):
     return list(item.tokens.ids), item.start
 
 
-def score_result(r: Request) -> pb.ScoreResult:
-    lps = [lp for lp, _ in r.scores]
-    greedy = [g for _, g in r.scores]
+def score_result(r: ScoreResult) -> pb.ScoreResult:
     return pb.ScoreResult(
-        token_ids=r.prompt_ids[r.score_start :],
-        logprobs=lps,
-        is_greedy=greedy,
-        sum_logprob=sum(lps),
-        all_greedy=all(greedy),
+        token_ids=r.token_ids,
+        logprobs=r.logprobs,
+        is_greedy=r.is_greedy,
+        sum_logprob=r.sum_logprob,
+        all_greedy=r.all_greedy,
     )
 
 

@@ -209,7 +209,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         streams = []
         try:
             try:
-                requests = await self._work(
+                requests, read = await self._work(
                     self._score_requests, request, self._client(context), self._timeout(context)
                 )
                 aio = asyncio.get_running_loop()
@@ -226,7 +226,6 @@ class GenerationService(pb_grpc.GenerationServicer):
             for s in streams:
                 if not s.ended:
                     s.cancel(self._end_reason(s.request))
-        results = []
         for s in streams:
             r = s.request
             if r.finish_reason is not FinishReason.SCORED:
@@ -235,20 +234,23 @@ class GenerationService(pb_grpc.GenerationServicer):
                     Code.DEADLINE_EXCEEDED if deadline else Code.UNAVAILABLE,
                     f"scoring ended early: {r.finish_reason.value}",
                 )
-            results.append(messages.score_result(r))
-        return pb.ScoreResponse(results=results)
+        return pb.ScoreResponse(results=[messages.score_result(r) for r in read()])
 
     def _score_requests(self, request, client: str | None, timeout: float | None):
-        requests = []
+        """The rows that score the request's items (items that differ only in their last token
+        share one, as in LLM.score), each item checked first; and what reads the items' results."""
+        items = []
         for i, item in enumerate(request.items):
             try:
-                r = self.llm.score_request(messages.score_item(item, i), request_id=messages.new_request_id())
+                items.append(self.llm.score_request(messages.score_item(item, i)))
             except (ValueError, RequestTooLarge) as e:
                 raise ValueError(f"items[{i}]: {e}") from None
+        rows, read = self.llm.shared_rows(items)
+        for r in rows:
+            r.request_id = messages.new_request_id()
             r.deadline = None if timeout is None else r.timings.arrival + timeout
             r.client_id = client
-            requests.append(r)
-        return requests
+        return rows, read
 
     async def Tokenize(self, request, context):
         await self._check(context)

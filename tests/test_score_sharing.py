@@ -142,3 +142,24 @@ def test_logits_at_the_scored_positions_only_equal_all_logits(llm, mc_pairs):
     for a, b in zip(got, full, strict=True):
         assert a.token_ids == b.token_ids and a.is_greedy == b.is_greedy
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_grpc_score_shares_rows_as_the_python_api():
+    """The gRPC Score path builds its rows as LLM.score does: the same 3 rows for the 6 items, and
+    per-item results equal to one row per item."""
+    from serving import start
+
+    want = mock_llm().score(MC, share=False)
+    llm = mock_llm()
+    calls = counting(llm)
+    server, client = start(llm)
+    try:
+        got = client.score(MC)
+    finally:
+        client.close()
+        server.stop()
+    assert sum(calls) == 3
+    for a, b in zip(got, want, strict=True):
+        assert (list(a.token_ids), list(a.is_greedy)) == (b.token_ids, b.is_greedy)
+        np.testing.assert_allclose(list(a.logprobs), b.logprobs, atol=1e-6)
+        assert a.sum_logprob == pytest.approx(b.sum_logprob, abs=1e-5) and a.all_greedy == b.all_greedy
