@@ -162,15 +162,16 @@ def paged_attention(
     window: int32 scalar (traced; a huge value for a global layer) or None; scale: static (None:
     D ** -0.5); softcap: static c, scores -> c * tanh(scores / c) before masking (None: off).
     Returns [B, T, H, G, D] in q's dtype. A sequence with kv_len 0 gets zeros, never NaN.
-    With kernels.attention == "pallas", decode (T = 1) and one-sequence prefill (B = 1) run our
-    Pallas kernels; q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
+    With kernels.attention == "pallas", our Pallas kernels run: the decode kernel for T = 1, the
+    one-sequence prefill kernel for B = 1, and that kernel batched over rows for B, T > 1 (verify,
+    scoring); q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
     """
     b, t, h, g, d = q.shape
     scale = d**-0.5 if scale is None else scale
     window = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
     if cache.k_smooth is not None:  # keys were stored divided by it: q.k is unchanged
         q = (q * cache.k_smooth[layer][:, None, :]).astype(q.dtype)
-    if kernels.attention == "pallas" and (t == 1 or b == 1) and _kernel_takes(cache, h, kernels):
+    if kernels.attention == "pallas" and _kernel_takes(cache, h, kernels):
         return _pallas_attention(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     page_size = cache.page_size
@@ -258,7 +259,9 @@ def _pallas_attention(
     """Our kernels (Triton's on GPU, Mosaic's on TPU); on a mesh, per shard under shard_map (kv
     heads split over tp when they divide, the query heads with them; otherwise every device runs
     all heads)."""
-    b, t, h = q.shape[:3]
+    b, t, h, g = q.shape[:4]
+    if t > 1 and b > 1:
+        return _batched_prefill(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
     if kernels.pallas_platform == "tpu":
         fn, args, q_in = _tpu_kernel(
             q, layer, window, page_table, q_pos, kv_len, cache.page_size, kernels, scale, softcap
@@ -278,6 +281,31 @@ def _pallas_attention(
     return _run_sharded(fn, q_in, cache, args, kernels, t, scales=cache.quantized)
 
 
+def _batched_prefill(
+    q, cache: KVCache, layer, window, page_table, q_pos, kv_len, kernels: Kernels, scale, softcap
+):
+    """B rows of T consecutive queries each (verify's current token + K guesses, scoring rows): the
+    one-sequence prefill kernel under vmap, which gives its grid one more axis over the rows (k/v
+    and their scales are shared, unbatched). T is padded to a power of two the kernels tile (the
+    Triton kernel needs T * padded G a power of two ≥ 16); padded queries see only keys below
+    kv_len and are dropped. Rows with kv_len 0 (idle slots) come out 0."""
+    b, t, h, g = q.shape[:4]
+    g_rows = 1 << (g - 1).bit_length()
+    tp = max(1 << (t - 1).bit_length(), -(-16 // g_rows))
+    qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))
+    tpu = kernels.pallas_platform == "tpu"
+    ppt = _pages_per_tile(page_table.shape[1], cache.page_size, tile_tokens=128 if tpu else 64)
+    opts = dict(pages_per_tile=ppt, scale=scale, softcap=softcap, interpret=kernels.interpret)
+    if tpu:
+        one = functools.partial(tpa.prefill_attention, **opts)
+    else:
+        one = functools.partial(pk.prefill_attention, block_q=16 if tp % 16 == 0 else tp, **opts)
+    scales = cache.quantized  # never on TPU: the Mosaic kernels take float K/V only (_kernel_takes)
+    fn = jax.vmap(one, in_axes=(0, None, None, None, None, 0, 0, 0) + (None,) * (2 * scales))
+    args = (layer, window, q_pos[:, 0], kv_len, page_table)
+    return _run_sharded(fn, qp, cache, args, kernels, tp, scales=scales)[:, :t]
+
+
 def _tpu_kernel(
     q, layer, window, page_table, q_pos, kv_len, page_size: int, kernels: Kernels, scale, softcap
 ):
@@ -294,16 +322,21 @@ def _tpu_kernel(
 
 def _run_sharded(fn, q_in, cache: KVCache, args, kernels: Kernels, t: int, scales: bool = False):
     """fn(q_in, k, v, *args[, k_scale, v_scale]), per shard under shard_map on a mesh; back to
-    [B, T, H, G, D]."""
-    h = q_in.shape[1]
+    [B, T, H, G, D]. q_in is [B, H, G, D] (decode), [T, H, G, D] (one sequence) or [B, T, H, G, D]
+    (batched rows): the kv heads are its third axis from the end but one."""
+    batched = q_in.ndim == 5
+    h = q_in.shape[-3]
     mesh = kernels.mesh
     extra = (cache.k_scale, cache.v_scale) if scales else ()
     if mesh is not None:
         heads = "tp" if h % mesh.shape["tp"] == 0 else None
-        qs, cs, ss = P(None, heads, None, None), P(None, None, None, heads, None), P(None, None, None, heads)
+        qs = P(*(None,) * (q_in.ndim - 3), heads, None, None)
+        cs, ss = P(None, None, None, heads, None), P(None, None, None, heads)
         specs = (qs, cs, cs) + (P(),) * len(args) + (ss,) * len(extra)
         fn = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)
     out = fn(q_in, cache.k, cache.v, *args, *extra)
+    if batched:
+        return out
     return out[:, None] if t == 1 else out[None]
 
 
