@@ -163,8 +163,9 @@ def paged_attention(
     D ** -0.5); softcap: static c, scores -> c * tanh(scores / c) before masking (None: off).
     Returns [B, T, H, G, D] in q's dtype. A sequence with kv_len 0 gets zeros, never NaN.
     With kernels.attention == "pallas", our Pallas kernels run: the decode kernel for T = 1, the
-    one-sequence prefill kernel for B = 1, and that kernel batched over rows for B, T > 1 (verify,
-    scoring); q_pos must then be consecutive from q_pos[:, 0] (as the engine's always are).
+    one-sequence prefill kernel for B = 1 (T a multiple of 16), and that kernel batched over rows
+    otherwise (verify's K+1 queries a slot, scoring rows); q_pos must then be consecutive from
+    q_pos[:, 0] (as the engine's always are).
     """
     b, t, h, g, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -259,8 +260,8 @@ def _pallas_attention(
     """Our kernels (Triton's on GPU, Mosaic's on TPU); on a mesh, per shard under shard_map (kv
     heads split over tp when they divide, the query heads with them; otherwise every device runs
     all heads)."""
-    b, t, h, g = q.shape[:4]
-    if t > 1 and b > 1:
+    b, t, h = q.shape[:3]
+    if t > 1 and (b > 1 or t % 16):  # several rows, or a T the one-sequence kernel does not tile
         return _batched_prefill(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
     if kernels.pallas_platform == "tpu":
         fn, args, q_in = _tpu_kernel(
@@ -289,7 +290,7 @@ def _batched_prefill(
     and their scales are shared, unbatched). T is padded to a power of two the kernels tile (the
     Triton kernel needs T * padded G a power of two ≥ 16); padded queries see only keys below
     kv_len and are dropped. Rows with kv_len 0 (idle slots) come out 0."""
-    b, t, h, g = q.shape[:4]
+    t, g = q.shape[1], q.shape[3]
     g_rows = 1 << (g - 1).bit_length()
     tp = max(1 << (t - 1).bit_length(), -(-16 // g_rows))
     qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))

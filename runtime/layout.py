@@ -264,10 +264,7 @@ class Layout:
         """A speculative step of the first `rows` slots, K = k guesses each, attending over
         `kv_tokens` (programs.verify)."""
         ecfg = self.ecfg
-        # Attention on the XLA path: the Pallas kernels take one query token a row (decode) or one
-        # sequence in tiles of ≥ 16 query rows (prefill), and K+1 tokens a row is neither.
-        st = dataclasses.replace(self.st, kernels=dataclasses.replace(self.st.kernels, attention="xla"))
-        fn = functools.partial(programs.verify, st=st, kv_pages=kv_tokens // ecfg.page_size, rows=rows)
+        fn = functools.partial(programs.verify, st=self.st, kv_pages=kv_tokens // ecfg.page_size, rows=rows)
         args = (
             self.weights,
             self.cache,

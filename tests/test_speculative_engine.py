@@ -256,9 +256,10 @@ def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
 
 
 @pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
-def test_verify_lowers_for_accelerators_with_xla_attention(platform, backend):
-    """The Pallas attention kernels take neither K+1 tokens a row nor (prefill's) a one-row batch of
-    5 queries: verify attends on the XLA path there, its matmuls still run the kernels."""
+def test_verify_lowers_for_accelerators_with_the_kernels(platform, backend):
+    """Verify attends with the prefill kernel batched over its rows (K+1 = 5 queries each, padded
+    to a tile), Triton's on cuda; on tpu where the Mosaic kernel takes the cache (the tiny preset's
+    bfloat16 K/V with 2 kv heads does). Its matmuls run the quantized-matmul kernel."""
     ecfg = EngineConfig(
         max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2, speculative_k=(4,)
     )
@@ -267,7 +268,12 @@ def test_verify_lowers_for_accelerators_with_xla_attention(platform, backend):
     assert [p.key[0] for p in verify] == [1, 2]
     for program in verify:
         text = program.jit().trace(*program.args).lower(lowering_platforms=(platform,)).as_text()
-        assert lower.kernel_calls(text) == (("triton:_kernel",) if platform == "cuda" else ())
+        want = (
+            ("triton:_kernel", "triton:_prefill_kernel")
+            if platform == "cuda"
+            else ("mosaic:xlaserve_prefill_attention",)
+        )
+        assert all(k in lower.kernel_calls(text) for k in want), lower.kernel_calls(text)
 
 
 def test_speculative_k_flag_reaches_the_engine_config():
