@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from test_kv_quant import quantized
 from test_pallas import export_cuda
+from test_speculative_engine import CFG
+from test_speculative_engine import ENGINE as SPEC_ENGINE
 
 from xlaserve.runtime import models
 from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention
-from xlaserve.runtime.config import EngineConfig, Kernels
+from xlaserve.runtime.config import Kernels
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.models import params
-from xlaserve.runtime.models.presets import PRESETS
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 
@@ -73,18 +74,8 @@ def test_rows_of_queries_over_a_quantized_cache_on_the_triton_kernel(kind):
     np.testing.assert_allclose(valid(got, q_pos, kv_len), valid(want, q_pos, kv_len), atol=2e-5, rtol=2e-5)
 
 
-CFG = PRESETS["tiny"]
-ENGINE = EngineConfig(
-    max_slots=3,
-    page_size=4,
-    max_model_len=64,
-    attn_block=64,
-    prefill_buckets=(16,),
-    kv_buckets=(64,),
-    slot_buckets=(3,),
-    scoring=False,
-    speculative_k=(4,),
-)
+# test_speculative_engine's tiny engine (4-token pages, slot 1 idle), K = 4, every slot in one row bucket
+ENGINE = dataclasses.replace(SPEC_ENGINE, slot_buckets=(3,), speculative_k=(4,), speculative_schedule=None)
 
 
 def verify_run(attention: str) -> list:
