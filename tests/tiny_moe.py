@@ -157,14 +157,15 @@ def write_gguf(directory, path, meta: dict, kind="F32") -> None:
 
 
 def run_logits(
-    cfg, host_weights, ids, *, mesh=None, prefill: int | None = None, matmul: str = "xla"
+    cfg, host_weights, ids, *, mesh=None, prefill: int | None = None, matmul: str = "xla", hlo=None
 ) -> np.ndarray:
     """float32 logits [len(ids), V] of the family's forward over `ids` (one sequence, teacher
     forced): the first `prefill` tokens in one pass (T = prefill: sorted, ragged_dot experts), the
     others one per pass (T = 1: the decode shape, gathered experts). On `mesh` (an ("ep", "tp") or
     ("tp",) mesh) the weights and cache are placed as the engine places them. Two compiles, no
     engine: a tenth of an engine's start-up on 2 cores. matmul "pallas": the prefill pass's experts
-    run the grouped matmul kernel (interpreted)."""
+    run the grouped matmul kernel (interpreted). `hlo`: a list that receives the compiled HLO text of
+    the decode-shaped program."""
     import jax
     import jax.numpy as jnp
 
@@ -201,6 +202,10 @@ def run_logits(
     out, cache = step(weights, cache, jnp.asarray(ids[:prefill]), jnp.int32(0))
     rows = [np.asarray(out)]
     for i in range(prefill, n):
+        if hlo is not None and i == prefill:
+            hlo.append(
+                step.lower(weights, cache, jnp.asarray(ids[i : i + 1]), jnp.int32(i)).compile().as_text()
+            )
         out, cache = step(weights, cache, jnp.asarray(ids[i : i + 1]), jnp.int32(i))
         rows.append(np.asarray(out))
     return np.concatenate(rows)
