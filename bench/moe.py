@@ -8,8 +8,8 @@
    prefill-sized (512 tokens) batch, with
    (a) the psum formulation the runtime uses (runtime/models/moe.py): tokens replicated, each
        device runs its experts on the pairs routed to them, one all-reduce of [N, D] over (ep, tp);
-       also as the runtime ran it before, its expert path picked against all E experts
-       (`psum_all_experts_pick`, see below);
+       also as the runtime ran it before (`psum_before`: its expert path picked against all E
+       experts, grouped at prefill even on CPU);
    (b) an all-to-all dispatch/combine: each ep rank routes its N/ep tokens, sends every (token,
        expert) pair to the rank holding the expert (`jax.lax.all_to_all`, a dropless buffer of all
        its N/ep * k pairs per destination, since equal splits are all it takes), the experts run,
@@ -37,7 +37,7 @@
    (8 tokens, 64 pairs) and ep=8 that is 16 experts, so it runs `dense` over its 16 experts (reads
    16 experts' slices) instead of `gathered` over all 64 pairs (copying 64 slices, those of other
    devices' experts clipped to a local one and masked), which made psum's decode 2-4x slower than
-   the all-to-all's in the 2026-12-03 run (`psum_all_experts_pick` repeats that run's choice).
+   the all-to-all's in the first 2026-12-03 run (`psum_before` repeats that run's choice).
 
 2. The expert paths on one device, at the shapes of Qwen3-30B-A3B's MoE (128 experts, top 8) scaled
    to hidden 512, expert ffn 192 so that a layer fits a CPU: `grouped` (sorted ragged_dot),
@@ -98,16 +98,21 @@ def layer(rng, cfg: ModelConfig = CFG):
     return [jnp.asarray(rng.normal(size=s).astype(np.float32) * s[-1] ** -0.5) for s in shapes]
 
 
-def psum_layer(mesh: Mesh, cfg: ModelConfig = CFG, per_device: bool = True):
-    """(a): the runtime's formulation. x [N, D] replicated -> [N, D] replicated. `per_device`
-    False: the path picked against all E experts instead of the device's E / ep (the runtime
-    before 2026-12-04: `gathered` over every pair at decode)."""
+def psum_layer(mesh: Mesh, cfg: ModelConfig = CFG, before: bool = False):
+    """(a): the runtime's formulation. x [N, D] replicated -> [N, D] replicated. `before`: the
+    expert path picked as the runtime picked it before 2026-12-03's change, against all E experts
+    instead of the device's E / ep and as if every backend had a grouped matmul (`gathered` over
+    every pair at decode, `grouped` at prefill)."""
     el = cfg.num_experts // mesh.shape["ep"]
 
     def local(x, router, gate, up, down):
         weights, ids = moe.route(x, router, cfg)
-        against = el if per_device else cfg.num_experts
-        impl = moe.IMPLS[moe.pick(ids.size, against, jax.default_backend())]  # as runtime/models/moe.py
+        path = (
+            moe.pick(ids.size, cfg.num_experts, "gpu")
+            if before
+            else moe.pick(ids.size, el, jax.default_backend())
+        )
+        impl = moe.IMPLS[path]  # as runtime/models/moe.py
         y = impl(x, ids, weights, gate, up, down, e0=jax.lax.axis_index("ep") * el)
         return jax.lax.psum(y, ("ep", "tp"))
 
@@ -148,7 +153,7 @@ def a2a_layer(mesh: Mesh, cfg: ModelConfig = CFG):
 
 FORMULATIONS = {
     "psum": psum_layer,
-    "psum_all_experts_pick": lambda mesh, cfg: psum_layer(mesh, cfg, per_device=False),
+    "psum_before": lambda mesh, cfg: psum_layer(mesh, cfg, before=True),
     "all_to_all": a2a_layer,
 }
 
@@ -162,7 +167,7 @@ def exchange_bytes(n: int, ep: int, tp: int, cfg: ModelConfig = CFG, b: int = AC
     padded = ep * m  # rows of the dropless buffers, per direction
     return {
         "psum": 2 * (g - 1) / g * n * d * b,
-        "psum_all_experts_pick": 2 * (g - 1) / g * n * d * b,
+        "psum_before": 2 * (g - 1) / g * n * d * b,
         "all_to_all": 2 * (ep - 1) / ep * padded * d * b + 2 * (tp - 1) / tp * padded * d * b + gather,
         "ragged_all_to_all": 2 * (ep - 1) / ep * m * d * b + 2 * (tp - 1) / tp * m * d * b + gather,
     }
