@@ -37,7 +37,11 @@
    (8 tokens, 64 pairs) and ep=8 that is 16 experts, so it runs `dense` over its 16 experts (reads
    16 experts' slices) instead of `gathered` over all 64 pairs (copying 64 slices, those of other
    devices' experts clipped to a local one and masked), which made psum's decode 2-4x slower than
-   the all-to-all's in the first 2026-12-03 run (`psum_before` repeats that run's choice).
+   the all-to-all's in the first 2026-12-03 run (`psum_before` repeats that run's choice;
+   that run is kept as cpu-moe-2026-12-03-before.json). In the second run (2 shared cores, load
+   average 6-8): psum's decode 143 ms against psum_before's 743 ms at ep=8, 64 vs 340 at
+   ep=4,tp=2 (the all-to-all: 104 and 187); prefill 0.69 s vs 3.9 s and 2.3 s vs 8.1 s, the
+   all-to-all 4.4 s and 6.7 s.
 
 2. The expert paths on one device, at the shapes of Qwen3-30B-A3B's MoE (128 experts, top 8) scaled
    to hidden 512, expert ffn 192 so that a layer fits a CPU: `grouped` (sorted ragged_dot),
