@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral) against HF transformers on tiny random
+"""Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE) against HF transformers on tiny random
 checkpoints transformers builds (tests/tiny_moe.py): from the HF directory and from the GGUF
 llama.cpp's converter writes (stacked experts; Q8_0 experts kept quantized; convert-time int8), on
 one device and with the experts split over 8 simulated devices (ep=4, tp=2,ep=2, dp=2,ep=2); the
@@ -134,6 +134,10 @@ def test_a_decode_step_reads_only_the_routed_experts():
     read, dense = moe.routed_bytes(cfg, tokens=1, bytes_per_weight=2)
     assert read * 16 == dense
     assert moe.routed_bytes(cfg, tokens=32, bytes_per_weight=2)[0] == dense
+    olmoe = PRESETS["olmoe-1b-7b"]  # OLMoE's paper: 6.9B parameters, 1.3B active
+    assert (
+        round(olmoe.param_count() / 1e9, 1) == 6.9 and round(olmoe.param_count(active=True) / 1e9, 1) == 1.3
+    )
     assert moe.pick(1 * 8, 128, "gpu") == "gathered" and moe.pick(32 * 8, 128, "gpu") == "grouped"
 
 
@@ -340,6 +344,7 @@ def test_missing_expert_tensors_and_dense_layers_are_refused(built, tmp_path):
         ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
         ({"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\]"),
         ({"num_experts_per_tok": 9}, r"num_experts_per_tok=9 must be in \[1, 8\]"),
+        ({"clip_qkv": 8.0}, r"clip_qkv=8.0 is not supported \(supported: null"),  # OLMoE's clamping
     ):
         (broken / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(CheckpointError, match=needle):
