@@ -82,6 +82,10 @@ def config_from_hf(directory: Path) -> ModelConfig:
         raise CheckpointError(
             path, f"unsupported model_type {c.get('model_type')!r} (supported: {supported})"
         )
+    if c.get("clip_qkv") is not None:  # OLMo/OLMoE/DBRX clamp q, k, v to [-clip, clip]: not implemented
+        raise CheckpointError(
+            path, f"clip_qkv={c['clip_qkv']} is not supported (supported: null, no clamping)"
+        )
     window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
     try:
         heads = int(c["num_attention_heads"])

@@ -68,20 +68,26 @@ class Kernels:
     # which Pallas kernels: "gpu" (Triton), "tpu" (Mosaic), or None for the devices' platform
     # (the mesh's, else jax's default backend; CPU interprets the "gpu" kernels)
     platform: str | None = None
+    backend: str | None = None  # the programs' backend (`target`); `lower` may name another one
 
     def spec(self, name: str) -> tuple:
         """(output, input) mesh axes of matrix `name` ("layers.wq"); (None, None) when replicated."""
         return dict(self.matrix_specs).get(name, (None, None))
 
     @property
-    def pallas_platform(self) -> str:
-        """The family of Pallas kernels the "pallas" implementations run: "tpu" or "gpu"."""
-        if self.platform is not None:
-            return self.platform
+    def target(self) -> str:
+        """The backend the programs are compiled for ("cpu", "gpu", "tpu"): `backend`, else the
+        mesh's devices', else jax's default backend."""
         import jax
 
-        backend = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
-        return "tpu" if backend == "tpu" else "gpu"
+        if self.backend is not None:
+            return self.backend
+        return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
+    @property
+    def pallas_platform(self) -> str:
+        """The family of Pallas kernels the "pallas" implementations run: "tpu" or "gpu"."""
+        return self.platform or ("tpu" if self.target == "tpu" else "gpu")
 
 
 XLA_KERNELS = Kernels()

@@ -149,6 +149,7 @@ class Layout:
             mesh=mesh if sharded else None,
             matrix_specs=placement.matrix_specs(cfg, host, mesh if sharded else None),
             platform="tpu" if backend == "tpu" else "gpu",  # the target's kernels, not this machine's
+            backend=backend,
         )
         st = Statics(
             cfg=cfg, block=ecfg.attn_block, dtype=ecfg.dtype, max_top=ecfg.max_logprobs, kernels=kernels

@@ -60,6 +60,7 @@ CONFIGS = {
     ),
     "qwen3_moe": dataclasses.replace(TINY, architecture="qwen3_moe", head_dim=32, **MOE, norm_topk_prob=True),
     "mixtral": dataclasses.replace(TINY, architecture="mixtral", **MOE, norm_topk_prob=True),
+    "olmoe": dataclasses.replace(TINY, architecture="olmoe", **MOE),  # q/k norms over tp-split heads
 }
 
 

@@ -3,10 +3,11 @@ checkpoint's logits over a teacher-forced sequence (a prefill pass, then one tok
 the experts split over ep (ep=4; tp=2,ep=2 with the attention and expert ffn split over tp too;
 ep=2 as the second replica of dp=2,ep=2 runs it, on devices 2-3; "<mesh> pallas": the prefill
 pass's experts through the grouped matmul kernel, interpreted, under the shard_map). Writes `<out>/<name>.npz`
-(one float32 [len(seq), V] array per mesh).
+(one float32 [len(seq), V] array per mesh) and, for a spec with "hlo": true, `<out>/<name>.<mesh>.hlo`
+(the compiled decode-shaped program).
 
 Run by tests/test_moe.py: python moe_worker.py SPEC.json OUT, the spec a list of
-{"path", "seq", "prefill", "meshes"}."""
+{"path", "seq", "prefill", "meshes"[, "hlo"]}."""
 
 import os
 
@@ -32,8 +33,10 @@ def main():
     specs, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     for spec in specs:
         loaded = load_model(spec["path"], dequantize=False)
+        name = Path(spec["path"]).name
         arrays = {}
         for mesh in spec["meshes"]:
+            hlo = [] if spec.get("hlo") else None
             shape = mesh.removesuffix(PALLAS)
             group = device_groups(parse_mesh(shape))[MESHES[shape]]
             arrays[mesh] = tiny_moe.run_logits(
@@ -43,8 +46,10 @@ def main():
                 mesh=group,
                 prefill=spec["prefill"],
                 matmul="pallas" if mesh.endswith(PALLAS) else "xla",
+                hlo=hlo,
             )
-        name = Path(spec["path"]).name
+            if hlo:
+                (out / f"{name}.{mesh}.hlo").write_text(hlo[0])
         np.savez(out / f"{name}.npz", **arrays)
         print(name, "done", flush=True)
 

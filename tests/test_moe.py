@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral) against HF transformers on tiny random
+"""Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE) against HF transformers on tiny random
 checkpoints transformers builds (tests/tiny_moe.py): from the HF directory and from the GGUF
 llama.cpp's converter writes (stacked experts; Q8_0 experts kept quantized; convert-time int8), on
 one device and with the experts split over 8 simulated devices (ep=4, tp=2,ep=2, dp=2,ep=2); the
@@ -12,6 +12,8 @@ programs instead of an engine's dozen); one end-to-end engine run covers the ser
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +62,7 @@ def test_the_three_expert_paths_agree_whole_and_split_over_ep(n, k, quant):
     router = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
     cfg = ModelConfig(64, 16, 24, 1, 2, 2, 8, num_experts=8, num_experts_per_tok=k, norm_topk_prob=True)
     weights, ids = moe.route(x, router, cfg)
-    want = moe.dense_reference(x, ids, weights, gate, up, down)
+    want = moe.dense(x, ids, weights, gate, up, down)
     for impl in (moe.grouped, moe.gathered):
         np.testing.assert_allclose(impl(x, ids, weights, gate, up, down), want, atol=1e-5, rtol=1e-5)
         # ep=4: each device's 2 experts, contributions summed (what the psum adds)
@@ -132,7 +134,23 @@ def test_a_decode_step_reads_only_the_routed_experts():
     read, dense = moe.routed_bytes(cfg, tokens=1, bytes_per_weight=2)
     assert read * 16 == dense
     assert moe.routed_bytes(cfg, tokens=32, bytes_per_weight=2)[0] == dense
-    assert moe.pick(1 * 8, 128) == "gathered" and moe.pick(32 * 8, 128) == "grouped"
+    olmoe = PRESETS["olmoe-1b-7b"]  # OLMoE's paper: 6.9B parameters, 1.3B active
+    assert (
+        round(olmoe.param_count() / 1e9, 1) == 6.9 and round(olmoe.param_count(active=True) / 1e9, 1) == 1.3
+    )
+    assert moe.pick(1 * 8, 128, "gpu") == "gathered" and moe.pick(32 * 8, 128, "gpu") == "grouped"
+
+
+def test_the_expert_path_follows_the_backend_and_the_experts_on_one_device():
+    """Fewer pairs than local experts: gathered everywhere; else grouped on GPU/TPU and dense on
+    CPU, where ragged_dot is a masked dense dot over every expert (bench/moe.py measures both)."""
+    assert [moe.pick(p, 128, "cpu") for p in (8, 127, 128, 4096)] == ["gathered"] + ["gathered"] + [
+        "dense"
+    ] * 2
+    assert [moe.pick(p, 128, b) for p in (127, 128) for b in ("gpu", "tpu")] == ["gathered"] * 2 + [
+        "grouped"
+    ] * 2
+    assert moe.pick(64, 16, "cpu") == "dense"  # ep=8 of 128 experts: 16 on a device, not 128
 
 
 # -- what is refused ---------------------------------------------------------------------------
@@ -326,7 +344,48 @@ def test_missing_expert_tensors_and_dense_layers_are_refused(built, tmp_path):
         ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
         ({"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\]"),
         ({"num_experts_per_tok": 9}, r"num_experts_per_tok=9 must be in \[1, 8\]"),
+        ({"clip_qkv": 8.0}, r"clip_qkv=8.0 is not supported \(supported: null"),  # OLMoE's clamping
     ):
         (broken / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(CheckpointError, match=needle):
             load_model(broken)
+
+
+def _all_gathers(hlo: str) -> list[tuple[str, int]]:
+    """(the line, the result's element count) of every all-gather in compiled HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        shape = re.search(r"= \w+\[([\d,]*)\]\{?[\d,]*\}? all-gather\(", line)
+        if shape:
+            found.append((line.strip(), math.prod(int(n) for n in shape.group(1).split(",") if n)))
+    return found
+
+
+@pytest.mark.slow
+def test_quantized_experts_over_tp_and_ep_gather_no_expert_weights_and_match_hf(built, meta, tmp_path):
+    """Q8_0 experts at tp=2,ep=2: gate/up split their ffn axis (F=32) over tp, down cannot (its
+    input axis is one 32-wide block). The compiled decode step all-gathers only activations, h
+    [pairs, F], never an expert matrix (it gathered gate and up, [E/ep, F, D] per layer, before the
+    shard_map took the experts as placed); logits and greedy tokens are HF's on the file's
+    dequantized weights."""
+    directory, *_ = built("qwen2_moe")
+    path = tmp_path / "q8.gguf"
+    tm.write_gguf(directory, path, meta, kind="Q8_0")
+    loaded = load_model(path, dequantize=False)
+    cfg = loaded.config
+    hf = hf_holding(directory, hf_state(cfg, loaded.weights), tmp_path)
+    seq = PROMPT + hf_greedy(hf, PROMPT, STEPS)
+    spec = [{"path": str(path), "seq": seq, "prefill": len(PROMPT), "meshes": ["tp=2,ep=2"], "hlo": True}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, str(tests / "moe_worker.py"), str(tmp_path / "spec.json"), str(tmp_path)],
+        cwd=tests, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_logits(np.load(tmp_path / "q8.gguf.npz")["tp=2,ep=2"], hf_logits(hf, seq), seq)
+    gathers = _all_gathers((tmp_path / "q8.gguf.tp=2,ep=2.hlo").read_text())
+    expert = cfg.expert_size * cfg.hidden_size  # one expert's matrix; a layer's local ones are E/ep of them
+    assert gathers and all(n < expert for _, n in gathers), gathers
+    pairs = cfg.num_experts_per_tok  # one decode token
+    assert any(n == pairs * cfg.expert_size and "shard_map" in line for line, n in gathers), gathers

@@ -1,10 +1,14 @@
-"""Tiny random mixture-of-experts models (Qwen2-MoE, Qwen3-MoE, Mixtral) built by transformers and
+"""Tiny random mixture-of-experts models (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE) built by transformers and
 saved as HF directories (one tensor per expert), and the GGUF llama.cpp's `convert_hf_to_gguf.py`
 writes from each: experts stacked into `ffn_{gate,up,down}_exps` [E, out, in], the router as
 `ffn_gate_inp`, Qwen2-MoE's shared expert as `ffn_{gate,up,down}_shexp` and its gate as
 `ffn_gate_inp_shexp`; metadata `{arch}.expert_count`, `expert_used_count`,
 `expert_feed_forward_length` (Qwen), `expert_shared_feed_forward_length` (Qwen2-MoE). Mixtral is
-written as arch "llama" with its q/k rows permuted, as the converter's LlamaModel does.
+written as arch "llama" with its q/k rows permuted, as the converter's LlamaModel does. OLMoE's
+converter (OlmoeModel) writes TextModel's keys and the expert counts, no expert ffn length (its
+`feed_forward_length` is the experts'), and an rms epsilon of 1e-5 whatever the config says: the
+tiny OLMoE uses 1e-5, and as many kv heads as heads (llama.cpp reads attn_k_norm as [hidden]).
+transformers 5.24 cannot read an olmoe GGUF: tests compare it with the HF directory it came from.
 
 8 experts everywhere, so that ep=2 and ep=4 split them."""
 
@@ -17,7 +21,7 @@ import numpy as np
 import tiny_families as tf
 from tiny_gguf import add_tokenizer, encode, permute
 
-FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 EXPERTS = 8
 SPECS = {
     "qwen2_moe": tf.Spec(
@@ -53,12 +57,27 @@ SPECS = {
         gguf.MODEL_ARCH.LLAMA,
         dict(num_local_experts=EXPERTS, num_experts_per_tok=2, intermediate_size=64, rope_theta=1e6),
     ),
+    "olmoe": tf.Spec(
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        gguf.MODEL_ARCH.OLMOE,
+        dict(
+            num_experts=EXPERTS,
+            num_experts_per_tok=4,
+            intermediate_size=32,
+            norm_topk_prob=False,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-5,
+            rope_theta=1e4,
+        ),
+    ),
 }
 ARCHITECTURES = {spec.model_class: family for family, spec in SPECS.items()}
 # The per-expert HF tensors and the merged name the converter gives their stack (then mapped by
 # gguf's tensor table to ffn_*_exps).
 EXPERT_PARTS = {
     "qwen2_moe": ("mlp.experts.{e}.{w}_proj.weight", ("gate", "up", "down"), "mlp.experts.{w}_proj"),
+    "olmoe": ("mlp.experts.{e}.{w}_proj.weight", ("gate", "up", "down"), "mlp.experts.{w}_proj"),
     "qwen3_moe": ("mlp.experts.{e}.{w}_proj.weight", ("gate", "up", "down"), "mlp.experts.{w}_proj"),
     "mixtral": (
         "block_sparse_moe.experts.{e}.{w}.weight",
@@ -85,11 +104,13 @@ def _parameters(family: str, h: dict) -> dict:
     if family == "mixtral":  # LlamaModel: TextModel's + vocab size and rotary dims, the expert counts
         m = tf._llama(h)
         return m | {"expert_count": h["num_local_experts"], "expert_used_count": h["num_experts_per_tok"]}
-    m = tf._text_model(h) | {
+    experts = {
         "expert_count": h.get("num_experts") or h["num_local_experts"],
         "expert_used_count": h["num_experts_per_tok"],
-        "expert_feed_forward_length": h["moe_intermediate_size"],
     }
+    if family == "olmoe":  # OlmoeModel: TextModel's, then add_layer_norm_rms_eps(1e-5)
+        return tf._text_model(h) | experts | {"layer_norm_rms_eps": 1e-5}
+    m = tf._text_model(h) | experts | {"expert_feed_forward_length": h["moe_intermediate_size"]}
     if family == "qwen2_moe":
         m["expert_shared_feed_forward_length"] = h["shared_expert_intermediate_size"]
     return m
@@ -157,14 +178,15 @@ def write_gguf(directory, path, meta: dict, kind="F32") -> None:
 
 
 def run_logits(
-    cfg, host_weights, ids, *, mesh=None, prefill: int | None = None, matmul: str = "xla"
+    cfg, host_weights, ids, *, mesh=None, prefill: int | None = None, matmul: str = "xla", hlo=None
 ) -> np.ndarray:
     """float32 logits [len(ids), V] of the family's forward over `ids` (one sequence, teacher
     forced): the first `prefill` tokens in one pass (T = prefill: sorted, ragged_dot experts), the
     others one per pass (T = 1: the decode shape, gathered experts). On `mesh` (an ("ep", "tp") or
     ("tp",) mesh) the weights and cache are placed as the engine places them. Two compiles, no
     engine: a tenth of an engine's start-up on 2 cores. matmul "pallas": the prefill pass's experts
-    run the grouped matmul kernel (interpreted)."""
+    run the grouped matmul kernel (interpreted). `hlo`: a list that receives the compiled HLO text of
+    the decode-shaped program."""
     import jax
     import jax.numpy as jnp
 
@@ -201,6 +223,10 @@ def run_logits(
     out, cache = step(weights, cache, jnp.asarray(ids[:prefill]), jnp.int32(0))
     rows = [np.asarray(out)]
     for i in range(prefill, n):
+        if hlo is not None and i == prefill:
+            hlo.append(
+                step.lower(weights, cache, jnp.asarray(ids[i : i + 1]), jnp.int32(i)).compile().as_text()
+            )
         out, cache = step(weights, cache, jnp.asarray(ids[i : i + 1]), jnp.int32(i))
         rows.append(np.asarray(out))
     return np.concatenate(rows)

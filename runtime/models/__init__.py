@@ -8,7 +8,7 @@ in `FAMILIES` below. Checkpoint readers look families up by the name their forma
 from __future__ import annotations
 
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.models import gemma, llama, mixtral, phi3, qwen, qwen_moe
+from xlaserve.runtime.models import gemma, llama, mixtral, olmoe, phi3, qwen, qwen_moe
 from xlaserve.runtime.models.family import Family, KVSpec
 
 FAMILIES: dict[str, Family] = {
@@ -23,6 +23,7 @@ FAMILIES: dict[str, Family] = {
         qwen_moe.QWEN2_MOE,
         qwen_moe.QWEN3_MOE,
         mixtral.FAMILY,
+        olmoe.FAMILY,
     )
 }
 

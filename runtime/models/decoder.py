@@ -2,7 +2,8 @@
 family choosing its variant by the weights it declares and a few static switches (`Style`):
 
 - q/k/v biases (Qwen2) when `bq`/`bk`/`bv` are declared;
-- per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3) when `q_norm`/`k_norm` are;
+- RMSNorm of q and k before RoPE when `q_norm`/`k_norm` are: per head (Qwen3, Gemma 3; [K]) or
+  over the whole projection (OLMoE; [Hq*K] and [H*K]), as their declared shape says;
 - "sandwich" norms after attention and after the feed-forward (Gemma 2/3) when
   `post_attn_norm`/`post_mlp_norm` are;
 - a mixture-of-experts feed-forward (`moe.py`) in place of the dense one when the config has
@@ -59,8 +60,8 @@ class Layer:
     bq: jax.Array | None = None  # [L, Hq*K]
     bk: jax.Array | None = None  # [L, H*K]
     bv: jax.Array | None = None  # [L, H*K]
-    q_norm: jax.Array | None = None  # [L, K]
-    k_norm: jax.Array | None = None  # [L, K]
+    q_norm: jax.Array | None = None  # [L, K], or [L, Hq*K] over the whole projection
+    k_norm: jax.Array | None = None  # [L, K], or [L, H*K]
     post_attn_norm: jax.Array | None = None  # [L, D]
     post_mlp_norm: jax.Array | None = None  # [L, D]
     moe: moe_ffn.Experts | None = None  # the experts that replace w_gate/w_up/w_down
@@ -84,9 +85,15 @@ class Style:
 
 
 def param_info(
-    cfg: ModelConfig, *, qkv_bias: bool = False, qk_norm: bool = False, sandwich: bool = False
+    cfg: ModelConfig,
+    *,
+    qkv_bias: bool = False,
+    qk_norm: bool = False,
+    qk_norm_whole: bool = False,
+    sandwich: bool = False,
 ) -> Weights:
-    """A `Weights` whose leaves are `ParamInfo`s, with the optional weights the family has."""
+    """A `Weights` whose leaves are `ParamInfo`s, with the optional weights the family has
+    (`qk_norm`: per head; `qk_norm_whole`: over the whole q and k projections)."""
     n, d, f, k = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * k, cfg.num_kv_heads * k
     dense = not cfg.num_experts
@@ -105,8 +112,8 @@ def param_info(
         bq=vec((q, "q_heads")) if qkv_bias else None,
         bk=vec((kv, "kv_heads")) if qkv_bias else None,
         bv=vec((kv, "kv_heads")) if qkv_bias else None,
-        q_norm=vec((k, None)) if qk_norm else None,
-        k_norm=vec((k, None)) if qk_norm else None,
+        q_norm=vec((q, "q_heads")) if qk_norm_whole else vec((k, None)) if qk_norm else None,
+        k_norm=vec((kv, "kv_heads")) if qk_norm_whole else vec((k, None)) if qk_norm else None,
         post_attn_norm=vec((d, None)) if sandwich else None,
         post_mlp_norm=vec((d, None)) if sandwich else None,
         moe=None if dense else moe_ffn.declare(cfg),
@@ -171,10 +178,15 @@ def forward(
         w, i, window, inv_freq = xs
         with jax.named_scope("attention"):
             y = norm(x, w.attn_norm)
-            q = proj(y, w.wq, w.bq, "wq", (b, t, h, g, k))
-            kk = proj(y, w.wk, w.bk, "wk", (b, t, h, k))
+            q = proj(y, w.wq, w.bq, "wq", (b, t, h * g * k))
+            kk = proj(y, w.wk, w.bk, "wk", (b, t, h * k))
             v = proj(y, w.wv, w.bv, "wv", (b, t, h, k))
-            if w.q_norm is not None:
+            # q_norm [Hq*K]: over the whole projection (OLMoE); [K]: per head (the same if Hq = 1)
+            whole = w.q_norm is not None and w.q_norm.shape[-1] != k
+            if whole:
+                q, kk = norm(q, w.q_norm), norm(kk, w.k_norm)
+            q, kk = q.reshape(b, t, h, g, k), kk.reshape(b, t, h, k)
+            if w.q_norm is not None and not whole:
                 q, kk = norm(q, w.q_norm), norm(kk, w.k_norm)
             q, kk = rope(q, positions, inv_freq), rope(kk, positions, inv_freq)
             cache = write_kv(cache, i, kk, v, pages, offsets)

@@ -7,13 +7,15 @@ token's output is the weighted sum of its k experts' gated feed-forwards, plus (
 expert gated by sigmoid(x . w). Every token reaches every expert it picks: there is no capacity
 factor and nothing is dropped, so the output is HF's.
 
-Three ways to run the experts, equal up to summation order (tested against each other):
-- `grouped`: the k * N (token, expert) pairs sorted by expert and one `jax.lax.ragged_dot` per
-  projection (the XLA grouped matmul; prefill);
+Three ways to run the experts, equal up to summation order (tested against each other); `pick`
+chooses one per step shape and backend:
+- `grouped`: the k * N (token, expert) pairs sorted by expert and one grouped matmul per projection
+  (`jax.lax.ragged_dot`, or our Pallas kernel): prefill on GPU/TPU;
 - `gathered`: each pair's expert matrices gathered and multiplied as a batch, so a decode step
-  reads only the experts its tokens route to (`routed_bytes`); chosen when there are fewer pairs
-  than experts;
-- `dense_reference`: every expert on every token, weighted by a [N, E] combine matrix (tests).
+  reads only the experts its tokens route to (`routed_bytes`): every backend, fewer pairs than
+  (local) experts;
+- `dense`: every expert on every token, weighted by a [N, E] combine matrix: prefill on CPU, where
+  ragged_dot is no grouped matmul (see `pick`), and the reference of the tests.
 
 Observability: `block` also returns the (token, expert) pairs of real tokens per expert [E] int32;
 the decoder stacks them per layer and the programs hand them to the engine (`routed_counts`).
@@ -22,6 +24,9 @@ Expert parallelism ("ep" mesh axis, the psum formulation): the experts are split
 each device, and their ffn axis over tp when it splits at whole quantization blocks); tokens and
 routing are replicated, each device runs its own experts on the pairs routed to them and one psum
 over (ep, tp) sums the contributions, the all-reduce a row-parallel dense feed-forward ends in.
+The shard_map takes every expert matrix as it is placed, so no expert weight is ever gathered
+across devices: where gate/up split their ffn axis over tp and down cannot (a quantization block
+that does not divide F / tp), the activations h [M, F / tp] are all-gathered instead.
 
 Dimension letters: N tokens, D hidden, E experts (El: on this device), F expert ffn, S shared
 expert ffn, k experts per token, M = N * k (token, expert) pairs, L layers.
@@ -153,11 +158,16 @@ def grouped_matmul(kernels: Kernels):
     return mm
 
 
-def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, mm=ragged_dot):
+def _same(h):
+    return h
+
+
+def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, mm=ragged_dot, to_down=_same):
     """Sorted by expert, one grouped matmul `mm` (`ragged_dot`, or `grouped_matmul`'s kernel) per
     projection. x [N, D], ids/weights [N, k], expert matrices of this device's El experts
     ([El, F, D], [El, F, D], [El, D, F]) -> [N, D] float32: the weighted sum over the pairs whose
-    expert is here."""
+    expert is here. `to_down` takes h [..., F of gate/up] to the F slice `down` holds (a mesh
+    where they are split differently)."""
     n, k = ids.shape
     el, dtype = gate.shape[0], x.dtype
     rel, here, w = _local(ids, weights, e0, el)
@@ -166,13 +176,13 @@ def grouped(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, mm=ragged
     sizes = jnp.zeros((el + 1,), jnp.int32).at[key].add(1)[:el]  # pairs per local expert
     xs = jnp.take(x, order // k, axis=0)  # [M, D]
     h = act(mm(xs, gate, sizes).astype(dtype)) * mm(xs, up, sizes).astype(dtype)  # [M, F]
-    y = mm(h, down, sizes)  # [M, D] float32; rows past sum(sizes) are zeros
+    y = mm(to_down(h), down, sizes)  # [M, D] float32; rows past sum(sizes) are zeros
     y = jnp.where(here[order][:, None], y * w[order][:, None], 0.0)
     back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))  # inverse permutation
     return jnp.take(y, back, axis=0).reshape(n, k, -1).sum(1)
 
 
-def gathered(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
+def gathered(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, to_down=_same):
     """Each pair's expert matrices gathered ([M, F, D] ...): reads only the routed experts (decode).
     Same arguments and result as `grouped`."""
     n, k = ids.shape
@@ -188,13 +198,14 @@ def gathered(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
     xs = jnp.repeat(x, k, axis=0)  # [M, D], pair j is token j // k
     mm = lambda a, b, spec: jnp.einsum(spec, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
     h = act(mm(xs, take(gate), "md,mfd->mf").astype(dtype)) * mm(xs, take(up), "md,mfd->mf").astype(dtype)
-    y = mm(h, take(down), "mf,mdf->md")
+    y = mm(to_down(h), take(down), "mf,mdf->md")
     y = jnp.where(here[:, None], y * w[:, None], 0.0)
     return y.reshape(n, k, -1).sum(1)
 
 
-def dense_reference(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
-    """Every expert on every token, combined by the routing weights: the reference for tests."""
+def dense(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu, to_down=_same):
+    """Every expert on every token, combined by the routing weights (intermediates [N, El, F]):
+    CPU prefill, and the reference of the tests. Same arguments and result as `grouped`."""
     el, dtype = gate.shape[0], x.dtype
     rel, _, w = _local(ids, weights, e0, el)
     combine = jnp.zeros((x.shape[0] * ids.shape[1], el), jnp.float32)
@@ -202,17 +213,26 @@ def dense_reference(x, ids, weights, gate, up, down, *, e0=0, act=jax.nn.silu):
     combine = combine.reshape(*ids.shape, el).sum(1)  # [N, El]
     mm = lambda spec, a, b: jnp.einsum(spec, a, _dense(b, dtype), precision=HIGHEST)
     h = act(mm("nd,efd->nef", x, gate)) * mm("nd,efd->nef", x, up)
-    y = mm("nef,edf->ned", h, down).astype(jnp.float32)
+    y = mm("nef,edf->ned", to_down(h), down).astype(jnp.float32)
     return jnp.einsum("ned,ne->nd", y, combine, precision=HIGHEST)
 
 
-IMPLS = {"grouped": grouped, "gathered": gathered, "dense": dense_reference}
+IMPLS = {"grouped": grouped, "gathered": gathered, "dense": dense}
 
 
-def pick(pairs: int, experts: int) -> str:
-    """`gathered` when the step routes fewer pairs than there are experts (decode: it then reads
-    at most `pairs` experts' weights), else `grouped`."""
-    return "gathered" if pairs < experts else "grouped"
+def pick(pairs: int, experts: int, backend: str) -> str:
+    """The expert path for a step of `pairs` (token, expert) pairs over `experts` experts (those on
+    one device under ep) compiled for `backend`. Fewer pairs than experts: `gathered`, which reads
+    at most `pairs` experts' weights (decode). Else `grouped` on GPU/TPU, where ragged_dot is a
+    grouped matmul (or our Pallas kernel runs), and `dense` on CPU: there XLA lowers ragged_dot to
+    a masked dense dot over every group (jax's `_ragged_dot_general_impl`: [E, M, D] operands), k
+    times dense's flops and memory. Measured on CPU (`python -m xlaserve.bench.moe`, E=128, k=8,
+    D=512, F=192; bench/results/cpu-moe-2026-12-03.json): gathered 38 ms vs dense 63 at 64 pairs,
+    73 vs 68 at 128, 142 vs 80 at 256; dense beats grouped 1.7-3.5x at every size from 8 to 512
+    pairs (130 vs 456 ms at 512)."""
+    if pairs < experts:
+        return "gathered"
+    return "dense" if backend == "cpu" else "grouped"
 
 
 def routed_bytes(cfg: ModelConfig, tokens: int, bytes_per_weight: float) -> tuple[float, float]:
@@ -223,17 +243,28 @@ def routed_bytes(cfg: ModelConfig, tokens: int, bytes_per_weight: float) -> tupl
     return read * per_expert, cfg.num_experts * per_expert
 
 
-def _ep_specs(cfg: ModelConfig, kernels: Kernels):
-    """(experts mesh axis, ffn mesh axis, the axes the partial sums are psum'd over) on a mesh."""
-    mesh = kernels.mesh
-    ep = "ep" if mesh.shape.get("ep", 1) > 1 else None
-    outs = {
-        kernels.spec("layers.moe.gate")[0],
-        kernels.spec("layers.moe.up")[0],
-        kernels.spec("layers.moe.down")[1],
-    }
-    ffw = outs.pop() if len(outs) == 1 else None  # split F only where all three split it alike
-    return ep, ffw, tuple(a for a in (ep, ffw) if a is not None)
+def _ep_specs(kernels: Kernels):
+    """On a mesh: (the experts' mesh axis, the mesh axis gate/up split their ffn (output) axis over,
+    the one down splits its ffn (input) axis over); None where not split. Down's may be None where
+    gate/up's is not: its input axis splits only at whole quantization blocks."""
+    ep = "ep" if kernels.mesh.shape.get("ep", 1) > 1 else None
+    gate, up = kernels.spec("layers.moe.gate")[0], kernels.spec("layers.moe.up")[0]
+    if gate != up:  # equal shapes, and an output axis is never cut at quantization blocks
+        raise ValueError(f"the experts' gate and up split their ffn axis differently: {gate} vs {up}")
+    return ep, gate, kernels.spec("layers.moe.down")[1]
+
+
+def _reshard_f(h, *, have: str | None, want: str | None):
+    """Inside the shard_map: h [..., F / |have|], the ffn slice gate/up computed, -> the slice of F
+    down holds, [..., F / |want|]: the activations all-gathered over `have`, then cut along `want`."""
+    if have == want:
+        return h
+    if have is not None:
+        h = jax.lax.all_gather(h, have, axis=h.ndim - 1, tiled=True)
+    if want is not None:
+        part = h.shape[-1] // jax.lax.axis_size(want)
+        h = jax.lax.dynamic_slice_in_dim(h, jax.lax.axis_index(want) * part, part, axis=h.ndim - 1)
+    return h
 
 
 def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, valid=None, impl: str | None = None):
@@ -247,7 +278,11 @@ def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, valid=N
     counts = routed_counts(ids, valid, cfg.num_experts)
     experts = w.gate, w.up, w.down
     mesh = kernels.mesh
-    name = impl or pick(xf.shape[0] * cfg.num_experts_per_tok, cfg.num_experts)
+    ep, f_in, f_out = _ep_specs(kernels) if mesh is not None else (None, None, None)
+    el = cfg.num_experts // (mesh.shape["ep"] if ep else 1)  # experts on one device
+    # the Pallas grouped matmul is a grouped matmul wherever it runs (interpreted on CPU in tests)
+    backend = kernels.pallas_platform if kernels.matmul == "pallas" else kernels.target
+    name = impl or pick(xf.shape[0] * cfg.num_experts_per_tok, el, backend)
     run = functools.partial(IMPLS[name], act=act)
     if name == "grouped":  # Pallas kernels run per device: under the shard_map below on a mesh
         run = functools.partial(run, mm=grouped_matmul(kernels))
@@ -256,17 +291,26 @@ def block(x, w: Experts, *, cfg: ModelConfig, kernels: Kernels, act, mm, valid=N
     else:
         from jax.sharding import PartitionSpec as P
 
-        ep, ffw, summed = _ep_specs(cfg, kernels)
-        el = cfg.num_experts // (mesh.shape["ep"] if ep else 1)
+        summed = tuple(a for a in (ep, f_out) if a is not None)  # down's partial sums
 
         def local(xf, ids, weights, gate, up, down):
             e0 = jax.lax.axis_index("ep") * el if ep else 0
-            y = run(xf, ids, weights, gate, up, down, e0=e0)
+            y = run(
+                xf,
+                ids,
+                weights,
+                gate,
+                up,
+                down,
+                e0=e0,
+                to_down=functools.partial(_reshard_f, have=f_in, want=f_out),
+            )
             return jax.lax.psum(y, summed) if summed else y
 
+        # the experts as placed (runtime/placement.py), so XLA moves none of them between devices
         spec = lambda m, s: map_quant(lambda _: s, m) if isinstance(m, QuantArray) else s
-        in_specs = (P(), P(), P(), spec(w.gate, P(ep, ffw, None)), spec(w.up, P(ep, ffw, None)))
-        in_specs += (spec(w.down, P(ep, None, ffw)),)
+        in_specs = (P(), P(), P(), spec(w.gate, P(ep, f_in, None)), spec(w.up, P(ep, f_in, None)))
+        in_specs += (spec(w.down, P(ep, None, f_out)),)
         y = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)(
             xf, ids, weights, *experts
         )

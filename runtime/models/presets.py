@@ -33,5 +33,8 @@ PRESETS = {
         ("mixtral-8x7b", (32000, 4096, 14336, 32, 32, 8, 128), dict(architecture="mixtral",
             rope=RopeConfig(theta=1e6), max_position_embeddings=32768, num_experts=8,
             num_experts_per_tok=2, norm_topk_prob=True)),
+        # OLMoE-1B-7B: 6.9B parameters, 1.3B per token (8 of 64 experts of 1024)
+        ("olmoe-1b-7b", (50304, 2048, 1024, 16, 16, 16, 128), dict(architecture="olmoe",
+            max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8)),
     ]
 }  # fmt: skip
