@@ -1,12 +1,13 @@
 """Engine: owns the device state and the compiled programs; executes what the scheduler decides.
 
-Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into pages, `insert` a
-prefilled sequence into a slot, `decode` one dispatch of k decode steps for every slot, `free` a
-slot. Every program is compiled ahead of time in the constructor, so no request can trigger a
-compile; JAX's persistent compilation cache makes later start-ups fast. The programs, their abstract
-arguments and the kernels are described by `Layout` (runtime/layout.py), the same list `xlaserve
-lower` lowers for other platforms; before anything is placed, the memory plan (runtime/memory.py)
-sizes the slots and page pool to the devices' memory or refuses a configuration that cannot fit.
+Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into pages (or
+`prefill_batch` one chunk of each of several sequences in one call), `insert` a prefilled sequence
+into a slot, `decode` one dispatch of k decode steps for every slot, `free` a slot. Every program is
+compiled ahead of time in the constructor, so no request can trigger a compile; JAX's persistent
+compilation cache makes later start-ups fast. The programs, their abstract arguments and the kernels
+are described by `Layout` (runtime/layout.py), the same list `xlaserve lower` lowers for other
+platforms; before anything is placed, the memory plan (runtime/memory.py) sizes the slots and page
+pool to the devices' memory or refuses a configuration that cannot fit.
 
 Speculative decoding's `verify` scores each slot's current token and up to K guesses in one call
 and emits the agreeing prefix plus one token of the model's own (runtime/speculative.py); its
@@ -39,6 +40,7 @@ from jax.sharding import Mesh
 from xlaserve.runtime import kv_smoothing, layout, memory, placement, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
+from xlaserve.runtime.prefill_calls import prefill_rows
 from xlaserve.runtime.programs import DecodeState, Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
@@ -163,18 +165,19 @@ class Engine:
 
     def _compile_all(self) -> None:
         """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
-        `_prefill_masked[t]`, `_score[rows, t]`, `_decode[rows, kv]`, `_decode_masked[rows, kv]`,
-        `_verify[rows, kv, k]`, `_insert`, `_free`."""
+        `_prefill_masked[t]`, `_prefill_batch[rows, t]`, `_score[rows, t]`, `_decode[rows, kv]`,
+        `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`, `_insert[rows]`, `_free`."""
         compiled: dict[str, dict] = {
             k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
         for program in self.layout.programs():
             compiled.setdefault(program.kind, {})[program.key] = self._compile(program)
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
+        self._prefill_batch = compiled.get("prefill_batch", {})
         self._score, self._score_few = compiled["score"], compiled.get("score_few", {})
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
-        self._insert, self._free = compiled["insert"][None], compiled["free"][None]
+        self._insert, self._free = compiled["insert"], compiled["free"][None]
         log.info(
             "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
         )
@@ -211,6 +214,34 @@ class Engine:
         host = self._put(padded, np.int32(start), np.int32(n), page_row, sampling, presence, *extra)
         program = self._prefill if allowed is None else self._prefill_masked
         self.cache, packed = program[t](self.weights, self.cache, *host)
+        return packed
+
+    def prefill_rows(self, t: int) -> tuple[int, ...]:
+        """Batch sizes a prefill call is compiled for at chunk bucket t (prefill_calls.py)."""
+        return prefill_rows(self.ecfg.max_slots, self.ecfg.prefill_buckets, t)
+
+    def prefill_batch(self, chunks):
+        """Prefill (tokens, start, page_row, sampling, presence) chunks of distinct sequences in one
+        call, each as `prefill` would (without a grammar mask), padded to the bucket of the longest
+        and to a compiled batch (at most prefill_rows(bucket)[-1] chunks). One chunk runs the
+        `prefill` program itself. Returns the packed results [rows, C] on device, row i chunk i's
+        (pass it and the row to `insert`)."""
+        if len(chunks) == 1:
+            return self.prefill(*chunks[0])
+        t = self.ecfg.prefill_bucket(max(len(c[0]) for c in chunks))
+        rows = next((r for r in self.prefill_rows(t) if r >= len(chunks)), None)
+        assert rows is not None and all(0 < len(c[0]) <= t for c in chunks), (t, len(chunks))
+        tokens = np.zeros((rows, t), np.int32)
+        start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)
+        presence = np.zeros((rows, self.cfg.vocab_size), bool)
+        sampling = [SamplingState.zeros(1)] * rows  # padding rows: n_valid 0, greedy, unread
+        for i, (toks, first, page_row, row_sampling, row_presence) in enumerate(chunks):
+            tokens[i, : len(toks)], start[i], n_valid[i] = toks, first, len(toks)
+            table[i], presence[i], sampling[i] = page_row, row_presence, row_sampling
+        sampling = jax.tree.map(lambda *rows_: np.concatenate(rows_), *sampling)
+        host = self._put(tokens, start, n_valid, table, sampling, presence)
+        self.cache, packed = self._prefill_batch[rows, t](self.weights, self.cache, *host)
         return packed
 
     def score_rows(self, t: int) -> tuple[int, ...]:
@@ -266,9 +297,14 @@ class Engine:
             results.append((lp[:, 0], greedy[:, 0]) if np.ndim(targets) < 2 else (lp, greedy))
         return results
 
-    def insert(self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray) -> None:
-        slot, length, sampling, presence = self._put(np.int32(slot), np.int32(length), sampling, presence)
-        self.state = self._insert(self.state, slot, packed, length, sampling, presence)
+    def insert(
+        self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray, row: int = 0
+    ) -> None:
+        """Slot `slot` takes the sequence whose first token is row `row` of a prefill's result."""
+        program = self._insert[packed.shape[0]]
+        host = self._put(np.int32(slot), np.int32(row), np.int32(length), sampling, presence)
+        slot, row, length, sampling, presence = host
+        self.state = program(self.state, slot, packed, row, length, sampling, presence)
 
     def kv_bucket(self, kv_tokens: int) -> int:
         """The smallest decode KV bucket holding `kv_tokens` (every active slot's length after the

@@ -9,10 +9,11 @@ that backend runs, and holds abstract arguments (ShapeDtypeStructs with their sh
 weights, the KV cache and the decode state. `Layout.programs()` lists, in compile order:
 
     prefill[T], prefill_masked[T]           per prefill bucket T
+    prefill_batch[B=r,T=t]                  per bucket t and batch r > 1 (prefill_calls.py)
     score[B=b,T=t]                          per bucket t and batch b (`score_rows`), with scoring on
     decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
     verify[S,K,kv]                          per S, kv and guess count K (`speculative_k`)
-    insert, free
+    insert[R], free                         insert per prefill batch R (a row of its result)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from xlaserve.runtime import memory, models, placement, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.grammar import mask_words
+from xlaserve.runtime.prefill_calls import prefill_rows
 from xlaserve.runtime.programs import DecodeState, Statics
 from xlaserve.runtime.sampling import SamplingState
 
@@ -207,6 +209,25 @@ class Layout:
         outputs = ("cache", "packed", "logits", "routed") if all_logits else ("cache", "packed", "routed")
         return self.program(kind, t, f"{kind}[T={t}]", fn, ("cache",), args, outputs)
 
+    def prefill_batch(self, rows: int, t: int) -> Program:
+        """One chunk of bucket t of each of `rows` sequences (programs.prefill_batch)."""
+        st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
+        i32 = lambda *shape: self.spec(shape, jnp.int32)
+        args = (
+            self.weights,
+            self.cache,
+            i32(rows, t),
+            i32(rows),
+            i32(rows),
+            i32(rows, self.ecfg.pages_per_seq),
+            abstract(SamplingState.zeros(rows), self.repl),
+            self.spec((rows, self.cfg.vocab_size), bool),
+        )
+        fn = functools.partial(programs.prefill_batch, st=st)
+        name = f"prefill_batch[B={rows},T={t}]"
+        outputs = ("cache", "packed", "routed")
+        return self.program("prefill_batch", (rows, t), name, fn, ("cache",), args, outputs)
+
     def score(self, rows: int, t: int, few: int | None = None) -> Program:
         """few: the `score_few` variant, logits at `few` selected positions per row only."""
         st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
@@ -288,8 +309,10 @@ class Layout:
     def programs(self) -> list[Program]:
         """Every program the engine compiles at start-up, in order."""
         ecfg, out = self.ecfg, []
+        batches = {t: prefill_rows(ecfg.max_slots, ecfg.prefill_buckets, t) for t in ecfg.prefill_buckets}
         for t in ecfg.prefill_buckets:
             out += [self.prefill(t), self.prefill(t, masked=True)]
+            out += [self.prefill_batch(rows, t) for rows in batches[t][1:]]
             if ecfg.scoring:
                 out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
                 out += [self.score(rows, t, score_few(t)) for rows in score_rows(ecfg, t) if rows > 1]
@@ -298,11 +321,13 @@ class Layout:
         out += [self.decode(rows, kv, masked=True) for rows, kv in grid]
         out += [self.verify(rows, kv, k) for rows, kv in grid for k in ecfg.speculative_k]
         i32 = self.spec((), jnp.int32)
-        packed = self.spec((1, 2 + 2 * ecfg.max_logprobs), jnp.int32)
         row = abstract(SamplingState.zeros(1), self.repl)
         presence = self.spec((self.cfg.vocab_size,), bool)
-        args = (self.state, i32, packed, i32, row, presence)
-        out.append(self.program("insert", None, "insert", programs.insert, ("state",), args, ("state",)))
+        for r in sorted({r for rows in batches.values() for r in rows}):
+            packed = self.spec((r, 2 + 2 * ecfg.max_logprobs), jnp.int32)
+            args = (self.state, i32, packed, i32, i32, row, presence)
+            name = "insert" if r == 1 else f"insert[R={r}]"  # R: rows of the prefill result taken
+            out.append(self.program("insert", r, name, programs.insert, ("state",), args, ("state",)))
         out.append(
             self.program("free", None, "free", programs.free, ("state",), (self.state, i32), ("state",))
         )

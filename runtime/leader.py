@@ -1,11 +1,11 @@
 """Process 0 leads, the others follow: engine calls replayed across hosts (`jax.distributed`).
 
-Every process runs the same programs in the same order (SPMD), each on its own devices of one
-global mesh. Process 0 owns the scheduler and the server and decides every step; each engine call
-it makes (prefill, insert, decode, verify, free, score_batch, with the host data they take) is published to
-the coordinator's key-value store, and the other processes replay the calls in order on their
-engines. A call's device results never travel: a later call that takes one (insert takes prefill's
-packed result) names it by call number, and each process substitutes its own copy.
+Every process runs the same programs in the same order (SPMD), each on its own devices of one global
+mesh. Process 0 owns the scheduler and the server and decides every step; each engine call it makes
+(prefill, prefill_batch, insert, decode, verify, free, score_batch, with the host data they take) is
+published to the coordinator's key-value store, and the other processes replay the calls in order on
+their engines. A call's device results never travel: a later call that takes one (insert takes
+prefill's packed result) names it by call number, and each process substitutes its own copy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 from xlaserve.runtime.engine import to_host
 
 log = logging.getLogger("xlaserve")
-VERBS = ("prefill", "insert", "decode", "verify", "free", "score_batch")
+VERBS = ("prefill", "prefill_batch", "insert", "decode", "verify", "free", "score_batch")
+PREFILLS = ("prefill", "prefill_batch")  # their results are arguments of later calls (insert)
 KEY = "xlaserve/call/{}"
 
 
@@ -55,7 +56,7 @@ class LeaderEngine:
             sent = tuple(Result(self._results[id(a)]) if id(a) in self._results else a for a in args)
             self._client.key_value_set_bytes(KEY.format(self._n), pickle.dumps((name, sent)))
             out = attr(*args)
-            if name == "prefill":
+            if name in PREFILLS:
                 self._results = {k: v for k, v in self._results.items() if v >= self._n - 64}
                 self._results[id(out)] = self._n
             self._n += 1
@@ -77,7 +78,7 @@ def follow(engine, timeout_s: float = 24 * 3600) -> int:
         if verb == "stop":
             return n
         out = getattr(engine, verb)(*(results[a.call] if isinstance(a, Result) else a for a in args))
-        if verb == "prefill":
+        if verb in PREFILLS:
             results[n] = out
             results.pop(n - 64, None)
         elif verb == "decode":

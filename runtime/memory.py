@@ -98,7 +98,8 @@ def activation_bytes(cfg: ModelConfig, ecfg: EngineConfig, weights, tp: int, sco
     device: the logits and sampling buffers of decode (and of speculative verify, K+1 positions a
     slot), the feed-forward and attention of the longest prefill chunk, the logits of a scoring
     call (`score_tokens` tokens), plus the dequantized copy of the largest quantized matrix where
-    the XLA path dequantizes it."""
+    the XLA path dequantizes it. A batched prefill call (prefill_calls.py) holds no more tokens
+    than the longest chunk and samples no more rows than decode, so these bound it too."""
     b = np.dtype(ecfg.dtype).itemsize
     v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -13,6 +13,8 @@ output) a row takes its token when the mask allows it, else the lowest token the
 has no tokenizer: the caller pairs it with one (`LLM.from_engine(MockEngine(), tokenizer)`; the
 tests use a word-level one spelling token i as "w{i}", tests/serving.py).
 
+`prefill_batch` answers each row as `prefill` would, in one call charged its padded tokens.
+
 A speculative `verify` keeps the leading guesses that follow the same rule, then adds its own.
 """
 
@@ -23,6 +25,7 @@ import time
 import numpy as np
 
 from xlaserve.runtime.config import EngineConfig, ModelConfig
+from xlaserve.runtime.prefill_calls import prefill_rows
 
 VOCAB = 512
 EOS = 0
@@ -134,6 +137,20 @@ class MockEngine:
             nxt[0] = self._allowed(nxt[0], allowed)
         return self._run(cost, self._packed(nxt, int(sampling.n_top[0])))
 
+    def prefill_rows(self, t: int) -> tuple[int, ...]:
+        return prefill_rows(self.ecfg.max_slots, self.ecfg.prefill_buckets, t)
+
+    def prefill_batch(self, chunks):
+        """One call for every chunk (tokens, start, page_row, sampling, presence): step_s, and token_s
+        per padded token (compiled rows x bucket), as a real call costs."""
+        if len(chunks) == 1:
+            return self.prefill(*chunks[0])
+        t = self.ecfg.prefill_bucket(max(len(c[0]) for c in chunks))
+        rows = next(r for r in self.prefill_rows(t) if r >= len(chunks))
+        nxt = self._next([c[0][-1] for c in chunks])
+        n_top = max(int(c[3].n_top[0]) for c in chunks)
+        return self._run(self.step_s + self.token_s * rows * t, self._packed(nxt, n_top))
+
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)
 
@@ -150,8 +167,8 @@ class MockEngine:
             out.append((np.pad(lps, pad), np.pad(greedy, pad)))
         return out
 
-    def insert(self, slot, packed, length, sampling, presence):
-        self.tokens[slot] = int(_value(packed)[0, 0])
+    def insert(self, slot, packed, length, sampling, presence, row=0):
+        self.tokens[slot] = int(_value(packed)[row, 0])
         self.active[slot] = True
 
     def free(self, slot):

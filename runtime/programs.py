@@ -1,6 +1,7 @@
 """The device programs: module-level pure functions, jitted once per shape, cache donated.
 
 - `prefill`: one prompt chunk [T] of one sequence; writes its K/V, samples the next token.
+- `prefill_batch`: one chunk of each of several sequences [R, T] in one call, each row as `prefill`.
 - `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
 - `insert`: put a prefilled sequence into a decode slot.
 - `decode`: advance every slot by `steps` tokens.
@@ -189,6 +190,31 @@ def prefill(
     return cache, result, routed
 
 
+def prefill_batch(
+    weights, cache: KVCache, tokens, start, n_valid, page_rows, sampling, presence, *, st: Statics
+):
+    """One chunk of each of R sequences in one call, each row doing `prefill`'s work: tokens [R, T]
+    (padded); start, n_valid [R] (a row with n_valid 0 is padding: it writes nothing and its result
+    is junk); page_rows [R, W]; sampling: an R-row SamplingState; presence [R, V] bool. Returns
+    (cache, packed [R, C], routed [L, E]): row r's token sampled after its last real token (the
+    first output token when the chunk ends its prompt; otherwise unread)."""
+    idx = jnp.arange(tokens.shape[1])
+    hidden, cache, routed = st.forward(
+        weights,
+        cache,
+        tokens,
+        start[:, None] + idx,
+        idx[None, :] < n_valid[:, None],
+        page_rows,
+        start + n_valid,
+        routed=True,
+    )
+    last = jnp.maximum(n_valid - 1, 0)[:, None, None]
+    lg = st.logits(weights, jnp.take_along_axis(hidden, last, axis=1)[:, 0])  # [R, V]
+    result = pack(*sample(lg, sampling, presence, start + n_valid, max_top=st.max_top))
+    return cache, result, routed
+
+
 def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, sel=None, *, st: Statics):
     """One chunk of each of B sequences being scored, in one call: for each row b, position i and
     candidate k, the log-probability of targets[b, i, k] as the token at position start[b] + i + 1
@@ -220,11 +246,12 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, s
     return cache, scores, routed
 
 
-def insert(state: DecodeState, slot, packed, length, sampling: SamplingState, presence) -> DecodeState:
-    """Slot `slot` takes a sequence of `length` cached tokens whose next token is packed[0, 0]."""
-    put = lambda arr, row: jax.lax.dynamic_update_index_in_dim(arr, row.astype(arr.dtype), slot, 0)
+def insert(state: DecodeState, slot, packed, row, length, sampling: SamplingState, presence) -> DecodeState:
+    """Slot `slot` takes a sequence of `length` cached tokens whose next token is packed[row, 0]
+    (packed [R, C]: a prefill's result, one row per prefilled chunk)."""
+    put = lambda arr, new: jax.lax.dynamic_update_index_in_dim(arr, new.astype(arr.dtype), slot, 0)
     return DecodeState(
-        tokens=put(state.tokens, packed[0, :1]),
+        tokens=put(state.tokens, jax.lax.dynamic_index_in_dim(packed[:, 0], row)),
         lengths=put(state.lengths, jnp.reshape(length, (1,))),
         active=put(state.active, jnp.ones((1,), bool)),
         sampling=jax.tree.map(put, state.sampling, sampling),

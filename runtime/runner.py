@@ -2,9 +2,9 @@
 
 One `step()`:
   1. end requests past their deadline; plan; free preempted slots on device;
-  2. dispatch the planned prompt chunks, then one decode dispatch for the running slots, then
-     insert the sequences whose prompt just finished (after the dispatch, so a slot never decodes
-     before the scheduler gave it pages);
+  2. dispatch the planned prompt chunks (several prompts' chunks to a prefill call: prefills.py),
+     then one decode dispatch for the running slots, then insert the sequences whose prompt just
+     finished (after the dispatch, so a slot never decodes before the scheduler gave it pages);
   3. only then read the *previous* decode dispatch's tokens (already on the host: its copy was
      started when it was dispatched) and the first tokens of the prompts just finished, and do the
      host bookkeeping (detokenize, stop checks, publish pages) while the device runs step 2;
@@ -56,6 +56,7 @@ from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
+from xlaserve.runtime.prefills import Prefills
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
@@ -98,7 +99,9 @@ class Runner:
             # a step with only scoring to do fills a scoring call (one at the smallest bucket)
             score_budget=max(token_budget or e.prefill_token_budget or 0, SCORE_TOKENS),
             bucket=e.prefill_bucket,
+            rows=engine.prefill_rows,
         )
+        self.prefills = Prefills(engine, self.scheduler)
         self._rows: dict[Seq, SamplingState] = {}
         self.seqs: dict[str, Seq] = {}
         self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
@@ -155,43 +158,9 @@ class Runner:
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
             self.engine.free(slot)
-        ready, scoring, last_chunk = [], [], None
-        for chunk in plan.prefills:
-            seq = chunk.seq
-            row = self.scheduler.page_table[seq.slot]
-            self.prompt_tokens_computed += len(chunk.tokens)
-            if seq.req.score_start is not None:
-                # Consecutive scoring chunks of one bucket go to the device as one call. Plan order
-                # is kept (a chunk may read prefix-cache pages an earlier one writes; rows of one
-                # call write each layer's K/V before any row attends), so a group is cut by a
-                # different bucket, a full batch, a second chunk of a sequence, or a prefill.
-                t = self.engine.ecfg.prefill_bucket(len(chunk.tokens))
-                if scoring and (
-                    t != scoring[0][2]
-                    or len(scoring) == self.engine.score_rows(t)[-1]
-                    or any(c.seq is seq for c, _, _ in scoring)
-                ):
-                    deltas += self._score(scoring)
-                    scoring = []
-                scoring.append((chunk, row, t))
-                continue
-            if scoring:
-                deltas += self._score(scoring)
-                scoring = []
-            masked = chunk.last and seq.req.grammar is not None
-            packed = last_chunk = self.engine.prefill(
-                chunk.tokens,
-                chunk.start,
-                row,
-                self._rows[seq],
-                self._presence(seq),
-                *((seq.req.grammar.mask(),) if masked else ()),
-            )
-            self.scheduler.prefilled(chunk)
-            if chunk.last:
-                ready.append((seq, packed))
-        if scoring:
-            deltas += self._score(scoring)
+        self.prompt_tokens_computed += sum(len(chunk.tokens) for chunk in plan.prefills)
+        scored, ready, last_chunk = self.prefills.dispatch(plan.prefills, self._rows, self._presence)
+        deltas += scored
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
         guesses, (k, break_even) = None, self._k(plan.decode) if plan.decode and not grammar else (0, 1.0)
@@ -213,13 +182,16 @@ class Runner:
             packed.copy_to_host_async()
             self.scheduler.dispatched(plan.decode)
             self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode])
-        for seq, packed in ready:
-            self.engine.insert(seq.slot, packed, len(seq.tokens()), self._rows[seq], self._presence(seq))
+        for seq, packed, row in ready:
+            self.engine.insert(seq.slot, packed, len(seq.tokens()), self._rows[seq], self._presence(seq), row)
         # Host work from here on overlaps the device running the dispatches above.
         if previous is not None:
             deltas += self._read_decode(*previous)
-        for seq, packed in ready:
-            deltas.append(self._emit(seq, Sampled.unpack(to_host(packed)), (0,)))
+        results = {}  # a call's packed result, read once for all its rows
+        for seq, packed, row in ready:
+            if id(packed) not in results:
+                results[id(packed)] = Sampled.unpack(to_host(packed))
+            deltas.append(self._emit(seq, results[id(packed)], (row,)))
         if last_chunk is not None:
             to_host(last_chunk)  # 4: the device ran this step's chunks (they run in dispatch order)
         for d in deltas:
@@ -297,35 +269,6 @@ class Runner:
                 self.guesses[1] += emitted - 1
                 self.emitted[emitted] += 1
                 seq.req.speculative.record(guessed, emitted, len(seq.req.output_ids), break_even)
-        return deltas
-
-    def _score(self, group) -> list[Delta]:
-        """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
-        at chunk.start + i + 1 (and the request's other candidates for that index, if any)."""
-        items = []
-        for chunk, row, _ in group:
-            end = chunk.start + len(chunk.tokens)
-            first = max(0, chunk.seq.req.score_start - 1 - chunk.start)  # the first position read
-            items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end), first))
-        deltas = []
-        for (chunk, _, _), (logprobs, greedy) in zip(group, self.engine.score_batch(items), strict=True):
-            self.scheduler.prefilled(chunk)
-            req, n = chunk.seq.req, len(chunk.seq.tokens())
-            if logprobs.ndim == 2:  # [n, K]: column 0 the next token, then score_alts
-                for i in range(len(chunk.tokens)):
-                    p = chunk.start + i + 1
-                    for k, token in enumerate(req.score_alts.get(p, ()), 1):
-                        req.alt_scores[p, token] = (float(logprobs[i, k]), bool(greedy[i, k]))
-                logprobs, greedy = logprobs[:, 0], greedy[:, 0]
-            for i in range(len(chunk.tokens)):
-                if req.score_start <= chunk.start + i + 1 < n:
-                    req.scores.append((float(logprobs[i]), bool(greedy[i])))
-            if not chunk.last:
-                continue
-            if req.timings.first_token is None:
-                req.timings.first_token = time.perf_counter()
-            req.finish(FinishReason.SCORED)
-            deltas.append(Delta(req, [], "", [], finished=True))
         return deltas
 
     @staticmethod
@@ -409,21 +352,6 @@ class Runner:
         seq.req.grammar = None  # the matcher's memory goes with it
         if self.seqs.pop(seq.req.request_id, None) is not None and seq.req.finish_reason is not None:
             self.finished[seq.req.finish_reason.value] += 1
-
-
-def _targets(seq: Seq, start: int, end: int):
-    """What chunk positions start .. end - 1 of a scoring sequence score: the next tokens [<= n],
-    or, when the request has other candidates (score_alts), [n, 1 + most candidates] (column 0 the
-    next token or 0 past the end, then the candidates, padded with 0)."""
-    tokens, alts = seq.tokens(), seq.req.score_alts
-    if not alts:
-        return tokens[start + 1 : end + 1]
-    width = 1 + max(len(alts.get(p, ())) for p in range(start + 1, end + 1))
-    out = np.zeros((end - start, width), np.int32)
-    for i, p in enumerate(range(start + 1, end + 1)):
-        row = (tokens[p] if p < len(tokens) else 0, *alts.get(p, ()))
-        out[i, : len(row)] = row
-    return out
 
 
 def _window(cfg) -> int | None:

@@ -3,16 +3,18 @@
 Each step the scheduler returns a `Plan` (prompt chunks to prefill, the slots to decode) and the
 executor (`runner.py`) carries it out on the engine, then reports back. Requests wait ordered by
 priority (higher first), then arrival; a free decode slot admits the next one, except that scoring
-and generation share slots and the per-step token budget fairly (fairness.py). Its prompt is
-looked up in the prefix cache page by page, and only the rest is prefilled, in chunks of at most
+and generation share slots and the per-step token budget fairly (fairness.py). Its prompt is looked
+up in the prefix cache page by page, and only the rest is prefilled, in chunks within a budget of
 `token_budget` tokens per step across all prompts (a budget measured at start-up, budget.py), so a
 long prompt never stalls running streams for more than one step's budget, and a cancel or deadline
-stops it at the next step. Then it joins the decode batch. Pages are taken lazily: a chunk takes
-the pages it writes, a decode dispatch the pages its k tokens will fill. Full pages are published
-to the prefix cache as soon as their K/V is written. When the pool runs dry the victim (lowest
-priority, then the most recent) is preempted: its pages go back and it is recomputed later from its
-prompt and the tokens it already produced; its published pages usually survive in the cache, so
-recomputing it is mostly cache hits.
+stops it at the next step. Given the engine's buckets and prefill batches (`bucket`, `rows`),
+generation chunks are charged the padded tokens of the prefill calls they go in (prefill_calls.py):
+several prompts share a call, and a step fills the rows it pays for. Then the sequence joins the
+decode batch. Pages are taken lazily: a chunk takes the pages it writes, a decode dispatch the pages
+its k tokens will fill. Full pages are published to the prefix cache as soon as their K/V is
+written. When the pool runs dry the victim (lowest priority, then the most recent) is preempted: its
+pages go back and it is recomputed later from its prompt and the tokens it already produced; its
+published pages usually survive in the cache, so recomputing it is mostly cache hits.
 
 What a request must fit to be queued (`Limits`, and the refusals) is admission.py; `stats()` is a
 snapshot of the slots, pages and prefix cache as an `EngineStats`.
@@ -30,6 +32,7 @@ import numpy as np
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.fairness import Fairness
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
+from xlaserve.runtime.prefill_calls import Item, group, padded
 from xlaserve.runtime.request import Request
 from xlaserve.runtime.stats import EngineStats
 
@@ -111,12 +114,15 @@ class Scheduler:
         window: int | None = None,
         score_budget: int | None = None,
         bucket=None,
+        rows=None,
     ):
         """window: when every layer attends only to its last `window` positions (the largest
         window of the model), a running sequence's pages that fall out of it go back to the pool.
         score_budget, bucket (chunk length -> its padded length): a step with only scoring to
         prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None: such
-        steps take token_budget like any other."""
+        steps take token_budget like any other. rows (bucket -> the prefill batch sizes compiled
+        for it) with bucket: generation chunks cost the padded tokens of their prefill calls
+        (`_take`); None: every chunk costs its tokens."""
         self.page_size = page_size
         self.window = window
         self.decode_steps = decode_steps
@@ -124,7 +130,7 @@ class Scheduler:
         self.limits = limits
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
-        self.score_budget, self.bucket = score_budget, bucket
+        self.score_budget, self.bucket, self.rows = score_budget, bucket, rows
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
@@ -191,14 +197,16 @@ class Scheduler:
         scoring_only = prefilling and all(s.req.score_start is not None for s in prefilling)
         if scoring_only and not decode and self.score_budget:
             prefills, budget = self._score_chunks(prefilling), 0
+        calls: list[Item] = []  # the step's generation chunks, as prefill_calls items
         for seq in self.fair.order(prefilling) if budget else ():
             todo, start = seq.tokens(), seq.computed
-            while budget > 0 and start < len(todo):
-                n = min(len(todo) - start, self.chunk, budget)
-                if not self._grow(seq, start + n):
+            while start < len(todo):
+                n, cost, item = self._take(seq, len(todo) - start, calls, budget)
+                if not n or not self._grow(seq, start + n):
                     break
                 prefills.append(Chunk(seq, start, todo[start : start + n]))
-                start, budget = start + n, budget - n
+                calls += [item] if item else []
+                start, budget = start + n, budget - cost
         stuck = self._in_slots(State.PREFILL)
         if not prefills and not decode and len(stuck) > 1:
             # Every busy slot is mid-prefill and the pool is dry: the last in line gives its pages back.
@@ -206,6 +214,32 @@ class Scheduler:
         kv = max((s.length + s.inflight + self.decode_steps for s in decode), default=0)
         freed, self._freed = self._freed, []
         return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed)
+
+    def _take(self, seq: Seq, left: int, calls: list[Item], budget: int) -> tuple[int, int, Item | None]:
+        """(tokens of `seq`'s next chunk, of its `left` to prefill; their cost of the budget; its
+        prefill_calls item, None when scoring): 0 tokens when nothing fits. A scoring chunk, or any
+        chunk without the engine's batches, costs its tokens. A generation chunk costs what it adds
+        to the padded tokens of the step's calls: the step's first takes up to the budget (so every
+        step progresses), later ones their whole chunk when that fits, else as much as fits a row of
+        a call already planned in a bucket already paid for (a row already paid for costs
+        nothing)."""
+        n = min(left, self.chunk)
+        if seq.req.score_start is not None or self.rows is None or self.bucket is None:
+            n = min(n, budget)
+            return (n, n, None) if n > 0 else (0, 0, None)
+        item = lambda m: (seq, m, seq.req.grammar is not None and m == left)  # a masked last chunk
+        if not calls:
+            m = min(n, budget)
+            return (m, padded([item(m)], self.bucket, self.rows), item(m)) if m > 0 else (0, 0, None)
+        before, n_calls = padded(calls, self.bucket, self.rows), len(group(calls, self.bucket, self.rows))
+        paid = sorted({self.bucket(c[1]) for c in calls}, reverse=True)  # buckets the step pays for
+        for m in dict.fromkeys((n, *(min(n, t) for t in paid))):
+            after = [*calls, item(m)]
+            cost = padded(after, self.bucket, self.rows) - before
+            # a part of a chunk only to fill a row of a call, never as a call of its own
+            if cost <= budget and (m == n or len(group(after, self.bucket, self.rows)) == n_calls):
+                return m, cost, item(m)
+        return 0, 0, None
 
     def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
         """The chunks of a step that only scores: no stream waits on it, so instead of the token

@@ -233,3 +233,21 @@ def test_preset_that_does_not_fit_the_stated_memory_is_refused(tmp_path, capsys)
     assert "Allowed: device memory ≥" in err
     assert cli.main(["lower", "--preset", "llama3-9b", "--out", str(tmp_path)]) == 2
     assert f"allowed: {', '.join(sorted(PRESETS))}" in capsys.readouterr().err
+
+
+def test_batched_prefill_lowers_for_cuda_with_the_quantized_matmul(tmp_path):
+    """prefill_batch (several sequences' chunks a call) is in the program list `lower` walks: it
+    runs the quantized matmul kernel and attends on the XLA path (the Pallas prefill kernel takes
+    one sequence a call); insert takes a row of each batch size's result."""
+    cfg = PRESETS["tiny"]
+    ecfg = EngineConfig(max_model_len=256, prefill_buckets=(16, 32), kv_buckets=(256,), max_slots=2)
+    layout = Layout.build(cfg, lower.preset_weights(cfg, "q4_0", "bfloat16"), ecfg, backend="gpu")
+    got = {r.program: r for r in lower.lower_all(layout, "cuda", tmp_path)}
+    assert [name for name in got if "batch" in name or "insert" in name] == [
+        "prefill_batch[B=2,T=16]",
+        "insert",
+        "insert[R=2]",
+    ]
+    batch = got["prefill_batch[B=2,T=16]"]
+    assert batch.error is None and batch.kernels == (f"triton:{MATMUL}",)
+    assert batch.kv_bytes == 2 * got["prefill[T=16]"].kv_bytes

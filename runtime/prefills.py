@@ -1,0 +1,118 @@
+"""Carries out a plan's prompt chunks on the engine (the runner's step 2, runner.py): generation
+chunks go as batched prefill calls, grouped as the scheduler costed them (prefill_calls.py), a
+grammar request's last chunk alone through the masked prefill (its bitmask is per call); scoring
+chunks go as batched scoring calls, whose log-probs are read at once.
+
+Generation calls are dispatched first and not read here: the runner inserts the sequences whose
+prompt ended (each takes its row of its call's result) and reads the first tokens later, while the
+device runs. A sequence's chunks keep their order; across sequences order does not matter within a
+step (prefill_calls.py), so scoring and generation calls need not interleave as planned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.prefill_calls import group
+from xlaserve.runtime.request import Delta, FinishReason
+from xlaserve.runtime.sampling import SamplingState
+from xlaserve.runtime.scheduler import Chunk, Scheduler, Seq
+
+# A sequence whose prompt is now prefilled: (it, the packed result of its call, its row in it)
+Ready = tuple[Seq, object, int]
+
+
+class Prefills:
+    def __init__(self, engine: Engine, scheduler: Scheduler):
+        self.engine, self.scheduler = engine, scheduler
+
+    def dispatch(
+        self, chunks: list[Chunk], sampling: dict[Seq, SamplingState], presence: Callable[[Seq], np.ndarray]
+    ) -> tuple[list[Delta], list[Ready], object | None]:
+        """Run `chunks` (a plan's, in plan order). Returns the deltas of scoring requests that ended,
+        the sequences ready to insert, and the last generation call's result (None: no such call)
+        to wait on: calls run in dispatch order."""
+        s, last = self.scheduler, None
+        generating = [c for c in chunks if c.seq.req.score_start is None]
+        items = [(c.seq, len(c.tokens), c.last and c.seq.req.grammar is not None) for c in generating]
+        ready: list[Ready] = []
+        for call in group(items, self.engine.ecfg.prefill_bucket, self.engine.prefill_rows):
+            batch = [generating[i] for i in call]
+            rows = [
+                (c.tokens, c.start, s.page_table[c.seq.slot], sampling[c.seq], presence(c.seq)) for c in batch
+            ]
+            if items[call[0]][2]:
+                last = self.engine.prefill(*rows[0], batch[0].seq.req.grammar.mask())
+            else:
+                last = self.engine.prefill_batch(rows)
+            for row, chunk in enumerate(batch):
+                s.prefilled(chunk)
+                if chunk.last:
+                    ready.append((chunk.seq, last, row))
+        return self._score_all([c for c in chunks if c.seq.req.score_start is not None]), ready, last
+
+    def _score_all(self, chunks: list[Chunk]) -> list[Delta]:
+        """Consecutive scoring chunks of one bucket go to the device as one call; a group is cut by a
+        different bucket, a full batch or a second chunk of a sequence (which must run after the
+        first)."""
+        deltas, group_ = [], []
+        for chunk in chunks:
+            t = self.engine.ecfg.prefill_bucket(len(chunk.tokens))
+            if group_ and (
+                t != group_[0][1]
+                or len(group_) == self.engine.score_rows(t)[-1]
+                or any(c.seq is chunk.seq for c, _ in group_)
+            ):
+                deltas += self._score(group_)
+                group_ = []
+            group_.append((chunk, t))
+        return deltas + (self._score(group_) if group_ else [])
+
+    def _score(self, group_: list[tuple[Chunk, int]]) -> list[Delta]:
+        """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
+        at chunk.start + i + 1 (and the request's other candidates for that index, if any)."""
+        items = []
+        for chunk, _ in group_:
+            end = chunk.start + len(chunk.tokens)
+            first = max(0, chunk.seq.req.score_start - 1 - chunk.start)  # the first position read
+            row = self.scheduler.page_table[chunk.seq.slot]
+            items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end), first))
+        deltas = []
+        for (chunk, _), (logprobs, greedy) in zip(group_, self.engine.score_batch(items), strict=True):
+            self.scheduler.prefilled(chunk)
+            req, n = chunk.seq.req, len(chunk.seq.tokens())
+            if logprobs.ndim == 2:  # [n, K]: column 0 the next token, then score_alts
+                for i in range(len(chunk.tokens)):
+                    p = chunk.start + i + 1
+                    for k, token in enumerate(req.score_alts.get(p, ()), 1):
+                        req.alt_scores[p, token] = (float(logprobs[i, k]), bool(greedy[i, k]))
+                logprobs, greedy = logprobs[:, 0], greedy[:, 0]
+            for i in range(len(chunk.tokens)):
+                if req.score_start <= chunk.start + i + 1 < n:
+                    req.scores.append((float(logprobs[i]), bool(greedy[i])))
+            if not chunk.last:
+                continue
+            if req.timings.first_token is None:
+                req.timings.first_token = time.perf_counter()
+            req.finish(FinishReason.SCORED)
+            deltas.append(Delta(req, [], "", [], finished=True))
+        return deltas
+
+
+def _targets(seq: Seq, start: int, end: int):
+    """What chunk positions start .. end - 1 of a scoring sequence score: the next tokens [<= n],
+    or, when the request has other candidates (score_alts), [n, 1 + most candidates] (column 0 the
+    next token or 0 past the end, then the candidates, padded with 0)."""
+    tokens, alts = seq.tokens(), seq.req.score_alts
+    if not alts:
+        return tokens[start + 1 : end + 1]
+    width = 1 + max(len(alts.get(p, ())) for p in range(start + 1, end + 1))
+    out = np.zeros((end - start, width), np.int32)
+    for i, p in enumerate(range(start + 1, end + 1)):
+        row = (tokens[p] if p < len(tokens) else 0, *alts.get(p, ()))
+        out[i, : len(row)] = row
+    return out

@@ -1,0 +1,129 @@
+"""Batched prefill without compiling anything: how a step's generation chunks group into prefill
+calls and what they cost of the token budget (runtime/prefill_calls.py), the scheduler filling the
+rows a step pays for, and the runner over the mock engine sending several prompts in one call."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+from serving import mock_llm
+from test_scheduler import execute, make, sched
+
+from xlaserve import LLM, SamplingParams
+from xlaserve.checkpoints import registry
+from xlaserve.checkpoints.gguf import open_reader, read_metadata
+from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
+from xlaserve.runtime.admission import Limits
+from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.mock_engine import MockEngine
+from xlaserve.runtime.prefill_calls import group, padded, prefill_rows
+
+BUCKETS = (16, 32, 128)
+LONG_PROMPTS = Limits(max_prompt_tokens=200, max_new_tokens=8, max_model_len=256, max_queue=100)
+
+
+def bucket(n: int) -> int:
+    return next((t for t in BUCKETS if t >= n), BUCKETS[-1])
+
+
+def rows(t: int) -> tuple[int, ...]:
+    return prefill_rows(8, BUCKETS, t)
+
+
+def test_batches_stay_within_the_largest_bucket():
+    assert rows(16) == (1, 2, 4, 8) and rows(32) == (1, 2, 4) and rows(128) == (1,)
+    assert prefill_rows(6, (16, 128), 16) == (1, 2, 4, 6)  # max_slots closes the list
+    assert prefill_rows(8, (32,), 32) == (1,)
+
+
+def test_calls_group_in_order_and_cost_their_padded_tokens():
+    a, b, c, d, e = "abcde"
+    # three short chunks share a call of 4 rows x 16; a chunk of 20 tokens widens it to 32
+    assert group([(a, 5, False), (b, 16, False), (c, 3, False)], bucket, rows) == [[0, 1, 2]]
+    assert padded([(a, 5, False), (b, 16, False), (c, 3, False)], bucket, rows) == 4 * 16
+    assert padded([(a, 5, False), (b, 20, False)], bucket, rows) == 2 * 32
+    # a second chunk of a sequence, a full call and a masked (grammar) last chunk each start a call
+    assert group([(a, 16, False), (a, 16, False), (b, 4, False)], bucket, rows) == [[0], [1, 2]]
+    five = [(s, 20, False) for s in (a, b, c, d, e)]
+    assert group(five, bucket, rows) == [[0, 1, 2, 3], [4]] and padded(five, bucket, rows) == 4 * 32 + 32
+    assert group([(a, 4, False), (b, 4, True), (c, 4, False)], bucket, rows) == [[0, 2], [1]]
+    assert group([(a, 4, False), (b, 4, True), (b, 4, False)], bucket, rows) == [[0], [1], [2]]
+
+
+def scheduler(budget: int):
+    return sched(
+        max_slots=8,
+        num_pages=256,
+        pages_per_seq=64,
+        chunk=128,
+        limits=LONG_PROMPTS,
+        token_budget=budget,
+        bucket=bucket,
+        rows=rows,
+    )
+
+
+def test_a_step_prefills_several_prompts_within_the_padded_budget():
+    s = scheduler(128)
+    seqs = [s.add(make(n, float(i), first=10 * i + 1)) for i, n in enumerate((3, 9, 14, 16, 5, 12, 7, 2))]
+    plan = s.plan()
+    # eight prompts of at most 16 tokens: one call of 8 rows x 16, the budget
+    assert [len(c.tokens) for c in plan.prefills] == [3, 9, 14, 16, 5, 12, 7, 2]
+    execute(s, plan)
+    assert all(seq.req.output_ids for seq in seqs)
+
+
+def test_a_step_fills_the_rows_it_pays_for_and_no_more():
+    s = scheduler(128)
+    first, second, third = (s.add(make(n, float(i))) for i, n in enumerate((20, 100, 30)))
+    plan = s.plan()
+    # 20 tokens pay for a row of 32; the budget (4 x 32) holds two more rows of 32: the 100-token
+    # prompt takes 32 tokens of it (not a call of 128 of its own), the 30-token one the third
+    assert [(c.seq, len(c.tokens)) for c in plan.prefills] == [(first, 20), (second, 32), (third, 30)]
+    assert padded([(c.seq, len(c.tokens), False) for c in plan.prefills], bucket, rows) == 4 * 32
+    execute(s, plan)
+    assert [(c.seq, len(c.tokens)) for c in s.plan().prefills] == [(second, 68)]  # 1 x 128
+
+
+def test_without_batches_a_chunk_costs_its_tokens():
+    s = sched(token_budget=8)  # no bucket/rows: the scheduler of the plain-Python tests
+    s.add(make(5, 0.0))
+    s.add(make(5, 1.0, first=7))
+    assert [len(c.tokens) for c in s.plan().prefills] == [5, 3]
+
+
+def test_the_runner_sends_a_steps_prompts_in_one_call():
+    llm = mock_llm(max_slots=4, prefill_buckets=(8, 32), prefill_token_budget=32)
+    engine = llm.engine
+    calls = []
+    batch = engine.prefill_batch
+    engine.prefill_batch = lambda chunks: calls.append([len(c[0]) for c in chunks]) or batch(chunks)
+    prompts = [[5, 6], [20, 21, 22], [40], [60, 61, 62, 63, 64, 65]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0))
+    assert [o.token_ids for o in outs] == [[7, 8, 9], [23, 24, 25], [41, 42, 43], [66, 67, 68]]
+    assert calls == [[2, 3, 1, 6]]  # 4 rows x 8 tokens: the budget
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
+    return tokenizer_from_gguf(read_metadata(open_reader(path)), path)
+
+
+def test_a_grammar_requests_last_chunk_runs_alone(tokenizer):
+    """Its masked prefill takes the grammar's bitmask, one per call: the other prompts of the step
+    share a call without it, and the grammar request's output still matches its regex."""
+    cfg = EngineConfig(max_slots=4, max_model_len=256, page_size=4, prefill_buckets=(8, 32))
+    engine = MockEngine(dataclasses.replace(cfg, prefill_token_budget=32), vocab=tokenizer.vocab_size)
+    llm = LLM.from_engine(engine, tokenizer)
+    calls = []
+    batch, single = engine.prefill_batch, engine.prefill
+    engine.prefill_batch = lambda chunks: calls.append(len(chunks)) or batch(chunks)
+    engine.prefill = lambda *a: calls.append("masked") or single(*a)
+    free = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    constrained = SamplingParams(max_tokens=8, temperature=0.0, regex="[0-9]{3}")
+    outs = llm.generate([[5, 6], [7, 8], [9, 10]], [free, constrained, free])
+    assert calls == [2, "masked"] and re.fullmatch("[0-9]{3}", outs[1].text), (calls, outs[1].text)
+    assert outs[0].token_ids == [7, 8] and outs[2].token_ids == [11, 12]
