@@ -202,11 +202,17 @@ def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     got = lower.lower_all(layout, "tpu", tmp_path)
     ok = ["insert", "free"]
     assert [r.program for r in got if r.error is None] == ok
-    assert all("Compiler params for platform gpu" in r.error and r.path is None for r in got if r.error)
+    # JAX's error names the params' platform once a module registering Mosaic GPU's rule was
+    # imported (an earlier cuda lowering in this process), else its Mosaic TPU lowering asserts
+    assert all(
+        r.path is None and ("Compiler params" in r.error or "AssertionError" in r.error)
+        for r in got
+        if r.error
+    )
     monkeypatch.setattr(lower, "lower_all", lambda *a, **k: got)
     assert cli.main(["lower", "--preset", "tiny", "--platforms", "tpu", "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "| decode[S=2,k=1,kv=256] | tpu | - | " in out and "FAILED: ValueError: Compiler params" in out
+    assert "| decode[S=2,k=1,kv=256] | tpu | - | " in out and "FAILED: " in out
 
 
 def test_kernel_calls_found_by_target_and_name():
@@ -237,8 +243,8 @@ def test_preset_that_does_not_fit_the_stated_memory_is_refused(tmp_path, capsys)
 
 def test_batched_prefill_lowers_for_cuda_with_the_quantized_matmul(tmp_path):
     """prefill_batch (several sequences' chunks a call) is in the program list `lower` walks: it
-    runs the quantized matmul kernel and attends on the XLA path (the Pallas prefill kernel takes
-    one sequence a call); insert takes a row of each batch size's result."""
+    runs the quantized matmul kernel and attends with the Pallas prefill kernel batched over its
+    rows; insert takes a row of each batch size's result."""
     cfg = PRESETS["tiny"]
     ecfg = EngineConfig(max_model_len=256, prefill_buckets=(16, 32), kv_buckets=(256,), max_slots=2)
     layout = Layout.build(cfg, lower.preset_weights(cfg, "q4_0", "bfloat16"), ecfg, backend="gpu")
@@ -249,5 +255,5 @@ def test_batched_prefill_lowers_for_cuda_with_the_quantized_matmul(tmp_path):
         "insert[R=2]",
     ]
     batch = got["prefill_batch[B=2,T=16]"]
-    assert batch.error is None and batch.kernels == (f"triton:{MATMUL}",)
+    assert batch.error is None and set(batch.kernels) == {f"triton:{MATMUL}", "triton:_prefill_kernel"}
     assert batch.kv_bytes == 2 * got["prefill[T=16]"].kv_bytes
