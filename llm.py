@@ -34,6 +34,7 @@ from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
 from xlaserve.runtime.sampling_params import SamplingParams, with_seed
 from xlaserve.runtime.scoring import ScoreResult, read_row, rolling_windows, share_rows
+from xlaserve.runtime.spec_policy import draft_schedule
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
 
@@ -70,7 +71,7 @@ class LLM:
         speculative: speculative decoding of greedy requests, {"method": "ngram" or "draft",
         "num_speculative_tokens": K (default 4), "model": the draft model (method "draft"; any
         `model` form, with the target's tokenizer)}: sets speculative_k=(K,) (speculative_k alone
-        means n-gram lookup).
+        means n-gram lookup) and, for a draft unless given, speculative_schedule (spec_policy.py).
         engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
         quantized, decode_steps, prefill_buckets, ...), overriding `engine_config`."""
         progress = progress or (lambda msg: log.info(msg))
@@ -426,7 +427,9 @@ def _speculative(spec: dict | None, fields: dict) -> str | None:
         )
     if (spec["method"] == "draft") != ("model" in spec):
         raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
-    fields["speculative_k"] = (spec.get("num_speculative_tokens", 4),)
+    fields["speculative_k"] = (k := spec.get("num_speculative_tokens", 4),)
+    if spec["method"] == "draft" and isinstance(k, int):  # (a bad K is refused by resolve, naming it)
+        fields.setdefault("speculative_schedule", draft_schedule(k))
     return spec.get("model")
 
 

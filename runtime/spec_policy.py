@@ -40,7 +40,16 @@ BACKOFF = 32  # output tokens a switched-off request decodes plainly before gues
 # The default schedule: (most running sequences, K, break-even); K is capped at the largest
 # compiled K. Nothing above 8 sequences: there a verify step costs more than K+1 decode tokens buy.
 SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
+# With a draft model a verify step also costs the draft's propose call: (verify + propose) / decode
+# measured for Qwen2.5-Coder-0.5B drafting for 1.5B, K=4, 2-core CPU: 2.0 at batch 1, 2.4 at 4
+# (`bench.spec` step costs). Nothing above 4 sequences: not measured there, so not assumed to pay.
+DRAFT_SCHEDULE = ((1, 16, 2.0), (4, 16, 2.4))
 Entry = tuple[int, int, float]
+
+
+def draft_schedule(most_k: int) -> tuple[Entry, ...]:
+    """DRAFT_SCHEDULE with K capped at most_k: the default speculative_schedule with a draft model."""
+    return tuple((b, min(k, most_k), c) for b, k, c in DRAFT_SCHEDULE)
 
 
 def resolve_schedule(schedule, most_k: int) -> tuple[Entry, ...]:
