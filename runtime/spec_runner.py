@@ -148,6 +148,14 @@ class Speculation:
                 most = min(most, s.reserve(seq, length + most) - length)
             if most > 0:
                 rows.append((seq, most))
+        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
+        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
+        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
+        # A draft guesses for every row it runs for: whether that pays is known before it runs.
+        live = [seq for seq in seqs if not seq.req.finished]
+        if proposer.writes_cache and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
+            _one_token_steps([seq for seq, _ in rows], break_even)
+            return proposed, n
         found = proposer.guesses(rows) if rows else []
         for (seq, _), guesses in zip(rows, found, strict=True):
             length = len(seq.tokens())
@@ -155,16 +163,10 @@ class Speculation:
             guesses = guesses[: max(0, held - length)]
             proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
             if not len(guesses):  # its lookup found nothing
-                seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
-        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
-        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
-        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
-        live = [seq for seq in seqs if not seq.req.finished]
-        expected = sum(seq.req.speculative.expected(k) if n[seq.slot] else 1.0 for seq in live)
-        if n.any() and expected < break_even * len(live):
-            for seq in live:
-                if n[seq.slot]:
-                    seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
+                _one_token_steps([seq], break_even)
+        guessing = {seq for seq in live if n[seq.slot]}
+        if guessing and not _pays(live, guessing, k, break_even):
+            _one_token_steps(guessing, break_even)
             n[:] = 0
         return proposed, n
 
@@ -193,3 +195,14 @@ class Speculation:
 
     def free(self, slot: int) -> None:
         self.proposer.free(slot)
+
+
+def _pays(live: list[Seq], guessing: set[Seq], k: int, break_even: float) -> bool:
+    expected = sum(seq.req.speculative.expected(k) if seq in guessing else 1.0 for seq in live)
+    return expected >= break_even * len(live)
+
+
+def _one_token_steps(seqs, break_even: float) -> None:
+    """Steps in which `seqs` may guess and emit one token (no guess of theirs is checked)."""
+    for seq in seqs:
+        seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
