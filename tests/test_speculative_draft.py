@@ -73,8 +73,9 @@ def target():
     return Engine(CFG, weights(CFG, 1), ENGINE)
 
 
+# (not named `llm`: conftest marks tests using a fixture of that name slow)
 @pytest.fixture(scope="module", params=["noisy copy", "one layer"])
-def llm(request, target):
+def pair_llm(request, target):
     w = weights(CFG, 1)
     if request.param == "noisy copy":
         draft = DraftEngine(target, CFG, noisy(w, 0.1))
@@ -108,7 +109,8 @@ def assert_same(plain, fast):
             )
 
 
-def test_greedy_output_with_a_draft_is_plain_decodings(llm):
+def test_greedy_output_with_a_draft_is_plain_decodings(pair_llm):
+    llm = pair_llm
     plain, none = generate(llm, speculate=False)
     assert none == [0, 0]
     emitted_before = list(llm.runner.spec.emitted)
@@ -128,9 +130,10 @@ def test_greedy_output_with_a_draft_is_plain_decodings(llm):
     assert_same(plain, again)
 
 
-def test_preempted_sequences_start_their_draft_again(llm):
+def test_preempted_sequences_start_their_draft_again(pair_llm):
     """A pool short of pages (most held elsewhere): sequences are preempted and recomputed, their
     draft K/V with them, and nothing changes."""
+    llm = pair_llm
     pool = llm.runner.scheduler.pages
     plain, _ = generate(llm, speculate=False)
     held = pool.alloc(pool.free_count - 16)
