@@ -5,7 +5,8 @@ beside the guessing ones, prompts longer than a prefill chunk (the draft catches
 prefix-cache hits (a new sequence's draft starts at 0) and preemption; drafts of the target's shape
 (a noisy copy: each verify step keeps anything from none to all of its guesses) and of another
 shape (its own cache). The memory plan counts the draft's weights and pages; a draft whose
-tokenizer differs from the target's is refused at start-up, naming both."""
+tokenizer differs from the target's is refused at start-up, naming both; the propose program lowers
+for GPU and TPU with their decode-attention kernels."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from serving import mock_tokenizer
 from tiny_gguf import tokenizer_meta, write_tiny_gguf
 
 from xlaserve import LLM
-from xlaserve.runtime import models
+from xlaserve.runtime import lower, models
 from xlaserve.runtime.config import EngineConfig
-from xlaserve.runtime.draft import DraftEngine, check_pair
+from xlaserve.runtime.draft import DraftEngine, check_pair, propose_program
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.layout import Layout
 from xlaserve.runtime.models import params
@@ -199,3 +200,22 @@ def test_check_pair_and_the_speculative_argument():
             LLM("/nonexistent", speculative=bad)
     with pytest.raises(ValueError, match="not both"):
         LLM("/nonexistent", speculative={"method": "ngram"}, speculative_k=(4,))
+
+
+@pytest.mark.parametrize(
+    "platform, backend, kernels",
+    [
+        ("cuda", "gpu", ("triton:_decode_kernel", "triton:_kernel")),
+        ("tpu", "tpu", ("mosaic:xlaserve_decode_attention",)),
+    ],
+)
+def test_propose_lowers_for_accelerators(platform, backend, kernels):
+    """The draft's one-token steps run the Pallas decode-attention kernel (its window of several
+    tokens a row attends on the XLA path, as verify does)."""
+    ecfg = EngineConfig(
+        max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2, speculative_k=(4,)
+    )
+    layout = Layout.build(CFG, lower.preset_weights(CFG, "q4_0", "bfloat16"), ecfg, backend=backend)
+    program = propose_program(layout, 2, 256, 4)
+    text = program.jit().trace(*program.args).lower(lowering_platforms=(platform,)).as_text()
+    assert lower.kernel_calls(text) == kernels
