@@ -23,7 +23,7 @@ from xlaserve.checkpoints.load import load_model
 from xlaserve.data import TWO_CITIES
 from xlaserve.runtime import budget
 from xlaserve.runtime.admission import check_sampling, prompt_bytes
-from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.config import MAX_SPECULATIVE, EngineConfig
 from xlaserve.runtime.draft import DraftEngine, check_pair
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.grammar import Grammars
@@ -101,9 +101,8 @@ class LLM:
             draft_path = registry.resolve(draft_model, log=progress)
             progress(f"loading the draft model {draft_path}")
             draft = load_model(draft_path, dequantize=not quantized, dtype=dtype, mesh=groups[0])
-            check_pair(
-                (str(path), loaded.config, loaded.tokenizer), (str(draft_path), draft.config, draft.tokenizer)
-            )
+            pair = [(str(p), m.config, m.tokenizer) for p, m in ((path, loaded), (draft_path, draft))]
+            check_pair(*pair)
             try:
                 lay = Layout.build(
                     draft.config, draft.weights, base, backend=jax.default_backend(), mesh=groups[0]
@@ -415,20 +414,23 @@ class LLM:
 
 def _speculative(spec: dict | None, fields: dict) -> str | None:
     """LLM's `speculative` into `fields` (speculative_k); returns the draft model, if any."""
+    if spec is not None and "speculative_k" in fields:
+        raise ValueError("give speculative={...} or speculative_k, not both")
     if spec is None:
         return None
-    if "speculative_k" in fields:
-        raise ValueError("give speculative={...} or speculative_k, not both")
     keys = {"method", "num_speculative_tokens", "model"}
-    if not isinstance(spec, dict) or set(spec) - keys or spec.get("method") not in ("ngram", "draft"):
+    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
         raise ValueError(
             f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
             "num_speculative_tokens and (draft) model"
         )
     if (spec["method"] == "draft") != ("model" in spec):
         raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
-    fields["speculative_k"] = (k := spec.get("num_speculative_tokens", 4),)
-    if spec["method"] == "draft" and isinstance(k, int):  # (a bad K is refused by resolve, naming it)
+    k = spec.get("num_speculative_tokens", 4)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE:
+        raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {MAX_SPECULATIVE}]")
+    fields["speculative_k"] = (k,)
+    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
         fields.setdefault("speculative_schedule", draft_schedule(k))
     return spec.get("model")
 

@@ -195,6 +195,14 @@ def test_check_pair_and_the_speculative_argument():
         ({"method": "draft"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "model": "m"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "k": 3}, "optionally num_speculative_tokens"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 17},
+            r"num_speculative_tokens=17 must be an integer in \[1, 16\]",
+        ),
+        (
+            {"method": "draft", "model": "m", "num_speculative_tokens": "4"},
+            "num_speculative_tokens='4' must be",
+        ),
     ):
         with pytest.raises(ValueError, match=why):
             LLM("/nonexistent", speculative=bad)
