@@ -25,6 +25,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/xlaserve pull smollm2
 	$(BIN)/xlaserve pull qwen2.5-coder-0.5b
+	$(BIN)/xlaserve pull qwen2.5-coder-1.5b
 	$(BIN)/python -m pytest -q
 
 # The daily lane: lint and every test that compiles no real model (a few minutes on 2 cores).

@@ -23,16 +23,18 @@ from xlaserve.checkpoints.load import load_model
 from xlaserve.data import TWO_CITIES
 from xlaserve.runtime import budget
 from xlaserve.runtime.admission import check_sampling, prompt_bytes
-from xlaserve.runtime.config import EngineConfig
+from xlaserve.runtime.config import MAX_SPECULATIVE, EngineConfig
+from xlaserve.runtime.draft import DraftEngine, check_pair
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.grammar import Grammars
-from xlaserve.runtime.layout import SCORE_TARGETS
+from xlaserve.runtime.layout import SCORE_TARGETS, Layout
 from xlaserve.runtime.leader import LeaderEngine
 from xlaserve.runtime.replicas import Replicas
 from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
 from xlaserve.runtime.sampling_params import SamplingParams, with_seed
 from xlaserve.runtime.scoring import ScoreResult, read_row, rolling_windows, share_rows
+from xlaserve.runtime.spec_policy import draft_schedule
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
 
@@ -59,12 +61,17 @@ class LLM:
         engine_config: EngineConfig | None = None,
         mesh: str | MeshSpec | None = None,
         progress: Callable[[str], None] | None = None,
+        speculative: dict | None = None,
         **engine_fields,
     ):
         """model: an alias ("smollm2", pulled on first use), a .gguf file, an HF directory or an
         xlaserve checkpoint directory (`xlaserve convert`).
         mesh: "tp=4", "dp=2,tp=4", ...: tp shards the model over devices; dp runs that many
         replicas, each on its own tp group (default: one device).
+        speculative: speculative decoding of greedy requests, {"method": "ngram" or "draft",
+        "num_speculative_tokens": K (default 4), "model": the draft model (method "draft"; any
+        `model` form, with the target's tokenizer)}: sets speculative_k=(K,) (speculative_k alone
+        means n-gram lookup) and, for a draft unless given, speculative_schedule (spec_policy.py).
         engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
         quantized, decode_steps, prefill_buckets, ...), overriding `engine_config`."""
         progress = progress or (lambda msg: log.info(msg))
@@ -72,6 +79,7 @@ class LLM:
         unknown = set(engine_fields) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        draft_model = _speculative(speculative, engine_fields)
         base = EngineConfig(**{**base.__dict__, **engine_fields})
         enable_compile_cache(base.compile_cache)
         on_cpu = jax.default_backend() == "cpu"
@@ -85,7 +93,23 @@ class LLM:
         # an xlaserve checkpoint is restored straight onto the first group's devices
         loaded = load_model(path, dequantize=not quantized, dtype=dtype, mesh=groups[0])
         load_seconds = time.perf_counter() - t0
-        weights = lambda i, g: loaded.weights if i == 0 or loaded.restore is None else loaded.restore(g)
+        weights = lambda i, g, m=loaded: m.weights if i == 0 or m.restore is None else m.restore(g)
+        draft, footprint = None, (0, 0)  # a draft model's weights and pages go into the memory plan
+        if draft_model is not None:
+            if jax.process_count() > 1:
+                raise ValueError("speculative decoding with a draft model runs on one host")
+            draft_path = registry.resolve(draft_model, log=progress)
+            progress(f"loading the draft model {draft_path}")
+            draft = load_model(draft_path, dequantize=not quantized, dtype=dtype, mesh=groups[0])
+            pair = [(str(p), m.config, m.tokenizer) for p, m in ((path, loaded), (draft_path, draft))]
+            check_pair(*pair)
+            try:
+                lay = Layout.build(
+                    draft.config, draft.weights, base, backend=jax.default_backend(), mesh=groups[0]
+                )
+            except ValueError as e:
+                raise ValueError(f"the draft model {draft_path}: {e}") from None
+            footprint = lay.footprint()
         calibration = None
         if base.kv_cache_dtype != "auto":  # real text to measure the key smoothing on, after
             # the token sequences start with (its key is the attention sink every query reads)
@@ -93,27 +117,40 @@ class LLM:
             start = cfg.bos_token_id if cfg.bos_token_id is not None else next(iter(cfg.eos_token_ids), None)
             text = loaded.tokenizer.encode(TWO_CITIES.read_text()[:4000], add_special_tokens=False)
             calibration = text if start is None else [start, *text]
+        kw = dict(progress=progress, calibration=calibration)
         engines = [
-            Engine(loaded.config, weights(i, g), base, mesh=g, progress=progress, calibration=calibration)
+            Engine(loaded.config, weights(i, g), base, mesh=g, draft=footprint, **kw)
             for i, g in enumerate(groups)
+        ]
+        drafts = [
+            DraftEngine(e, draft.config, weights(i, g, draft), **kw)
+            for i, (e, g) in enumerate(zip(engines, groups, strict=True))
+            if draft is not None
         ]
         if jax.process_count() > 1:  # multi-host: process 0 leads, the others replay its calls
             if len(engines) > 1:
                 raise ValueError("multi-host runs one tensor-parallel model (dp=1); give the mesh as tp=N")
             if jax.process_index() == 0:
                 engines = [LeaderEngine(engines[0])]
-        self._setup(engines, loaded.tokenizer, str(path), loaded.quantization, load_seconds, spec, progress)
+        self._setup(
+            engines, loaded.tokenizer, str(path), loaded.quantization, load_seconds, spec, progress, drafts
+        )
 
     @classmethod
     def from_engine(
-        cls, engine, tokenizer, *, source: str = "(in memory)", quantization: str = "none"
+        cls, engine, tokenizer, *, source: str = "(in memory)", quantization: str = "none", draft=None
     ) -> LLM:
-        """An LLM over an engine built elsewhere (e.g. `MockEngine` in tests)."""
+        """An LLM over an engine built elsewhere (e.g. `MockEngine` in tests); draft: a DraftEngine
+        built for it, to speculate with."""
         self = cls.__new__(cls)
-        self._setup([engine], tokenizer, source, quantization, 0.0, MeshSpec())
+        self._setup(
+            [engine], tokenizer, source, quantization, 0.0, MeshSpec(), drafts=[draft] if draft else []
+        )
         return self
 
-    def _setup(self, engines, tokenizer, source, quantization, load_seconds, mesh, progress=None) -> None:
+    def _setup(
+        self, engines, tokenizer, source, quantization, load_seconds, mesh, progress=None, drafts=()
+    ) -> None:
         self.engines, self.engine, self.tokenizer = engines, engines[0], tokenizer
         self.config = engines[0].cfg
         self.model_path, self.quantization, self.load_seconds = source, quantization, load_seconds
@@ -125,9 +162,10 @@ class LLM:
         (progress or log.info)(self.prefill_budget.describe())
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.config.eos_token_ids)
         runners = [
-            Runner(e, tokenizer, token_budget=self.prefill_budget.tokens, grammars=self.grammars)
-            for e in engines
+            Runner(e, tokenizer, token_budget=self.prefill_budget.tokens, grammars=self.grammars, draft=d)
+            for e, d in itertools.zip_longest(engines, drafts)
         ]
+        self.draft = drafts[0] if drafts else None
         self.runner = runners[0] if len(runners) == 1 else Replicas(runners)
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
@@ -379,6 +417,29 @@ class LLM:
             prompt, params or SamplingParams(), chat=chat, allow_special_tokens=allow_special_tokens
         )
         yield from self._run([req])
+
+
+def _speculative(spec: dict | None, fields: dict) -> str | None:
+    """LLM's `speculative` into `fields` (speculative_k); returns the draft model, if any."""
+    if spec is not None and "speculative_k" in fields:
+        raise ValueError("give speculative={...} or speculative_k, not both")
+    if spec is None:
+        return None
+    keys = {"method", "num_speculative_tokens", "model"}
+    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
+        raise ValueError(
+            f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
+            "num_speculative_tokens and (draft) model"
+        )
+    if (spec["method"] == "draft") != ("model" in spec):
+        raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
+    k = spec.get("num_speculative_tokens", 4)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE:
+        raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {MAX_SPECULATIVE}]")
+    fields["speculative_k"] = (k,)
+    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
+        fields.setdefault("speculative_schedule", draft_schedule(k))
+    return spec.get("model")
 
 
 def _as_list(prompts, chat: bool) -> list:

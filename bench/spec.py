@@ -1,6 +1,8 @@
-"""Speculative decoding (n-gram guesses) on vs off, side by side in one run, on one engine:
+"""Speculative decoding (n-gram guesses, or a draft model's) on vs off, side by side in one run, on
+one engine:
 
     python -m xlaserve.bench.spec [--batches 1,8,32] [--max-tokens 128]
+    python -m xlaserve.bench.spec --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b --batches 1
 
 For each batch size and prompt kind (copy: "repeat this text verbatim"; edit: "rename variable x
 to y and output the whole function"; chat: open questions), the same greedy requests run
@@ -16,7 +18,8 @@ machine's speed hits them alike; the load average is recorded before and after. 
 prompts' prefill too (no prefix cache: each mode prefills its own).
 
 It also times one verify step (K guesses) against one decode step at each batch size on idle
-slots (same bucket of KV): the cost ratio that spec_policy.VERIFY_COST stands for at batch 1.
+slots (same bucket of KV): the cost ratio that spec_policy.VERIFY_COST stands for at batch 1; with a
+draft model, also one propose call (K guesses a row), which a draft's verify step costs on top.
 """
 
 from __future__ import annotations
@@ -103,16 +106,20 @@ def run(llm, reqs, params, mode: str) -> dict:
 def step_costs(llm, batches, k: int, repeats: int = 7) -> list[dict]:
     """Median seconds of a decode and a verify step (k guesses, all rows guessing) on idle slots."""
     engine, table = llm.engine, llm.runner.scheduler.page_table
-    kv = engine.ecfg.kv_buckets[0]
-    proposed = np.zeros((engine.ecfg.max_slots, k), np.int32)
-    n = np.full((engine.ecfg.max_slots,), k, np.int32)
+    kv, slots = engine.ecfg.kv_buckets[0], engine.ecfg.max_slots
+    proposed = np.zeros((slots, k), np.int32)
+    n = np.full((slots,), k, np.int32)
+    window, zeros = np.ones((slots, 2), np.int32), np.zeros((slots,), np.int32)  # 2: draft.WINDOW
     rows = []
     for b in batches:
         timed = {}
-        for name, call in (
+        calls = [
             ("decode", lambda b=b: np.asarray(engine.decode(table, kv, b))),
             ("verify", lambda b=b: engine.verify(table, kv, proposed, n, b)),
-        ):
+        ]
+        if llm.draft is not None:  # every row: one window token at position 0, then k - 1 steps
+            calls.append(("propose", lambda b=b: llm.draft.propose(table, kv, window, zeros, n // k, n, b)))
+        for name, call in calls:
             call()
             times = []
             for _ in range(repeats):
@@ -122,6 +129,9 @@ def step_costs(llm, batches, k: int, repeats: int = 7) -> list[dict]:
             timed[name] = statistics.median(times)
         rows.append({"batch": b, "decode_s": timed["decode"], "verify_s": timed["verify"],
                      "ratio": timed["verify"] / timed["decode"]})  # fmt: skip
+        if "propose" in timed:
+            rows[-1] |= {"propose_s": timed["propose"], "draft_ratio": (timed["verify"] + timed["propose"])
+                         / timed["decode"]}  # fmt: skip
     return rows
 
 
@@ -131,6 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default="copy,edit,chat")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="guesses per step (speculative_k)")
+    p.add_argument("--draft-model", default=None, help="guess with this draft model (default: n-gram lookup)")
     p.add_argument("--out", default=None)
 
 
@@ -155,7 +166,8 @@ def main(argv=None) -> dict:
         kv_buckets=(256, 512),
         scoring=False,
         prefix_cache=False,  # each mode prefills its prompts itself
-        speculative_k=(args.k,),
+        speculative={"method": "ngram", "num_speculative_tokens": args.k}
+        | ({"method": "draft", "model": args.draft_model} if args.draft_model else {}),
     )
     engine, policy = llm.engine, llm.engine.ecfg
     forced = dataclasses.replace(policy, speculative_schedule=((slots, args.k, 1.0),))
@@ -189,6 +201,7 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": load},
         "versions": {"jax": jax.__version__},
         "model": args.model,
+        "draft_model": args.draft_model,
         "k": args.k,
         "max_tokens": args.max_tokens,
         "policy": {"schedule": policy.speculative_schedule},
@@ -196,14 +209,18 @@ def main(argv=None) -> dict:
         "cells": cells,
         "command": report.command_line("python -m xlaserve.bench.spec", add_arguments, args),
     }
-    report.write(result, report.result_path(args.out, f"spec-{report.slug(args.model)}"), markdown(result))
+    name = f"spec-{report.slug(args.model)}" + (
+        f"-draft-{report.slug(args.draft_model)}" if args.draft_model else ""
+    )
+    report.write(result, report.result_path(args.out, name), markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
     f = report.fmt
+    proposer = f"draft model {r['draft_model']}" if r.get("draft_model") else "n-gram"
     lines = [
-        f"# Speculative decoding (n-gram, K={r['k']}): {r['model']}, "
+        f"# Speculative decoding ({proposer}, K={r['k']}): {r['model']}, "
         f"{r['max_tokens']} greedy tokens a request",
         "",
         f"{r['date']}; {r['device']['kind']} ({r['machine']['cpus']} CPUs); load average before "
@@ -226,11 +243,15 @@ def markdown(r: dict) -> str:
             f"{f(m['on']['mean_accepted_length'])} ({f(m['forced']['mean_accepted_length'])}) | "
             f"{m['on']['identical']}, {m['forced']['identical']} |"
         )
+    draft = "propose_s" in r["step_costs"][0]
     lines += ["", "One step on idle slots (median of 7), K guesses a row:", "",
-              "| batch | decode ms | verify ms | verify / decode |", "|---|---|---|---|"]  # fmt: skip
+              "| batch | decode ms | verify ms | verify / decode |"
+              + (" draft propose ms | (verify + propose) / decode |" if draft else ""),
+              "|---|---|---|---|" + ("---|---|" if draft else "")]  # fmt: skip
     for s in r["step_costs"]:
         lines.append(
             f"| {s['batch']} | {f(1e3 * s['decode_s'])} | {f(1e3 * s['verify_s'])} | {f(s['ratio'])} |"
+            + (f" {f(1e3 * s['propose_s'])} | {f(s['draft_ratio'])} |" if draft else "")
         )
     return "\n".join(lines)
 

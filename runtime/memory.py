@@ -5,6 +5,8 @@ Per device (a tp mesh splits the weights and, where the kv heads divide, the cac
     budget      = device memory x memory_fraction
     weights     = the bytes of one device's weight shards (from the shapes and shardings)
     KV          = pages x bytes per page (K and V of page_size tokens, every layer)
+    (a draft model for speculative decoding adds its weights, and its K/V to each page: its cache
+    has as many pages, runtime/draft.py)
     activations = an estimate of the largest program's temporaries (`activation_bytes`)
     headroom    = budget - weights - KV - activations, which must be ≥ 0
 
@@ -138,13 +140,16 @@ class MemoryPlan:
     source: str  # where device_bytes comes from
     fraction: float
     devices: int  # devices of the mesh (each holds what is below)
-    weights: int
-    page_bytes: int  # K and V (and their scales) of one page, every layer, on one device
+    weights: int  # a draft model's included (`draft_weights`)
+    page_bytes: int  # K and V (and their scales) of one page, every layer, on one device; a draft's too
     pages: int
     page_size: int  # tokens
     slots: int
     max_model_len: int
     activations: int
+    # of weights and page_bytes: a draft model's, whose K/V cache has as many pages (runtime/draft.py)
+    draft_weights: int = 0
+    draft_page_bytes: int = 0
 
     @property
     def budget(self) -> int:
@@ -165,24 +170,44 @@ class MemoryPlan:
             f"{fmt(self.budget)}: weights {fmt(self.weights)}, KV {fmt(self.kv)} ({self.pages} pages of "
             f"{self.page_size} tokens; {self.slots} slots, max_model_len {self.max_model_len}), "
             f"activations ~{fmt(self.activations)}, headroom {fmt(self.headroom)}"
+            + (
+                f"; weights and KV include a draft model's {fmt(self.draft_weights)} and "
+                f"{fmt(self.pages * self.draft_page_bytes)}"
+                if self.draft_weights
+                else ""
+            )
         )
 
 
-def plan(cfg, ecfg: EngineConfig, weights, cache_page, device: tuple[int, str], tp: int, score_tokens: int):
+def plan(
+    cfg,
+    ecfg: EngineConfig,
+    weights,
+    cache_page,
+    device: tuple[int, str],
+    tp: int,
+    score_tokens: int,
+    draft: tuple[int, int] = (0, 0),
+):
     """The plan of a resolved config. `weights`: abstract weights with their shardings;
-    `cache_page`: an abstract KVCache of one page (K, V [L, 1, P, H, D]) with its shardings."""
+    `cache_page`: an abstract KVCache of one page (K, V [L, 1, P, H, D]) with its shardings; `draft`:
+    (weight bytes, bytes a page) per device of a draft model with a cache of as many pages, or
+    zeros. A draft's programs run between the target's, so its temporaries are not added (a draft
+    is the smaller model: the target's are the larger)."""
     return MemoryPlan(
         device_bytes=device[0],
         source=device[1],
         fraction=ecfg.memory_fraction or DEFAULT_FRACTION,
         devices=tp,
-        weights=shard_bytes(weights),
-        page_bytes=shard_bytes(cache_page.per_token()),
+        weights=shard_bytes(weights) + draft[0],
+        page_bytes=shard_bytes(cache_page.per_token()) + draft[1],
         pages=ecfg.total_pages,
         page_size=ecfg.page_size,
         slots=ecfg.max_slots,
         max_model_len=ecfg.max_model_len,
         activations=activation_bytes(cfg, ecfg, weights, tp, score_tokens),
+        draft_weights=draft[0],
+        draft_page_bytes=draft[1],
     )
 
 

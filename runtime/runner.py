@@ -32,16 +32,8 @@ token per dispatch. A grammar that is complete (only EOS may follow) ends the re
 reason "stop".
 
 Speculative decoding (an engine with `speculative_k`): in a decode batch without grammar sequences,
-each greedy sequence guesses up to K tokens by n-gram lookup in its own prompt and output
-(runtime/speculative.py), on pages the pool has free (a guess never preempts anyone); sampled
-sequences guess nothing, so they draw exactly as without speculation. With a guess to check, the
-step runs one verify call instead of a decode dispatch, and reads it before returning (the next
-guesses need its tokens); with none, the decode dispatch. Either way the guesses needed the tokens
-of the dispatch in flight first, so such batches are not pipelined. Only batches where some sequence
-may guess pay that: a step guesses up to the K its batch size gets from the schedule, and only
-greedy sequences that have not opted out and are not switched off for poor acceptance guess
-(runtime/spec_policy.py). Each request counts its guesses made and kept (`Request.speculative`);
-the runner sums them, and how many tokens each guessing sequence emitted per verify step.
+greedy sequences guess up to K tokens (by n-gram lookup, or with a draft model) and one verify call
+checks them instead of a decode dispatch, read before the step returns; runtime/spec_runner.py.
 """
 
 from __future__ import annotations
@@ -54,6 +46,7 @@ import numpy as np
 
 from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
+from xlaserve.runtime.draft import DraftEngine
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.prefills import Prefills
@@ -61,8 +54,8 @@ from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
-from xlaserve.runtime.spec_policy import SpecCounts, schedule_k
-from xlaserve.runtime.speculative import ngram_propose
+from xlaserve.runtime.spec_policy import SpecCounts
+from xlaserve.runtime.spec_runner import Speculation
 from xlaserve.runtime.stats import EngineStats
 
 log = logging.getLogger("xlaserve")
@@ -70,11 +63,18 @@ log = logging.getLogger("xlaserve")
 
 class Runner:
     def __init__(
-        self, engine: Engine, tokenizer, *, token_budget: int | None = None, grammars: Grammars | None = None
+        self,
+        engine: Engine,
+        tokenizer,
+        *,
+        token_budget: int | None = None,
+        grammars: Grammars | None = None,
+        draft: DraftEngine | None = None,
     ):
         """token_budget: prompt tokens per step (None: the engine config's prefill_token_budget, else
         the largest bucket; LLM passes the one it measured, budget.py). grammars: compiles requests'
-        grammars (None: one of its own for this tokenizer)."""
+        grammars (None: one of its own for this tokenizer). draft: speculate with this draft model
+        (on an engine with speculative_k; None: by n-gram lookup)."""
         e = engine.ecfg
         self.engine, self.tokenizer = engine, tokenizer
         self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
@@ -107,10 +107,7 @@ class Runner:
         self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
         self.finished = {reason.value: 0 for reason in FinishReason}
         self.prompt_tokens_computed = 0
-        self.speculative = bool(e.speculative_k)  # n-gram speculation (needs the verify programs)
-        self.guesses = [0, 0]  # speculative guesses made, and kept
-        # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
-        self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
+        self.spec = Speculation(engine, self.scheduler, self._emit, draft)
 
     @property
     def busy(self) -> bool:
@@ -123,7 +120,7 @@ class Runner:
         if req.params.constrained and req.grammar is None:
             req.grammar = self.grammars.compile(req.params)  # built without LLM.make_request
         seq = self.scheduler.add(req)
-        req.speculative = SpecCounts() if self.speculative else None
+        req.speculative = SpecCounts() if self.spec.on else None
         self._rows[seq] = SamplingState.of(req.params, req.seed)
         self.seqs[req.request_id] = seq
 
@@ -144,9 +141,9 @@ class Runner:
             requests_finished=dict(self.finished),
             prefill_tokens_computed=self.prompt_tokens_computed,
             moe_routed=tuple(tuple(row) for row in routed.tolist()) if routed.size else (),
-            speculative_proposed=self.guesses[0],
-            speculative_accepted=self.guesses[1],
-            speculative_emitted=tuple(self.emitted),
+            speculative_proposed=self.spec.guesses[0],
+            speculative_accepted=self.spec.guesses[1],
+            speculative_emitted=tuple(self.spec.emitted),
         )
 
     def step(self) -> list[Delta]:
@@ -158,19 +155,20 @@ class Runner:
         plan = self.scheduler.plan()
         for slot in plan.freed_slots:
             self.engine.free(slot)
+            self.spec.free(slot)
         self.prompt_tokens_computed += sum(len(chunk.tokens) for chunk in plan.prefills)
         scored, ready, last_chunk = self.prefills.dispatch(plan.prefills, self._rows, self._presence)
         deltas += scored
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
-        guesses, (k, break_even) = None, self._k(plan.decode) if plan.decode and not grammar else (0, 1.0)
+        guesses, (k, break_even) = None, self.spec.k(plan.decode) if plan.decode and not grammar else (0, 1.0)
         if k:
             if previous is not None:  # the guesses continue from the tokens in flight
                 deltas += self._read_decode(*previous)
                 previous = None
-            guesses = self._propose(plan.decode, k, break_even)
+            guesses = self.spec.propose(plan.decode, k, break_even)
         if guesses is not None and guesses[1].any():
-            deltas += self._verify(plan.decode, *guesses, break_even)
+            deltas += self.spec.verify(plan.decode, *guesses, break_even)
         elif plan.decode:  # (without a guess to check, a decode dispatch: cheaper than verify)
             masks = ()
             if grammar:
@@ -199,77 +197,6 @@ class Runner:
             if d.finished and seq is not None:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
-
-    def _k(self, seqs: list[Seq]) -> tuple[int, float]:
-        """(the most guesses a sequence makes this step, the break-even tokens a step) from the
-        schedule for the batch size; K is 0 when not speculating or when no sequence may guess
-        (then the batch stays pipelined)."""
-        if not self.speculative:
-            return 0, 1.0
-        k, break_even = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
-        return (k, break_even) if k and any(self._may_guess(seq.req) for seq in seqs) else (0, 1.0)
-
-    @staticmethod
-    def _may_guess(req: Request) -> bool:
-        """Greedy, not opted out, not switched off for poor acceptance (spec_policy.py)."""
-        p, counts = req.params, req.speculative
-        on = p.temperature == 0.0 and p.speculative and counts is not None
-        return on and counts.guessing(len(req.output_ids))
-
-    def _propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
-        """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
-        now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
-        A sequence that may guess and does not get its guesses checked records a one-token step."""
-        s, ecfg = self.scheduler, self.engine.ecfg
-        proposed = np.zeros((len(s.slots), k), np.int32)
-        n = np.zeros((len(s.slots),), np.int32)
-        for seq in seqs:
-            if seq.req.finished or not self._may_guess(seq.req):  # a finished one runs once more, unread
-                continue
-            req, tokens = seq.req, seq.tokens()
-            # no guess past max_tokens or max_model_len: the last emitted token is the model's own
-            left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - len(tokens))
-            most = min(k, left - 1)
-            if most <= 0:
-                continue
-            guesses = ngram_propose(tokens, most)
-            held = s.reserve(seq, len(tokens) + len(guesses))  # positions up to length + guesses
-            guesses = guesses[: max(0, held - len(tokens))]
-            proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
-            if not len(guesses):
-                req.speculative.record(0, 1, len(req.output_ids), break_even)
-        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
-        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
-        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
-        live = [seq for seq in seqs if not seq.req.finished]
-        expected = sum(seq.req.speculative.expected(k) if n[seq.slot] else 1.0 for seq in live)
-        if n.any() and expected < break_even * len(live):
-            for seq in live:
-                if n[seq.slot]:
-                    seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
-            n[:] = 0
-        return proposed, n
-
-    def _verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray, break_even: float) -> list[Delta]:
-        """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
-        s = self.scheduler
-        live = [seq for seq in seqs if not seq.req.finished]
-        kv = max(seq.length + 1 + n[seq.slot] for seq in seqs)
-        result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
-        deltas = []
-        for seq in live:
-            guessed, emitted = int(n[seq.slot]), int(result.emitted[seq.slot])
-            for i in range(emitted):
-                deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
-                if seq.req.finished:
-                    break
-            s.decoded(seq)
-            if guessed:  # the request's counts and the runner's always move together
-                self.guesses[0] += guessed
-                self.guesses[1] += emitted - 1
-                self.emitted[emitted] += 1
-                seq.req.speculative.record(guessed, emitted, len(seq.req.output_ids), break_even)
-        return deltas
 
     @staticmethod
     def _live(seq: Seq, slot: int) -> bool:
@@ -345,6 +272,8 @@ class Runner:
         return Delta(req, ids, text, [logprob] if logprob is not None and ids else [], finished=req.finished)
 
     def _retire(self, seq: Seq) -> None:
+        if seq.slot is not None:
+            self.spec.free(seq.slot)
         if seq.slot is not None and seq.state in (State.PREFILL, State.RUNNING):
             self.engine.free(seq.slot)
         self.scheduler.finish(seq)

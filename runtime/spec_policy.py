@@ -2,7 +2,7 @@
 
 A verify step for a batch costs more than a decode step for it (K + 1 positions a row instead of
 one), so it pays only when it emits enough more tokens. Three rules keep speculation from being
-slower than plain decoding (the runner applies them in `_propose`):
+slower than plain decoding (`Speculation.propose` in runtime/spec_runner.py applies them):
 
 - A request may opt out (`SamplingParams.speculative=False`): it never guesses.
 - K by batch size (`EngineConfig.speculative_schedule`, like TensorRT-LLM's draft_len_schedule):
@@ -40,7 +40,18 @@ BACKOFF = 32  # output tokens a switched-off request decodes plainly before gues
 # The default schedule: (most running sequences, K, break-even); K is capped at the largest
 # compiled K. Nothing above 8 sequences: there a verify step costs more than K+1 decode tokens buy.
 SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
+# With a draft model a verify step also costs the draft's propose call. For Qwen2.5-Coder-0.5B
+# drafting for 1.5B, K=4, on the shared 2-core CPU (bench/results/cpu-spec-qwen2-5-coder-1-5b-draft-
+# qwen2-5-coder-0-5b-2026-12-03.md): (verify + propose) / decode on idle slots 2.6 at batch 1 and
+# 3.8 at batch 4; from tok/s (mean accepted length x off / forced) 2.6-3.0 and 2.5-3.4. Nothing
+# above 4 sequences: not measured, so not assumed to pay.
+DRAFT_SCHEDULE = ((1, 16, 2.6), (4, 16, 3.0))
 Entry = tuple[int, int, float]
+
+
+def draft_schedule(most_k: int) -> tuple[Entry, ...]:
+    """DRAFT_SCHEDULE with K capped at most_k: the default speculative_schedule with a draft model."""
+    return tuple((b, min(k, most_k), c) for b, k, c in DRAFT_SCHEDULE)
 
 
 def resolve_schedule(schedule, most_k: int) -> tuple[Entry, ...]:

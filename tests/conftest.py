@@ -13,6 +13,7 @@ warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 # The fast lane (`make test-fast`, `pytest -m "not slow"`) compiles no real model: a test is slow
 # when it uses a compiled engine or a converted checkpoint, or lives in a module of end-to-end tests.
 SLOW_FIXTURES = {"llm", "hf_model", "qwen_llm", "qwen_hf", "keep_ckpt", "int4_ckpt", "results", "tiny_dirs"}
+SLOW_FIXTURES |= {"qwen15_path"}  # the 1.5B is only ever compiled
 SLOW_MODULES = {
     "test_bench_decode",
     "test_bench_kernels",
@@ -52,6 +53,18 @@ def qwen_path():
         return registry.resolve("qwen2.5-coder-0.5b", log=lambda m: None)
     except registry.PullError as e:
         pytest.fail(f"the Qwen model is required for the test suite and could not be pulled: {e}")
+
+
+@pytest.fixture(scope="session")
+def qwen15_path():
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2; the 0.5B's target in speculative decoding), pulled
+    once per machine into the model cache."""
+    from xlaserve.checkpoints import registry
+
+    try:
+        return registry.resolve("qwen2.5-coder-1.5b", log=lambda m: None)
+    except registry.PullError as e:
+        pytest.fail(f"the Qwen 1.5B model is required for the test suite and could not be pulled: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -89,9 +89,25 @@ def test_generate_streams_each_prompt_in_order(llm):
     assert run.stdout == f"--- [1/2] ---\n{expected[0].text}\n--- [2/2] ---\n{expected[1].text}\n"
 
 
+def test_generate_with_a_draft_model_equals_plain_decoding(llm, model_path):
+    """SmolLM2 drafting for itself: the same tokens as the python API without speculation, and its
+    guesses counted in the JSON (nearly all kept: a model agrees with itself but for near-ties)."""
+    prompt = "Count from one to twenty: one, two, three,"
+    flags = ["--speculative", "draft", "--draft-model", str(model_path), "--num-speculative-tokens", "3"]
+    run = xlaserve("generate", *ENGINE_FLAGS, *flags, "--output", "json", "--max-tokens", "24", prompt)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    assert row["token_ids"] == expected.token_ids and row["text"] == expected.text
+    spec = row["speculative"]
+    assert spec["accepted"] > 0.8 * spec["proposed"] > 0
+    assert "draft model" in run.stderr  # the memory plan counts it
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["generate", "--speculative", "draft", "x"], "--speculative draft and --draft-model M go together"),
         (["generate", "--temperature", "-1", "x"], "temperature=-1.0 must be a number in [0.0, 100.0]"),
         (["generate", "--model", "/no/such/model.gguf", "x"], "neither a known alias"),
         (["generate", "--max-tokens", "0", "x"], "max_tokens=0"),

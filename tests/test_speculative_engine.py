@@ -233,12 +233,12 @@ def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
         SamplingParams(temperature=0.9, max_tokens=20, ignore_eos=True, seed=3, logprobs=0),
         SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
     ]
-    assert llm.runner.speculative
-    llm.runner.speculative = False
+    assert llm.runner.spec.on
+    llm.runner.spec.on = False
     plain = llm.generate(prompts, params)
-    llm.runner.speculative = True
+    llm.runner.spec.on = True
     fast = llm.generate(prompts, params)
-    made, kept = llm.runner.guesses
+    made, kept = llm.runner.spec.guesses
     assert kept > 0 and made > kept  # guesses were kept, and rejected
     for a, b in zip(plain, fast, strict=True):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
@@ -283,11 +283,17 @@ def test_speculative_k_flag_reaches_the_engine_config():
     for command in (["generate", "hi"], ["serve"]):
         parse = build_parser(command[0]).parse_args
         args = parse([*command, "--speculative", "ngram", "--num-speculative-tokens", "6"])
-        assert engine_kwargs(args)["speculative_k"] == (6,)
-        assert engine_kwargs(parse([*command, "--speculative", "ngram"]))["speculative_k"] == (4,)
-        assert "speculative_k" not in engine_kwargs(parse(command))
-        with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative ngram"):
+        assert engine_kwargs(args)["speculative"] == {"method": "ngram", "num_speculative_tokens": 6}
+        spec = engine_kwargs(parse([*command, "--speculative", "draft", "--draft-model", "d.gguf"]))[
+            "speculative"
+        ]
+        assert spec == {"method": "draft", "num_speculative_tokens": 4, "model": "d.gguf"}
+        assert "speculative" not in engine_kwargs(parse(command))
+        with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative ngram or draft"):
             engine_kwargs(parse([*command, "--num-speculative-tokens", "3"]))
+        for bad in (["--speculative", "draft"], ["--speculative", "ngram", "--draft-model", "d.gguf"]):
+            with pytest.raises(ValueError, match="--speculative draft and --draft-model M go together"):
+                engine_kwargs(parse([*command, *bad]))
     args = build_parser("lower").parse_args(["lower", "--out", "x", "--num-speculative-tokens", "1,4"])
     assert args.speculative_k == (1, 4)
     with pytest.raises(ValueError, match=r"speculative_k=\(0, 99\) must be guess counts in \[1, 16\]"):
@@ -329,5 +335,5 @@ def test_runner_speculation_on_the_mock_with_a_dry_pool(monkeypatch):
         cut.clear()
         fast, dispatches, llm = run((4,), pool)
         assert fast == plain
-        assert llm.runner.guesses[1] > 150 and dispatches < plain_dispatches / 4
+        assert llm.runner.spec.guesses[1] > 150 and dispatches < plain_dispatches / 4
         assert (llm.stats().preemptions > 0) == any(cut) == (pool == 64)

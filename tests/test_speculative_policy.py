@@ -95,7 +95,7 @@ def test_k_follows_the_batch_size_schedule():
     # two sequences run together all along: a schedule that stops at one guesses nothing, and the
     # batch stays pipelined (as many dispatches as without speculation)
     off, llm = run(RIGHT, GREEDY, speculative_schedule=((1, 4),))
-    assert llm.runner.guesses == [0, 0] and llm.engine.verifies == 0
+    assert llm.runner.spec.guesses == [0, 0] and llm.engine.verifies == 0
     assert llm.engine.dispatches == plain_llm.engine.dispatches
     # at two sequences K = 2: a verify step emits at most 3 tokens
     two, llm = run(RIGHT, GREEDY, speculative_schedule=((1, 4), (2, 2)))

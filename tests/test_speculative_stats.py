@@ -47,7 +47,7 @@ def llm():
 
 
 def totals(llm) -> tuple[int, int]:
-    return tuple(llm.runner.guesses)
+    return tuple(llm.runner.spec.guesses)
 
 
 def test_request_counts_add_up_to_the_runners_and_stats(llm):

@@ -1,0 +1,208 @@
+"""Speculative decoding in the runner: which sequences guess, what they guess, and the verify step.
+
+In a decode batch without grammar sequences, each greedy sequence guesses up to K tokens, on pages
+the pool has free (a guess never preempts anyone); sampled sequences guess nothing, so they draw
+exactly as without speculation. With a guess to check, the runner runs one verify call instead of a
+decode dispatch, and reads it before returning (the next guesses need its tokens); with none, the
+decode dispatch. Either way the guesses needed the tokens of the dispatch in flight first, so such
+batches are not pipelined. Only batches where some sequence may guess pay that: a step guesses up
+to the K its batch size gets from the schedule, and only greedy sequences that have not opted out
+and are not switched off for poor acceptance guess (runtime/spec_policy.py). Each request counts
+its guesses made and kept (`Request.speculative`); `Speculation` sums them, and how many tokens
+each guessing sequence emitted per verify step.
+
+Two proposers:
+- `NgramProposer`: n-gram lookup in the sequence's own prompt and output (runtime/speculative.py);
+- `DraftProposer`: a draft model (runtime/draft.py) on the target's page table. It knows how many
+  of each slot's positions hold the draft's K/V of the slot's sequence (0 for a sequence new to the
+  slot: prefix-cache pages may hold none); before guessing it catches a sequence up with prefill
+  chunks, then all guessing rows get their guesses in one propose call. After a verify step the
+  draft's K/V is valid up to the last guess the target kept (its K/V beyond is stale and gets
+  overwritten).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xlaserve.runtime.draft import WINDOW, DraftEngine
+from xlaserve.runtime.engine import Engine
+from xlaserve.runtime.request import Delta, Request
+from xlaserve.runtime.sampling import SamplingState
+from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.scheduler import Scheduler, Seq
+from xlaserve.runtime.spec_policy import schedule_k
+from xlaserve.runtime.speculative import ngram_propose
+
+
+class NgramProposer:
+    """Prompt lookup: guesses cost nothing, so pages are reserved for the guesses found."""
+
+    writes_cache = False
+
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
+        return [ngram_propose(seq.tokens(), most) for seq, most in rows]
+
+    def accepted(self, seq: Seq, emitted: int) -> None:
+        pass
+
+    def free(self, slot: int) -> None:
+        pass
+
+
+class DraftProposer:
+    """A draft model's guesses: it writes K/V at its inputs' positions, so a row's pages are
+    reserved for all its guesses before it guesses."""
+
+    writes_cache = True
+
+    def __init__(self, draft: DraftEngine, scheduler: Scheduler):
+        self.draft, self.scheduler = draft, scheduler
+        slots = len(scheduler.slots)
+        self.owner: list[Seq | None] = [None] * slots  # whose draft K/V the slot's pages hold
+        self.valid = np.zeros((slots,), np.int64)  # positions 0 .. valid - 1 of it
+        self._last: dict[int, tuple[int, int]] = {}  # slot -> (its input's position, guesses made)
+        self._greedy = SamplingState.of(SamplingParams(temperature=0.0), 0)
+        self._presence = np.zeros((draft.cfg.vocab_size,), bool)
+
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
+        """rows: (sequence, most guesses ≥ 1), its pages holding positions up to length + most."""
+        s = self.scheduler
+        slots = len(s.slots)
+        window, start = np.zeros((slots, WINDOW), np.int32), np.zeros((slots,), np.int32)
+        n_valid, most = np.zeros((slots,), np.int32), np.zeros((slots,), np.int32)
+        chunk = self.draft.ecfg.prefill_buckets[-1]
+        for seq, m in rows:
+            slot, tokens = seq.slot, seq.tokens()
+            pos = len(tokens) - 1  # of the next input, the last token
+            have = min(int(self.valid[slot]) if self.owner[slot] is seq else 0, pos)
+            for at in range(have, pos + 1 - WINDOW, chunk):  # catch up, leaving at most WINDOW
+                part = tokens[at : min(at + chunk, pos + 1 - WINDOW)]
+                self.draft.prefill(part, at, s.page_table[slot], self._greedy, self._presence)
+                have = at + len(part)
+            window[slot, : pos + 1 - have] = tokens[have:]
+            start[slot], n_valid[slot], most[slot] = have, pos + 1 - have, m
+            # the input's K/V is the real token's whatever the target keeps
+            self.owner[slot], self.valid[slot], self._last[slot] = seq, pos + 1, (pos, m)
+        kv = max(len(seq.tokens()) - 1 + m for seq, m in rows)  # the last position written + 1
+        busy = 1 + max(seq.slot for seq, _ in rows)
+        out = self.draft.propose(s.page_table, kv, window, start, n_valid, most, busy)
+        return [out[seq.slot, :m] for seq, m in rows]
+
+    def accepted(self, seq: Seq, emitted: int) -> None:
+        """A verify step emitted `emitted` tokens for `seq` (kept guesses + 1): the draft's inputs
+        up to the last kept guess were the sequence's tokens."""
+        pos, made = self._last.pop(seq.slot)
+        self.valid[seq.slot] = pos + min(emitted, made)
+
+    def free(self, slot: int) -> None:
+        """The slot's sequence left it (finished or preempted): its draft K/V is no one's."""
+        self.owner[slot], self.valid[slot] = None, 0
+        self._last.pop(slot, None)
+
+
+class Speculation:
+    def __init__(self, engine: Engine, scheduler: Scheduler, emit, draft: DraftEngine | None = None):
+        """emit(seq, Sampled, index) -> Delta: the runner's. draft: guess with this draft model
+        (None: n-gram lookup)."""
+        e = engine.ecfg
+        self.engine, self.scheduler, self._emit = engine, scheduler, emit
+        self.on = bool(e.speculative_k)  # (needs the verify programs)
+        self.proposer = NgramProposer() if draft is None else DraftProposer(draft, scheduler)
+        self.guesses = [0, 0]  # speculative guesses made, and kept
+        # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
+        self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
+
+    def k(self, seqs: list[Seq]) -> tuple[int, float]:
+        """(the most guesses a sequence makes this step, the break-even tokens a step) from the
+        schedule for the batch size; K is 0 when not speculating or when no sequence may guess
+        (then the batch stays pipelined)."""
+        if not self.on:
+            return 0, 1.0
+        k, break_even = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
+        return (k, break_even) if k and any(self.may_guess(seq.req) for seq in seqs) else (0, 1.0)
+
+    @staticmethod
+    def may_guess(req: Request) -> bool:
+        """Greedy, not opted out, not switched off for poor acceptance (spec_policy.py)."""
+        p, counts = req.params, req.speculative
+        on = p.temperature == 0.0 and p.speculative and counts is not None
+        return on and counts.guessing(len(req.output_ids))
+
+    def propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
+        """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
+        now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
+        A sequence that may guess and does not get its guesses checked records a one-token step."""
+        s, ecfg, proposer = self.scheduler, self.engine.ecfg, self.proposer
+        proposed = np.zeros((len(s.slots), k), np.int32)
+        n = np.zeros((len(s.slots),), np.int32)
+        rows = []
+        for seq in seqs:
+            if seq.req.finished or not self.may_guess(seq.req):  # a finished one runs once more, unread
+                continue
+            req, length = seq.req, len(seq.tokens())
+            # no guess past max_tokens or max_model_len: the last emitted token is the model's own
+            left = min(req.params.max_tokens - len(req.output_ids), ecfg.max_model_len - length)
+            most = min(k, left - 1)
+            if most > 0 and proposer.writes_cache:  # positions up to length + guesses
+                most = min(most, s.reserve(seq, length + most) - length)
+            if most > 0:
+                rows.append((seq, most))
+        # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
+        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
+        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
+        # A draft guesses for every row it runs for: whether that pays is known before it runs.
+        live = [seq for seq in seqs if not seq.req.finished]
+        if proposer.writes_cache and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
+            _one_token_steps([seq for seq, _ in rows], break_even)
+            return proposed, n
+        found = proposer.guesses(rows) if rows else []
+        for (seq, _), guesses in zip(rows, found, strict=True):
+            length = len(seq.tokens())
+            held = s.reserve(seq, length + len(guesses))
+            guesses = guesses[: max(0, held - length)]
+            proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
+            if not len(guesses):  # its lookup found nothing
+                _one_token_steps([seq], break_even)
+        guessing = {seq for seq in live if n[seq.slot]}
+        if guessing and not _pays(live, guessing, k, break_even):
+            _one_token_steps(guessing, break_even)
+            n[:] = 0
+        return proposed, n
+
+    def verify(self, seqs: list[Seq], proposed: np.ndarray, n: np.ndarray, break_even: float) -> list[Delta]:
+        """One speculative step for the running `seqs`, read at once (the next guesses need it)."""
+        s = self.scheduler
+        live = [seq for seq in seqs if not seq.req.finished]
+        kv = max(seq.length + 1 + n[seq.slot] for seq in seqs)
+        result = self.engine.verify(s.page_table, kv, proposed, n, 1 + max(seq.slot for seq in seqs))
+        deltas = []
+        for seq in live:
+            guessed, emitted = int(n[seq.slot]), int(result.emitted[seq.slot])
+            if guessed:
+                self.proposer.accepted(seq, emitted)
+            for i in range(emitted):
+                deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
+                if seq.req.finished:
+                    break
+            s.decoded(seq)
+            if guessed:  # the request's counts and the runner's always move together
+                self.guesses[0] += guessed
+                self.guesses[1] += emitted - 1
+                self.emitted[emitted] += 1
+                seq.req.speculative.record(guessed, emitted, len(seq.req.output_ids), break_even)
+        return deltas
+
+    def free(self, slot: int) -> None:
+        self.proposer.free(slot)
+
+
+def _pays(live: list[Seq], guessing: set[Seq], k: int, break_even: float) -> bool:
+    expected = sum(seq.req.speculative.expected(k) if seq in guessing else 1.0 for seq in live)
+    return expected >= break_even * len(live)
+
+
+def _one_token_steps(seqs, break_even: float) -> None:
+    """Steps in which `seqs` may guess and emit one token (no guess of theirs is checked)."""
+    for seq in seqs:
+        seq.req.speculative.record(0, 1, len(seq.req.output_ids), break_even)
