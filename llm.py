@@ -34,7 +34,7 @@ from xlaserve.runtime.request import Delta, Request, RequestOutput, Timings
 from xlaserve.runtime.runner import Runner
 from xlaserve.runtime.sampling_params import SamplingParams, with_seed
 from xlaserve.runtime.scoring import ScoreResult, read_row, rolling_windows, share_rows
-from xlaserve.runtime.spec_policy import draft_schedule
+from xlaserve.runtime.spec_policy import speculative_fields
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.sharding.mesh import MeshSpec, device_groups, parse_mesh
 
@@ -79,7 +79,7 @@ class LLM:
         unknown = set(engine_fields) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        draft_model = _speculative(speculative, engine_fields)
+        draft_model = speculative_fields(speculative, engine_fields, MAX_SPECULATIVE)
         base = EngineConfig(**{**base.__dict__, **engine_fields})
         enable_compile_cache(base.compile_cache)
         on_cpu = jax.default_backend() == "cpu"
@@ -417,29 +417,6 @@ class LLM:
             prompt, params or SamplingParams(), chat=chat, allow_special_tokens=allow_special_tokens
         )
         yield from self._run([req])
-
-
-def _speculative(spec: dict | None, fields: dict) -> str | None:
-    """LLM's `speculative` into `fields` (speculative_k); returns the draft model, if any."""
-    if spec is not None and "speculative_k" in fields:
-        raise ValueError("give speculative={...} or speculative_k, not both")
-    if spec is None:
-        return None
-    keys = {"method", "num_speculative_tokens", "model"}
-    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
-        raise ValueError(
-            f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
-            "num_speculative_tokens and (draft) model"
-        )
-    if (spec["method"] == "draft") != ("model" in spec):
-        raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
-    k = spec.get("num_speculative_tokens", 4)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE:
-        raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {MAX_SPECULATIVE}]")
-    fields["speculative_k"] = (k,)
-    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
-        fields.setdefault("speculative_schedule", draft_schedule(k))
-    return spec.get("model")
 
 
 def _as_list(prompts, chat: bool) -> list:

@@ -120,3 +120,28 @@ class SpecCounts:
 
     def as_dict(self) -> dict:
         return {"proposed": self.proposed, "accepted": self.accepted}
+
+
+def speculative_fields(spec: dict | None, fields: dict, most_k: int) -> str | None:
+    """LLM's `speculative` ({"method": "ngram" | "draft", "num_speculative_tokens": K in [1, most_k],
+    "model": the draft model}) into EngineConfig `fields` (speculative_k, and for a draft its
+    schedule unless given); returns the draft model, if any. ValueError naming the field."""
+    if spec is not None and "speculative_k" in fields:
+        raise ValueError("give speculative={...} or speculative_k, not both")
+    if spec is None:
+        return None
+    keys = {"method", "num_speculative_tokens", "model"}
+    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
+        raise ValueError(
+            f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
+            "num_speculative_tokens and (draft) model"
+        )
+    if (spec["method"] == "draft") != ("model" in spec):
+        raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
+    k = spec.get("num_speculative_tokens", 4)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most_k:
+        raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {most_k}]")
+    fields["speculative_k"] = (k,)
+    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
+        fields.setdefault("speculative_schedule", draft_schedule(k))
+    return spec.get("model")
