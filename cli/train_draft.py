@@ -1,9 +1,10 @@
 """`xlaserve train-draft --model M --data FILE --out DIR`: train an EAGLE-style draft head for M by
 self-distillation, measure it, save it.
 
-1. The target generates a greedy continuation of every prompt in FILE (`LLM.generate`).
-2. Its features over prompt + continuation are the data (runtime/draft_train.py); a share of the
-   prompts (--holdout) is kept out of training.
+1. The target answers every prompt in FILE greedily, and each training prompt --samples more times
+   sampled at --temperature (`LLM.generate`); a share of the prompts (--holdout) is kept out of
+   training and answered greedily only.
+2. Its features over prompt + answer are the data (runtime/draft_train.py).
 3. The head trains with optax AdamW for --steps steps of --batch chains of --k steps.
 4. With --eval (the default), the mean guesses accepted per verify step on the held-out prompts'
    generated text, the head's k-step chains against n-gram prompt lookup's k guesses at the same
@@ -64,16 +65,55 @@ def split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
+def generate(llm, prompts: list[str], train_idx: list[int], args, status):
+    """The target's answers: every prompt greedily (sequence i: prompt i), then each training prompt
+    `--samples` more times sampled at `--temperature` (more text from the same prompts; the held-out
+    prompts are answered greedily only, as speculation decodes). Returns (prompt + answer token ids,
+    prompt lengths, the sequences to train on)."""
+    from xlaserve.runtime.sampling_params import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    sampled = [
+        SamplingParams(
+            temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + j * 1000 + i
+        )
+        for j in range(args.samples)
+        for i in train_idx
+    ]
+    which = list(range(len(prompts))) + [i for _ in range(args.samples) for i in train_idx]
+    inputs = [[{"role": "user", "content": prompts[i]}] if args.chat else prompts[i] for i in which]
+    status(
+        f"generating up to {args.max_tokens} tokens for {len(prompts)} prompts, greedily, and "
+        f"{args.samples} sampled answers to each of the {len(train_idx)} training prompts"
+    )
+    outs = llm.generate(inputs, [greedy] * len(prompts) + sampled, chat=args.chat)
+    train_rows = sorted(train_idx) + list(range(len(prompts), len(outs)))
+    return (
+        [o.prompt_token_ids + o.token_ids for o in outs],
+        [len(o.prompt_token_ids) for o in outs],
+        train_rows,
+    )
+
+
 def cmd_train_draft(args) -> int:
     from xlaserve.checkpoints import draft_head as head_files
     from xlaserve.llm import LLM
     from xlaserve.runtime import draft_eval, draft_train
-    from xlaserve.runtime.sampling_params import SamplingParams
 
     settings = draft_train.TrainSettings(
-        k=args.k, steps=args.steps, lr=args.lr, batch=args.batch, ce_weight=args.ce_weight, seed=args.seed
+        k=args.k,
+        window=args.window,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        ce_weight=args.ce_weight,
+        seed=args.seed,
     )
     settings.check()
+    if args.samples < 0 or not 0 < args.temperature <= 2:
+        raise ValueError(
+            f"--samples {args.samples} must be >= 0 and --temperature {args.temperature} in (0, 2]"
+        )
     if args.max_tokens < settings.k + 2:
         raise ValueError(f"--max-tokens {args.max_tokens} must be at least k + 2 = {settings.k + 2}")
     if args.out.exists() and not args.force:
@@ -84,12 +124,8 @@ def cmd_train_draft(args) -> int:
     # train-draft only generates: no scoring programs to compile
     llm = LLM(args.model, progress=status, **{**engine_kwargs(args), "scoring": False})
     cfg, target = llm.config, llm.engine.weights
-    status(f"generating up to {args.max_tokens} greedy tokens for {len(prompts)} prompts")
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
-    outs = llm.generate(inputs, params, chat=args.chat)
-    sequences = [o.prompt_token_ids + o.token_ids for o in outs]
-    corpus = draft_train.build_corpus(target, cfg, sequences, [len(o.prompt_token_ids) for o in outs], status)
+    sequences, prompt_lengths, train_rows = generate(llm, prompts, train_idx, args, status)
+    corpus = draft_train.build_corpus(target, cfg, sequences, prompt_lengths, status)
     every = args.log_every or max(1, settings.steps // 20)
 
     def progress(step: int, m) -> None:
@@ -99,9 +135,9 @@ def cmd_train_draft(args) -> int:
                 f"cross-entropy {m[2]:.3f}), top-1 agreement {m[3]:.3f}"
             )
 
-    tokens = int(corpus.lengths[train_idx].sum())
-    status(f"training on {len(train_idx)} prompts ({tokens} tokens), k={settings.k}")
-    head, final = draft_train.train(target, cfg, corpus.subset(train_idx), settings, progress=progress)
+    tokens = int(corpus.lengths[train_rows].sum())
+    status(f"training on {len(train_rows)} answers to {len(train_idx)} prompts ({tokens} tokens)")
+    head, final = draft_train.train(target, cfg, corpus.subset(train_rows), settings, progress=progress)
     summary = {
         "source": llm.model_path,
         "settings": dataclasses.asdict(settings),
@@ -109,16 +145,19 @@ def cmd_train_draft(args) -> int:
             "file": str(args.data),
             "chat": args.chat,
             "max_tokens": args.max_tokens,
+            "samples": args.samples,
+            "temperature": args.temperature,
             "train_prompts": len(train_idx),
             "heldout_prompts": len(held_idx),
-            "tokens": int(corpus.lengths.sum()),
+            "train_tokens": tokens,
+            "heldout_tokens": int(corpus.lengths[held_idx].sum()),
         },
         "feature_scale": corpus.scale,
         "final": dict(zip(("loss", "smooth_l1", "cross_entropy", "top1"), map(float, final), strict=True)),
     }
     if args.eval:
         status("measuring acceptance on the held-out prompts")
-        acc = draft_eval.acceptance(head, target, cfg, corpus.subset(held_idx), settings.k)
+        acc = draft_eval.acceptance(head, target, cfg, corpus.subset(held_idx), settings.k, settings.window)
         summary["acceptance"] = acc.as_dict()
     head_files.save(args.out, head, head_files.fingerprint(cfg, target), summary, force=args.force)
     status.done(f"wrote {args.out}")
@@ -141,10 +180,15 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory to write the head to")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="prompts are plain text, not chat")
-    p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens generated per prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per answer (default 256)")
+    p.add_argument(
+        "--samples", type=int, default=4, help="sampled answers per training prompt, beside the greedy one"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sampled answers")
     p.add_argument("--k", type=int, default=4, help="chain length: guesses per proposal (default 4)")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--window", type=int, default=1, help="context positions the head attends to (default 1)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--batch", type=int, default=32, help="chains per training step (default 32)")
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy (default 0.1)")
     p.add_argument("--holdout", type=float, default=0.15, help="share of prompts kept out for --eval")

@@ -17,7 +17,7 @@ import numpy as np
 
 from xlaserve.runtime import draft_head
 from xlaserve.runtime.config import ModelConfig
-from xlaserve.runtime.draft_train import Corpus
+from xlaserve.runtime.draft_train import Corpus, context
 from xlaserve.runtime.speculative import ngram_propose
 
 ROWS = 256  # chains per `propose` call
@@ -26,12 +26,15 @@ ROWS = 256  # chains per `propose` call
 @dataclass(frozen=True)
 class Acceptance:
     """Mean guesses accepted per verify step (0..k) of each proposer, over the same positions, and
-    how often each depth is reached: at_least[j] is the share of positions with > j accepted."""
+    how often each depth is reached: at_least[j] is the share of positions with > j accepted.
+    `combined`: n-gram lookup's guesses where it finds a match, else the head's (one proposer a
+    runner could run)."""
 
     k: int
     positions: int
     head: float
     ngram: float
+    combined: float
     head_at_least: tuple[float, ...]
     ngram_at_least: tuple[float, ...]
 
@@ -43,7 +46,8 @@ class Acceptance:
             f"  draft head : {self.head:.3f} accepted, {1 + self.head:.3f} tokens/step; "
             f"P(accepted > j), j=0..{self.k - 1}: {depth(self.head_at_least)}\n"
             f"  n-gram     : {self.ngram:.3f} accepted, {1 + self.ngram:.3f} tokens/step; "
-            f"P(accepted > j), j=0..{self.k - 1}: {depth(self.ngram_at_least)}"
+            f"P(accepted > j), j=0..{self.k - 1}: {depth(self.ngram_at_least)}\n"
+            f"  n-gram where it matches, else the head: {self.combined:.3f} accepted"
         )
 
     def as_dict(self) -> dict:
@@ -52,6 +56,7 @@ class Acceptance:
             "positions": self.positions,
             "head_accepted": self.head,
             "ngram_accepted": self.ngram,
+            "combined_accepted": self.combined,
             "head_at_least": list(self.head_at_least),
             "ngram_at_least": list(self.ngram_at_least),
         }
@@ -77,9 +82,10 @@ def eval_positions(corpus: Corpus, k: int) -> np.ndarray:
     return np.array(out, np.int32).reshape(-1, 2)
 
 
-def acceptance(params, target, cfg: ModelConfig, corpus: Corpus, k: int) -> Acceptance:
-    """The head's greedy k-step chains (on its own predicted features, as at inference) and n-gram
-    lookup's k guesses, accepted against the target's continuation at every `eval_positions`."""
+def acceptance(params, target, cfg: ModelConfig, corpus: Corpus, k: int, window: int) -> Acceptance:
+    """The head's greedy k-step chains (over a window of `window` context positions, then on its own
+    predicted features, as at inference) and n-gram lookup's k guesses, accepted against the
+    target's continuation at every `eval_positions`."""
     draft_head.check_k(k)
     where = eval_positions(corpus, k)
     if not len(where):
@@ -87,26 +93,23 @@ def acceptance(params, target, cfg: ModelConfig, corpus: Corpus, k: int) -> Acce
             f"no position to measure: no sequence has k + 2 = {k + 2} generated tokens "
             f"(generated lengths {(corpus.lengths - corpus.prompt_lengths).tolist()})"
         )
-    head, ngram = [], []
+    head, ngram, combined = [], [], []
     for lo in range(0, len(where), ROWS):
         part = where[lo : lo + ROWS]
         s, p = part[:, 0], part[:, 1]
         pad = ROWS - len(part)  # one compiled shape: padded rows repeat the last
         s_in, p_in = np.pad(s, (0, pad), mode="edge"), np.pad(p, (0, pad), mode="edge")
+        feats, tokens, pad = context(corpus, s_in, p_in, window)
         guesses = draft_head.propose(
-            params,
-            target,
-            corpus.feats[s_in, p_in],
-            corpus.tokens[s_in, p_in + 1],
-            (p_in + 1).astype(np.int32),
-            cfg=cfg,
-            k=k,
+            params, target, feats, tokens, (p_in + 1).astype(np.int32), pad, cfg=cfg, k=k
         )
         guesses = np.asarray(guesses)[: len(part)]
         for row, (i, q) in enumerate(zip(s, p, strict=True)):
             truth = corpus.tokens[i, q + 2 : q + 2 + k]
+            lookup = ngram_propose(corpus.tokens[i, : q + 2], k)
             head.append(accepted(guesses[row], truth))
-            ngram.append(accepted(ngram_propose(corpus.tokens[i, : q + 2], k), truth))
+            ngram.append(accepted(lookup, truth))
+            combined.append(ngram[-1] if len(lookup) else head[-1])
     head_arr, ngram_arr = np.array(head), np.array(ngram)
     at_least = lambda a: tuple(float(np.mean(a > j)) for j in range(k))
     return Acceptance(
@@ -114,6 +117,7 @@ def acceptance(params, target, cfg: ModelConfig, corpus: Corpus, k: int) -> Acce
         positions=len(where),
         head=float(head_arr.mean()),
         ngram=float(ngram_arr.mean()),
+        combined=float(np.mean(combined)),
         head_at_least=at_least(head_arr),
         ngram_at_least=at_least(ngram_arr),
     )

@@ -6,9 +6,9 @@ training row is a start position t with k positions after it in its sequence: th
 starts from the real feature f_t and the token x_{t+1}, reads the sequence's tokens x_{t+1..t+k}
 (teacher forcing: in the generated part they are the target's greedy choices, the guesses a verify
 step would accept) and its own predicted features, as it does at inference. Step j is scored on
-- smooth-L1 between its predicted feature and the real f_{t+1+j}, both divided by `Corpus.scale`
-  (the features' RMS: SmolLM2's pre-norm states have an RMS of ~40 and a few channels in the
-  thousands, so unscaled the loss would be an L1 on those channels that drowns the other term);
+- smooth-L1 between its predicted feature and the real f_{t+1+j} divided by `Corpus.scale` (the
+  features' RMS: SmolLM2's pre-norm states have an RMS of ~40 and a few channels in the thousands;
+  the head reads its inputs normalized and predicts in these units, which the final norm ignores);
 - plus `ce_weight` (EAGLE: 0.1) times the cross-entropy of its logits against the target's greedy
   next token, argmax(logits(f_{t+1+j})).
 Optimiser: optax AdamW with warm-up and cosine decay, gradients clipped to norm 0.5 (EAGLE's).
@@ -90,25 +90,39 @@ def start_rows(corpus: Corpus, k: int) -> np.ndarray:
     return np.array(out, np.int32).reshape(-1, 2)
 
 
+def context(corpus: Corpus, seqs: np.ndarray, ends: np.ndarray, window: int):
+    """The head's input window ending at position p = ends[b] of sequence seqs[b]: (features
+    [B, W, D] at p-W+1 .. p, tokens [B, W] after each, pad [B]: entries before position 0)."""
+    at = ends[:, None] + np.arange(1 - window, 1)[None, :]  # [B, W]: p-W+1 .. p
+    pad = np.maximum(window - 1 - ends, 0).astype(np.int32)
+    clipped = np.maximum(at, 0)
+    return corpus.feats[seqs[:, None], clipped], corpus.tokens[seqs[:, None], clipped + 1], pad
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Batch:
-    """B training rows, chains of k steps."""
+    """B training rows: a window of W context positions ending at t, then a chain of k steps."""
 
-    feat: jax.Array  # [B, D]: the real feature f_t
-    pos: jax.Array  # [B] int32: t + 1, the first step's position
-    tokens: jax.Array  # [B, k] int32: x_{t+1..t+k}, the steps' input tokens
+    feats: jax.Array  # [B, W, D]: the real features f_{t-W+1..t}
+    tokens: jax.Array  # [B, W] int32: x_{t-W+2..t+1}
+    pad: jax.Array  # [B] int32: window entries before position 0
+    pos: jax.Array  # [B] int32: t + 1
+    forced: jax.Array  # [B, k] int32: x_{t+1..t+k}, the chain steps' input tokens
     want_feats: jax.Array  # [B, k, D]: f_{t+1..t+k}
     labels: jax.Array  # [B, k] int32: the target's greedy token after each of those positions
 
 
-def make_batch(corpus: Corpus, rows: np.ndarray, k: int) -> Batch:
+def make_batch(corpus: Corpus, rows: np.ndarray, k: int, window: int) -> Batch:
     s, t = rows[:, 0], rows[:, 1]
     ahead = t[:, None] + 1 + np.arange(k)[None, :]  # [B, k]: positions t+1 .. t+k
+    feats, tokens, pad = context(corpus, s, t, window)
     return Batch(
-        feat=corpus.feats[s, t],
+        feats=feats,
+        tokens=tokens,
+        pad=pad,
         pos=(t + 1).astype(np.int32),
-        tokens=corpus.tokens[s[:, None], ahead],
+        forced=corpus.tokens[s[:, None], ahead],
         want_feats=corpus.feats[s[:, None], ahead],
         labels=corpus.greedy[s[:, None], ahead],
     )
@@ -117,9 +131,9 @@ def make_batch(corpus: Corpus, rows: np.ndarray, k: int) -> Batch:
 def loss_fn(params, target, batch: Batch, *, cfg: ModelConfig, k: int, ce_weight: float, scale: float):
     """(loss, (feature smooth-L1, cross-entropy, top-1 agreement)), each averaged over rows and steps."""
     feats, logits = draft_head.chain(
-        params, target, batch.feat, batch.tokens[:, 0], batch.pos, cfg=cfg, k=k, forced=batch.tokens
+        params, target, batch.feats, batch.tokens, batch.pos, cfg=cfg, k=k, pad=batch.pad, forced=batch.forced
     )
-    l1 = optax.huber_loss(feats / scale, batch.want_feats / scale, delta=1.0).mean()  # smooth-L1, beta 1
+    l1 = optax.huber_loss(feats, batch.want_feats / scale, delta=1.0).mean()  # smooth-L1, beta 1
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels).mean()
     top1 = (jnp.argmax(logits, axis=-1) == batch.labels).mean()
     return l1 + ce_weight * ce, (l1, ce, top1)
@@ -151,15 +165,20 @@ def make_step(tx: optax.GradientTransformation, *, cfg: ModelConfig, k: int, ce_
 @dataclass(frozen=True)
 class TrainSettings:
     k: int = 4  # chain length trained (the guesses a proposal makes)
-    steps: int = 200
-    lr: float = 1e-3
+    window: int = 1  # context positions the head attends to (1: the last accepted one alone)
+    steps: int = 1000
+    lr: float = 3e-3
     batch: int = 32  # chains per step
     ce_weight: float = 0.1
     seed: int = 0
 
     def check(self) -> None:
         draft_head.check_k(self.k)
-        for name, value, low in (("steps", self.steps, 1), ("batch", self.batch, 1)):
+        for name, value, low in (
+            ("steps", self.steps, 1),
+            ("batch", self.batch, 1),
+            ("window", self.window, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if not 0 < self.lr <= 1:
@@ -193,7 +212,9 @@ def train(
     metrics = np.zeros(4, np.float32)
     for i in range(settings.steps):
         pick = rows[rng.choice(len(rows), settings.batch, replace=len(rows) < settings.batch)]
-        params, opt_state, m = step(params, opt_state, target, make_batch(corpus, pick, settings.k))
+        params, opt_state, m = step(
+            params, opt_state, target, make_batch(corpus, pick, settings.k, settings.window)
+        )
         metrics = np.asarray(m)
         if progress is not None:
             progress(i + 1, metrics)

@@ -63,34 +63,57 @@ def test_head_shapes(target):
     assert p["wk"]["kernel"].shape == p["wv"]["kernel"].shape == (d, CFG.num_kv_heads * kd)
     assert p["w_gate"]["kernel"].shape == (d, CFG.intermediate_size)
     assert p["w_down"]["kernel"].shape == (CFG.intermediate_size, d)
-    rows, k = 3, 4
-    feat = jnp.ones((rows, d))
-    token, pos = jnp.array([1, 2, 3], jnp.int32), jnp.array([5, 6, 7], jnp.int32)
-    feats, logits = draft_head.chain(draft_head.init_params(CFG), target, feat, token, pos, cfg=CFG, k=k)
-    assert feats.shape == (rows, k, d) and logits.shape == (rows, k, CFG.vocab_size)
-    guesses = draft_head.propose(draft_head.init_params(CFG), target, feat, token, pos, cfg=CFG, k=k)
+    rows, k, w = 3, 4, 5
+    feats = jnp.ones((rows, w, d))
+    tokens = jnp.arange(rows * w, dtype=jnp.int32).reshape(rows, w)
+    pos = jnp.array([5, 6, 7], jnp.int32)
+    params = draft_head.init_params(CFG)
+    predicted, logits = draft_head.chain(params, target, feats, tokens, pos, cfg=CFG, k=k)
+    assert predicted.shape == (rows, k, d) and logits.shape == (rows, k, CFG.vocab_size)
+    guesses = draft_head.propose(params, target, feats, tokens, pos, cfg=CFG, k=k)
     assert guesses.shape == (rows, k) and guesses.dtype == jnp.int32
     with pytest.raises(ValueError, match=r"k=17: .* \[1, 16\]"):
         draft_head.check_k(17)
 
 
-def test_inference_chain_is_the_teacher_forced_chain_on_its_own_guesses(target, corpus):
+@pytest.mark.parametrize("window", [1, 6])
+def test_inference_chain_is_the_teacher_forced_chain_on_its_own_guesses(target, corpus, window):
     """Training scores the chain with the real tokens as inputs; at inference each step reads the
     previous step's guess. Where the guesses are those tokens, the two are one computation."""
     params = draft_head.init_params(CFG, seed=3)
-    feat, token, pos = corpus.feats[:, 5], corpus.tokens[:, 6], np.full((len(PROMPTS),), 6, np.int32)
-    free_feats, free_logits = draft_head.chain(params, target, feat, token, pos, cfg=CFG, k=4)
+    seqs, ends = np.arange(len(PROMPTS)), np.array([5, 2, 9, 5])  # row 1's window starts before 0
+    feats, tokens, pad = draft_train.context(corpus, seqs, ends, window)
+    assert pad.tolist() == [max(window - 1 - e, 0) for e in ends]
+    run = lambda forced: draft_head.chain(
+        params, target, feats, tokens, ends + 1, cfg=CFG, k=4, pad=pad, forced=forced
+    )
+    free_feats, free_logits = run(None)
     guesses = np.asarray(jnp.argmax(free_logits, axis=-1))
-    forced = np.concatenate([token[:, None], guesses[:, :-1]], axis=1)
-    feats, logits = draft_head.chain(params, target, feat, token, pos, cfg=CFG, k=4, forced=forced)
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(free_logits))
-    np.testing.assert_array_equal(np.asarray(feats), np.asarray(free_feats))
+    forced_feats, forced_logits = run(np.concatenate([tokens[:, -1:], guesses[:, :-1]], axis=1))
+    np.testing.assert_array_equal(np.asarray(forced_logits), np.asarray(free_logits))
+    np.testing.assert_array_equal(np.asarray(forced_feats), np.asarray(free_feats))
+
+
+def test_padding_in_the_window_changes_nothing(target, corpus):
+    """A window entry marked as padding is never attended: its contents do not matter."""
+    params = draft_head.init_params(CFG, seed=3)
+    seqs, ends = np.arange(len(PROMPTS)), np.full((len(PROMPTS),), 2)
+    feats, tokens, pad = draft_train.context(corpus, seqs, ends, 6)
+    assert pad.tolist() == [3] * len(PROMPTS)
+    want = draft_head.propose(params, target, feats, tokens, ends + 1, pad, cfg=CFG, k=3)
+    noise = np.random.default_rng(0).normal(size=feats[:, :3].shape).astype(np.float32)
+    feats2, tokens2 = feats.copy(), tokens.copy()
+    feats2[:, :3], tokens2[:, :3] = noise * 50, 7
+    got = draft_head.propose(params, target, feats2, tokens2, ends + 1, pad, cfg=CFG, k=3)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    narrow = draft_head.propose(params, target, feats[:, 3:], tokens[:, 3:], ends + 1, cfg=CFG, k=3)
+    np.testing.assert_array_equal(np.asarray(narrow), np.asarray(want))
 
 
 def test_a_few_training_steps_lower_the_loss(target, corpus):
-    settings = draft_train.TrainSettings(k=3, steps=30, lr=1e-2, batch=16, seed=0)
+    settings = draft_train.TrainSettings(k=3, window=4, steps=30, lr=1e-2, batch=16, seed=0)
     rows = draft_train.start_rows(corpus, settings.k)
-    batch = draft_train.make_batch(corpus, rows, settings.k)  # every row: the whole training set
+    batch = draft_train.make_batch(corpus, rows, settings.k, settings.window)  # the whole training set
 
     def measure(p):  # (loss, top-1 agreement with the target's greedy tokens)
         loss, (_, _, top1) = draft_train.loss_fn(
@@ -109,7 +132,7 @@ def test_a_few_training_steps_lower_the_loss(target, corpus):
 
 
 def test_save_load_round_trip_gives_identical_proposals(tmp_path, target, corpus):
-    settings = draft_train.TrainSettings(k=2, steps=3, batch=4)
+    settings = draft_train.TrainSettings(k=2, window=3, steps=3, batch=4)
     params, _ = draft_train.train(target, CFG, corpus, settings)
     fp = head_files.fingerprint(CFG, target)
     head_files.save(tmp_path / "head", params, fp, {"settings": {"k": 2}})
@@ -117,10 +140,10 @@ def test_save_load_round_trip_gives_identical_proposals(tmp_path, target, corpus
         head_files.save(tmp_path / "head", params, fp, {})
     loaded, meta = head_files.load(tmp_path / "head", CFG, target)
     assert meta["target"] == fp and meta["settings"] == {"k": 2}
-    feat, token = corpus.feats[:, 7], corpus.tokens[:, 8]
+    feats, tokens, _ = draft_train.context(corpus, np.arange(len(PROMPTS)), np.full((len(PROMPTS),), 7), 3)
     pos = np.full((len(PROMPTS),), 8, np.int32)
-    want = draft_head.propose(params, target, feat, token, pos, cfg=CFG, k=4)
-    got = draft_head.propose(loaded, target, feat, token, pos, cfg=CFG, k=4)
+    want = draft_head.propose(params, target, feats, tokens, pos, cfg=CFG, k=4)
+    got = draft_head.propose(loaded, target, feats, tokens, pos, cfg=CFG, k=4)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -152,10 +175,10 @@ def test_acceptance_counts_the_prefix_a_verify_step_keeps(target, corpus):
     seq = cycle * 8
     rep = draft_train.build_corpus(target, CFG, [seq], [5])
     k = 3
-    acc = draft_eval.acceptance(draft_head.init_params(CFG), target, CFG, rep, k)
+    acc = draft_eval.acceptance(draft_head.init_params(CFG), target, CFG, rep, k, window=4)
     where = draft_eval.eval_positions(rep, k)
     assert where[:, 1].tolist() == list(range(4, len(seq) - k - 1))
     assert acc.positions == len(where)
-    assert acc.ngram == k and acc.ngram_at_least == (1.0,) * k
+    assert acc.ngram == k and acc.ngram_at_least == (1.0,) * k and acc.combined == k
     assert 0.0 <= acc.head <= k and len(acc.head_at_least) == k
     assert "draft head" in acc.describe() and json.dumps(acc.as_dict())

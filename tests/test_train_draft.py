@@ -47,13 +47,18 @@ def test_train_draft_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "head"
     argv = ["train-draft", "--model", str(tmp_path / "tiny"), "--data", str(data), "--out", str(out)]
-    run = [*argv, *ENGINE_ARGS, "--steps", "2", "--k", "2", "--max-tokens", "12", "--holdout", "0.34"]
+    run = [*argv, *ENGINE_ARGS, "--steps", "2", "--k", "2", "--window", "3", "--max-tokens", "12"]
+    run += ["--holdout", "0.34", "--samples", "1"]
     assert cli.main([*run, "--output", "json"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0].startswith("acceptance over") and "draft head" in printed[1] and "n-gram" in printed[2]
     summary = json.loads(printed[-1])
     assert summary["settings"]["k"] == 2 and summary["settings"]["steps"] == 2
-    assert summary["data"]["train_prompts"] == 2 and summary["data"]["heldout_prompts"] == 1
+    assert summary["settings"]["window"] == 3
+    data_ = summary["data"]
+    assert data_["train_prompts"] == 2 and data_["heldout_prompts"] == 1 and data_["samples"] == 1
+    # the two training prompts answered greedily and sampled once: 4 answers of 12 tokens + prompts
+    assert data_["train_tokens"] > 4 * 12 and 12 < data_["heldout_tokens"] < 2 * 12 + 12
     acc = summary["acceptance"]
     # one held-out prompt, 12 generated tokens: positions p = prompt end - 1 .. with 2 tokens after
     assert acc["positions"] == 12 - 2 and 0 <= acc["head_accepted"] <= 2 and 0 <= acc["ngram_accepted"] <= 2
