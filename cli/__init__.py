@@ -1,4 +1,4 @@
-"""The `xlaserve` command line: pull, generate, serve, convert, eval, bench, lower.
+"""The `xlaserve` command line: pull, generate, serve, convert, eval, bench, lower, train-draft.
 
 One module per command, each with `register(sub)` adding its subparser (and `func`); what several
 commands share lives in common.py. Heavy imports (JAX, LLM, evals) stay inside the command
@@ -11,7 +11,7 @@ import sys
 
 from xlaserve import __version__
 from xlaserve.checkpoints import registry
-from xlaserve.cli import bench, convert, generate, lower, pull, serve
+from xlaserve.cli import bench, convert, generate, lower, pull, serve, train_draft
 from xlaserve.cli import eval as eval_command
 
 
@@ -21,7 +21,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xlaserve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log compile and engine details")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (pull, generate, serve, convert, eval_command, lower):
+    for module in (pull, generate, serve, convert, eval_command, lower, train_draft):
         module.register(sub)
     bench.register(sub, load=command in (None, "bench"))
     return parser
