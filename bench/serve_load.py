@@ -106,7 +106,11 @@ async def connect(protocol: str, target: str, api_key: str | None, clients: int)
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # A connection per request: llama-server closes one after a streamed response without saying
+    # so, and a client that reuses it before the close arrives gets "Server disconnected without
+    # sending a response" (a race a busy machine makes common). Loopback connects cost ~1 ms, and
+    # both servers pay them alike.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(
         base_url=f"http://{target}", headers=headers, timeout=None, limits=limits
     ) as client:
