@@ -19,9 +19,9 @@ what it runs.
 Departures from EAGLE-1's code, and why: its features are the target's post-norm states and its
 head attends over the whole context with a KV cache of its own; here the features are pre-norm (the
 final norm is applied to the prediction) and the context is the last W positions, recomputed per
-proposal, so the runner keeps the last W features per slot and nothing of the head's. `fc` starts
-as [identity | small]: an untrained head predicts f_{t+1} = f_t plus noise, a better start than
-noise alone.
+proposal, so the runner keeps the last W features per slot and nothing of the head's. Both inputs
+are RMS-normalized before `fc` (as EAGLE-3 does; see `DraftHead`). `fc` starts as [identity |
+small]: an untrained head predicts f_{t+1} = f_t (normalized) plus noise, a better start than noise.
 
 Dimension letters: R rows (independent chains), W window, C cache slots (W + K - 1), T positions
 in a block, D hidden, F ffn, V vocab, H kv heads, G query heads per kv head, Kd head dim.
