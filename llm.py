@@ -68,7 +68,7 @@ class LLM:
         xlaserve checkpoint directory (`xlaserve convert`).
         mesh: "tp=4", "dp=2,tp=4", ...: tp shards the model over devices; dp runs that many
         replicas, each on its own tp group (default: one device).
-        speculative: speculative decoding of greedy requests, {"method": "ngram" or "draft",
+        speculative: speculative decoding, {"method": "ngram" or "draft",
         "num_speculative_tokens": K (default 4), "model": the draft model (method "draft"; any
         `model` form, with the target's tokenizer)}: sets speculative_k=(K,) (speculative_k alone
         means n-gram lookup) and, for a draft unless given, speculative_schedule (spec_policy.py).

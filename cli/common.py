@@ -65,8 +65,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speculative",
         choices=["ngram", "draft"],
-        help="speculative decoding of greedy requests: ngram (guesses by prompt lookup) or draft (guesses "
-        "by --draft-model); default off",
+        help="speculative decoding (greedy output unchanged, sampled output distributed as without): "
+        "ngram (guesses by prompt lookup) or draft (guesses by --draft-model); default off",
     )
     g.add_argument(
         "--num-speculative-tokens",

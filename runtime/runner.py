@@ -32,7 +32,7 @@ token per dispatch. A grammar that is complete (only EOS may follow) ends the re
 reason "stop".
 
 Speculative decoding (an engine with `speculative_k`): in a decode batch without grammar sequences,
-greedy sequences guess up to K tokens (by n-gram lookup, or with a draft model) and one verify call
+sequences guess up to K tokens (by n-gram lookup, or with a draft model) and one verify call
 checks them instead of a decode dispatch, read before the step returns; runtime/spec_runner.py.
 """
 

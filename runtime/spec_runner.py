@@ -1,15 +1,18 @@
 """Speculative decoding in the runner: which sequences guess, what they guess, and the verify step.
 
-In a decode batch without grammar sequences, each greedy sequence guesses up to K tokens, on pages
-the pool has free (a guess never preempts anyone); sampled sequences guess nothing, so they draw
-exactly as without speculation. With a guess to check, the runner runs one verify call instead of a
-decode dispatch, and reads it before returning (the next guesses need its tokens); with none, the
-decode dispatch. Either way the guesses needed the tokens of the dispatch in flight first, so such
-batches are not pipelined. Only batches where some sequence may guess pay that: a step guesses up
-to the K its batch size gets from the schedule, and only greedy sequences that have not opted out
-and are not switched off for poor acceptance guess (runtime/spec_policy.py). Each request counts
-its guesses made and kept (`Request.speculative`); `Speculation` sums them, and how many tokens
-each guessing sequence emitted per verify step.
+In a decode batch without grammar sequences, each sequence guesses up to K tokens, on pages the pool
+has free (a guess never preempts anyone). Greedy sequences keep the guesses equal to the target's
+argmax, so their output is plain decoding's; sampled ones keep them by rejection sampling
+(runtime/speculative.py), so each token is distributed as plain sampling's. Both proposers make
+deterministic guesses (a draft model's are its greedy tokens), which `accept` treats as a one-hot
+draft distribution: guess d is kept with the target's probability p(d). With a guess to check, the
+runner runs one verify call instead of a decode dispatch, and reads it before returning (the next
+guesses need its tokens); with none, the decode dispatch. Either way the guesses needed the tokens
+of the dispatch in flight first, so such batches are not pipelined. Only batches where some sequence
+may guess pay that: a step guesses up to the K its batch size gets from the schedule, and only
+sequences that have not opted out and are not switched off for poor acceptance guess
+(runtime/spec_policy.py). Each request counts its guesses made and kept (`Request.speculative`);
+`Speculation` sums them, and how many tokens each guessing sequence emitted per verify step.
 
 Two proposers:
 - `NgramProposer`: n-gram lookup in the sequence's own prompt and output (runtime/speculative.py);
@@ -124,10 +127,9 @@ class Speculation:
 
     @staticmethod
     def may_guess(req: Request) -> bool:
-        """Greedy, not opted out, not switched off for poor acceptance (spec_policy.py)."""
-        p, counts = req.params, req.speculative
-        on = p.temperature == 0.0 and p.speculative and counts is not None
-        return on and counts.guessing(len(req.output_ids))
+        """Not opted out, not switched off for poor acceptance (spec_policy.py)."""
+        counts = req.speculative
+        return req.params.speculative and counts is not None and counts.guessing(len(req.output_ids))
 
     def propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
         """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they

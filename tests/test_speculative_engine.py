@@ -217,8 +217,9 @@ def test_verify_programs_are_in_the_layout_list():
 
 
 def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
-    """The runner's n-gram speculation (greedy sequences guess, sampled ones do not) changes no
-    token and no log-prob, with more requests than slots and a request too short to guess much."""
+    """The runner's n-gram speculation changes no greedy token and no log-prob, with more requests
+    than slots and a request too short to guess much. The sampled request keeps its guesses by
+    rejection sampling: with top_k=1 it is greedy, so speculation must change nothing there either."""
     from serving import mock_tokenizer
 
     from xlaserve import LLM
@@ -230,7 +231,7 @@ def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
     params = [
         SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, repetition_penalty=1.3),
-        SamplingParams(temperature=0.9, max_tokens=20, ignore_eos=True, seed=3, logprobs=0),
+        SamplingParams(temperature=0.9, top_k=1, max_tokens=20, ignore_eos=True, seed=3, logprobs=0),
         SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
     ]
     assert llm.runner.spec.on
@@ -253,6 +254,46 @@ def test_llm_with_ngram_speculation_outputs_what_it_outputs_without(engine):
             )
     assert [len(o.token_ids) for o in fast] == [30, 25, 20, 3]
     assert llm.stats().pages_used == 0
+
+
+def test_sampled_requests_guess_and_keep_plain_samplings_distribution(engine):
+    """Sampled requests guess too (n-gram lookup), keep some guesses and reject others, reproducibly
+    by seed, and the tokens they emit are distributed as without speculation: over 240 seeds, the law
+    of each output position 1..7 (token 0 comes from prefill), speculation on against off, by
+    chi-square tests of homogeneity. That catches gross errors only (keeping every guess, a wrong
+    position's key or penalty); the exact law of `accept` is tested on 6000 rows in
+    test_speculative.py. Top-k 3 at temperature 1 keeps the law on few cells; the prompt ends with
+    the model's greedy continuation of its start, so lookups find what the model tends to say."""
+    from scipy import stats
+    from serving import mock_tokenizer
+
+    from xlaserve import LLM
+
+    for slot in range(ENGINE.max_slots):
+        engine.free(slot)
+    llm = LLM.from_engine(engine, mock_tokenizer(CFG.vocab_size))
+    llm.runner.spec.on = False
+    start = [5, 6, 7, 8] * 3
+    prompt = start + llm.generate([start], SamplingParams(temperature=0.0, max_tokens=8))[0].token_ids
+    n, length = 240, 8
+    params = [
+        SamplingParams(temperature=1.0, top_k=3, max_tokens=length, ignore_eos=True, seed=s) for s in range(n)
+    ]
+    plain = llm.generate([prompt] * n, params)
+    llm.runner.spec.on = True
+    before = list(llm.runner.spec.guesses)
+    fast = llm.generate([prompt] * n, params)
+    made, kept = (a - b for a, b in zip(llm.runner.spec.guesses, before, strict=True))
+    assert kept > 0 and made > kept, (made, kept)  # sampled rows guessed; some kept, some not
+    again = llm.generate([prompt] * 8, params[:8])
+    assert [o.token_ids for o in again] == [o.token_ids for o in fast[:8]]  # a seed reproduces
+    for i in range(1, length):
+        at = lambda outs: [o.token_ids[i] for o in outs]  # noqa: B023
+        cells = sorted(set(at(plain)) | set(at(fast)))
+        table = np.array([[at(outs).count(c) for c in cells] for outs in (plain, fast)])
+        table = table[:, table.sum(axis=0) >= 10]  # cells with too few draws to test, left out
+        if table.shape[1] >= 2:
+            assert stats.chi2_contingency(table).pvalue > 1e-4, (i, table)
 
 
 @pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
