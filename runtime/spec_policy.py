@@ -123,21 +123,29 @@ class SpecCounts:
 
 
 def speculative_fields(spec: dict | None, fields: dict, most_k: int) -> str | None:
-    """LLM's `speculative` ({"method": "ngram" | "draft", "num_speculative_tokens": K in [1, most_k],
-    "model": the draft model}) into EngineConfig `fields` (speculative_k, and for a draft its
-    schedule unless given); returns the draft model, if any. ValueError naming the field."""
+    """LLM's `speculative` ({"method": "ngram" | "draft" | "eagle", "num_speculative_tokens": K in
+    [1, most_k], "model": the draft model (draft), "head": a draft head's directory (eagle)}) into
+    EngineConfig `fields` (speculative_k, and for a draft its schedule unless given); returns the
+    draft model, if any. ValueError naming the field. A head runs with the n-gram schedule: its
+    propose call costs little beside a verify step (bench/results/cpu-spec-smollm2-eagle-*.md)."""
     if spec is not None and "speculative_k" in fields:
         raise ValueError("give speculative={...} or speculative_k, not both")
     if spec is None:
         return None
-    keys = {"method", "num_speculative_tokens", "model"}
-    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
+    keys = {"method", "num_speculative_tokens", "model", "head"}
+    methods = ("ngram", "draft", "eagle")
+    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in methods:
         raise ValueError(
-            f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
-            "num_speculative_tokens and (draft) model"
+            f"speculative={spec!r} must be a dict with method 'ngram', 'draft' or 'eagle', and "
+            "optionally num_speculative_tokens, (draft) model and (eagle) head"
         )
     if (spec["method"] == "draft") != ("model" in spec):
         raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
+    if (spec["method"] == "eagle") != ("head" in spec):
+        raise ValueError(
+            f"speculative={spec!r}: 'head' (a draft head's directory, xlaserve train-draft) goes with "
+            "method 'eagle' only"
+        )
     k = spec.get("num_speculative_tokens", 4)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most_k:
         raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {most_k}]")

@@ -11,7 +11,7 @@ and are not switched off for poor acceptance guess (runtime/spec_policy.py). Eac
 its guesses made and kept (`Request.speculative`); `Speculation` sums them, and how many tokens
 each guessing sequence emitted per verify step.
 
-Two proposers:
+Three proposers:
 - `NgramProposer`: n-gram lookup in the sequence's own prompt and output (runtime/speculative.py);
 - `DraftProposer`: a draft model (runtime/draft.py) on the target's page table. It knows how many
   of each slot's positions hold the draft's K/V of the slot's sequence (0 for a sequence new to the
@@ -19,9 +19,18 @@ Two proposers:
   chunks, then all guessing rows get their guesses in one propose call. After a verify step the
   draft's K/V is valid up to the last guess the target kept (its K/V beyond is stale and gets
   overwritten).
+- `EagleProposer`: a trained EAGLE-style draft head (runtime/draft_head.py) over the target's own
+  states before its final norm, which the engine's decode and verify programs return when it is built
+  with `features` (programs.py). It keeps each slot's last W (state, next token) pairs on the host,
+  fed from every decode and verify step the runner reads (a verify step's accepted positions only);
+  all guessing rows get their guesses from one `draft_head.propose` call over every slot (one
+  compiled shape, compiled at start-up). A sequence new to its slot has no pairs: it guesses from
+  its first decode step on (one pair is enough: the head pads the window).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +43,9 @@ from xlaserve.runtime.scheduler import Scheduler, Seq
 from xlaserve.runtime.spec_policy import schedule_k
 from xlaserve.runtime.speculative import ngram_propose
 
+if TYPE_CHECKING:  # draft_head needs flax (the train extra): imported only when a head is used
+    from xlaserve.runtime.draft_head import Head
+
 
 class NgramProposer:
     """Prompt lookup: guesses cost nothing, so pages are reserved for the guesses found."""
@@ -44,6 +56,9 @@ class NgramProposer:
         return [ngram_propose(seq.tokens(), most) for seq, most in rows]
 
     def accepted(self, seq: Seq, emitted: int) -> None:
+        pass
+
+    def observe(self, seq: Seq, pos: int, features, tokens) -> None:
         pass
 
     def free(self, slot: int) -> None:
@@ -95,20 +110,114 @@ class DraftProposer:
         pos, made = self._last.pop(seq.slot)
         self.valid[seq.slot] = pos + min(emitted, made)
 
+    def observe(self, seq: Seq, pos: int, features, tokens) -> None:
+        pass
+
     def free(self, slot: int) -> None:
         """The slot's sequence left it (finished or preempted): its draft K/V is no one's."""
         self.owner[slot], self.valid[slot] = None, 0
         self._last.pop(slot, None)
 
 
+class EagleProposer:
+    """A draft head's guesses from the target's features; it writes no cache, so, as for n-gram,
+    pages are reserved for the guesses made only."""
+
+    writes_cache = False
+
+    def __init__(self, head: Head, engine: Engine, slots: int):
+        from xlaserve.runtime import draft_head
+
+        cfg, w = engine.cfg, head.window
+        self.head, self.engine, self.k = head, engine, engine.ecfg.speculative_k[-1]
+        draft_head.check_k(self.k)
+        self._propose = draft_head.propose
+        # Per slot, its sequence's last `count` pairs right-aligned in the window (entries W - count
+        # .. W - 1, oldest first; the head pads the rest): the state at position q [D] and the
+        # token at q + 1; the newest token is at position `end`. Used only while `end` is the
+        # position of the sequence's last token (a gap, e.g. a grammar step, starts it over).
+        self.feats = np.zeros((slots, w, cfg.hidden_size), np.float32)
+        self.tokens = np.zeros((slots, w), np.int32)
+        self.count = np.zeros((slots,), np.int32)
+        self.end = np.full((slots,), -1, np.int64)
+        self.owner: list[Seq | None] = [None] * slots
+        self.propose_all(np.zeros((slots,), np.int32))  # compiled now: no request triggers a compile
+
+    def propose_all(self, position: np.ndarray) -> np.ndarray:
+        """int32 [slots, K]: every slot's guesses (garbage for those with no pairs)."""
+        pad = (self.tokens.shape[1] - self.count).astype(np.int32)
+        out = self._propose(
+            self.head.params,
+            self.engine.weights,
+            self.feats,
+            self.tokens,
+            position,
+            pad,
+            cfg=self.engine.cfg,
+            k=self.k,
+        )
+        return np.asarray(out)
+
+    def _ready(self, seq: Seq) -> bool:
+        tokens = seq.tokens()
+        slot = seq.slot
+        fresh = self.owner[slot] is seq and self.end[slot] == len(tokens) - 1
+        return fresh and self.count[slot] > 0 and self.tokens[slot, -1] == tokens[-1]
+
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
+        """rows: (sequence, most guesses ≥ 1); a row without pairs guesses nothing."""
+        ready = [self._ready(seq) for seq, _ in rows]
+        if not any(ready):
+            return [np.zeros((0,), np.int32) for _ in rows]
+        position = np.zeros((len(self.owner),), np.int32)  # of each window's newest token
+        for seq, _ in rows:
+            position[seq.slot] = len(seq.tokens()) - 1
+        out = self.propose_all(position)
+        return [
+            out[seq.slot, :m] if ok else out[seq.slot, :0] for (seq, m), ok in zip(rows, ready, strict=True)
+        ]
+
+    def accepted(self, seq: Seq, emitted: int) -> None:
+        pass
+
+    def observe(self, seq: Seq, pos: int, features: np.ndarray, tokens: np.ndarray) -> None:
+        """A step the runner read for `seq`: features [n, D] at positions pos .. pos + n - 1 and the
+        token [n] emitted after each (its accepted positions only)."""
+        slot, n, w = seq.slot, len(tokens), self.tokens.shape[1]
+        if n == 0:
+            return
+        if self.owner[slot] is not seq or self.end[slot] != pos:  # not contiguous: start over
+            self.owner[slot], self.count[slot] = seq, 0
+        old = int(self.count[slot])
+        feats = np.concatenate([self.feats[slot, w - old :], features])[-w:]
+        toks = np.concatenate([self.tokens[slot, w - old :], tokens])[-w:]
+        m = len(toks)
+        self.feats[slot, w - m :], self.tokens[slot, w - m :] = feats, toks
+        self.count[slot], self.end[slot] = m, pos + n
+
+    def free(self, slot: int) -> None:
+        self.owner[slot], self.count[slot], self.end[slot] = None, 0, -1
+
+
 class Speculation:
-    def __init__(self, engine: Engine, scheduler: Scheduler, emit, draft: DraftEngine | None = None):
-        """emit(seq, Sampled, index) -> Delta: the runner's. draft: guess with this draft model
-        (None: n-gram lookup)."""
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        emit,
+        draft: DraftEngine | Head | None = None,
+    ):
+        """emit(seq, Sampled, index) -> Delta: the runner's. draft: guess with this draft model, or
+        this draft head (the engine built with `features`); None: n-gram lookup."""
         e = engine.ecfg
         self.engine, self.scheduler, self._emit = engine, scheduler, emit
         self.on = bool(e.speculative_k)  # (needs the verify programs)
-        self.proposer = NgramProposer() if draft is None else DraftProposer(draft, scheduler)
+        if draft is None:
+            self.proposer = NgramProposer()
+        elif isinstance(draft, DraftEngine):
+            self.proposer = DraftProposer(draft, scheduler)
+        else:
+            self.proposer = EagleProposer(draft, engine, len(scheduler.slots))
         self.guesses = [0, 0]  # speculative guesses made, and kept
         # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
         self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
@@ -181,6 +290,10 @@ class Speculation:
             guessed, emitted = int(n[seq.slot]), int(result.emitted[seq.slot])
             if guessed:
                 self.proposer.accepted(seq, emitted)
+            if result.features is not None:  # positions pos .. pos + emitted - 1 were accepted
+                pos, row = len(seq.tokens()) - 1, seq.slot
+                tokens = result.sampled.tokens[row, :emitted]
+                self.proposer.observe(seq, pos, result.features[row, :emitted], tokens)
             for i in range(emitted):
                 deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
                 if seq.req.finished:

@@ -191,7 +191,8 @@ def test_check_pair_and_the_speculative_argument():
     with pytest.raises(ValueError, match="every layer has a sliding window"):
         check_pair(("t", windowed, tok), ("d", cfg, tok))
     for bad, why in (
-        ({"method": "eagle"}, "method 'ngram' or 'draft'"),
+        ({"method": "eagle"}, "'head' .* goes with method 'eagle' only"),
+        ({"method": "medusa"}, "method 'ngram', 'draft' or 'eagle'"),
         ({"method": "draft"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "model": "m"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "k": 3}, "optionally num_speculative_tokens"),
