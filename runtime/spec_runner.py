@@ -164,18 +164,18 @@ class EagleProposer:
         fresh = self.owner[slot] is seq and self.end[slot] == len(tokens) - 1
         return fresh and self.count[slot] > 0 and self.tokens[slot, -1] == tokens[-1]
 
-    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
-        """rows: (sequence, most guesses ≥ 1); a row without pairs guesses nothing."""
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray | None]:
+        """rows: (sequence, most guesses ≥ 1). A row without pairs gets None: it guesses nothing,
+        and the step does not count against its acceptance (spec_policy.py: a sequence new to its
+        slot always starts so; counted, its first step's one token would stop it guessing)."""
         ready = [self._ready(seq) for seq, _ in rows]
         if not any(ready):
-            return [np.zeros((0,), np.int32) for _ in rows]
+            return [None] * len(rows)
         position = np.zeros((len(self.owner),), np.int32)  # of each window's newest token
         for seq, _ in rows:
             position[seq.slot] = len(seq.tokens()) - 1
         out = self.propose_all(position)
-        return [
-            out[seq.slot, :m] if ok else out[seq.slot, :0] for (seq, m), ok in zip(rows, ready, strict=True)
-        ]
+        return [out[seq.slot, :m] if ok else None for (seq, m), ok in zip(rows, ready, strict=True)]
 
     def accepted(self, seq: Seq, emitted: int) -> None:
         pass
@@ -241,7 +241,8 @@ class Speculation:
     def propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
         """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
         now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
-        A sequence that may guess and does not get its guesses checked records a one-token step."""
+        A sequence that may guess and does not get its guesses checked records a one-token step, unless
+        its proposer had nothing to go on (None: a draft head's empty window)."""
         s, ecfg, proposer = self.scheduler, self.engine.ecfg, self.proposer
         proposed = np.zeros((len(s.slots), k), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
@@ -267,6 +268,8 @@ class Speculation:
             return proposed, n
         found = proposer.guesses(rows) if rows else []
         for (seq, _), guesses in zip(rows, found, strict=True):
+            if guesses is None:  # the proposer had nothing to go on yet (a head's empty window)
+                continue
             length = len(seq.tokens())
             held = s.reserve(seq, length + len(guesses))
             guesses = guesses[: max(0, held - length)]

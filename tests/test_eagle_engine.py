@@ -28,6 +28,7 @@ from xlaserve.runtime.models.presets import PRESETS
 from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
+from xlaserve.runtime.spec_policy import resolve_schedule, speculative_fields
 from xlaserve.runtime.spec_runner import EagleProposer
 
 CFG = PRESETS["tiny"]
@@ -133,6 +134,20 @@ def test_greedy_output_with_a_head_is_plain_decodings(eagle_llm, batch, monkeypa
         np.testing.assert_allclose(feats, np.asarray(ref[0, newest - n : newest]), rtol=1e-4, atol=1e-4)
 
 
+def test_with_the_default_schedule_a_new_sequence_guesses_from_its_second_step(eagle_llm):
+    """Its first step has no pairs yet: that step does not count as a failed guess (counted, its
+    one token would keep a break-even above 1 (1.5 here, spec_policy.SCHEDULE) out of reach)."""
+    engine = eagle_llm.engine
+    policy = engine.ecfg
+    engine.ecfg = dataclasses.replace(policy, speculative_schedule=resolve_schedule(None, 4))
+    try:
+        out = eagle_llm.generate([PROMPTS[1]], GREEDY)[0]
+    finally:
+        engine.ecfg = policy
+    assert out.speculative["proposed"] > 0
+
+
+@pytest.mark.slow  # two engines: ~30 s on the shared 2-core machine
 def test_decode_and_verify_return_the_features_of_every_position_run():
     """On an engine of its own (its pages are not the LLM tests' prefix cache): one prompt, one
     decode step, one verify step of 4 guesses; each program's states against the reference over the
@@ -205,3 +220,14 @@ def test_cli_draft_head_flags():
     ):
         with pytest.raises(ValueError, match="--speculative eagle and --draft-head DIR go together"):
             parse(*argv)
+
+
+def test_a_head_gets_the_eagle_schedule_unless_one_is_given():
+    fields = {}
+    assert (
+        speculative_fields({"method": "eagle", "head": "/h", "num_speculative_tokens": 3}, fields, 16) is None
+    )
+    assert fields == {"speculative_k": (3,), "speculative_schedule": ((1, 3, 2.8),)}
+    fields = {"speculative_schedule": ((2, 3),)}
+    speculative_fields({"method": "eagle", "head": "/h"}, fields, 16)
+    assert fields["speculative_schedule"] == ((2, 3),)
