@@ -46,12 +46,18 @@ SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
 # 3.8 at batch 4; from tok/s (mean accepted length x off / forced) 2.6-3.0 and 2.5-3.4. Nothing
 # above 4 sequences: not measured, so not assumed to pay.
 DRAFT_SCHEDULE = ((1, 16, 2.6), (4, 16, 3.0))
+# With a draft head a verify step also costs the head's propose call: K chained steps of one layer
+# plus the target's lm_head, which for SmolLM2-135M (a 49k vocabulary) costs about a decode step.
+# Measured at batch 1, K=4, shared 2-core CPU (bench/results/cpu-spec-smollm2-eagle-2026-12-03.md):
+# (verify + propose) / decode on idle slots 2.8. Larger batches: not measured, so not assumed to pay.
+EAGLE_SCHEDULE = ((1, 16, 2.8),)
 Entry = tuple[int, int, float]
 
 
-def draft_schedule(most_k: int) -> tuple[Entry, ...]:
-    """DRAFT_SCHEDULE with K capped at most_k: the default speculative_schedule with a draft model."""
-    return tuple((b, min(k, most_k), c) for b, k, c in DRAFT_SCHEDULE)
+def draft_schedule(most_k: int, entries: tuple[Entry, ...] = DRAFT_SCHEDULE) -> tuple[Entry, ...]:
+    """`entries` (DRAFT_SCHEDULE: the default speculative_schedule with a draft model; EAGLE_SCHEDULE
+    with a draft head) with K capped at most_k."""
+    return tuple((b, min(k, most_k), c) for b, k, c in entries)
 
 
 def resolve_schedule(schedule, most_k: int) -> tuple[Entry, ...]:
@@ -126,8 +132,8 @@ def speculative_fields(spec: dict | None, fields: dict, most_k: int) -> str | No
     """LLM's `speculative` ({"method": "ngram" | "draft" | "eagle", "num_speculative_tokens": K in
     [1, most_k], "model": the draft model (draft), "head": a draft head's directory (eagle)}) into
     EngineConfig `fields` (speculative_k, and for a draft its schedule unless given); returns the
-    draft model, if any. ValueError naming the field. A head runs with the n-gram schedule: its
-    propose call costs little beside a verify step (bench/results/cpu-spec-smollm2-eagle-*.md)."""
+    draft model, if any. ValueError naming the field. A draft head's schedule, unless given, is
+    EAGLE_SCHEDULE (its propose call costs about a decode step on SmolLM2)."""
     if spec is not None and "speculative_k" in fields:
         raise ValueError("give speculative={...} or speculative_k, not both")
     if spec is None:
@@ -150,6 +156,7 @@ def speculative_fields(spec: dict | None, fields: dict, most_k: int) -> str | No
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most_k:
         raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {most_k}]")
     fields["speculative_k"] = (k,)
-    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
-        fields.setdefault("speculative_schedule", draft_schedule(k))
+    if spec["method"] in ("draft", "eagle"):  # unless given: break-evens that count the draft's cost
+        entries = DRAFT_SCHEDULE if spec["method"] == "draft" else EAGLE_SCHEDULE
+        fields.setdefault("speculative_schedule", draft_schedule(k, entries))
     return spec.get("model")
