@@ -126,8 +126,8 @@ def step_costs(llm, batches, k: int, repeats: int = 7) -> list[dict]:
         ]
         if isinstance(proposer, DraftProposer):  # every row: one window token at position 0, then k - 1 steps
             calls.append(("propose", lambda b=b: llm.draft.propose(table, kv, window, zeros, n // k, n, b)))
-        elif isinstance(proposer, EagleProposer):  # one call for every slot, whatever the batch
-            calls.append(("propose", lambda: proposer.propose_all(zeros)))
+        elif isinstance(proposer, EagleProposer):  # one call for the batch's slot bucket (b: one)
+            calls.append(("propose", lambda b=b: proposer.propose_all(np.zeros((b,), np.int32))))
         for name, call in calls:
             call()
             times = []

@@ -51,6 +51,10 @@ class NgramProposer:
     """Prompt lookup: guesses cost nothing, so pages are reserved for the guesses found."""
 
     writes_cache = False
+    costly = False  # (a draft's call costs about a decode step: Speculation.propose checks first)
+
+    def ready(self, seq: Seq) -> bool:
+        return True
 
     def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
         return [ngram_propose(seq.tokens(), most) for seq, most in rows]
@@ -70,6 +74,7 @@ class DraftProposer:
     reserved for all its guesses before it guesses."""
 
     writes_cache = True
+    costly = True
 
     def __init__(self, draft: DraftEngine, scheduler: Scheduler):
         self.draft, self.scheduler = draft, scheduler
@@ -113,6 +118,9 @@ class DraftProposer:
     def observe(self, seq: Seq, pos: int, features, tokens) -> None:
         pass
 
+    def ready(self, seq: Seq) -> bool:
+        return True
+
     def free(self, slot: int) -> None:
         """The slot's sequence left it (finished or preempted): its draft K/V is no one's."""
         self.owner[slot], self.valid[slot] = None, 0
@@ -124,6 +132,7 @@ class EagleProposer:
     pages are reserved for the guesses made only."""
 
     writes_cache = False
+    costly = True
 
     def __init__(self, head: Head, engine: Engine, slots: int):
         from xlaserve.runtime import draft_head
@@ -141,16 +150,20 @@ class EagleProposer:
         self.count = np.zeros((slots,), np.int32)
         self.end = np.full((slots,), -1, np.int64)
         self.owner: list[Seq | None] = [None] * slots
-        self.propose_all(np.zeros((slots,), np.int32))  # compiled now: no request triggers a compile
+        for rows in engine.ecfg.slot_buckets:  # compiled now: no request triggers a compile
+            self.propose_all(np.zeros((rows,), np.int32))
 
     def propose_all(self, position: np.ndarray) -> np.ndarray:
-        """int32 [slots, K]: every slot's guesses (garbage for those with no pairs)."""
-        pad = (self.tokens.shape[1] - self.count).astype(np.int32)
+        """position [R] (R a slot bucket): the first R slots' newest tokens' positions -> int32
+        [R, K], their guesses (garbage for those with no pairs). One compiled shape per bucket: the
+        call costs about a decode step of R rows (K steps of one layer plus the target's lm_head)."""
+        r, w = len(position), self.tokens.shape[1]
+        pad = (w - self.count[:r]).astype(np.int32)
         out = self._propose(
             self.head.params,
             self.engine.weights,
-            self.feats,
-            self.tokens,
+            self.feats[:r],
+            self.tokens[:r],
             position,
             pad,
             cfg=self.engine.cfg,
@@ -158,24 +171,23 @@ class EagleProposer:
         )
         return np.asarray(out)
 
-    def _ready(self, seq: Seq) -> bool:
+    def ready(self, seq: Seq) -> bool:
+        """Whether the slot holds pairs of `seq` ending at its last token (else it guesses nothing
+        this step, and the step does not count against its acceptance: a sequence new to its slot
+        always starts so, and counted, that one-token step would keep it from ever guessing)."""
         tokens = seq.tokens()
         slot = seq.slot
         fresh = self.owner[slot] is seq and self.end[slot] == len(tokens) - 1
         return fresh and self.count[slot] > 0 and self.tokens[slot, -1] == tokens[-1]
 
-    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray | None]:
-        """rows: (sequence, most guesses ≥ 1). A row without pairs gets None: it guesses nothing,
-        and the step does not count against its acceptance (spec_policy.py: a sequence new to its
-        slot always starts so; counted, its first step's one token would stop it guessing)."""
-        ready = [self._ready(seq) for seq, _ in rows]
-        if not any(ready):
-            return [None] * len(rows)
-        position = np.zeros((len(self.owner),), np.int32)  # of each window's newest token
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
+        """rows: (sequence, most guesses ≥ 1), each `ready`."""
+        busy = 1 + max(seq.slot for seq, _ in rows)
+        position = np.zeros((self.engine.slot_bucket(busy),), np.int32)  # of each newest token
         for seq, _ in rows:
             position[seq.slot] = len(seq.tokens()) - 1
         out = self.propose_all(position)
-        return [out[seq.slot, :m] if ok else None for (seq, m), ok in zip(rows, ready, strict=True)]
+        return [out[seq.slot, :m] for seq, m in rows]
 
     def accepted(self, seq: Seq, emitted: int) -> None:
         pass
@@ -242,13 +254,15 @@ class Speculation:
         """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
         now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
         A sequence that may guess and does not get its guesses checked records a one-token step, unless
-        its proposer had nothing to go on (None: a draft head's empty window)."""
+        its proposer is not `ready` for it (a draft head's empty window)."""
         s, ecfg, proposer = self.scheduler, self.engine.ecfg, self.proposer
         proposed = np.zeros((len(s.slots), k), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
         rows = []
         for seq in seqs:
             if seq.req.finished or not self.may_guess(seq.req):  # a finished one runs once more, unread
+                continue
+            if not proposer.ready(seq):  # nothing to go on yet (a head's empty window): not counted
                 continue
             req, length = seq.req, len(seq.tokens())
             # no guess past max_tokens or max_model_len: the last emitted token is the model's own
@@ -261,15 +275,14 @@ class Speculation:
         # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
         # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
         # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
-        # A draft guesses for every row it runs for: whether that pays is known before it runs.
+        # A draft model or head guesses for every row it runs for, and its call costs about a decode
+        # step: whether that pays is known before it runs.
         live = [seq for seq in seqs if not seq.req.finished]
-        if proposer.writes_cache and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
+        if proposer.costly and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
             _one_token_steps([seq for seq, _ in rows], break_even)
             return proposed, n
         found = proposer.guesses(rows) if rows else []
         for (seq, _), guesses in zip(rows, found, strict=True):
-            if guesses is None:  # the proposer had nothing to go on yet (a head's empty window)
-                continue
             length = len(seq.tokens())
             held = s.reserve(seq, length + len(guesses))
             guesses = guesses[: max(0, held - length)]

@@ -80,7 +80,7 @@ def windows_seen(llm, monkeypatch) -> list:
     def spy(rows):
         for seq, _ in rows:
             s, n = seq.slot, int(proposer.count[seq.slot])
-            if proposer._ready(seq):
+            if proposer.ready(seq):
                 w = proposer.tokens.shape[1]
                 seen.append(
                     (
