@@ -48,9 +48,10 @@ SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
 DRAFT_SCHEDULE = ((1, 16, 2.6), (4, 16, 3.0))
 # With a draft head a verify step also costs the head's propose call: K chained steps of one layer
 # plus the target's lm_head, which for SmolLM2-135M (a 49k vocabulary) costs about a decode step.
-# Measured at batch 1, K=4, shared 2-core CPU (bench/results/cpu-spec-smollm2-eagle-2026-12-03.md):
-# (verify + propose) / decode on idle slots 2.8. Larger batches: not measured, so not assumed to pay.
-EAGLE_SCHEDULE = ((1, 16, 2.8),)
+# (verify + propose) / decode on idle slots at batch 1, K=4, shared 2-core CPU (load 3-5): 2.8, 3.2
+# and 3.5 in three runs (bench/results/cpu-spec-smollm2-eagle-*2026-12-03.md); 2.2 at batch 4.
+# Nothing above 1 sequence: no head measured so far guesses well enough to find out.
+EAGLE_SCHEDULE = ((1, 16, 3.2),)
 Entry = tuple[int, int, float]
 
 

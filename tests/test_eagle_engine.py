@@ -227,7 +227,7 @@ def test_a_head_gets_the_eagle_schedule_unless_one_is_given():
     assert (
         speculative_fields({"method": "eagle", "head": "/h", "num_speculative_tokens": 3}, fields, 16) is None
     )
-    assert fields == {"speculative_k": (3,), "speculative_schedule": ((1, 3, 2.8),)}
+    assert fields == {"speculative_k": (3,), "speculative_schedule": ((1, 3, 3.2),)}
     fields = {"speculative_schedule": ((2, 3),)}
     speculative_fields({"method": "eagle", "head": "/h"}, fields, 16)
     assert fields["speculative_schedule"] == ((2, 3),)
