@@ -23,9 +23,10 @@ Three proposers:
   states before its final norm, which the engine's decode and verify programs return when it is built
   with `features` (programs.py). It keeps each slot's last W (state, next token) pairs on the host,
   fed from every decode and verify step the runner reads (a verify step's accepted positions only);
-  all guessing rows get their guesses from one `draft_head.propose` call over every slot (one
-  compiled shape, compiled at start-up). A sequence new to its slot has no pairs: it guesses from
-  its first decode step on (one pair is enough: the head pads the window).
+  all guessing rows get their guesses from one `draft_head.propose` call over the batch's slot
+  bucket (one compiled shape per bucket, compiled at start-up). A sequence new to its slot has no
+  pairs: it guesses from its second step on (one pair is enough: the head pads the window). The
+  call costs about a decode step, so, as for a draft model, whether a step pays is checked first.
 """
 
 from __future__ import annotations
