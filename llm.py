@@ -68,10 +68,12 @@ class LLM:
         xlaserve checkpoint directory (`xlaserve convert`).
         mesh: "tp=4", "dp=2,tp=4", ...: tp shards the model over devices; dp runs that many
         replicas, each on its own tp group (default: one device).
-        speculative: speculative decoding, {"method": "ngram" or "draft",
+        speculative: speculative decoding, {"method": "ngram", "draft" or "eagle",
         "num_speculative_tokens": K (default 4), "model": the draft model (method "draft"; any
-        `model` form, with the target's tokenizer)}: sets speculative_k=(K,) (speculative_k alone
-        means n-gram lookup) and, for a draft unless given, speculative_schedule (spec_policy.py).
+        `model` form, with the target's tokenizer), "head": a draft head's directory trained for
+        this model (method "eagle"; `xlaserve train-draft`; needs flax)}: sets speculative_k=(K,)
+        (speculative_k alone means n-gram lookup) and, for a draft unless given,
+        speculative_schedule (spec_policy.py).
         engine_fields: any EngineConfig field (max_slots, page_size, max_model_len, dtype,
         quantized, decode_steps, prefill_buckets, ...), overriding `engine_config`."""
         progress = progress or (lambda msg: log.info(msg))
@@ -95,6 +97,13 @@ class LLM:
         load_seconds = time.perf_counter() - t0
         weights = lambda i, g, m=loaded: m.weights if i == 0 or m.restore is None else m.restore(g)
         draft, footprint = None, (0, 0)  # a draft model's weights and pages go into the memory plan
+        head = None  # a draft head (draft_head.Head) reads the target's features: the engine returns them
+        if speculative is not None and speculative.get("method") == "eagle":
+            if jax.process_count() > 1:
+                raise ValueError("speculative decoding with a draft head runs on one host")
+            from xlaserve.checkpoints.draft_head import load_head
+
+            head = load_head(speculative["head"], loaded.config, loaded.weights, base.speculative_k[-1])
         if draft_model is not None:
             if jax.process_count() > 1:
                 raise ValueError("speculative decoding with a draft model runs on one host")
@@ -119,7 +128,7 @@ class LLM:
             calibration = text if start is None else [start, *text]
         kw = dict(progress=progress, calibration=calibration)
         engines = [
-            Engine(loaded.config, weights(i, g), base, mesh=g, draft=footprint, **kw)
+            Engine(loaded.config, weights(i, g), base, mesh=g, draft=footprint, features=bool(head), **kw)
             for i, g in enumerate(groups)
         ]
         drafts = [
@@ -127,6 +136,8 @@ class LLM:
             for i, (e, g) in enumerate(zip(engines, groups, strict=True))
             if draft is not None
         ]
+        if head is not None:  # each runner guesses with the head, over its engine's features
+            drafts = [head] * len(engines)
         if jax.process_count() > 1:  # multi-host: process 0 leads, the others replay its calls
             if len(engines) > 1:
                 raise ValueError("multi-host runs one tensor-parallel model (dp=1); give the mesh as tp=N")
@@ -141,7 +152,7 @@ class LLM:
         cls, engine, tokenizer, *, source: str = "(in memory)", quantization: str = "none", draft=None
     ) -> LLM:
         """An LLM over an engine built elsewhere (e.g. `MockEngine` in tests); draft: a DraftEngine
-        built for it, to speculate with."""
+        built for it, or a draft_head.Head (the engine built with `features`), to speculate with."""
         self = cls.__new__(cls)
         self._setup(
             [engine], tokenizer, source, quantization, 0.0, MeshSpec(), drafts=[draft] if draft else []

@@ -1,8 +1,9 @@
-"""Speculative decoding (n-gram guesses, or a draft model's) on vs off, side by side in one run, on
-one engine:
+"""Speculative decoding (n-gram guesses, a draft model's, or a trained draft head's) on vs off, side
+by side in one run, on one engine:
 
     python -m xlaserve.bench.spec [--batches 1,8,32] [--max-tokens 128]
     python -m xlaserve.bench.spec --model qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b --batches 1
+    python -m xlaserve.bench.spec --draft-head DIR --batches 1   # xlaserve train-draft --out DIR
 
 For each batch size and prompt kind (copy: "repeat this text verbatim"; edit: "rename variable x
 to y and output the whole function"; chat: open questions), the same greedy requests run
@@ -19,7 +20,9 @@ prompts' prefill too (no prefix cache: each mode prefills its own).
 
 It also times one verify step (K guesses) against one decode step at each batch size on idle
 slots (same bucket of KV): the cost ratio that spec_policy.VERIFY_COST stands for at batch 1; with a
-draft model, also one propose call (K guesses a row), which a draft's verify step costs on top.
+draft model or head, also one propose call (K guesses a row), which its verify step costs on top.
+With a head, the engine's decode and verify programs also return the target's features (all modes,
+"off" included: an engine is built once).
 """
 
 from __future__ import annotations
@@ -105,7 +108,11 @@ def run(llm, reqs, params, mode: str) -> dict:
 
 def step_costs(llm, batches, k: int, repeats: int = 7) -> list[dict]:
     """Median seconds of a decode and a verify step (k guesses, all rows guessing) on idle slots."""
-    engine, table = llm.engine, llm.runner.scheduler.page_table
+    import jax
+
+    from xlaserve.runtime.spec_runner import DraftProposer, EagleProposer
+
+    engine, table, proposer = llm.engine, llm.runner.scheduler.page_table, llm.runner.spec.proposer
     kv, slots = engine.ecfg.kv_buckets[0], engine.ecfg.max_slots
     proposed = np.zeros((slots, k), np.int32)
     n = np.full((slots,), k, np.int32)
@@ -114,11 +121,13 @@ def step_costs(llm, batches, k: int, repeats: int = 7) -> list[dict]:
     for b in batches:
         timed = {}
         calls = [
-            ("decode", lambda b=b: np.asarray(engine.decode(table, kv, b))),
+            ("decode", lambda b=b: jax.block_until_ready(engine.decode(table, kv, b))),
             ("verify", lambda b=b: engine.verify(table, kv, proposed, n, b)),
         ]
-        if llm.draft is not None:  # every row: one window token at position 0, then k - 1 steps
+        if isinstance(proposer, DraftProposer):  # every row: one window token at position 0, then k - 1 steps
             calls.append(("propose", lambda b=b: llm.draft.propose(table, kv, window, zeros, n // k, n, b)))
+        elif isinstance(proposer, EagleProposer):  # one call for the batch's slot bucket (b: one)
+            calls.append(("propose", lambda b=b: proposer.propose_all(np.zeros((b,), np.int32))))
         for name, call in calls:
             call()
             times = []
@@ -142,6 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="guesses per step (speculative_k)")
     p.add_argument("--draft-model", default=None, help="guess with this draft model (default: n-gram lookup)")
+    p.add_argument(
+        "--draft-head", default=None, help="guess with this trained draft head (xlaserve train-draft)"
+    )
     p.add_argument("--out", default=None)
 
 
@@ -167,7 +179,8 @@ def main(argv=None) -> dict:
         scoring=False,
         prefix_cache=False,  # each mode prefills its prompts itself
         speculative={"method": "ngram", "num_speculative_tokens": args.k}
-        | ({"method": "draft", "model": args.draft_model} if args.draft_model else {}),
+        | ({"method": "draft", "model": args.draft_model} if args.draft_model else {})
+        | ({"method": "eagle", "head": args.draft_head} if args.draft_head else {}),
     )
     engine, policy = llm.engine, llm.engine.ecfg
     forced = dataclasses.replace(policy, speculative_schedule=((slots, args.k, 1.0),))
@@ -202,6 +215,7 @@ def main(argv=None) -> dict:
         "versions": {"jax": jax.__version__},
         "model": args.model,
         "draft_model": args.draft_model,
+        "draft_head": args.draft_head,
         "k": args.k,
         "max_tokens": args.max_tokens,
         "policy": {"schedule": policy.speculative_schedule},
@@ -210,7 +224,7 @@ def main(argv=None) -> dict:
         "command": report.command_line("python -m xlaserve.bench.spec", add_arguments, args),
     }
     name = f"spec-{report.slug(args.model)}" + (
-        f"-draft-{report.slug(args.draft_model)}" if args.draft_model else ""
+        f"-draft-{report.slug(args.draft_model)}" if args.draft_model else "-eagle" if args.draft_head else ""
     )
     report.write(result, report.result_path(args.out, name), markdown(result))
     return result
@@ -219,6 +233,7 @@ def main(argv=None) -> dict:
 def markdown(r: dict) -> str:
     f = report.fmt
     proposer = f"draft model {r['draft_model']}" if r.get("draft_model") else "n-gram"
+    proposer = f"draft head {r['draft_head']}" if r.get("draft_head") else proposer
     lines = [
         f"# Speculative decoding ({proposer}, K={r['k']}): {r['model']}, "
         f"{r['max_tokens']} greedy tokens a request",

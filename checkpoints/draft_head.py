@@ -119,3 +119,23 @@ def load(path, cfg: ModelConfig, weights):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(path / PARAMS, f"cannot restore the draft head: {first}") from None
     return params, meta
+
+
+def load_head(path, cfg: ModelConfig, weights, k: int) -> draft_head.Head:
+    """The head at `path` as the engine runs it (`LLM(speculative={"method": "eagle", "head": path,
+    "num_speculative_tokens": k})`), checked against the target (cfg, weights) and k: ValueError
+    naming the field (`head`, `num_speculative_tokens`)."""
+    try:
+        params, meta = load(path, cfg, weights)
+    except ValueError as e:  # CheckpointError included: a missing, corrupt or other model's head
+        raise ValueError(f"speculative head={str(path)!r}: {e}") from None
+    try:
+        draft_head.check_k(k)
+    except ValueError as e:
+        raise ValueError(f"num_speculative_tokens={k!r}: {e}") from None
+    window = (meta.get("settings") or {}).get("window", 1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(
+            f"speculative head={str(path)!r}: its manifest's settings.window={window!r} is not ≥ 1"
+        )
+    return draft_head.Head(params, window)

@@ -64,9 +64,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
         "--speculative",
-        choices=["ngram", "draft"],
+        choices=["ngram", "draft", "eagle"],
         help="speculative decoding (greedy output unchanged, sampled output distributed as without): "
-        "ngram (guesses by prompt lookup) or draft (guesses by --draft-model); default off",
+        "ngram (guesses by prompt lookup), draft (guesses by --draft-model) or eagle (guesses by the "
+        "trained draft head --draft-head); default off",
     )
     g.add_argument(
         "--num-speculative-tokens",
@@ -77,6 +78,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--draft-model",
         help="with --speculative draft: the draft model (as --model; with the model's tokenizer), e.g. "
         "qwen2.5-coder-0.5b for --model qwen2.5-coder-1.5b",
+    )
+    g.add_argument(
+        "--draft-head",
+        metavar="DIR",
+        help="with --speculative eagle: a draft head trained for --model (xlaserve train-draft --out DIR)",
     )
     g.add_argument(
         "--dtype",
@@ -126,14 +132,16 @@ def engine_kwargs(args) -> dict:
     )
     kwargs = {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
     method, k = getattr(args, "speculative", None), getattr(args, "num_speculative_tokens", None)
-    draft = getattr(args, "draft_model", None)
+    draft, head = getattr(args, "draft_model", None), getattr(args, "draft_head", None)
     if (method == "draft") != (draft is not None):
         raise ValueError("--speculative draft and --draft-model M go together")
+    if (method == "eagle") != (head is not None):
+        raise ValueError("--speculative eagle and --draft-head DIR go together")
     if method is not None:
         spec = {"method": method, "num_speculative_tokens": 4 if k is None else k}
-        kwargs["speculative"] = spec | ({"model": draft} if draft else {})
+        kwargs["speculative"] = spec | ({"model": draft} if draft else {}) | ({"head": head} if head else {})
     elif k is not None:
-        raise ValueError("--num-speculative-tokens needs --speculative ngram or draft")
+        raise ValueError("--num-speculative-tokens needs --speculative ngram, draft or eagle")
     return kwargs
 
 

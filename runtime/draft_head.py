@@ -153,6 +153,15 @@ def init_params(cfg: ModelConfig, seed: int = 0):
     return DraftHead(hc).init(jax.random.key(seed), zeros, zeros, one, empty_cache(hc, 1, 1), 0, one[:, 0])
 
 
+@dataclass(frozen=True)
+class Head:
+    """A trained head as the engine runs it (checkpoints/draft_head.load gives params and manifest):
+    params; window: W, the context positions it was trained to read (manifest settings.window)."""
+
+    params: dict
+    window: int
+
+
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k={k!r}: the draft head's chain length must be an integer in [1, {MAX_K}]")

@@ -90,6 +90,7 @@ class Engine:
         progress: Callable[[str], None] | None = None,
         calibration=None,
         draft: tuple[int, int] = (0, 0),
+        features: bool = False,
     ):
         """weights: the family's weights pytree (host or device arrays); mesh: a ("tp",) mesh to
         shard the model over (None: the default device). The configuration is sized to the devices'
@@ -97,7 +98,8 @@ class Engine:
         before anything is placed. calibration: token ids of a text to measure the key smoothing of
         a quantized KV cache on (runtime/kv_smoothing.py; None: seeded random ids). draft: the
         `Layout.footprint()` of a draft model that will share this engine's pages (runtime/draft.py),
-        which the memory plan counts too."""
+        which the memory plan counts too. features: decode and verify also return the states before
+        the final norm a draft head reads (runtime/eagle.py); off, they do not compute them."""
         self.cfg, self.mesh = cfg, mesh
         self._progress = progress or (lambda msg: None)
         backend = jax.default_backend()
@@ -113,8 +115,16 @@ class Engine:
             # every process must compile the same programs: no sizing from a host's own memory
             engine_cfg = dataclasses.replace(engine_cfg, max_slots=8)
         self.layout = lay = Layout.build(
-            cfg, weights, engine_cfg, backend=backend, mesh=mesh, device=device, draft=draft
+            cfg,
+            weights,
+            engine_cfg,
+            backend=backend,
+            mesh=mesh,
+            device=device,
+            draft=draft,
+            features=features,
         )
+        self.features = features
         self.ecfg, self.st, self.plan = lay.ecfg, lay.st, lay.plan
         ecfg = lay.ecfg
         if lay.plan is not None:
@@ -338,12 +348,13 @@ class Engine:
         slots); `kv_tokens` bounds every active slot's length after the dispatch. With `allowed`
         (int32 [max_slots, mask_words]: the grammar slots' bitmasks, all ones for the others) one
         masked step instead. Returns the packed results [steps, rows, C] (rows = the slot bucket
-        used), on device."""
+        used), on device; on an engine with `features`, unmasked, (packed, the states before the final
+        norm float32 [steps, rows, D])."""
         key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens))
         program = self._decode if allowed is None else self._decode_masked
         host = self._put(page_table, *(() if allowed is None else (allowed,)))
-        self.cache, self.state, packed = program[key](self.weights, self.cache, self.state, *host)
-        return packed
+        self.cache, self.state, packed, *feats = program[key](self.weights, self.cache, self.state, *host)
+        return (packed, feats[0]) if feats else packed
 
     def verify(
         self,
@@ -359,7 +370,8 @@ class Engine:
         prefix and one token of its own. page_table holds pages for positions lengths ..
         lengths + n_proposed (after the call, pages past the new lengths may be freed); kv_tokens
         bounds lengths + n_proposed + 1 of every active slot. Returns the emitted tokens on the host
-        (the next proposal needs them)."""
+        (the next proposal needs them), with the features of every position on an engine with
+        `features`."""
         k = next((b for b in self.ecfg.speculative_k if b >= proposed.shape[1]), None)
         if k is None:
             raise ValueError(f"{proposed.shape[1]} guesses: speculative_k is {self.ecfg.speculative_k}")
@@ -367,8 +379,10 @@ class Engine:
         padded[:, : proposed.shape[1]] = proposed
         key = (self.slot_bucket(busy_rows or self.ecfg.max_slots), self.kv_bucket(kv_tokens), k)
         host = self._put(page_table, padded, np.asarray(n_proposed, np.int32))
-        self.cache, self.state, packed = self._verify[key](self.weights, self.cache, self.state, *host)
-        return Verified.unpack(to_host(packed), k)
+        self.cache, self.state, packed, *feats = self._verify[key](
+            self.weights, self.cache, self.state, *host
+        )
+        return Verified.unpack(to_host(packed), k, to_host(feats[0]) if feats else None)
 
     def free(self, slot: int) -> None:
         self.state = self._free(self.state, *self._put(np.int32(slot)))

@@ -103,6 +103,9 @@ class Layout:
     cache: KVCache  # abstract [L, N, P, H, D] each
     state: DecodeState  # abstract
     plan: memory.MemoryPlan | None  # None: no device memory to plan for
+    # decode and verify also return the target's states before the final norm (for a draft head,
+    # runtime/eagle.py); static, so an engine without a head runs programs without that output
+    features: bool = False
 
     @classmethod
     def build(
@@ -115,10 +118,12 @@ class Layout:
         mesh: Mesh | None = None,
         device: tuple[int, str] | None = None,
         draft: tuple[int, int] = (0, 0),
+        features: bool = False,
     ) -> Layout:
         """weights: the family's weights, arrays or ShapeDtypeStructs (as loaded: packed quantized
         matrices); device: (bytes per device, where the figure comes from) to plan for, or None;
-        draft: a draft model's `footprint()` that the plan counts too (runtime/draft.py)."""
+        draft: a draft model's `footprint()` that the plan counts too (runtime/draft.py); features:
+        decode and verify return the states a draft head reads (programs.py)."""
         family = models.of(cfg)
         family.check(cfg)
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
@@ -160,7 +165,7 @@ class Layout:
         )
         cache = cache_of(ecfg, ecfg.total_pages)
         state = abstract(jax.eval_shape(lambda: DecodeState.zeros(ecfg.max_slots, cfg.vocab_size)), repl)
-        return cls(cfg, ecfg, backend, mesh, st, host, cache, state, plan)
+        return cls(cfg, ecfg, backend, mesh, st, host, cache, state, plan, features)
 
     # -- the programs ---------------------------------------------------------------------------
 
@@ -275,6 +280,7 @@ class Layout:
             kv_pages=kv_tokens // ecfg.page_size,
             rows=rows,
             with_logits=with_logits,
+            features=self.features and not masked and not with_logits,
         )
         args = (
             self.weights,
@@ -285,7 +291,8 @@ class Layout:
         if masked:
             args += (self.spec((ecfg.max_slots, self.mask_words), jnp.int32),)
         kind = "decode_logits" if with_logits else "decode_masked" if masked else "decode"
-        outputs = ("cache", "state", "packed") + (("logits",) if with_logits else ()) + ("routed",)
+        outputs = ("cache", "state", "packed") + (("logits",) if with_logits else ())
+        outputs += ("features",) * fn.keywords["features"] + ("routed",)
         name = f"{kind}[S={rows},k={steps},kv={kv_tokens}]"
         return self.program(kind, (rows, kv_tokens), name, fn, ("cache", "state"), args, outputs)
 
@@ -293,7 +300,10 @@ class Layout:
         """A speculative step of the first `rows` slots, K = k guesses each, attending over
         `kv_tokens` (programs.verify)."""
         ecfg = self.ecfg
-        fn = functools.partial(programs.verify, st=self.st, kv_pages=kv_tokens // ecfg.page_size, rows=rows)
+        kv_pages = kv_tokens // ecfg.page_size
+        fn = functools.partial(
+            programs.verify, st=self.st, kv_pages=kv_pages, rows=rows, features=self.features
+        )
         args = (
             self.weights,
             self.cache,
@@ -310,7 +320,7 @@ class Layout:
             fn,
             ("cache", "state"),
             args,
-            ("cache", "state", "packed", "routed"),
+            ("cache", "state", "packed") + ("features",) * self.features + ("routed",),
         )
 
     def programs(self) -> list[Program]:

@@ -69,7 +69,11 @@ class Statics:
         """The model family running `cfg`: its forward and logits."""
         return models.of(self.cfg)
 
-    def forward(self, weights, cache, tokens, positions, valid, page_table, kv_len, block=None, routed=False):
+    def forward(
+        self, weights, cache, tokens, positions, valid, page_table, kv_len, block=None, routed=False, **kw
+    ):
+        """The family's forward; kw: `features=True` (the shared decoder's only) adds the states
+        before the final norm."""
         return self.family.forward(
             weights,
             cache,
@@ -83,6 +87,7 @@ class Statics:
             dtype=self.dtype,
             kernels=self.kernels,
             routed=routed,
+            **kw,
         )
 
     def logits(self, weights, hidden):
@@ -125,12 +130,15 @@ class Verified:
 
     emitted: np.ndarray  # [R] int32: 1 .. n_proposed + 1 for an active slot, 0 for an idle one
     sampled: Sampled  # leading dims [R, K+1]
+    # float32 [R, K+1, D]: the states before the final norm at each position run (an engine built
+    # for a draft head; else None); only a row's first `emitted` are the sequence's
+    features: np.ndarray | None = None
 
     @staticmethod
-    def unpack(packed: np.ndarray, k: int) -> Verified:
+    def unpack(packed: np.ndarray, k: int, features: np.ndarray | None = None) -> Verified:
         packed = np.asarray(packed, np.int32)
         rows = packed.shape[0]
-        return Verified(packed[:, 0], Sampled.unpack(packed[:, 1:].reshape(rows, k + 1, -1)))
+        return Verified(packed[:, 0], Sampled.unpack(packed[:, 1:].reshape(rows, k + 1, -1)), features)
 
     def tokens(self, row: int) -> list[int]:
         return self.sampled.tokens[row, : self.emitted[row]].tolist()
@@ -276,6 +284,7 @@ def decode(
     kv_pages: int,
     rows: int,
     with_logits: bool = False,
+    features: bool = False,
 ):
     """Advance the active slots among the first `rows` by `steps` tokens (slots ≥ rows must be
     idle). page_table [S, W] must already hold pages for positions lengths .. lengths + steps - 1,
@@ -283,7 +292,9 @@ def decode(
     allowed: None, or the slots' grammar bitmasks int32 [S, ceil(V/32)] (all ones for a slot without
     one): the masked variant, one step only (the host must see each token before the next mask).
     Returns (cache, state, packed [steps, rows, C]) and, with_logits, the float32 logits
-    [steps, rows, V] each token was drawn from; then the active slots' tokens routed [L, E]."""
+    [steps, rows, V] each token was drawn from; with `features` (an engine for a draft head), the
+    target's states before the final norm at each step's input position, float32 [steps, rows, D];
+    then the active slots' tokens routed [L, E]."""
     assert allowed is None or steps == 1, "a grammar mask holds for one step"
     full = state
     state = jax.tree.map(lambda a: a[:rows], state)
@@ -293,10 +304,10 @@ def decode(
     idx = jnp.arange(rows)
 
     def step(i, carry):
-        cache, state, out, all_logits, routed = carry
+        cache, state, out, all_logits, feats, routed = carry
         pos, active = state.lengths, state.active
         seen = state.seen.at[idx, state.tokens].set(True)
-        hidden, cache, counts = st.forward(
+        hidden, cache, counts, *pre = st.forward(
             weights,
             cache,
             state.tokens[:, None],
@@ -306,31 +317,34 @@ def decode(
             jnp.where(active, pos + 1, 0),
             block,
             routed=True,
+            **({"features": True} if features else {}),
         )
         lg = st.logits(weights, hidden[:, 0])
         tokens, *rest = sample(lg, state.sampling, seen, pos + 1, max_top=st.max_top, allowed=allowed)
         out = out.at[i].set(pack(tokens, *rest))
         if with_logits:
             all_logits = all_logits.at[i].set(lg)
+        if features:
+            feats = feats.at[i].set(pre[0][:, 0].astype(jnp.float32))
         state = dataclasses.replace(
             state,
             tokens=jnp.where(active, tokens, state.tokens),
             lengths=jnp.where(active, pos + 1, pos),
             seen=seen,
         )
-        return cache, state, out, all_logits, routed + counts
+        return cache, state, out, all_logits, feats, routed + counts
 
     out = jnp.zeros((steps, rows, 2 + 2 * st.max_top), jnp.int32)
     all_logits = jnp.zeros((steps, rows, st.cfg.vocab_size) if with_logits else (0,), jnp.float32)
+    feats = jnp.zeros((steps, rows, st.cfg.hidden_size) if features else (0,), jnp.float32)
     routed = jnp.zeros((st.cfg.num_layers, st.cfg.num_experts), jnp.int32)
-    carry = (cache, state, out, all_logits, routed)
-    cache, state, out, all_logits, routed = jax.lax.fori_loop(0, steps, step, carry)
+    carry = (cache, state, out, all_logits, feats, routed)
+    cache, state, out, all_logits, feats, routed = jax.lax.fori_loop(0, steps, step, carry)
     state = jax.tree.map(
         lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, 0), full, state
     )
-    if with_logits:
-        return cache, state, out, all_logits, routed
-    return cache, state, out, routed
+    extra = ((all_logits,) if with_logits else ()) + ((feats,) if features else ())
+    return cache, state, out, *extra, routed
 
 
 def verify(
@@ -344,6 +358,7 @@ def verify(
     st: Statics,
     kv_pages: int,
     rows: int,
+    features: bool = False,
 ):
     """One speculative step for the active slots among the first `rows` (slots ≥ rows must be idle).
 
@@ -356,7 +371,9 @@ def verify(
     [S, W] must hold pages for positions lengths .. lengths + n_proposed, within the first
     `kv_pages` (the KV bucket: lengths + n_proposed + 1 <= kv_pages * page_size).
     Returns (cache, state, packed int32 [rows, 1 + (K+1) C]: the count emitted (0 for an idle
-    slot), then one `pack` row per position, C = 2 + 2 max_top; see `Verified`), then routed [L, E]
+    slot), then one `pack` row per position, C = 2 + 2 max_top; see `Verified`), with `features`
+    the target's states before the final norm at every position run, float32 [rows, K+1, D] (the
+    host keeps the first `emitted`: those of rejected guesses are discarded), then routed [L, E]
     (every valid position's tokens, rejected guesses included: load the experts carried)."""
     full = state
     state = jax.tree.map(lambda a: a[:rows], state)
@@ -366,7 +383,7 @@ def verify(
     k1 = proposed.shape[1] + 1
     j = jnp.arange(k1)[None, :]
     seen = state.seen.at[jnp.arange(rows), state.tokens].set(True)  # as decode: the input counts
-    hidden, cache, routed = st.forward(
+    hidden, cache, routed, *pre = st.forward(
         weights,
         cache,
         jnp.concatenate([state.tokens[:, None], proposed], axis=1),
@@ -376,6 +393,7 @@ def verify(
         jnp.where(active, pos + n + 1, 0),
         kv_pages * cache.page_size,
         routed=True,
+        **({"features": True} if features else {}),
     )
     lg = st.logits(weights, hidden)  # [rows, K+1, V] float32
     emitted, tokens, logprobs = accept(lg, proposed, n, state.sampling, seen, pos + 1)
@@ -406,4 +424,5 @@ def verify(
     state = jax.tree.map(
         lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, 0), full, state
     )
-    return cache, state, jnp.concatenate([emitted[:, None], out], axis=1), routed
+    packed = jnp.concatenate([emitted[:, None], out], axis=1)
+    return cache, state, packed, *[p.astype(jnp.float32) for p in pre], routed

@@ -46,7 +46,6 @@ import numpy as np
 
 from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
-from xlaserve.runtime.draft import DraftEngine
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.prefills import Prefills
@@ -69,12 +68,13 @@ class Runner:
         *,
         token_budget: int | None = None,
         grammars: Grammars | None = None,
-        draft: DraftEngine | None = None,
+        draft=None,
     ):
         """token_budget: prompt tokens per step (None: the engine config's prefill_token_budget, else
         the largest bucket; LLM passes the one it measured, budget.py). grammars: compiles requests'
         grammars (None: one of its own for this tokenizer). draft: speculate with this draft model
-        (on an engine with speculative_k; None: by n-gram lookup)."""
+        (on an engine with speculative_k), or this draft_head.Head (on an engine built with
+        `features`); None: by n-gram lookup."""
         e = engine.ecfg
         self.engine, self.tokenizer = engine, tokenizer
         self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
@@ -104,7 +104,9 @@ class Runner:
         self.prefills = Prefills(engine, self.scheduler)
         self._rows: dict[Seq, SamplingState] = {}
         self.seqs: dict[str, Seq] = {}
-        self._inflight = None  # (packed results on device, [(seq, slot)]) of the last decode dispatch
+        # (packed results on device, [(seq, slot)], features on device or None) of the last decode
+        # dispatch; features: the states a draft head reads [steps, rows, D] (an engine with them)
+        self._inflight = None
         self.finished = {reason.value: 0 for reason in FinishReason}
         self.prompt_tokens_computed = 0
         self.spec = Speculation(engine, self.scheduler, self._emit, draft)
@@ -177,9 +179,12 @@ class Runner:
                 masks = (self._masks(plan.decode),)
             busy = 1 + max(seq.slot for seq in plan.decode)
             packed = self.engine.decode(self.scheduler.page_table, plan.kv_tokens, busy, *masks)
+            packed, feats = packed if isinstance(packed, tuple) else (packed, None)
             packed.copy_to_host_async()
+            if feats is not None:
+                feats.copy_to_host_async()
             self.scheduler.dispatched(plan.decode)
-            self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode])
+            self._inflight = (packed, [(seq, seq.slot) for seq in plan.decode], feats)
         for seq, packed, row in ready:
             self.engine.insert(seq.slot, packed, len(seq.tokens()), self._rows[seq], self._presence(seq), row)
         # Host work from here on overlaps the device running the dispatches above.
@@ -206,7 +211,7 @@ class Runner:
         the recomputed first token)."""
         return seq.state is State.RUNNING and seq.slot == slot and seq.inflight > 0
 
-    def _offer_inflight(self, packed, members) -> None:
+    def _offer_inflight(self, packed, members, feats=None) -> None:
         """Before a masked dispatch: the grammar sequences' matchers take their tokens of the
         dispatch in flight (a masked one: one step), which the masks need; the rest of reading it
         (`_read_decode`) waits until the next dispatch is queued, overlapping the device."""
@@ -226,16 +231,21 @@ class Runner:
         if not grammar.advance(token):
             log.warning("%s: token %d breaks its grammar: %.300s", req.request_id, token, grammar.error)
 
-    def _read_decode(self, packed, members) -> list[Delta]:
+    def _read_decode(self, packed, members, feats=None) -> list[Delta]:
         result = Sampled.unpack(to_host(packed))  # [k, rows]
+        feats = None if feats is None else to_host(feats)  # [k, rows, D]
         deltas = []
         for seq, slot in members:
             if not self._live(seq, slot):
                 continue
+            pos = len(seq.tokens()) - 1  # of the dispatch's first input
             for i in range(result.tokens.shape[0]):
                 deltas.append(self._emit(seq, result, (i, slot)))
                 if seq.req.finished:
                     break
+            if feats is not None:  # step i: the state at pos + i, the token at pos + i + 1
+                n = i + 1
+                self.spec.proposer.observe(seq, pos, feats[:n, slot], result.tokens[:n, slot])
             self.scheduler.decoded(seq)
         return deltas
 

@@ -46,12 +46,19 @@ SCHEDULE = ((1, 16, VERIFY_COST), (8, 16, 3.0))
 # 3.8 at batch 4; from tok/s (mean accepted length x off / forced) 2.6-3.0 and 2.5-3.4. Nothing
 # above 4 sequences: not measured, so not assumed to pay.
 DRAFT_SCHEDULE = ((1, 16, 2.6), (4, 16, 3.0))
+# With a draft head a verify step also costs the head's propose call: K chained steps of one layer
+# plus the target's lm_head, which for SmolLM2-135M (a 49k vocabulary) costs about a decode step.
+# (verify + propose) / decode on idle slots at batch 1, K=4, shared 2-core CPU (load 3-5): 2.8, 3.2
+# and 3.5 in three runs (bench/results/cpu-spec-smollm2-eagle-*2026-12-03.md); 2.2 at batch 4.
+# Nothing above 1 sequence: no head measured so far guesses well enough to find out.
+EAGLE_SCHEDULE = ((1, 16, 3.2),)
 Entry = tuple[int, int, float]
 
 
-def draft_schedule(most_k: int) -> tuple[Entry, ...]:
-    """DRAFT_SCHEDULE with K capped at most_k: the default speculative_schedule with a draft model."""
-    return tuple((b, min(k, most_k), c) for b, k, c in DRAFT_SCHEDULE)
+def draft_schedule(most_k: int, entries: tuple[Entry, ...] = DRAFT_SCHEDULE) -> tuple[Entry, ...]:
+    """`entries` (DRAFT_SCHEDULE: the default speculative_schedule with a draft model; EAGLE_SCHEDULE
+    with a draft head) with K capped at most_k."""
+    return tuple((b, min(k, most_k), c) for b, k, c in entries)
 
 
 def resolve_schedule(schedule, most_k: int) -> tuple[Entry, ...]:
@@ -123,25 +130,34 @@ class SpecCounts:
 
 
 def speculative_fields(spec: dict | None, fields: dict, most_k: int) -> str | None:
-    """LLM's `speculative` ({"method": "ngram" | "draft", "num_speculative_tokens": K in [1, most_k],
-    "model": the draft model}) into EngineConfig `fields` (speculative_k, and for a draft its
-    schedule unless given); returns the draft model, if any. ValueError naming the field."""
+    """LLM's `speculative` ({"method": "ngram" | "draft" | "eagle", "num_speculative_tokens": K in
+    [1, most_k], "model": the draft model (draft), "head": a draft head's directory (eagle)}) into
+    EngineConfig `fields` (speculative_k, and for a draft its schedule unless given); returns the
+    draft model, if any. ValueError naming the field. A draft head's schedule, unless given, is
+    EAGLE_SCHEDULE (its propose call costs about a decode step on SmolLM2)."""
     if spec is not None and "speculative_k" in fields:
         raise ValueError("give speculative={...} or speculative_k, not both")
     if spec is None:
         return None
-    keys = {"method", "num_speculative_tokens", "model"}
-    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in ("ngram", "draft"):
+    keys = {"method", "num_speculative_tokens", "model", "head"}
+    methods = ("ngram", "draft", "eagle")
+    if not isinstance(spec, dict) or spec.keys() - keys or spec.get("method") not in methods:
         raise ValueError(
-            f"speculative={spec!r} must be a dict with method 'ngram' or 'draft', and optionally "
-            "num_speculative_tokens and (draft) model"
+            f"speculative={spec!r} must be a dict with method 'ngram', 'draft' or 'eagle', and "
+            "optionally num_speculative_tokens, (draft) model and (eagle) head"
         )
     if (spec["method"] == "draft") != ("model" in spec):
         raise ValueError(f"speculative={spec!r}: 'model' (the draft model) goes with method 'draft' only")
+    if (spec["method"] == "eagle") != ("head" in spec):
+        raise ValueError(
+            f"speculative={spec!r}: 'head' (a draft head's directory, xlaserve train-draft) goes with "
+            "method 'eagle' only"
+        )
     k = spec.get("num_speculative_tokens", 4)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most_k:
         raise ValueError(f"num_speculative_tokens={k!r} must be an integer in [1, {most_k}]")
     fields["speculative_k"] = (k,)
-    if spec["method"] == "draft":  # unless given: break-evens that count the draft's cost
-        fields.setdefault("speculative_schedule", draft_schedule(k))
+    if spec["method"] in ("draft", "eagle"):  # unless given: break-evens that count the draft's cost
+        entries = DRAFT_SCHEDULE if spec["method"] == "draft" else EAGLE_SCHEDULE
+        fields.setdefault("speculative_schedule", draft_schedule(k, entries))
     return spec.get("model")

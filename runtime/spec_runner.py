@@ -14,7 +14,7 @@ sequences that have not opted out and are not switched off for poor acceptance g
 (runtime/spec_policy.py). Each request counts its guesses made and kept (`Request.speculative`);
 `Speculation` sums them, and how many tokens each guessing sequence emitted per verify step.
 
-Two proposers:
+Three proposers:
 - `NgramProposer`: n-gram lookup in the sequence's own prompt and output (runtime/speculative.py);
 - `DraftProposer`: a draft model (runtime/draft.py) on the target's page table. It knows how many
   of each slot's positions hold the draft's K/V of the slot's sequence (0 for a sequence new to the
@@ -22,9 +22,19 @@ Two proposers:
   chunks, then all guessing rows get their guesses in one propose call. After a verify step the
   draft's K/V is valid up to the last guess the target kept (its K/V beyond is stale and gets
   overwritten).
+- `EagleProposer`: a trained EAGLE-style draft head (runtime/draft_head.py) over the target's own
+  states before its final norm, which the engine's decode and verify programs return when it is built
+  with `features` (programs.py). It keeps each slot's last W (state, next token) pairs on the host,
+  fed from every decode and verify step the runner reads (a verify step's accepted positions only);
+  all guessing rows get their guesses from one `draft_head.propose` call over the batch's slot
+  bucket (one compiled shape per bucket, compiled at start-up). A sequence new to its slot has no
+  pairs: it guesses from its second step on (one pair is enough: the head pads the window). The
+  call costs about a decode step, so, as for a draft model, whether a step pays is checked first.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,16 +47,26 @@ from xlaserve.runtime.scheduler import Scheduler, Seq
 from xlaserve.runtime.spec_policy import schedule_k
 from xlaserve.runtime.speculative import ngram_propose
 
+if TYPE_CHECKING:  # draft_head needs flax (the train extra): imported only when a head is used
+    from xlaserve.runtime.draft_head import Head
+
 
 class NgramProposer:
     """Prompt lookup: guesses cost nothing, so pages are reserved for the guesses found."""
 
     writes_cache = False
+    costly = False  # (a draft's call costs about a decode step: Speculation.propose checks first)
+
+    def ready(self, seq: Seq) -> bool:
+        return True
 
     def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
         return [ngram_propose(seq.tokens(), most) for seq, most in rows]
 
     def accepted(self, seq: Seq, emitted: int) -> None:
+        pass
+
+    def observe(self, seq: Seq, pos: int, features, tokens) -> None:
         pass
 
     def free(self, slot: int) -> None:
@@ -58,6 +78,7 @@ class DraftProposer:
     reserved for all its guesses before it guesses."""
 
     writes_cache = True
+    costly = True
 
     def __init__(self, draft: DraftEngine, scheduler: Scheduler):
         self.draft, self.scheduler = draft, scheduler
@@ -98,20 +119,121 @@ class DraftProposer:
         pos, made = self._last.pop(seq.slot)
         self.valid[seq.slot] = pos + min(emitted, made)
 
+    def observe(self, seq: Seq, pos: int, features, tokens) -> None:
+        pass
+
+    def ready(self, seq: Seq) -> bool:
+        return True
+
     def free(self, slot: int) -> None:
         """The slot's sequence left it (finished or preempted): its draft K/V is no one's."""
         self.owner[slot], self.valid[slot] = None, 0
         self._last.pop(slot, None)
 
 
+class EagleProposer:
+    """A draft head's guesses from the target's features; it writes no cache, so, as for n-gram,
+    pages are reserved for the guesses made only."""
+
+    writes_cache = False
+    costly = True
+
+    def __init__(self, head: Head, engine: Engine, slots: int):
+        from xlaserve.runtime import draft_head
+
+        cfg, w = engine.cfg, head.window
+        self.head, self.engine, self.k = head, engine, engine.ecfg.speculative_k[-1]
+        draft_head.check_k(self.k)
+        self._propose = draft_head.propose
+        # Per slot, its sequence's last `count` pairs right-aligned in the window (entries W - count
+        # .. W - 1, oldest first; the head pads the rest): the state at position q [D] and the
+        # token at q + 1; the newest token is at position `end`. Used only while `end` is the
+        # position of the sequence's last token (a gap, e.g. a grammar step, starts it over).
+        self.feats = np.zeros((slots, w, cfg.hidden_size), np.float32)
+        self.tokens = np.zeros((slots, w), np.int32)
+        self.count = np.zeros((slots,), np.int32)
+        self.end = np.full((slots,), -1, np.int64)
+        self.owner: list[Seq | None] = [None] * slots
+        for rows in engine.ecfg.slot_buckets:  # compiled now: no request triggers a compile
+            self.propose_all(np.zeros((rows,), np.int32))
+
+    def propose_all(self, position: np.ndarray) -> np.ndarray:
+        """position [R] (R a slot bucket): the first R slots' newest tokens' positions -> int32
+        [R, K], their guesses (garbage for those with no pairs). One compiled shape per bucket: the
+        call costs about a decode step of R rows (K steps of one layer plus the target's lm_head)."""
+        r, w = len(position), self.tokens.shape[1]
+        pad = (w - self.count[:r]).astype(np.int32)
+        out = self._propose(
+            self.head.params,
+            self.engine.weights,
+            self.feats[:r],
+            self.tokens[:r],
+            position,
+            pad,
+            cfg=self.engine.cfg,
+            k=self.k,
+        )
+        return np.asarray(out)
+
+    def ready(self, seq: Seq) -> bool:
+        """Whether the slot holds pairs of `seq` ending at its last token (else it guesses nothing
+        this step, and the step does not count against its acceptance: a sequence new to its slot
+        always starts so, and counted, that one-token step would keep it from ever guessing)."""
+        tokens = seq.tokens()
+        slot = seq.slot
+        fresh = self.owner[slot] is seq and self.end[slot] == len(tokens) - 1
+        return fresh and self.count[slot] > 0 and self.tokens[slot, -1] == tokens[-1]
+
+    def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
+        """rows: (sequence, most guesses ≥ 1), each `ready`."""
+        busy = 1 + max(seq.slot for seq, _ in rows)
+        position = np.zeros((self.engine.slot_bucket(busy),), np.int32)  # of each newest token
+        for seq, _ in rows:
+            position[seq.slot] = len(seq.tokens()) - 1
+        out = self.propose_all(position)
+        return [out[seq.slot, :m] for seq, m in rows]
+
+    def accepted(self, seq: Seq, emitted: int) -> None:
+        pass
+
+    def observe(self, seq: Seq, pos: int, features: np.ndarray, tokens: np.ndarray) -> None:
+        """A step the runner read for `seq`: features [n, D] at positions pos .. pos + n - 1 and the
+        token [n] emitted after each (its accepted positions only)."""
+        slot, n, w = seq.slot, len(tokens), self.tokens.shape[1]
+        if n == 0:
+            return
+        if self.owner[slot] is not seq or self.end[slot] != pos:  # not contiguous: start over
+            self.owner[slot], self.count[slot] = seq, 0
+        old = int(self.count[slot])
+        feats = np.concatenate([self.feats[slot, w - old :], features])[-w:]
+        toks = np.concatenate([self.tokens[slot, w - old :], tokens])[-w:]
+        m = len(toks)
+        self.feats[slot, w - m :], self.tokens[slot, w - m :] = feats, toks
+        self.count[slot], self.end[slot] = m, pos + n
+
+    def free(self, slot: int) -> None:
+        self.owner[slot], self.count[slot], self.end[slot] = None, 0, -1
+
+
 class Speculation:
-    def __init__(self, engine: Engine, scheduler: Scheduler, emit, draft: DraftEngine | None = None):
-        """emit(seq, Sampled, index) -> Delta: the runner's. draft: guess with this draft model
-        (None: n-gram lookup)."""
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        emit,
+        draft: DraftEngine | Head | None = None,
+    ):
+        """emit(seq, Sampled, index) -> Delta: the runner's. draft: guess with this draft model, or
+        this draft head (the engine built with `features`); None: n-gram lookup."""
         e = engine.ecfg
         self.engine, self.scheduler, self._emit = engine, scheduler, emit
         self.on = bool(e.speculative_k)  # (needs the verify programs)
-        self.proposer = NgramProposer() if draft is None else DraftProposer(draft, scheduler)
+        if draft is None:
+            self.proposer = NgramProposer()
+        elif isinstance(draft, DraftEngine):
+            self.proposer = DraftProposer(draft, scheduler)
+        else:
+            self.proposer = EagleProposer(draft, engine, len(scheduler.slots))
         self.guesses = [0, 0]  # speculative guesses made, and kept
         # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
         self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
@@ -134,13 +256,16 @@ class Speculation:
     def propose(self, seqs: list[Seq], k: int, break_even: float) -> tuple[np.ndarray, np.ndarray]:
         """The running `seqs`' guesses (their slots' tokens all read; at most k each), on pages they
         now hold: (int32 [max_slots, k], counts [max_slots]; all 0 when a verify step would not pay).
-        A sequence that may guess and does not get its guesses checked records a one-token step."""
+        A sequence that may guess and does not get its guesses checked records a one-token step, unless
+        its proposer is not `ready` for it (a draft head's empty window)."""
         s, ecfg, proposer = self.scheduler, self.engine.ecfg, self.proposer
         proposed = np.zeros((len(s.slots), k), np.int32)
         n = np.zeros((len(s.slots),), np.int32)
         rows = []
         for seq in seqs:
             if seq.req.finished or not self.may_guess(seq.req):  # a finished one runs once more, unread
+                continue
+            if not proposer.ready(seq):  # nothing to go on yet (a head's empty window): not counted
                 continue
             req, length = seq.req, len(seq.tokens())
             # no guess past max_tokens or max_model_len: the last emitted token is the model's own
@@ -153,9 +278,10 @@ class Speculation:
         # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
         # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
         # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
-        # A draft guesses for every row it runs for: whether that pays is known before it runs.
+        # A draft model or head guesses for every row it runs for, and its call costs about a decode
+        # step: whether that pays is known before it runs.
         live = [seq for seq in seqs if not seq.req.finished]
-        if proposer.writes_cache and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
+        if proposer.costly and rows and not _pays(live, {seq for seq, _ in rows}, k, break_even):
             _one_token_steps([seq for seq, _ in rows], break_even)
             return proposed, n
         found = proposer.guesses(rows) if rows else []
@@ -183,6 +309,10 @@ class Speculation:
             guessed, emitted = int(n[seq.slot]), int(result.emitted[seq.slot])
             if guessed:
                 self.proposer.accepted(seq, emitted)
+            if result.features is not None:  # positions pos .. pos + emitted - 1 were accepted
+                pos, row = len(seq.tokens()) - 1, seq.slot
+                tokens = result.sampled.tokens[row, :emitted]
+                self.proposer.observe(seq, pos, result.features[row, :emitted], tokens)
             for i in range(emitted):
                 deltas.append(self._emit(seq, result.sampled, (seq.slot, i)))
                 if seq.req.finished:

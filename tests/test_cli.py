@@ -104,10 +104,38 @@ def test_generate_with_a_draft_model_equals_plain_decoding(llm, model_path):
     assert "draft model" in run.stderr  # the memory plan counts it
 
 
+def test_generate_with_a_draft_head_equals_plain_decoding(llm, tmp_path):
+    """A (fresh) draft head saved for SmolLM2: the same tokens as the python API without
+    speculation, and its guesses counted in the JSON."""
+    from xlaserve.checkpoints import draft_head as head_files
+    from xlaserve.runtime import draft_head
+
+    head, cfg = tmp_path / "head", llm.config
+    target = head_files.fingerprint(cfg, llm.engine.weights)
+    head_files.save(head, draft_head.init_params(cfg), target, {"settings": {"window": 1}})
+    prompt = "Count from one to twenty: one, two, three,"
+    flags = ["--speculative", "eagle", "--draft-head", str(head), "--num-speculative-tokens", "3"]
+    run = xlaserve("generate", *ENGINE_FLAGS, *flags, "--output", "json", "--max-tokens", "24", prompt)
+    assert run.returncode == 0, run.stderr
+    row = json.loads(run.stdout)
+    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    assert row["token_ids"] == expected.token_ids and row["text"] == expected.text
+    assert row["speculative"]["proposed"] > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["generate", "--speculative", "draft", "x"], "--speculative draft and --draft-model M go together"),
+        (["generate", "--speculative", "eagle", "x"], "--speculative eagle and --draft-head DIR go together"),
+        (
+            ["generate", "--draft-head", "/no/such/head", "x"],
+            "--speculative eagle and --draft-head DIR go together",
+        ),
+        (
+            ["generate", "--speculative", "eagle", "--draft-head", "/no/such/head", "x"],
+            "speculative head='/no/such/head': /no/such/head: not a draft head",
+        ),
         (["generate", "--temperature", "-1", "x"], "temperature=-1.0 must be a number in [0.0, 100.0]"),
         (["generate", "--model", "/no/such/model.gguf", "x"], "neither a known alias"),
         (["generate", "--max-tokens", "0", "x"], "max_tokens=0"),

@@ -1,12 +1,13 @@
 """Speculative decoding with a draft model, on a tiny random Llama target: greedy output with a draft
 is token for token (and log-prob for log-prob) what plain decoding of the target emits, with 4-token
 pages (every verify step crosses one), more requests than slots, penalized requests and a sampled
-one whose law is one token (top_k=1: rejection sampling must then keep exactly greedy's tokens), prompts longer than a prefill chunk (the draft catches up in chunks),
-prefix-cache hits (a new sequence's draft starts at 0) and preemption; drafts of the target's shape
-(a noisy copy: each verify step keeps anything from none to all of its guesses) and of another
-shape (its own cache). The memory plan counts the draft's weights and pages; a draft whose
-tokenizer differs from the target's is refused at start-up, naming both; the propose program lowers
-for GPU and TPU with their decode-attention kernels."""
+one whose law is one token (top_k=1: rejection sampling must then keep exactly greedy's tokens),
+prompts longer than a prefill chunk (the draft catches up in chunks), prefix-cache hits (a new
+sequence's draft starts at 0) and preemption; drafts of the target's shape (a noisy copy: each
+verify step keeps anything from none to all of its guesses) and of another shape (its own cache).
+The memory plan counts the draft's weights and pages; a draft whose tokenizer differs from the
+target's is refused at start-up, naming both; the propose program lowers for GPU and TPU with their
+decode-attention kernels."""
 
 from __future__ import annotations
 
@@ -192,7 +193,8 @@ def test_check_pair_and_the_speculative_argument():
     with pytest.raises(ValueError, match="every layer has a sliding window"):
         check_pair(("t", windowed, tok), ("d", cfg, tok))
     for bad, why in (
-        ({"method": "eagle"}, "method 'ngram' or 'draft'"),
+        ({"method": "eagle"}, "'head' .* goes with method 'eagle' only"),
+        ({"method": "medusa"}, "method 'ngram', 'draft' or 'eagle'"),
         ({"method": "draft"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "model": "m"}, "'model' .* goes with method 'draft' only"),
         ({"method": "ngram", "k": 3}, "optionally num_speculative_tokens"),

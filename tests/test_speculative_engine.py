@@ -330,7 +330,8 @@ def test_speculative_k_flag_reaches_the_engine_config():
         ]
         assert spec == {"method": "draft", "num_speculative_tokens": 4, "model": "d.gguf"}
         assert "speculative" not in engine_kwargs(parse(command))
-        with pytest.raises(ValueError, match="--num-speculative-tokens needs --speculative ngram or draft"):
+        needs = "--num-speculative-tokens needs --speculative ngram, draft or eagle"
+        with pytest.raises(ValueError, match=needs):
             engine_kwargs(parse([*command, "--num-speculative-tokens", "3"]))
         for bad in (["--speculative", "draft"], ["--speculative", "ngram", "--draft-model", "d.gguf"]):
             with pytest.raises(ValueError, match="--speculative draft and --draft-model M go together"):

@@ -44,9 +44,9 @@ def test_batches_where_no_sequence_may_guess_stay_pipelined(monkeypatch):
 
     read, unpipelined = Runner._read_decode, []
 
-    def reading(self, packed, members):  # nothing else queued on the device while this is read
+    def reading(self, packed, members, feats=None):  # nothing else queued on the device while read
         unpipelined.append(self._inflight is None)
-        return read(self, packed, members)
+        return read(self, packed, members, feats)
 
     monkeypatch.setattr(Runner, "_read_decode", reading)
     opt_out = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, speculative=False)

@@ -149,13 +149,16 @@ def forward(
     kernels: Kernels = XLA_KERNELS,
     style: Style = Style(),
     routed: bool = False,
+    features: bool = False,
 ):
     """Run the decoder over tokens [B, T] at `positions` [B, T], writing their K/V into the cache.
 
     `valid` [B, T] marks real tokens (padding and idle slots write nothing); `kv_len` [B] is each
     sequence's length including these tokens. Returns (hidden states [B, T, D] after the final
-    norm, updated cache) and, with `routed`, the valid tokens each layer routed to each expert
-    int32 [L, E] (E = num_experts: [L, 0] for a dense model).
+    norm, updated cache), then, with `routed`, the valid tokens each layer routed to each expert
+    int32 [L, E] (E = num_experts: [L, 0] for a dense model), then, with `features`, the last
+    layer's output before the final norm [B, T, D] (what an EAGLE-style draft head reads:
+    runtime/draft_features.py; the final norm divides by each state's RMS, so it cannot be undone).
     """
     b, t = tokens.shape
     h, g, k = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -217,9 +220,7 @@ def forward(
 
     xs = (weights.layers, jnp.arange(cfg.num_layers), jnp.asarray(windows), jnp.asarray(inv_freqs))
     (x, cache), counts = jax.lax.scan(layer, (x, cache), xs)  # counts [L, E]
-    if routed:
-        return norm(x, weights.final_norm), cache, counts
-    return norm(x, weights.final_norm), cache
+    return (norm(x, weights.final_norm), cache) + ((counts,) if routed else ()) + ((x,) if features else ())
 
 
 def logits(weights: Weights, hidden, kernels: Kernels = XLA_KERNELS, cfg: ModelConfig | None = None):
