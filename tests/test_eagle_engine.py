@@ -53,7 +53,8 @@ PROMPTS = [
     [(31 * i) % 500 + 1 for i in range(21)],  # over two prefill chunks of 16
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
-SAMPLED = SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True, seed=3)
+# sampled, its guesses kept by rejection sampling; top_k=1 makes its law greedy's one token
+SAMPLED = SamplingParams(temperature=0.9, top_k=1, max_tokens=12, ignore_eos=True, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_greedy_output_with_a_head_is_plain_decodings(eagle_llm, batch, monkeypa
     prompts = PROMPTS[:batch] if batch == 1 else PROMPTS
     params = [GREEDY] * len(prompts)
     if batch > 1:
-        params[2] = SAMPLED  # beside the guessing ones: a sampled sequence guesses nothing
+        params[2] = SAMPLED
     spec.on = False
     plain = llm.generate(prompts, params)
     spec.on = True
@@ -112,11 +113,7 @@ def test_greedy_output_with_a_head_is_plain_decodings(eagle_llm, batch, monkeypa
     assert_same(plain, fast)
     made = spec.guesses[0] - before[0]
     assert made > 0 and seen
-    for out, p in zip(fast, params, strict=True):
-        if p.temperature == 0.0:
-            assert out.speculative["proposed"] > 0
-        else:
-            assert out.speculative == {"proposed": 0, "accepted": 0}
+    assert all(out.speculative["proposed"] > 0 for out in fast)
     assert llm.stats().pages_used == 0
     # each window holds the target's own states before its final norm at its positions, and the
     # tokens after them: decode steps and the accepted positions of verify steps feed it
