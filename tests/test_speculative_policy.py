@@ -15,9 +15,12 @@ from xlaserve.runtime.spec_policy import BACKOFF, WINDOW, SpecCounts, schedule_k
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
 RIGHT = [[*range(5, 100), *range(5, 10)], [*range(200, 300), 200, 201]]  # guessed right throughout
-# Every token t in 10..109 is followed by t + 50: the n-gram guess after output t is t + 50, the
-# mock's token t + 1; no guess is ever right.
-WRONG = [x for t in range(10, 110) for x in (t, t + 50)] + [10]
+# Every three tokens t-2, t-1, t (t in 12..111) are followed by t + 50: the n-gram guesses after
+# output t are t + 50, ..., the mock's t + 1, ...; no guess is ever right.
+WRONG = [x for t in range(12, 112) for x in (t - 2, t - 1, t, t + 50)] + [8, 9, 10]
+# As WRONG for even t only: after output t (even) the lookup on the tokens read matches, one token
+# on (t-1, t, t+1) it does not.
+MISS = [x for t in range(12, 112, 2) for x in (t - 2, t - 1, t, t + 300)] + [8, 9, 10]
 
 
 def run(prompts, params, **engine):
@@ -52,20 +55,23 @@ def test_batches_where_no_sequence_may_guess_stay_pipelined(monkeypatch):
     opt_out = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, speculative=False)
     sampled = SamplingParams(temperature=0.7, max_tokens=60, ignore_eos=True, seed=1)
     fresh = [[*range(5, 100)], [*range(200, 300)]]  # no repeats: decode dispatches only
-    for params, engine in [(GREEDY, dict(speculative_k=())), (opt_out, {})]:
+    # opted out, or (n-gram) never `ready`: the last three tokens never occurred before, so the
+    # lookup is not even tried on fresh tokens, greedy or sampled
+    for params, engine in [(GREEDY, dict(speculative_k=())), (opt_out, {}), (GREEDY, {}), (sampled, {})]:
         unpipelined.clear()
         _, llm = run(fresh, params, **engine)
         assert sum(unpipelined) == 1 and llm.engine.verifies == 0  # the last read only
-    # greedy sequences may guess: their tokens are read before each dispatch; finding nothing to
-    # guess counts as a one-token step, so after WINDOW such steps they stop for BACKOFF tokens,
-    # try WINDOW more and stop for 2 * BACKOFF (past the end); with a break-even of 1, never
-    for params in (GREEDY, sampled):  # sampled sequences guess too
-        unpipelined.clear()
-        run(fresh, params)
-        assert 2 * WINDOW <= sum(unpipelined) <= 2 * WINDOW + 1
+    # MISS: ready on the tokens read (their last three occurred before) every other token, but the
+    # fresh lookup, one token on, finds nothing: each such step reads before dispatching and counts
+    # as a one-token step, so after WINDOW of them the sequence stops for BACKOFF tokens, then
+    # tries again (60 tokens: 2 * WINDOW + BACKOFF would pass the end); with a break-even of 1, never
     unpipelined.clear()
-    run(fresh, GREEDY, speculative_schedule=((8, 4, 1.0),))
-    assert sum(unpipelined) > 50
+    (out,), llm = run([MISS], GREEDY, max_model_len=512)
+    assert out.token_ids == list(range(11, 71)) and llm.engine.verifies == 0
+    assert WINDOW <= sum(unpipelined) <= 2 * WINDOW
+    unpipelined.clear()
+    run([MISS], GREEDY, max_model_len=512, speculative_schedule=((8, 4, 1.0),))
+    assert sum(unpipelined) >= 28
 
 
 def test_http_takes_the_opt_out_and_checks_it():
@@ -131,9 +137,10 @@ def test_a_request_whose_guesses_fail_stops_guessing():
     # BACKOFF tokens, tries once more, and stops for 2 * BACKOFF: past the end
     assert llm.engine.verifies == 2
     # with a break-even of 1 token a step it never stops: a verify call per token after the
-    # prefill's, but the last (no guess may reach past max_tokens)
+    # prefill's, but the last (no guess may reach past max_tokens) and the first two (decode steps
+    # dispatched while the tokens read end at 11: 9, 10, 11 never occurred before)
     (always,), llm = run([WRONG], params, max_model_len=512, speculative_schedule=((8, 4, 1.0),))
-    assert always.token_ids == out.token_ids and llm.engine.verifies == 88
+    assert always.token_ids == out.token_ids and llm.engine.verifies == 86
 
 
 def test_counts_switch_off_below_break_even_and_back_on_after_backoff():
