@@ -256,6 +256,9 @@ class Speculation:
         self.guesses = [0, 0]  # speculative guesses made, and kept
         # [n]: verify steps in which a guessing sequence emitted n tokens (n ≤ K + 1); [] without
         self.emitted = [0] * (e.speculative_k[-1] + 2 if e.speculative_k else 0)
+        # the sequences that made this step read the tokens in flight (`may_find`, asked by `k`):
+        # only theirs is a miss when their lookup then finds nothing (the others cost nothing)
+        self._armed: set[Seq] = set()
 
     def k(self, seqs: list[Seq]) -> tuple[int, float]:
         """(the most guesses a sequence makes this step, the break-even tokens a step) from the
@@ -264,8 +267,10 @@ class Speculation:
         if not self.on:
             return 0, 1.0
         k, break_even = schedule_k(self.engine.ecfg.speculative_schedule, len(seqs))
-        ready = lambda seq: self.may_guess(seq.req) and self.proposer.may_find(seq)
-        return (k, break_even) if k and any(ready(seq) for seq in seqs) else (0, 1.0)
+        self._armed = (
+            {seq for seq in seqs if self.may_guess(seq.req) and self.proposer.may_find(seq)} if k else set()
+        )
+        return (k, break_even) if self._armed else (0, 1.0)
 
     @staticmethod
     def may_guess(req: Request) -> bool:
@@ -310,7 +315,7 @@ class Speculation:
             held = s.reserve(seq, length + len(guesses))
             guesses = guesses[: max(0, held - length)]
             proposed[seq.slot, : len(guesses)], n[seq.slot] = guesses, len(guesses)
-            if not len(guesses):  # its lookup found nothing
+            if not len(guesses) and seq in self._armed:  # it was expected to find some
                 _one_token_steps([seq], break_even)
         guessing = {seq for seq in live if n[seq.slot]}
         if guessing and not _pays(live, guessing, k, break_even):
