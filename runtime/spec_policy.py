@@ -102,6 +102,10 @@ class SpecCounts:
     proposed: int = 0
     accepted: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # tokens emitted a step
+    # tokens emitted a verify step (steps that checked guesses only: a miss or a step the batch gate
+    # refused says nothing about what a verify step would emit, and counted, one such first step
+    # would hold its expected tokens at 1 below any break-even, so it would never verify)
+    verified: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     off_until: int = 0  # output length before which it does not guess
     backoff: int = BACKOFF
     switched_off: int = 0  # times its acceptance fell below break-even
@@ -110,9 +114,9 @@ class SpecCounts:
         return n_output >= self.off_until
 
     def expected(self, k: int) -> float:
-        """Tokens it may be expected to emit in a verify step with k guesses: its recent mean, and
-        k + 1 (the most) while it has none (so it gets a try)."""
-        return sum(self.recent) / len(self.recent) if self.recent else k + 1.0
+        """Tokens it may be expected to emit in a verify step with k guesses: its recent verify steps'
+        mean, and k + 1 (the most) while it has none (so it gets a try)."""
+        return sum(self.verified) / len(self.verified) if self.verified else k + 1.0
 
     def record(self, proposed: int, emitted: int, n_output: int, break_even: float) -> None:
         """One step in which it may guess: it made `proposed` guesses (0: its lookup found none) and
@@ -120,10 +124,13 @@ class SpecCounts:
         self.proposed += proposed
         self.accepted += emitted - 1
         self.recent.append(emitted)
+        if proposed:
+            self.verified.append(emitted)
         if len(self.recent) == WINDOW and sum(self.recent) < break_even * WINDOW:
             self.off_until, self.backoff = n_output + self.backoff, 2 * self.backoff
             self.switched_off += 1
             self.recent.clear()
+            self.verified.clear()
 
     def as_dict(self) -> dict:
         return {"proposed": self.proposed, "accepted": self.accepted}

@@ -151,6 +151,13 @@ def test_counts_switch_off_below_break_even_and_back_on_after_backoff():
     c.record(4, 2, 10, break_even=1.4)  # 9 tokens in 8 steps: below 1.4 a step
     assert not c.guessing(10) and not c.guessing(10 + BACKOFF - 1) and c.guessing(10 + BACKOFF)
     assert c.as_dict() == {"proposed": 4 * WINDOW, "accepted": 1} and c.switched_off == 1
+    # a step without a verify (a miss, or refused by the batch gate) does not lower what a verify
+    # step is expected to emit: only verify steps do
+    first = SpecCounts()
+    first.record(0, 1, 10, break_even=1.4)
+    assert first.expected(4) == 5.0
+    first.record(4, 3, 11, break_even=1.4)
+    assert first.expected(4) == 3.0
     good = SpecCounts()
     for _ in range(3 * WINDOW):
         good.record(4, 2, 10, break_even=1.4)  # 2 tokens a step: worth it
