@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from serving import mock_tokenizer
+from test_speculative_draft import ENGINE as DRAFT_ENGINE
 from test_speculative_draft import assert_same, weights
 from tiny_gguf import tokenizer_meta, write_tiny_gguf
 
@@ -22,7 +23,6 @@ from xlaserve import LLM
 from xlaserve.checkpoints import draft_head as head_files
 from xlaserve.cli.common import add_engine_args, engine_kwargs
 from xlaserve.runtime import draft_features, draft_head
-from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.models.presets import PRESETS
 from xlaserve.runtime.programs import Sampled
@@ -32,19 +32,8 @@ from xlaserve.runtime.spec_policy import resolve_schedule, speculative_fields
 from xlaserve.runtime.spec_runner import EagleProposer
 
 CFG = PRESETS["tiny"]
-ENGINE = EngineConfig(
-    max_slots=3,
-    page_size=4,
-    max_model_len=64,
-    attn_block=64,
-    prefill_buckets=(16,),
-    kv_buckets=(64,),
-    slot_buckets=(1, 3),
-    scoring=False,
-    max_logprobs=2,
-    speculative_k=(4,),
-    speculative_schedule=((3, 4, 1.0),),  # every greedy sequence guesses every step
-)
+# test_speculative_draft's engine (every greedy sequence guesses every step) with both slot buckets
+ENGINE = dataclasses.replace(DRAFT_ENGINE, slot_buckets=(1, 3), max_logprobs=2)
 PROMPTS = [
     [5, 6, 7, 8] * 3,
     [42, 17, 17, 400, 3, 250, 88, 12, 5, 61],
