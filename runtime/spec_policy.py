@@ -10,9 +10,9 @@ slower than plain decoding (`Speculation.propose` in runtime/spec_runner.py appl
   guesses up to the K of the first entry with b ≤ most, and nothing past the last. Decode at batch
   1 reads the weights for one token (memory-bound), so K + 1 positions cost little more; at larger
   batches decode is compute-bound and a verify step costs several decode steps.
-- A batch runs a verify step only when its rows' expected tokens (each guessing row's recent mean,
-  1 for the rest) are at least the entry's break-even times the rows: one row guessing well does
-  not pay for eight. Otherwise its guessing rows count the step as one token (below).
+- A batch runs a verify step only when its rows' expected tokens (each guessing row's mean over its
+  recent verify steps, 1 for the rest) are at least the entry's break-even times the rows: one row
+  guessing well does not pay for eight. Otherwise its guessing rows count the step as one token (below).
 - A request whose guesses mostly fail stops guessing: over its last WINDOW steps in which it may
   guess it must emit, on average, at least the entry's break-even tokens a step (the cost of that
   step in decode steps); below that it decodes plainly for BACKOFF output tokens (doubling each

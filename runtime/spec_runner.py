@@ -301,8 +301,9 @@ class Speculation:
             if most > 0:
                 rows.append((seq, most))
         # A verify step costs the whole batch `break_even` decode steps: run it only when the rows'
-        # expected tokens (a guessing row's recent mean, 1 for the others) make up for that. When
-        # not, the guessing rows count a one-token step, so a batch that does not pay stops trying.
+        # expected tokens (a guessing row's mean over its recent verify steps, 1 for the others) make
+        # up for that. When not, the guessing rows count a one-token step, so a batch that does not
+        # pay stops trying.
         # A draft model or head guesses for every row it runs for, and its call costs about a decode
         # step: whether that pays is known before it runs.
         live = [seq for seq in seqs if not seq.req.finished]
