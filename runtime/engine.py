@@ -99,7 +99,7 @@ class Engine:
         a quantized KV cache on (runtime/kv_smoothing.py; None: seeded random ids). draft: the
         `Layout.footprint()` of a draft model that will share this engine's pages (runtime/draft.py),
         which the memory plan counts too. features: decode and verify also return the states before
-        the final norm a draft head reads (runtime/eagle.py); off, they do not compute them."""
+        the final norm a draft head reads (runtime/draft_head.py); off, they do not compute them."""
         self.cfg, self.mesh = cfg, mesh
         self._progress = progress or (lambda msg: None)
         backend = jax.default_backend()

@@ -104,7 +104,7 @@ class Layout:
     state: DecodeState  # abstract
     plan: memory.MemoryPlan | None  # None: no device memory to plan for
     # decode and verify also return the target's states before the final norm (for a draft head,
-    # runtime/eagle.py); static, so an engine without a head runs programs without that output
+    # runtime/draft_head.py); static, so an engine without a head runs programs without that output
     features: bool = False
 
     @classmethod

@@ -200,8 +200,7 @@ class EagleProposer:
         fresh = self.owner[slot] is seq and self.end[slot] == len(tokens) - 1
         return fresh and self.count[slot] > 0 and self.tokens[slot, -1] == tokens[-1]
 
-    def may_find(self, seq: Seq) -> bool:
-        return self.ready(seq)
+    may_find = ready  # (on the tokens read: the window then ends at the last of them)
 
     def guesses(self, rows: list[tuple[Seq, int]]) -> list[np.ndarray]:
         """rows: (sequence, most guesses ≥ 1), each `ready`."""
