@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,7 @@ from xlaserve.runtime.programs import DecodeState, Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
 log = logging.getLogger("xlaserve")
+COMPILE_THREADS = 8  # programs compiled at once at start-up (at most the CPU count)
 
 
 def to_host(x) -> np.ndarray:
@@ -151,10 +154,10 @@ class Engine:
 
     # -- compilation ------------------------------------------------------------------------------
 
-    def _compile(self, program: Program) -> jax.stages.Compiled:
+    def _compile(self, program: Program, lowered: jax.stages.Lowered | None = None) -> jax.stages.Compiled:
         self._progress(f"compiling {program.name}")
         t0 = time.perf_counter()
-        compiled = program.jit().lower(*program.args).compile()
+        compiled = (lowered or program.jit().lower(*program.args)).compile()
         self.compile_seconds[program.name] = dt = time.perf_counter() - t0
         log.info("compiled %s in %.2fs", program.name, dt)
         return _Routed(compiled, self._routed_sink) if program.routed else compiled
@@ -192,8 +195,15 @@ class Engine:
         compiled: dict[str, dict] = {
             k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
-        for program in self.layout.programs():
-            compiled.setdefault(program.kind, {})[program.key] = self._compile(program)
+        # Tracing and lowering hold the GIL: one after another. XLA compiles without it, so the
+        # programs compile side by side (start-up on a GPU is a few dozen compiles of seconds each).
+        # compile_seconds are each program's own wall time, overlapping.
+        lowered = [(p, p.jit().lower(*p.args)) for p in self.layout.programs()]
+        workers = max(1, min(COMPILE_THREADS, os.cpu_count() or 1, len(lowered)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+            done = pool.map(lambda pl: self._compile(*pl), lowered)
+            for (program, _), exe in zip(lowered, list(done), strict=True):
+                compiled.setdefault(program.kind, {})[program.key] = exe
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
         self._prefill_batch = compiled.get("prefill_batch", {})
         self._score, self._score_few = compiled["score"], compiled.get("score_few", {})
