@@ -116,10 +116,16 @@ def attention_rows(cfg: dict, repeats: int, interpret: bool, copy_bw: float, tpu
         )
         kv_bytes = sum(x.nbytes for x in (k, v, *scales))
         args = (q, k, v, lengths, table, *scales)
-        outs = [fn(*args).astype(jnp.float32) for fn in (pallas, xla)]
-        diff = float(jnp.abs(outs[0] - outs[1]).max())  # parity, compiled (bf16 inputs)
-        t_pallas = timed(pallas, *args, repeats=repeats)
-        t_xla = timed(xla, *args, repeats=repeats)
+        try:  # a kernel that fails to compile or run is a row with its error; the rest still run
+            outs = [fn(*args).astype(jnp.float32) for fn in (pallas, xla)]
+            diff = float(jnp.abs(outs[0] - outs[1]).max())  # parity, compiled (bf16 inputs)
+            t_pallas = timed(pallas, *args, repeats=repeats)
+            t_xla = timed(xla, *args, repeats=repeats)
+        except Exception as e:  # recorded in the row, not hidden
+            error = f"{type(e).__name__}: {e}"[:2000]
+            rows.append({"batch": b, "context": ctx, "kv_cache_dtype": kv, "error": error})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         rows.append(
             {
                 "batch": b,
@@ -169,10 +175,14 @@ def matmul_rows(cfg: dict, repeats: int, interpret: bool, tpu: bool = False) -> 
             row = {"shape": name, "m": m, "bf16_dense_s": t_dense}
             for q, qa in quants.items():
                 kernel = jax.jit(lambda x, w: matmul(x, *w.arrays, **w.layout, interpret=interpret))
-                want = quantized_matmul_reference(x, *qa.arrays, **qa.layout)
-                rel = float(jnp.abs(kernel(x, qa) - want).max() / (jnp.abs(want).max() + 1e-30))
-                t_kernel = timed(kernel, x, qa, repeats=repeats)
-                t_xla = timed(jax.jit(lambda x, w: linear(x, w)), x, qa, repeats=repeats)
+                try:  # as in attention_rows: an error is recorded in the row
+                    want = quantized_matmul_reference(x, *qa.arrays, **qa.layout)
+                    rel = float(jnp.abs(kernel(x, qa) - want).max() / (jnp.abs(want).max() + 1e-30))
+                    t_kernel = timed(kernel, x, qa, repeats=repeats)
+                    t_xla = timed(jax.jit(lambda x, w: linear(x, w)), x, qa, repeats=repeats)
+                except Exception as e:
+                    row[f"{q} error"] = f"{type(e).__name__}: {e}"[:2000]
+                    continue
                 row |= {
                     f"{q} max_rel_err_vs_reference": rel,
                     f"{q} pallas_s": t_kernel,
@@ -189,8 +199,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (interpret mode on CPU): does it run")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 20; smoke 1)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    for name in ("batches", "contexts", "ms"):  # trims a machine lease: e.g. --contexts 512,8192
+        ap.add_argument(f"--{name}", type=lambda t: tuple(int(x) for x in t.split(",")), help="measured")
     args = ap.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    cfg |= {n: getattr(args, n) for n in ("batches", "contexts", "ms") if getattr(args, n)}
     repeats = args.repeats or (1 if args.smoke else 20)
     dev = report.device_info()
     interpret, tpu = dev["platform"] == "cpu", dev["platform"] == "tpu"

@@ -25,3 +25,30 @@ def test_kernel_benchmark_smoke(tmp_path):
         for q in ("int8", "q4_0 g32", "q4_1 g32"):
             assert row[f"{q} max_rel_err_vs_reference"] < 2e-2, (row["m"], q)
             assert row[f"{q} speedup_vs_bf16"] == row["bf16_dense_s"] / row[f"{q} pallas_s"]
+
+
+def test_kernel_benchmark_trimmed_and_a_failing_kernel_is_a_row(tmp_path, monkeypatch):
+    """--batches/--contexts/--ms trim a lease's run; a kernel that raises (as a Triton compile
+    error would on a GPU) becomes a row naming the error and the run goes on."""
+    from xlaserve.pallas_kernels import paged_attention
+
+    real = paged_attention.decode_attention
+
+    def fails_at_64(q, k, v, *args, **kw):
+        if k.shape[1] * k.shape[2] // q.shape[0] == 64:  # context 64
+            raise RuntimeError("no Triton for this shape")
+        return real(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(paged_attention, "decode_attention", fails_at_64)
+    argv = ["--smoke", "--out", str(tmp_path), "--batches", "1", "--contexts", "32,64", "--ms", "3"]
+    written = kernels.main(argv)
+    rows = written["decode_attention"]
+    assert [(r["batch"], r["context"], r["kv_cache_dtype"]) for r in rows] == [
+        (1, 32, "auto"),
+        (1, 64, "auto"),
+        (1, 32, "int8"),
+        (1, 32, "fp8"),
+    ]
+    assert rows[1]["error"] == "RuntimeError: no Triton for this shape" and "pallas_s" not in rows[1]
+    assert all("error" not in r and r["max_abs_diff_vs_xla"] < 2e-2 for r in rows if r["context"] == 32)
+    assert [r["m"] for r in written["quantized_matmul"]] == [3]
