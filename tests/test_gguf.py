@@ -176,6 +176,26 @@ def test_to_int8_is_exact(kind):
         np.testing.assert_array_equal(bits(dequantize(wide)), ref)
 
 
+def test_large_matrices_multiply_in_row_chunks_with_the_same_values(monkeypatch):
+    """The CPU layout multiplies a matrix above CHUNK_WEIGHTS a chunk of rows at a time (each chunk
+    dequantized in cache): the chunks are equal, near the target, and the product is the whole
+    matrix's."""
+    from xlaserve.runtime import quant
+
+    assert quant.chunk_count(4096, 4096) == 16  # 256 rows of 4096
+    assert quant.chunk_count(1536, 576) == 1  # SmolLM2's feed-forward: whole
+    assert quant.chunk_count(151936, 896) == 128  # 2^7 x 1187: 1187-row chunks, not 1187 of 128
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 96)
+    rng = np.random.default_rng(0)
+    w = unpack(to_quant(random_blocks(rng, "Q4_1", 96, 256), "Q4_1", (96, 256)))
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    assert quant.chunk_count(96, 256) == 4
+    want = np.asarray(x) @ np.asarray(dequantize(w)).T.astype(np.float64)
+    w = jax.tree.map(jnp.asarray, w)
+    assert "while" in jax.jit(linear).lower(x, w).as_text()  # the chunks' scan
+    np.testing.assert_allclose(np.asarray(linear(x, w)), want, rtol=1e-5, atol=1e-5)
+
+
 # one type per new layout: q4_1 f32 scales, q8_0/16, q8_0/16 with mins, q8_0/32 with f16 mins
 @pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q2_K", "Q5_1", "Q5_K"])
 def test_repacked_layouts_run_through_the_kernel(kind):
