@@ -195,11 +195,13 @@ class Engine:
         compiled: dict[str, dict] = {
             k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
-        # Tracing and lowering hold the GIL: one after another. XLA compiles without it, so the
-        # programs compile side by side (start-up on a GPU is a few dozen compiles of seconds each).
-        # compile_seconds are each program's own wall time, overlapping.
+        # Tracing and lowering hold the GIL: one after another. XLA compiles without it, so on an
+        # accelerator the programs compile side by side (start-up on a GPU is a few dozen compiles of
+        # seconds each; compile_seconds are then each program's own wall time, overlapping). XLA:CPU
+        # compiles on the cores that would share the work: there, one at a time (2 cores: no gain).
         lowered = [(p, p.jit().lower(*p.args)) for p in self.layout.programs()]
-        workers = max(1, min(COMPILE_THREADS, os.cpu_count() or 1, len(lowered)))
+        cpu = jax.default_backend() == "cpu"
+        workers = 1 if cpu else max(1, min(COMPILE_THREADS, os.cpu_count() or 1, len(lowered)))
         with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
             done = pool.map(lambda pl: self._compile(*pl), lowered)
             for (program, _), exe in zip(lowered, list(done), strict=True):
