@@ -115,6 +115,14 @@ def command_line(args) -> str:
     )
 
 
+def model_name(args) -> list[str]:
+    """The parts of a result's file name that name the model: the preset or checkpoint, and a
+    preset's quantization."""
+    return [args.preset or Path(args.model).stem] + (
+        [args.quant] if args.preset and args.quant not in (None, "none") else []
+    )
+
+
 def engine_config(args, dtype: str) -> EngineConfig:
     """One engine holding a decode program per (batch, context) and a prefill program per prompt
     length (up to --prefill-chunk)."""
@@ -285,8 +293,7 @@ def run(args) -> dict:
         "notes": notes,
     }
     # one file per configuration: gpu.sh runs several of one preset on one day
-    name = [args.preset or Path(args.model).stem]
-    name += [args.quant] if args.preset and args.quant not in (None, "none") else []
+    name = model_name(args)
     name += [f"kv-{args.kv_cache_dtype}"] if args.kv_cache_dtype != "auto" else []
     name += [f"vs-{args.compare}"] if args.compare else []
     path = report.result_path(args.out, "decode-" + report.slug("-".join(name)))

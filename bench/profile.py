@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from xlaserve.bench import decode, ours, report
 
@@ -60,9 +59,7 @@ def run(args) -> dict:
 
     from xlaserve.runtime.engine import Engine
 
-    name = [args.preset or Path(args.model).stem]
-    name += [args.quant] if args.preset and args.quant not in (None, "none") else []
-    path = report.result_path(args.out, "profile-" + report.slug("-".join(name)))
+    path = report.result_path(args.out, "profile-" + report.slug("-".join(decode.model_name(args))))
     out = path.with_suffix("")  # the trace and the HLO
     out.mkdir(parents=True, exist_ok=True)
     batch, context = args.batch_sizes[0], args.context_lengths[0]
