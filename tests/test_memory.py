@@ -100,7 +100,7 @@ def test_engine_prints_its_plan_and_compiles_the_layouts_programs(monkeypatch):
     with pytest.raises(ValueError, match="the engine does not fit in memory"):
         Engine(cfg, weights, EngineConfig(**fields, device_memory=2**20))
     compiled = []
-    monkeypatch.setattr(Engine, "_compile", lambda self, program: compiled.append(program.name))
+    monkeypatch.setattr(Engine, "_compile", lambda self, program, lowered=None: compiled.append(program.name))
     messages = []
     engine = Engine(cfg, weights, EngineConfig(**fields), progress=messages.append)
     assert messages[0].startswith("memory plan per device: ") and "(host RAM)" in messages[0]
