@@ -191,7 +191,7 @@ class Engine:
     def _compile_all(self) -> None:
         """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
         `_prefill_masked[t]`, `_prefill_batch[rows, t]`, `_score[rows, t]`, `_decode[rows, kv]`,
-        `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`, `_insert[rows]`, `_free`."""
+        `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`, `_insert[rows]`, `_free`, `_copy_page`."""
         compiled: dict[str, dict] = {
             k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
@@ -212,6 +212,7 @@ class Engine:
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
         self._insert, self._free = compiled["insert"], compiled["free"][None]
+        self._copy_page = compiled["copy_page"][None]
         log.info(
             "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
         )
@@ -398,6 +399,11 @@ class Engine:
 
     def free(self, slot: int) -> None:
         self.state = self._free(self.state, *self._put(np.int32(slot)))
+
+    def copy_pages(self, pairs) -> None:
+        """KV page dst takes page src's contents, for each (src, dst) of `pairs`, in order."""
+        for src, dst in pairs:
+            self.cache = self._copy_page(self.cache, *self._put(np.int32(src), np.int32(dst)))
 
     # -- test and debug entry points (compiled on first use, never on the serving path) -------------
 

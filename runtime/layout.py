@@ -14,6 +14,7 @@ weights, the KV cache and the decode state. `Layout.programs()` lists, in compil
     decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
     verify[S,K,kv]                          per S, kv and guess count K (`speculative_k`)
     insert[R], free                         insert per prefill batch R (a row of its result)
+    copy_page                               one KV page into another (a prefix shared within a page)
 """
 
 from __future__ import annotations
@@ -348,4 +349,6 @@ class Layout:
         out.append(
             self.program("free", None, "free", programs.free, ("state",), (self.state, i32), ("state",))
         )
+        args, cache = (self.cache, i32, i32), ("cache",)
+        out.append(self.program("copy_page", None, "copy_page", programs.copy_page, cache, args, cache))
         return out

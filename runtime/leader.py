@@ -2,10 +2,11 @@
 
 Every process runs the same programs in the same order (SPMD), each on its own devices of one global
 mesh. Process 0 owns the scheduler and the server and decides every step; each engine call it makes
-(prefill, prefill_batch, insert, decode, verify, free, score_batch, with the host data they take) is
-published to the coordinator's key-value store, and the other processes replay the calls in order on
-their engines. A call's device results never travel: a later call that takes one (insert takes
-prefill's packed result) names it by call number, and each process substitutes its own copy.
+(prefill, prefill_batch, insert, decode, verify, free, score_batch, copy_pages, with the host data
+they take) is published to the coordinator's key-value store, and the other processes replay the
+calls in order on their engines. A call's device results never travel: a later call that takes one
+(insert takes prefill's packed result) names it by call number, and each process substitutes its own
+copy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from xlaserve.runtime.engine import to_host
 
 log = logging.getLogger("xlaserve")
-VERBS = ("prefill", "prefill_batch", "insert", "decode", "verify", "free", "score_batch")
+VERBS = ("prefill", "prefill_batch", "insert", "decode", "verify", "free", "score_batch", "copy_pages")
 PREFILLS = ("prefill", "prefill_batch")  # their results are arguments of later calls (insert)
 KEY = "xlaserve/call/{}"
 

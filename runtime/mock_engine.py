@@ -96,6 +96,7 @@ class MockEngine:
         self.compile_seconds: dict[str, float] = {}
         self.tokens = np.zeros((self.ecfg.max_slots,), np.int64)
         self.active = np.zeros((self.ecfg.max_slots,), bool)
+        self.copied: list[tuple[int, int]] = []  # copy_pages calls' (src, dst): no K/V here
         self.dispatches = 0
         self.verifies = 0  # of the dispatches, verify calls
 
@@ -173,6 +174,9 @@ class MockEngine:
 
     def free(self, slot):
         self.active[slot] = False
+
+    def copy_pages(self, pairs):
+        self.copied += list(pairs)
 
     def routed_tokens(self, wait: bool = False, reset: bool = False) -> np.ndarray:
         return np.zeros((self.cfg.num_layers, 0), np.int64)  # a dense model routes nothing

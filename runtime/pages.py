@@ -7,8 +7,15 @@ pages instead of recomputing them (published pages are never written again: a se
 writes past its shared prefix, into pages of its own). Published pages nobody holds stay cached,
 least recently used first in line for eviction when the free list is empty.
 
+Below a page, reuse is by token: a sequence's partly written last page is published as a *tail*
+when the sequence lets go of it (its first tokens' K/V stays valid), and `longest` finds, among the
+full pages and tails that follow the same chain hash, the one sharing the most leading tokens with
+a new prompt's next page. That page cannot be mapped (the new sequence writes the rest of it), so
+the scheduler copies it into a page of the sequence's own and prefills only what follows.
+
 Invariants (checked by `check()` and a property test): every page is exactly one of free, cached
-(published, unheld) or held (refcount > 0); a published page's hash maps back to it.
+(published, unheld) or held (refcount > 0); a published full page's hash maps back to it; every
+published page (full or tail) is listed under the hash of the page before it.
 """
 
 from __future__ import annotations
@@ -32,8 +39,11 @@ class PageAllocator:
         self._free: deque[int] = deque(range(num_pages))
         self._refs = [0] * num_pages
         self._cached: OrderedDict[int, None] = OrderedDict()  # unheld published pages, LRU first
-        self._by_hash: dict[int, int] = {}
-        self._page_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # page -> (hash, tokens)
+        self._by_hash: dict[int, int] = {}  # full pages only
+        # page -> (its hash, None for a tail; its tokens; the hash of the page before it)
+        self._page_key: dict[int, tuple[int | None, tuple[int, ...], int | None]] = {}
+        # (hash of a page, a first token) -> the published pages after it that start with that token
+        self._after: dict[tuple[int | None, int], set[int]] = {}
         self.evictions = 0
 
     # -- counts -----------------------------------------------------------------------------------
@@ -93,15 +103,40 @@ class PageAllocator:
 
     # -- the prefix cache ---------------------------------------------------------------------------
 
-    def publish(self, page: int, h: int, tokens: Sequence[int]) -> None:
-        """Make a held, full page findable by its chain hash. A hash already published keeps its
-        first page (two sequences that computed the same prefix apart hold equal copies)."""
+    def publish(self, page: int, h: int, tokens: Sequence[int], prev: int | None) -> None:
+        """Make a held, full page findable by its chain hash `h` (`prev`: the hash of the page before
+        it). A hash already published keeps its first page (two sequences that computed the same
+        prefix apart hold equal copies)."""
         if self._refs[page] <= 0:
             raise ValueError(f"page {page} is not held and cannot be published")
         if h in self._by_hash or page in self._page_key:
             return
         self._by_hash[h] = page
-        self._page_key[page] = (h, tuple(tokens))
+        self._page_key[page] = (h, tuple(tokens), prev)
+        self._after.setdefault((prev, tokens[0]), set()).add(page)
+
+    def publish_tail(self, page: int, tokens: Sequence[int], prev: int | None) -> None:
+        """A held page whose first `tokens` (fewer than a page) have their K/V written, following the
+        page of hash `prev`: findable by `longest` only (never mapped, never written again: call it
+        as its holder lets go)."""
+        if self._refs[page] <= 0:
+            raise ValueError(f"page {page} is not held and cannot be published")
+        if page in self._page_key or not tokens:
+            return
+        self._page_key[page] = (None, tuple(tokens), prev)
+        self._after.setdefault((prev, tokens[0]), set()).add(page)
+
+    def longest(self, prev: int | None, tokens: Sequence[int]) -> tuple[int | None, int]:
+        """(page, n): the published page after hash `prev` whose first n tokens are the first n of
+        `tokens`, n as large as any (n >= 1), else (None, 0)."""
+        best, most = None, 0
+        for page in self._after.get((prev, tokens[0]) if tokens else None, ()):
+            held = self._page_key[page][1]
+            same = (i for i, (a, b) in enumerate(zip(held, tokens, strict=False)) if a != b)
+            n = next(same, min(len(held), len(tokens)))
+            if n > most:
+                best, most = page, n
+        return best, most
 
     def lookup(self, h: int, tokens: Sequence[int]) -> int | None:
         """The page published under `h` holding exactly `tokens`, if any."""
@@ -111,8 +146,13 @@ class PageAllocator:
         return page
 
     def _unpublish(self, page: int) -> None:
-        h, _ = self._page_key.pop(page)
-        del self._by_hash[h]
+        h, tokens, prev = self._page_key.pop(page)
+        if h is not None:
+            del self._by_hash[h]
+        key = (prev, tokens[0])
+        self._after[key].discard(page)
+        if not self._after[key]:
+            del self._after[key]
 
     def check(self) -> None:
         """Assert the pool's invariants (tests)."""
@@ -122,6 +162,9 @@ class PageAllocator:
         assert not (free & cached) and not (free & held) and not (cached & held), "a page is in two states"
         assert free | cached | held == set(range(self.num_pages)), "a page leaked"
         assert all(r >= 0 for r in self._refs)
-        assert all(self._by_hash[h] == p for p, (h, _) in self._page_key.items())
+        assert all(self._by_hash[h] == p for p, (h, _, _) in self._page_key.items() if h is not None)
+        assert len(self._by_hash) == sum(h is not None for h, _, _ in self._page_key.values())
+        assert {p for ps in self._after.values() for p in ps} == set(self._page_key), "a page is misfiled"
+        assert all(p in self._after[prev, t[0]] for p, (_, t, prev) in self._page_key.items())
         assert cached <= set(self._page_key), "an unpublished page is cached"
         assert not (free & set(self._page_key)), "a free page is still published"

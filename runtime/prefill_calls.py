@@ -59,3 +59,27 @@ def padded(items: Sequence[Item], bucket: Callable[[int], int], rows: Callable[[
         t = bucket(max(items[i][1] for i in call))
         total += next(r for r in rows(t) if r >= len(call)) * t
     return total
+
+
+def take(
+    seq, n: int, left: int, masked: bool, calls: list[Item], budget: int, bucket, rows
+) -> tuple[int, int, Item | None]:
+    """(tokens of `seq`'s next generation chunk, at most `n` of its `left` to prefill; their cost
+    of `budget`; its item), 0 tokens when nothing fits, after the step's `calls` so far (`masked`:
+    its last chunk runs alone). A chunk costs what it adds to the padded tokens of the step's calls:
+    the step's first takes up to the budget (so every step progresses), later ones their whole chunk
+    when that fits, else as much as fits a row of a call already planned in a bucket already paid
+    for (a row already paid for costs nothing)."""
+    item = lambda m: (seq, m, masked and m == left)
+    if not calls:
+        m = min(n, budget)
+        return (m, padded([item(m)], bucket, rows), item(m)) if m > 0 else (0, 0, None)
+    before, n_calls = padded(calls, bucket, rows), len(group(calls, bucket, rows))
+    paid = sorted({bucket(c[1]) for c in calls}, reverse=True)  # buckets the step pays for
+    for m in dict.fromkeys((n, *(min(n, t) for t in paid))):
+        after = [*calls, item(m)]
+        cost = padded(after, bucket, rows) - before
+        # a part of a chunk only to fill a row of a call, never as a call of its own
+        if cost <= budget and (m == n or len(group(after, bucket, rows)) == n_calls):
+            return m, cost, item(m)
+    return 0, 0, None

@@ -267,6 +267,14 @@ def insert(state: DecodeState, slot, packed, row, length, sampling: SamplingStat
     )
 
 
+def copy_page(cache: KVCache, src, dst) -> KVCache:
+    """Page `dst` takes page `src`'s K/V (and their scales) in every layer: a prefix shared within a
+    page (runtime/pages.py), which the new owner then writes past."""
+    move = lambda a: jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, src, 1), dst, 1)
+    per_page = {f: getattr(cache, f) for f in ("k", "v", "k_scale", "v_scale")}
+    return dataclasses.replace(cache, **{f: move(a) for f, a in per_page.items() if a is not None})
+
+
 def free(state: DecodeState, slot) -> DecodeState:
     active = jax.lax.dynamic_update_index_in_dim(state.active, jnp.zeros((1,), bool), slot, 0)
     return dataclasses.replace(state, active=active)

@@ -158,6 +158,8 @@ class Runner:
         for slot in plan.freed_slots:
             self.engine.free(slot)
             self.spec.free(slot)
+        if plan.copies:  # before any chunk: they write the copies' destinations past what is copied
+            self.engine.copy_pages(plan.copies)
         self.prompt_tokens_computed += sum(len(chunk.tokens) for chunk in plan.prefills)
         scored, ready, last_chunk = self.prefills.dispatch(plan.prefills, self._rows, self._presence)
         deltas += scored

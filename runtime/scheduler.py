@@ -4,7 +4,8 @@ Each step the scheduler returns a `Plan` (prompt chunks to prefill, the slots to
 executor (`runner.py`) carries it out on the engine, then reports back. Requests wait ordered by
 priority (higher first), then arrival; a free decode slot admits the next one, except that scoring
 and generation share slots and the per-step token budget fairly (fairness.py). Its prompt is looked
-up in the prefix cache page by page, and only the rest is prefilled, in chunks within a budget of
+up in the prefix cache page by page (then token by token in one copied page: pages.py), and only
+the rest is prefilled, in chunks within a budget of
 `token_budget` tokens per step across all prompts (a budget measured at start-up, budget.py), so a
 long prompt never stalls running streams for more than one step's budget, and a cancel or deadline
 stops it at the next step. Given the engine's buckets and prefill batches (`bucket`, `rows`),
@@ -32,7 +33,7 @@ import numpy as np
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.fairness import Fairness
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
-from xlaserve.runtime.prefill_calls import Item, group, padded
+from xlaserve.runtime.prefill_calls import Item, take
 from xlaserve.runtime.request import Request
 from xlaserve.runtime.stats import EngineStats
 
@@ -96,6 +97,7 @@ class Plan:
     decode: list[Seq]  # the running sequences of this dispatch (empty: no decode)
     kv_tokens: int = 0  # every decoded sequence's length after the dispatch is ≤ this
     freed_slots: list[int] = field(default_factory=list)  # preempted: free these on device first
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages: copy before prefill
 
 
 class Scheduler:
@@ -140,6 +142,8 @@ class Scheduler:
         self.prompt_tokens = 0  # prompt tokens admitted to a slot
         self.cached_tokens = 0  # of which served from the prefix cache
         self._freed: list[int] = []
+        self._copies: list[tuple[int, int]] = []  # this plan's page copies
+        self._holds: list[int] = []  # their source pages, held until the plan is made
 
     # -- queries ----------------------------------------------------------------------------------
 
@@ -213,33 +217,21 @@ class Scheduler:
             self._preempt(self._victim(stuck))
         kv = max((s.length + s.inflight + self.decode_steps for s in decode), default=0)
         freed, self._freed = self._freed, []
-        return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed)
+        copies, self._copies = self._copies, []
+        self.pages.release(self._holds)  # the copies are dispatched before anything this plan writes
+        self._holds = []
+        return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed, copies)
 
     def _take(self, seq: Seq, left: int, calls: list[Item], budget: int) -> tuple[int, int, Item | None]:
         """(tokens of `seq`'s next chunk, of its `left` to prefill; their cost of the budget; its
-        prefill_calls item, None when scoring): 0 tokens when nothing fits. A scoring chunk, or any
-        chunk without the engine's batches, costs its tokens. A generation chunk costs what it adds
-        to the padded tokens of the step's calls: the step's first takes up to the budget (so every
-        step progresses), later ones their whole chunk when that fits, else as much as fits a row of
-        a call already planned in a bucket already paid for (a row already paid for costs
-        nothing)."""
+        prefill_calls item, None when scoring): 0 tokens when nothing fits (prefill_calls.take). A
+        scoring chunk, or any chunk without the engine's batches, costs its tokens."""
         n = min(left, self.chunk)
         if seq.req.score_start is not None or self.rows is None or self.bucket is None:
             n = min(n, budget)
             return (n, n, None) if n > 0 else (0, 0, None)
-        item = lambda m: (seq, m, seq.req.grammar is not None and m == left)  # a masked last chunk
-        if not calls:
-            m = min(n, budget)
-            return (m, padded([item(m)], self.bucket, self.rows), item(m)) if m > 0 else (0, 0, None)
-        before, n_calls = padded(calls, self.bucket, self.rows), len(group(calls, self.bucket, self.rows))
-        paid = sorted({self.bucket(c[1]) for c in calls}, reverse=True)  # buckets the step pays for
-        for m in dict.fromkeys((n, *(min(n, t) for t in paid))):
-            after = [*calls, item(m)]
-            cost = padded(after, self.bucket, self.rows) - before
-            # a part of a chunk only to fill a row of a call, never as a call of its own
-            if cost <= budget and (m == n or len(group(after, self.bucket, self.rows)) == n_calls):
-                return m, cost, item(m)
-        return 0, 0, None
+        masked = seq.req.grammar is not None  # its last chunk is a call of its own (masked prefill)
+        return take(seq, n, left, masked, calls, budget, self.bucket, self.rows)
 
     def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
         """The chunks of a step that only scores: no stream waits on it, so instead of the token
@@ -294,6 +286,7 @@ class Scheduler:
         if seq.state is State.WAITING:
             self.waiting.remove(seq)
         elif seq.slot is not None:
+            self._publish_tail(seq)
             self.slots[seq.slot] = None
             self.page_table[seq.slot] = 0
             seq.slot = None
@@ -348,10 +341,37 @@ class Scheduler:
         self.page_table[seq.slot, : len(hits)] = hits
         seq.computed = seq.published = len(hits)
         seq.computed *= ps
+        if self.prefix_cache and seq.computed < needed_from:
+            self._hit_within_page(seq, tokens[seq.computed : min(seq.computed + ps, needed_from)])
         if not seq.req.output_ids:  # the first admission counts; a recompute after preemption does not
             self.prompt_tokens += len(tokens)
             self.cached_tokens += seq.computed
             seq.req.cached_tokens = seq.computed
+
+    def _hit_within_page(self, seq: Seq, want: list[int]) -> None:
+        """After the whole pages: the published page (full, or a tail) after the same prefix holding
+        the most of `want` (the next page's tokens up to the first needed) is copied into a page of
+        the sequence's own, and only what follows is prefilled. Its source stays held until the plan
+        is made, so no allocation of this plan evicts it before the copy (dispatched first) reads it."""
+        i = len(seq.pages)
+        src, n = self.pages.longest(seq.hashes[i - 1] if i else None, want)
+        if not n:
+            return
+        self.pages.share([src])
+        self._holds.append(src)
+        if self._grow(seq, i * self.page_size + 1):
+            self._copies.append((src, seq.pages[i]))
+            seq.computed += n
+
+    def _publish_tail(self, seq: Seq) -> None:
+        """As a sequence in a slot lets go of its pages: its partly written last page becomes a tail
+        (pages.py), so a later prompt with the same tokens copies their K/V instead of computing it."""
+        valid = seq.length if seq.state is State.RUNNING else seq.computed
+        i, n = divmod(valid, self.page_size)
+        if self.prefix_cache and n and seq.dropped <= i < len(seq.pages):
+            self._publish(seq, valid)  # (and the chain hashes up to page i)
+            tokens = seq.tokens()[i * self.page_size : valid]
+            self.pages.publish_tail(seq.pages[i], tokens, seq.hashes[i - 1] if i else None)
 
     def _publish(self, seq: Seq, written: int) -> None:
         """Publish the pages entirely below position `written` (their K/V is in the cache)."""
@@ -365,7 +385,8 @@ class Scheduler:
             )
         full = min(written // ps, len(seq.hashes), len(seq.pages))
         for i in range(seq.published, full):
-            self.pages.publish(seq.pages[i], seq.hashes[i], tokens[i * ps : (i + 1) * ps])
+            prev = seq.hashes[i - 1] if i else None
+            self.pages.publish(seq.pages[i], seq.hashes[i], tokens[i * ps : (i + 1) * ps], prev)
         seq.published = max(seq.published, full)
 
     def _slide(self, seq: Seq) -> None:
@@ -413,6 +434,7 @@ class Scheduler:
     def _preempt(self, seq: Seq) -> None:
         self.preemptions += 1
         self._freed.append(seq.slot)
+        self._publish_tail(seq)
         self.slots[seq.slot] = None
         self.page_table[seq.slot] = 0
         self.pages.release(seq.pages[seq.dropped :])

@@ -25,7 +25,7 @@ from xlaserve.runtime.layout import Layout
 from xlaserve.runtime.models.presets import PRESETS
 
 # One bucket of each kind: prefill/prefill_masked/score (B=1, 2) at T=32, decode/decode_masked at
-# S=2, kv=256 (= max_model_len rounded to the 256-token attention block), insert, free.
+# S=2, kv=256 (= max_model_len rounded to the 256-token attention block), insert, free, copy_page.
 SMALL = ["--max-model-len", "256", "--prefill-buckets", "32", "--kv-buckets", "256", "--max-slots", "2"]
 SMALL += ["--slot-buckets", "2"]
 CONFIGS = {
@@ -73,7 +73,17 @@ def test_cuda_lowers_every_program_with_kernels_in_decode(results, config):
     assert summary is not None, done.stderr[-3000:]
     cuda = rows(summary, "cuda")
     assert [r["error"] for r in cuda if r["error"]] == []
-    kinds = {"prefill", "prefill_masked", "score", "score_few", "decode", "decode_masked", "insert", "free"}
+    kinds = {
+        "prefill",
+        "prefill_masked",
+        "score",
+        "score_few",
+        "decode",
+        "decode_masked",
+        "insert",
+        "free",
+        "copy_page",
+    }
     assert {r["kind"] for r in cuda} == kinds
     quantized = "int4" in config or "smollm2" in config  # SmolLM2's Q4_1/Q8_0 blocks stay quantized
     for r in rows(summary, "cuda", "decode") + rows(summary, "cuda", "decode_masked"):
@@ -109,7 +119,7 @@ def test_tpu_lowers_everything_with_xla_kernels(tmp_path):
     flags = ["--preset", "llama3-8b", "--quant", "int4", "--mesh", "tp=2", "--platforms", "tpu"]
     done, summary = run_lower(tmp_path, *flags, "--attention-impl", "xla", "--matmul-impl", "xla")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert len(summary["programs"]) == 9 and all(r["kernels"] == [] for r in summary["programs"])
+    assert len(summary["programs"]) == 10 and all(r["kernels"] == [] for r in summary["programs"])
 
 
 # Qwen3-30B-A3B (128 experts, 8 per token): dense bfloat16 experts at tp=1, int4 (q4_0) at tp=2.
@@ -193,14 +203,14 @@ def test_quantized_kv_cache_lowers_for_cuda_and_tpu(tmp_path, kv):
 def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     """A program that cannot be lowered is a row with its error and the others are still lowered
     (here Triton's kernels forced onto tpu: their compiler parameters are GPU-only; insert and free
-    call no kernel); the command then prints the table and exits 1."""
+    and copy_page call no kernel); the command then prints the table and exits 1."""
     cfg = PRESETS["tiny"]
     ecfg = EngineConfig(max_model_len=256, prefill_buckets=(32,), kv_buckets=(256,), max_slots=2)
     layout = Layout.build(cfg, lower.preset_weights(cfg, "none", "bfloat16"), ecfg, backend="tpu")
     triton = dataclasses.replace(layout.st.kernels, platform="gpu")
     layout = dataclasses.replace(layout, st=dataclasses.replace(layout.st, kernels=triton))
     got = lower.lower_all(layout, "tpu", tmp_path)
-    ok = ["insert", "free"]
+    ok = ["insert", "free", "copy_page"]
     assert [r.program for r in got if r.error is None] == ok
     # JAX's error names the params' platform once a module registering Mosaic GPU's rule was
     # imported (an earlier cuda lowering in this process), else its Mosaic TPU lowering asserts

@@ -158,24 +158,68 @@ def test_prefix_cache_maps_published_pages_and_never_the_last_token():
     s = sched(max_slots=1)
     a = s.add(make(10, 0.0))  # pages [1..4], [5..8] full; [9, 10] partial
     execute(s, s.plan())
+    execute(s, s.plan())  # (chunks of 8 tokens)
     a_pages = list(a.pages)
     s.finish(a)
-    assert s.pages.cached_count == 2  # the two full pages stay cached
+    assert s.pages.cached_count == 3  # the two full pages stay cached, and the partial one as a tail
     b = s.add(make(9, 1.0))  # shares the first 8 tokens; must still compute token 9
     plan = s.plan()
     assert b.pages[:2] == a_pages[:2] and plan.prefills[0].start == 8 and b.req.cached_tokens == 8
+    assert plan.copies == []
     s.finish(b)
-    c = s.add(make(8, 2.0))  # all 8 tokens cached: the last page is recomputed for the last logits
+    c = s.add(make(8, 2.0))  # all 8 tokens cached: the last page is recomputed for the last logits...
     plan = s.plan()
-    assert plan.prefills[0].start == 4 and c.req.cached_tokens == 4
-    assert s.stats().prefill_tokens_saved == 12 and s.stats().prefix_hit_rate == 12 / 27
+    # ... from a copy of page [5..8], of which it keeps 5, 6, 7
+    assert plan.copies == [(a_pages[1], c.pages[1])] and c.pages[1] != a_pages[1]
+    assert plan.prefills[0].start == 7 and c.req.cached_tokens == 7
+    assert s.stats().prefill_tokens_saved == 15 and s.stats().prefix_hit_rate == 15 / 27
+    s.pages.check()
+
+
+def test_a_finished_sequences_partial_page_is_copied_for_a_prompt_that_continues_it():
+    """A chat's next turn: the prompt is the last turn's prompt and answer and more. The last turn's
+    partly filled page (a tail) gives its K/V to a copy; whole pages are mapped as before."""
+    s = sched(max_slots=1)
+    a = s.add(make(9, 0.0))  # [1..4] [5..8] [9, then its answer]
+    for _ in range(3):  # chunks of 8 and 1 tokens (first output 99), a decode (99's K/V, then 5)
+        execute(s, s.plan())
+    assert a.req.output_ids == [99, 5]
+    tail = a.pages[2]
+    s.finish(a)  # length 10: the cache holds 1..9, 99
+    s.pages.check()
+    turn = s.add(make(1, 1.0, rid="turn2"))
+    turn.req.prompt_ids = [*range(1, 10), 99, 5, 42, 43]  # its answer and a new message
+    plan = s.plan()
+    assert plan.copies == [(tail, turn.pages[2])] and plan.prefills[0].start == 10
+    assert turn.req.cached_tokens == 10
+    execute(s, plan)
+    s.pages.check()
+    assert s.pages.refs(tail) == 0 and s.pages.cached_count == 1  # the tail, cached again, unheld
+
+
+def test_longest_prefers_the_page_sharing_the_most_tokens_after_the_same_prefix():
+    pool = PageAllocator(8)
+    first, other, second = pool.alloc(3)
+    h = chain_hash(None, [1, 2, 3, 4])
+    pool.publish(first, h, [1, 2, 3, 4], None)
+    pool.publish(other, chain_hash(h, [5, 6, 7, 8]), [5, 6, 7, 8], h)
+    pool.publish_tail(second, [5, 6, 9], h)  # a tail after the same page
+    assert pool.longest(h, [5, 6, 9, 9]) == (second, 3)
+    assert pool.longest(h, [5, 6, 7, 1]) == (other, 3)
+    assert pool.longest(h, [5, 1]) in ((other, 1), (second, 1)) and pool.longest(h, [6]) == (None, 0)
+    assert pool.longest(None, [5, 6]) == (None, 0)  # another prefix: nothing
+    pool.release([first, other, second])
+    pool.check()
+    pool.alloc(8)  # evicts all three: none is found any more
+    assert pool.longest(h, [5, 6, 9]) == (None, 0) and pool.lookup(h, [1, 2, 3, 4]) is None
+    pool.check()
 
 
 def test_lookup_checks_tokens_not_only_hashes():
     pool = PageAllocator(4)
     (p,) = pool.alloc(1)
     h = chain_hash(None, [1, 2])
-    pool.publish(p, h, [1, 2])
+    pool.publish(p, h, [1, 2], None)
     assert pool.lookup(h, [1, 2]) == p and pool.lookup(h, [1, 3]) is None
 
 

@@ -93,6 +93,32 @@ def test_prefix_cache_hit_same_output_fewer_prefill_tokens(llm):
     assert llm.stats().prefix_hit_rate > 0
 
 
+def test_a_prefix_shared_within_a_page_is_copied_not_recomputed(llm):
+    """Token-level prefix reuse. A chat's next turn continues the last turn's prompt and answer: its
+    whole pages are mapped, the partly filled last one is copied (a tail, runtime/pages.py), only the
+    new tokens are prefilled, and the output is the one computed with the prefix cache off."""
+    ps, s = llm.engine.ecfg.page_size, llm.runner.scheduler
+    prompt = llm.tokenizer.encode(words(91, 37))
+    n = 12 + ((len(prompt) + 12 - 1) % ps == 0)  # the cache ends mid-page: it holds all but the last
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0)
+    first = llm.generate(prompt, params)[0]
+    held = len(prompt) + n - 1
+    turn = [*prompt, *first.token_ids, *llm.tokenizer.encode(" and " + words(92, 6), False)]
+    before = llm.stats().prefill_tokens_computed
+    warm = llm.generate(turn, params)[0]
+    assert warm.cached_tokens == held and held % ps
+    assert llm.stats().prefill_tokens_computed - before == len(turn) - held
+    s.prefix_cache = False
+    try:
+        cold = llm.generate(turn, params)[0]
+    finally:
+        s.prefix_cache = True
+    assert cold.cached_tokens == 0 and warm.token_ids == cold.token_ids
+    np.testing.assert_allclose(
+        [lp.logprob for lp in warm.logprobs], [lp.logprob for lp in cold.logprobs], atol=2e-4
+    )
+
+
 def test_cancel_frees_slot_and_pages_within_a_step(llm):
     stream = llm.stream(words(8, 60), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     for i, _ in enumerate(stream):
