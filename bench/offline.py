@@ -1,6 +1,7 @@
 """Offline batch serving: output tok/s for many prompts of mixed lengths at several slot counts,
-beside HF transformers' batched `generate` on the same prompts in the same run; and TTFT of a
-shared-system-prompt workload with and without prefix caching.
+beside HF transformers' batched `generate` on the same prompts in the same run; and, with and
+without prefix caching, prefill tokens and TTFT of a shared-system-prompt workload and of chats
+whose every turn resends the conversation so far (at 8 slots, or the first slot count).
 
     python -m xlaserve.bench.offline --num-prompts 256 --slots 1,8,32,64 --max-tokens 32
 
@@ -83,6 +84,36 @@ def shared_prefix_ttft(llm, n: int, cache: bool) -> dict:
     }
 
 
+def chat_turns(llm, n: int, turns: int, cache: bool, outputs: list | None = None) -> dict:
+    """n chats of `turns` user messages each; a turn's prompt is its chat so far, the model's
+    answers included, so every turn after the first starts with what the last one cached (up to its
+    answer's last token; the chat template's end-of-turn tokens follow). `outputs`: a list that
+    takes each turn's outputs."""
+    from xlaserve import SamplingParams
+
+    chats = [[{"role": "user", "content": prompts(1, seed=2000 + i, lo=10, hi=30)[0]}] for i in range(n)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm.runner.scheduler.prefix_cache = cache
+    before, prompt_tokens, later = llm.stats().prefill_tokens_computed, 0, []
+    for turn in range(turns):
+        outs = llm.generate(chats, params, chat=True)
+        outputs is not None and outputs.append(outs)
+        prompt_tokens += sum(len(o.prompt_token_ids) for o in outs)
+        later += [o.timings["ttft_s"] for o in outs] if turn else []
+        for i, (chat, out) in enumerate(zip(chats, outs, strict=True)):
+            ask = prompts(1, seed=3000 + 100 * turn + i, lo=4, hi=12)[0]
+            chat += [{"role": "assistant", "content": out.text}, {"role": "user", "content": ask}]
+    llm.runner.scheduler.prefix_cache = True
+    return {
+        "prefix_cache": cache,
+        "chats": n,
+        "turns": turns,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tokens_computed": llm.stats().prefill_tokens_computed - before,
+        "later_turns_ttft_p50_s": statistics.median(later),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -90,7 +121,10 @@ def main(argv=None) -> dict:
     p.add_argument("--slots", default="1,8,32,64")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--shared-requests", type=int, default=32)
+    p.add_argument("--chats", type=int, default=16)
+    p.add_argument("--turns", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true", help="only the prefix-cache workloads")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -103,21 +137,24 @@ def main(argv=None) -> dict:
     path = registry.resolve(args.model)
     texts = prompts(args.num_prompts)
     hf_model = hf_tok = None
-    if not args.skip_hf:
+    if not args.skip_hf and not args.skip_throughput:
         hf_model, hf_tok = hf.load_model(path), hf.load_tokenizer(path)
-    rows, shared = [], []
-    for slots in [int(s) for s in args.slots.split(",")]:
-        # Prompts here are under 160 tokens + outputs: 12 pages a slot is plenty.
+    rows, shared, chats = [], [], []
+    slot_counts = [int(s) for s in args.slots.split(",")]
+    for slots in slot_counts:
+        # Prompts here are under 160 tokens + outputs (chats: under 300): 12 pages a slot is plenty.
         llm = LLM(str(path), max_slots=slots, max_model_len=512, num_pages=max(12 * slots, 32))
-        row = {"slots": slots, "xlaserve": ours(llm, texts, args.max_tokens)}
-        if hf_model is not None:
-            row["hf"] = run_hf(hf_model, hf_tok, texts, args.max_tokens, slots)
-            row["speedup"] = row["xlaserve"]["output_tok_s"] / row["hf"]["output_tok_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if slots == 8:
+        if not args.skip_throughput:
+            row = {"slots": slots, "xlaserve": ours(llm, texts, args.max_tokens)}
+            if hf_model is not None:
+                row["hf"] = run_hf(hf_model, hf_tok, texts, args.max_tokens, slots)
+                row["speedup"] = row["xlaserve"]["output_tok_s"] / row["hf"]["output_tok_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if slots == (8 if 8 in slot_counts else slot_counts[0]):
             shared = [shared_prefix_ttft(llm, args.shared_requests, cache) for cache in (False, True)]
-            for s in shared:
+            chats = [chat_turns(llm, args.chats, args.turns, cache) for cache in (False, True)]
+            for s in shared + chats:
                 print(json.dumps(s), flush=True)
         del llm
 
@@ -134,6 +171,7 @@ def main(argv=None) -> dict:
         "prompt_words": "8-96, seeded",
         "throughput": rows,
         "shared_prefix_ttft": shared,
+        "chat_turns": chats,
     }
     report.write(result, report.result_path(args.out, "offline"))
     return result
