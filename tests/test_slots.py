@@ -119,6 +119,28 @@ def test_a_prefix_shared_within_a_page_is_copied_not_recomputed(llm):
     )
 
 
+def test_scores_after_a_prefix_hit_within_a_page_equal_the_cold_scores(llm):
+    """Scoring (lm-eval's few-shot contexts diverge mid-page): a context scored before leaves its
+    last, partly filled page as a tail; a longer prompt starting with it copies that page and
+    scores from the middle of it, with the log-probs of scoring it cold."""
+    ps, s = llm.engine.ecfg.page_size, llm.runner.scheduler
+    ctx = llm.tokenizer.encode(words(93, 29))
+    ctx += [ctx[-1]] * ((len(ctx) - 3) % ps == 0)  # the cached part below ends mid-page
+    longer = (ctx + llm.tokenizer.encode(" stone lantern meadow quiet", False), len(ctx) - 2)
+    s.prefix_cache = False
+    try:
+        cold = llm.score([longer], share=False)[0]
+    finally:
+        s.prefix_cache = True
+    llm.score([(ctx, len(ctx) - 1)], share=False)  # its K/V: every token of ctx
+    saved = llm.stats().prefill_tokens_saved
+    warm = llm.score([longer], share=False)[0]
+    # served from the cache: every position before the first whose logits give a scored log-prob
+    assert llm.stats().prefill_tokens_saved - saved == longer[1] - 1 and (longer[1] - 1) % ps
+    assert warm.token_ids == cold.token_ids and warm.is_greedy == cold.is_greedy
+    np.testing.assert_allclose(warm.logprobs, cold.logprobs, atol=2e-4)
+
+
 def test_cancel_frees_slot_and_pages_within_a_step(llm):
     stream = llm.stream(words(8, 60), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     for i, _ in enumerate(stream):
