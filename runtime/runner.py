@@ -2,9 +2,10 @@
 
 One `step()`:
   1. end requests past their deadline; plan; free preempted slots on device;
-  2. dispatch the planned prompt chunks (several prompts' chunks to a prefill call: prefills.py),
-     then one decode dispatch for the running slots, then insert the sequences whose prompt just
-     finished (after the dispatch, so a slot never decodes before the scheduler gave it pages);
+  2. dispatch the planned page copies (a prefix shared within a page), the prompt chunks (several
+     prompts' chunks to a prefill call: prefills.py), then one decode dispatch for the running
+     slots, then insert the sequences whose prompt just finished (after the dispatch, so a slot
+     never decodes before the scheduler gave it pages);
   3. only then read the *previous* decode dispatch's tokens (already on the host: its copy was
      started when it was dispatched) and the first tokens of the prompts just finished, and do the
      host bookkeeping (detokenize, stop checks, publish pages) while the device runs step 2;
