@@ -13,7 +13,7 @@ most rows compiled for its bucket, or that call or one after it holds a chunk of
 sequence's chunks run in order, one call after the other); a grammar request's last chunk is a call
 of its own (its masked prefill). Across sequences the order of calls does not matter: within a step
 no chunk reads K/V that another sequence's chunk writes (prefix-cache hits are mapped at admission,
-to pages whose writes were dispatched in earlier steps).
+or copied before the step's chunks, from pages whose writes were dispatched in earlier steps).
 """
 
 from __future__ import annotations
