@@ -160,7 +160,6 @@ def test_a_client_that_goes_away_frees_its_slot():
     try:
         cancelled = sample(http.metrics, "xlaserve_requests_total", outcome="cancelled")
         for body in (LONG, {**LONG, "stream": False}):
-            t0 = time.time()
             try:
                 with httpx.stream("POST", http.url + "/v1/completions", json=body, timeout=0.3) as r:
                     first_frame(r.iter_lines())
@@ -168,7 +167,8 @@ def test_a_client_that_goes_away_frees_its_slot():
                 assert not body["stream"]
             assert http.service.loop.stats().slots_busy == 1
             wait_idle(http)
-            assert time.time() - t0 < 1.5  # 200 tokens would take 2 s
+        # Both were cancelled, not run to their 200 tokens (which would count as finished by length).
+        # No wall-clock bound: on a loaded 2-core machine one failed here though the server was right.
         assert sample(http.metrics, "xlaserve_requests_total", outcome="cancelled") == cancelled + 2
     finally:
         http.stop()
