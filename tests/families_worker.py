@@ -64,6 +64,17 @@ CONFIGS = {
 }
 
 
+class Probe(Engine):
+    """An engine with only what `greedy` runs: insert, compiled here; prefill_with_logits and
+    decode_with_logits compile on first use. A serving engine compiles a dozen programs more, which
+    this never calls: twenty engines of them were most of this worker's time (on 2 loaded cores,
+    75 s an engine instead of under 1 s). Serving engines on meshes: sharding_worker.py, test_moe."""
+
+    def _compile_all(self) -> None:
+        program = next(p for p in self.layout.programs() if p.kind == "insert" and p.key == 1)
+        self._insert = {1: self._compile(program)}
+
+
 def greedy(engine: Engine, prompt: np.ndarray, steps: int):
     """Prefill `prompt` into slot 0, then `steps` decode dispatches: (tokens, logits [steps, V])."""
     row = np.arange(engine.ecfg.pages_per_seq, dtype=np.int32)
@@ -89,9 +100,9 @@ def main():
         weights = jax.tree.map(
             np.asarray, params.random_weights(models.declare(cfg), seed=1, dtype=np.float32)
         )
-        one = greedy(Engine(cfg, weights, ENGINE), prompt, 8)
+        one = greedy(Probe(cfg, weights, ENGINE), prompt, 8)
         (mesh,) = device_groups(parse_mesh("tp=2"))
-        two = greedy(Engine(cfg, weights, ENGINE, mesh=mesh), prompt, 8)
+        two = greedy(Probe(cfg, weights, ENGINE, mesh=mesh), prompt, 8)
         print(
             json.dumps(
                 {
