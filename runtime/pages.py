@@ -11,7 +11,8 @@ Below a page, reuse is by token: a sequence's partly written last page is publis
 when the sequence lets go of it (its first tokens' K/V stays valid), and `longest` finds, among the
 full pages and tails that follow the same chain hash, the one sharing the most leading tokens with
 a new prompt's next page. That page cannot be mapped (the new sequence writes the rest of it), so
-the scheduler copies it into a page of the sequence's own and prefills only what follows.
+the scheduler copies it into a page of the sequence's own and prefills only what follows. Unheld
+tails are first in line for eviction: they use room no full page needs.
 
 Invariants (checked by `check()` and a property test): every page is exactly one of free, cached
 (published, unheld) or held (refcount > 0); a published full page's hash maps back to it; every
@@ -98,6 +99,8 @@ class PageAllocator:
             if self._refs[p] == 0:
                 if p in self._page_key:
                     self._cached[p] = None  # most recently used: last to be evicted
+                    if self._page_key[p][0] is None:  # a tail (a few tokens, not a page of them) is
+                        self._cached.move_to_end(p, last=False)  # first, so tails never evict pages
                 else:
                     self._free.append(p)
 

@@ -215,6 +215,17 @@ def test_longest_prefers_the_page_sharing_the_most_tokens_after_the_same_prefix(
     pool.check()
 
 
+def test_unheld_tails_are_evicted_before_full_pages():
+    pool = PageAllocator(2)
+    full, tail = pool.alloc(2)
+    pool.publish(full, chain_hash(None, [1, 2]), [1, 2], None)
+    pool.publish_tail(tail, [7], None)
+    pool.release([full])
+    pool.release([tail])  # released last, yet first out: a tail is a few tokens, not a page of them
+    assert pool.alloc(1) == [tail] and pool.lookup(chain_hash(None, [1, 2]), [1, 2]) == full
+    pool.check()
+
+
 def test_lookup_checks_tokens_not_only_hashes():
     pool = PageAllocator(4)
     (p,) = pool.alloc(1)
