@@ -273,21 +273,24 @@ def test_allocator_refuses_double_release_and_over_allocation():
 
 EVENTS = st.lists(
     st.one_of(
-        # (submit, prompt tokens of its own, shared leading pages, priority, max_tokens)
+        # (submit, prompt tokens of its own, shared leading tokens, priority, max_tokens)
         st.tuples(
             st.just("submit"),
             st.integers(1, 12),
-            st.sampled_from([0, 2, 3, 3]),
+            st.sampled_from([0, 6, 8, 11, 12, 12]),
             st.integers(0, 2),
             st.integers(1, 16),
         ),
+        # (continue, which ended request, tokens of its own): a chat's next turn, that request's
+        # prompt and output then more
+        st.tuples(st.just("continue"), st.integers(0, 30), st.integers(1, 6)),
         st.tuples(st.just("steps"), st.integers(1, 8)),
         st.tuples(st.just("cancel"), st.integers(0, 30)),
     ),
     min_size=10,
     max_size=60,
 )
-REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "slid": 0}
+REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "copied": 0, "slid": 0}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -311,7 +314,7 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
         prefix_cache=cache,
         window=window,
     )
-    seqs, ended, slid = [], [], False
+    seqs, ended, slid, copied = [], [], False, 0
 
     def end(seq):
         assert seq.state is not State.DONE, "a request ended twice"
@@ -319,10 +322,18 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
         ended.append(seq)
 
     for n, event in enumerate(events):
-        if event[0] == "submit":
-            _, own, shared, priority, max_tokens = event
-            # prompts share 0..3 leading pages so the prefix cache is exercised
-            prompt = list(range(1, 1 + shared * PAGE)) + list(range(1000 + 100 * n, 1000 + 100 * n + own))
+        if event[0] in ("submit", "continue"):
+            if event[0] == "submit":
+                _, own, shared, priority, max_tokens = event
+                # prompts share 0..12 leading tokens (whole pages or not) so the prefix cache is exercised
+                prompt = list(range(1, 1 + shared))
+            elif ended:
+                _, which, own = event
+                base = ended[which % len(ended)].req
+                prompt, priority, max_tokens = (base.prompt_ids + base.output_ids)[: 24 - own], 0, 4
+            else:
+                continue
+            prompt += list(range(1000 + 100 * n, 1000 + 100 * n + own))
             req = Request(
                 f"q{n}",
                 prompt,
@@ -338,6 +349,12 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
             for _ in range(event[1]):
                 plan = s.plan()
                 assert len(set(plan.freed_slots)) == len(plan.freed_slots)
+                # a copy's destination is a page of its sequence's own, never shared (its sequence may
+                # have been preempted in the same plan: the copy still runs first, harmlessly)
+                dst = [d for _, d in plan.copies]
+                assert len(set(dst)) == len(dst) and all(s.pages.refs(d) <= 1 for d in dst)
+                assert all(src != d for src, d in plan.copies)
+                copied += len(plan.copies)
                 execute(s, plan)
                 for seq in plan.decode:
                     if len(seq.req.output_ids) >= seq.req.params.max_tokens and seq.state is not State.DONE:
@@ -365,6 +382,7 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
     REACHED["preempted"] += s.preemptions > 0
     REACHED["evicted"] += s.pages.evictions > 0
     REACHED["prefix hit"] += s.cached_tokens > 0
+    REACHED["copied"] += copied > 0
     REACHED["slid"] += slid
     for q in [q for q in seqs if q.state is not State.DONE]:
         end(q)
@@ -373,7 +391,7 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
     assert sorted(map(id, ended)) == sorted(map(id, seqs)), "every request ends exactly once"
 
 
-def test_property_test_reaches_preemption_eviction_and_prefix_hits():
+def test_property_test_reaches_preemption_eviction_prefix_hits_and_copies():
     """Guards the property test above against generating only easy cases."""
     if not any(REACHED.values()):  # run alone: run the property test first
         test_random_events_keep_pages_and_requests_consistent()
