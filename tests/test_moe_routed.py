@@ -65,7 +65,8 @@ def hf_routed(hf, tokens: list[int]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def moe_llm(model_path, tmp_path_factory):
     """(LLM over the tiny Qwen2-MoE checkpoint, HF's model of it). One slot of two busy, so the
-    decode program also runs an idle slot, whose routing must not count."""
+    decode program also runs an idle slot, whose routing must not count. No prefix cache: every
+    token of every request is routed (a hit, even within a page, computes some tokens no more)."""
     from xlaserve import LLM
 
     root = tmp_path_factory.mktemp("routed")
@@ -77,6 +78,7 @@ def moe_llm(model_path, tmp_path_factory):
         max_model_len=64,
         compile_cache="",
         scoring=False,
+        prefix_cache=False,
     )
     return llm, hf
 
