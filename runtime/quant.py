@@ -21,6 +21,11 @@ CPU reads 3x fewer bytes than with float32 weights. Either way the dequantizatio
 float32 operations in the same order as `gguf.quants.dequantize`, so the weights it produces are
 bit-identical (tested).
 
+On CPU, `linear` of few rows (decode) goes to our C++ kernel (cpu_kernels/quant_gemv.cc) where
+kernels.matmul == "native": it reads the weights in either layout without dequantizing them into
+memory, each weight dequantized to the same exact value. A layer-stacked matrix is handed to it as
+`LayerOf(stack, i)` so that the scan over layers does not copy each layer out of the stack.
+
 Model code never branches on quantization: it calls `linear` and `take_rows`.
 """
 
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlaserve.cpu_kernels import quant_gemv as native
 from xlaserve.pallas_kernels import tpu_matmul
 from xlaserve.pallas_kernels.quantized_matmul import quantized_matmul
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
@@ -209,6 +215,42 @@ def map_quant(fn, w: QuantArray) -> QuantArray:
     )
 
 
+@dataclass(frozen=True)
+class LayerOf:
+    """Layer `index` (traced int32) of a layer-stacked QuantArray [L, N, K], not sliced out: the
+    native kernel reads it in place (a custom call would be handed a copy of a dynamic slice)."""
+
+    stack: QuantArray
+    index: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stack.shape[1:]
+
+    def sliced(self) -> QuantArray:
+        return map_quant(lambda a: a[self.index], self.stack)
+
+
+def reads_in_place(kernels: Kernels) -> bool:
+    """Whether layer-stacked matrices should reach `linear` as `LayerOf` (the native kernel's)."""
+    return kernels.matmul == "native" and kernels.mesh is None
+
+
+def _native(x, w: QuantArray, kernels: Kernels) -> bool:
+    rows = int(np.prod(x.shape[:-1]))
+    return (
+        reads_in_place(kernels)
+        and 0 < rows <= native.MAX_ROWS
+        and native.supported(w.kind, w.block, w.packed)
+    )
+
+
+def _native_linear(x, stack: QuantArray, layer) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1])
+    y = native.quant_gemv(rows, *stack.arrays, layer, **stack.layout, packed=stack.packed)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _dot(x, w):
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     return jnp.einsum(
@@ -277,8 +319,15 @@ def linear(
     With kernels.matmul == "pallas" a packed QuantArray goes through our Pallas kernel (Triton's on
     GPU, Mosaic's on TPU, where shapes it does not take use the XLA path); on a mesh
     the kernel runs per shard under shard_map, `spec` = (output axis, input axis) of W: a split
-    input axis (row-parallel) ends with a psum."""
-    if isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
+    input axis (row-parallel) ends with a psum. With kernels.matmul == "native" (CPU, no mesh), few
+    rows of x times a quantized W (or a `LayerOf`) go through our C++ kernel."""
+    if isinstance(w, LayerOf):
+        if _native(x, w.stack, kernels):
+            return _native_linear(x, w.stack, w.index).astype(out_dtype or x.dtype)
+        w = w.sliced()
+    if isinstance(w, QuantArray) and w.data.ndim == 2 and _native(x, w, kernels):
+        y = _native_linear(x, map_quant(lambda a: a[None], w), 0)
+    elif isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
         y = _pallas_linear(x, w, kernels, spec)
     elif isinstance(w, QuantArray):
         y = _quant_dot(x, w, chunk=kernels.mesh is None)

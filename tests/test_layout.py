@@ -12,6 +12,7 @@ GENERATED = ("_pb2.py", "_pb2_grpc.py")
 # Top-level parts in import order: a part may import only parts before it. The root modules
 # (`llm.py`, the package `__init__`) wire everything together and sit with the command line.
 ORDER = [
+    "cpu_kernels",
     "pallas_kernels",
     "sharding",
     "runtime",
@@ -23,7 +24,7 @@ ORDER = [
     "bench",
     "cli",
 ]
-LEAVES = ("pallas_kernels", "sharding", "data")
+LEAVES = ("cpu_kernels", "pallas_kernels", "sharding", "data")
 
 
 def sources() -> list[Path]:

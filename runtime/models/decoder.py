@@ -22,6 +22,7 @@ per kv head, K head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -34,9 +35,10 @@ from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.models import moe as moe_ffn
 from xlaserve.runtime.models.layers import head, matmul, rms_norm, rope
 from xlaserve.runtime.models.params import declare, declare_stacked
-from xlaserve.runtime.quant import QuantArray, take_rows
+from xlaserve.runtime.quant import LayerOf, QuantArray, reads_in_place, take_rows
 
 Matrix = jax.Array | QuantArray
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the Layer fields `mm` takes
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -176,9 +178,17 @@ def forward(
         out = mm(y, w, name)
         return (out if bias is None else out + bias.astype(out.dtype)).reshape(shape)
 
+    # Quantized matrices the native CPU kernel reads in place stay out of the scanned xs: the
+    # body gets LayerOf(stack, i) for them instead of a slice.
+    stacks = {}
+    if reads_in_place(kernels):
+        stacks = {f: getattr(weights.layers, f) for f in MATRICES}
+        stacks = {f: m for f, m in stacks.items() if isinstance(m, QuantArray)}
+
     def layer(carry, xs):
         x, cache = carry
         w, i, window, inv_freq = xs
+        w = dataclasses.replace(w, **{f: LayerOf(m, i) for f, m in stacks.items()})
         with jax.named_scope("attention"):
             y = norm(x, w.attn_norm)
             q = proj(y, w.wq, w.bq, "wq", (b, t, h * g * k))
@@ -218,7 +228,8 @@ def forward(
             x = x + (y if w.post_mlp_norm is None else norm(y, w.post_mlp_norm))
         return (x, cache), counts
 
-    xs = (weights.layers, jnp.arange(cfg.num_layers), jnp.asarray(windows), jnp.asarray(inv_freqs))
+    scanned = dataclasses.replace(weights.layers, **{f: None for f in stacks})
+    xs = (scanned, jnp.arange(cfg.num_layers), jnp.asarray(windows), jnp.asarray(inv_freqs))
     (x, cache), counts = jax.lax.scan(layer, (x, cache), xs)  # counts [L, E]
     return (norm(x, weights.final_norm), cache) + ((counts,) if routed else ()) + ((x,) if features else ())
 

@@ -1,0 +1,216 @@
+// Quantized matrix-vector products for XLA:CPU, behind jax.ffi ("xlaserve_quant_gemv").
+//
+//   y[m, n] = sum_k x[m, k] * W[layer][n, k]      x f32 [M, K], y f32 [M, N]
+//
+// W is one layer of a stacked QuantArray (runtime/quant.py): data [L, N, K] (one value per byte) or
+// [L, N, K/2] (two 4-bit values per byte, GGUF order: element j of a block in the low nibble, j +
+// block/2 in the high one), scale and min f32 [L, N, K/block]. The layer is an operand, so a scan
+// over layers hands the whole stack over and no layer is copied out of it.
+//
+// Each weight is dequantized with the float32 operations of gguf.quants, in its order (d * q + m,
+// no fused multiply-add: built with -ffp-contract=off), so the weights are the exact values the XLA
+// path uses; only the order of the sum differs from a dense dot. The sum for one (m, n) is the same
+// whatever M, the thread count or the rows' split: per lane j of a sub-block of S values, blocks in
+// order, then the S lanes in order. Batch-invariant and deterministic.
+//
+// Rows n are split into tasks on XLA's intra-op thread pool. The calling thread takes tasks too and
+// waits only for tasks a helper has claimed (and is running), so a pool whose threads all sit in
+// this call cannot deadlock.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Kind : int64_t { kQ8 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+// Rows of x sharing one dequantized sub-block: 3 rows x 4 chains + 4 weight vectors fill the 16
+// AVX2 registers (more spill, measured).
+constexpr int kMaxRows = 3;
+
+// AVX2 + FMA (8 float lanes); the Python side uses this kernel only where the CPU has both.
+inline __m256 Widen(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 WidenSigned(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+inline __m128i Load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+
+struct Args {
+  const float* x;
+  const uint8_t* data;
+  const float* scale;
+  const float* min;
+  float* y;
+  int64_t m, n, k, block, row_bytes;
+};
+
+// 8 dequantized weights from stored values v (as floats): gguf's arithmetic, unfused (d * q
+// rounded, then + m rounded), so each weight is the exact value the XLA path computes.
+template <int kKind, bool kHasMin>
+inline __m256 Scale(__m256 v, __m256 d, __m256 mn) {
+  if constexpr (kKind == kQ4_0) return _mm256_mul_ps(d, _mm256_sub_ps(v, _mm256_set1_ps(8.0f)));
+  __m256 w = _mm256_mul_ps(v, d);
+  if constexpr (kHasMin) w = _mm256_add_ps(w, mn);
+  return w;
+}
+
+// Sub-blocks of S = 8 * kParts values: a block of 32 (kParts 4; packed, the low nibbles of its 16
+// bytes are values 0-15 and the high ones 16-31) or of 16 (kParts 2, one value per byte). R rows of
+// x share each dequantized sub-block; lane j of acc[r][h] sums x * w over
+// the positions 8h + j of each sub-block, in order; the sum adds acc[r][0..] then the 8 lanes.
+template <int kKind, bool kPacked, bool kHasMin, int kParts, int R>
+void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
+  constexpr int S = 8 * kParts;
+  const int64_t subs = a.k / S, per_block = a.block / S, nb = a.k / a.block;
+  const int64_t sub_bytes = kPacked ? S / 2 : S;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* q = a.data + n * a.row_bytes;
+    const float* d = a.scale + n * nb;
+    const float* mn = kHasMin ? a.min + n * nb : nullptr;
+    __m256 acc[R][kParts];  // independent chains: an FMA's latency is hidden behind the others
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < kParts; ++h) acc[r][h] = _mm256_setzero_ps();
+    for (int64_t s = 0, b = 0, left = per_block; s < subs; ++s) {
+      const __m256 db = _mm256_set1_ps(d[b]), mb = _mm256_set1_ps(kHasMin ? mn[b] : 0.0f);
+      if (--left == 0) ++b, left = per_block;
+      const uint8_t* qs = q + s * sub_bytes;
+      __m256 w[kParts];
+      if constexpr (kPacked) {
+        static_assert(kParts == 4);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        w[0] = Scale<kKind, kHasMin>(Widen(lo), db, mb);
+        w[1] = Scale<kKind, kHasMin>(Widen(_mm_srli_si128(lo, 8)), db, mb);
+        w[2] = Scale<kKind, kHasMin>(Widen(hi), db, mb);
+        w[3] = Scale<kKind, kHasMin>(Widen(_mm_srli_si128(hi, 8)), db, mb);
+      } else {
+        for (int h = 0; h < kParts; ++h) {
+          const __m128i v = Load8(qs + 8 * h);
+          w[h] = Scale<kKind, kHasMin>(kKind == kQ8 ? WidenSigned(v) : Widen(v), db, mb);
+        }
+      }
+      const float* xs = a.x + m0 * a.k + s * S;
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < kParts; ++h)
+          acc[r][h] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + r * a.k + 8 * h), w[h], acc[r][h]);
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float t[8];
+      __m256 all = acc[r][0];
+      for (int h = 1; h < kParts; ++h) all = _mm256_add_ps(all, acc[r][h]);
+      _mm256_store_ps(t, all);
+      float sum = 0.0f;
+      for (int j = 0; j < 8; ++j) sum += t[j];
+      a.y[(m0 + r) * a.n + n] = sum;
+    }
+  }
+}
+
+template <int kKind, bool kPacked, bool kHasMin, int kParts>
+void Rows(const Args& a, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.m; m0 += kMaxRows) {
+    static_assert(kMaxRows == 3);
+    switch (std::min<int64_t>(kMaxRows, a.m - m0)) {
+      case 1: RowsR<kKind, kPacked, kHasMin, kParts, 1>(a, n0, n1, m0); break;
+      case 2: RowsR<kKind, kPacked, kHasMin, kParts, 2>(a, n0, n1, m0); break;
+      default: RowsR<kKind, kPacked, kHasMin, kParts, 3>(a, n0, n1, m0); break;
+    }
+  }
+}
+
+using RowsFn = void (*)(const Args&, int64_t, int64_t);
+
+template <int kKind, bool kPacked, bool kHasMin>
+RowsFn PickS(int64_t s) {
+  if constexpr (kPacked) return Rows<kKind, true, kHasMin, 4>;
+  return s == 32 ? Rows<kKind, false, kHasMin, 4> : Rows<kKind, false, kHasMin, 2>;
+}
+
+RowsFn Pick(int64_t kind, bool packed, bool has_min, int64_t s) {
+  if (kind == kQ8) return has_min ? PickS<kQ8, false, true>(s) : PickS<kQ8, false, false>(s);
+  if (kind == kQ4_0) return packed ? PickS<kQ4_0, true, false>(s) : PickS<kQ4_0, false, false>(s);
+  return packed ? PickS<kQ4_1, true, true>(s) : PickS<kQ4_1, false, true>(s);
+}
+
+// Tasks of rows, claimed from a counter by the caller and by helpers on the pool.
+struct Work {
+  Args args;
+  RowsFn fn;
+  int64_t tasks, rows_per_task;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Drain() {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      int64_t n0 = t * rows_per_task, n1 = std::min(args.n, n0 + rows_per_task);
+      fn(args, n0, n1);
+      if (done.fetch_add(1) + 1 == tasks) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
+                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer,
+                     ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t block, bool packed, bool has_min) {
+  auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || dd.size() != 3 || sd.size() != 3)
+    return ffi::Error::InvalidArgument("quant_gemv: x must be [M, K], data and scale [L, N, *]");
+  const int64_t m = xd[0], k = xd[1], layers = dd[0], n = dd[1];
+  const int64_t s = std::min<int64_t>(block, 32);
+  const bool four_bit = kind != kQ8;
+  if (kind < 0 || kind > 2 || block % s || (s != 16 && s != 32) || k % block || (packed && (!four_bit || block != 32)))
+    return ffi::Error::InvalidArgument("quant_gemv: unsupported kind/block/packing");
+  if (dd[2] != (packed ? k / 2 : k) || sd[2] != k / block || sd[1] != n)
+    return ffi::Error::InvalidArgument("quant_gemv: data/scale shapes do not match x");
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("quant_gemv: layer out of range");
+
+  auto work = std::make_shared<Work>();
+  Args& a = work->args;
+  a.row_bytes = dd[2];
+  a.x = x.typed_data();
+  a.data = static_cast<const uint8_t*>(data.untyped_data()) + l * n * a.row_bytes;
+  a.scale = scale.typed_data() + l * n * (k / block);
+  a.min = has_min ? min.typed_data() + l * n * (k / block) : nullptr;
+  a.y = y->typed_data();
+  a.m = m, a.n = n, a.k = k, a.block = block;
+  work->fn = Pick(kind, packed, has_min, s);
+  // ~64 Ki weights a task: enough tasks to balance, few enough to keep the counter cold.
+  work->rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
+  work->tasks = (n + work->rows_per_task - 1) / work->rows_per_task;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done.load() == work->tasks; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveQuantGemv, QuantGemv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("block")
+                                  .Attr<bool>("packed")
+                                  .Attr<bool>("has_min"));

@@ -1,0 +1,129 @@
+"""Our C++ quantized GEMV for XLA:CPU (cpu_kernels/): exact weights, against a float64 numpy
+reference, batch-invariant, reading a layer of a stack in place; and the engine's decode uses it.
+
+These machines (x86-64 with AVX2 and FMA, g++) must build and run it: a host that cannot is a
+failure here, not a skip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xlaserve.cpu_kernels import build
+from xlaserve.cpu_kernels.quant_gemv import quant_gemv, supported
+from xlaserve.runtime import quant
+from xlaserve.runtime.config import Kernels
+
+LAYOUTS = [  # (quantize kind, block, packed): what GGUF files load as (checkpoints/ggml_types.py)
+    ("q4_1", 32, True),
+    ("q4_1", 32, False),
+    ("q4_0", 32, True),
+    ("q4_0", 32, False),
+    ("q8_0", 32, False),
+    ("q8_1", 32, False),  # q8_0 with a min (Q5_1, Q5_K)
+    ("q8_0", 16, False),  # Q6_K's sub-blocks
+    ("q8_0", 64, False),  # per-group int8 (convert --quant int8)
+]
+
+
+def test_the_kernel_builds_and_runs_on_this_machine():
+    assert build.unavailable() is None, build.unavailable()
+    assert build.library().exists()
+
+
+def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0):
+    w = np.random.default_rng(seed).standard_normal((layers, n, k)).astype(np.float32)
+    q = quant.quantize(w, kind, block)
+    q = q if packed else quant.unpack(q)
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
+    return dataclasses.replace(q, data=jnp.asarray(q.data), scale=f32(q.scale), min=f32(q.min))
+
+
+def _call(x, w, layer):
+    return jax.jit(lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed))(x, w, layer)
+
+
+@pytest.mark.parametrize("kind,block,packed", LAYOUTS)
+def test_each_weight_is_the_exact_dequantized_value(kind, block, packed):
+    # x = the identity: row k of y is column k of W, one product by 1.0 plus zeros: exact
+    w = _stack(kind, block, packed)
+    want = np.asarray(quant.dequantize(quant.map_quant(lambda a: a[2], w)))  # [N, K]
+    k = want.shape[1]
+    eye = jnp.eye(k, dtype=jnp.float32)
+    got = np.concatenate([np.asarray(_call(eye[i : i + 16], w, 2)) for i in range(0, k, 16)])
+    np.testing.assert_array_equal(got, want.T)
+
+
+@pytest.mark.parametrize("kind,block,packed", LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+def test_products_match_a_float64_reference(kind, block, packed, rows):
+    w = _stack(kind, block, packed)
+    x = np.random.default_rng(rows).standard_normal((rows, w.shape[-1])).astype(np.float32)
+    for layer in (0, 2):
+        dense = quant.dequantize(quant.LayerOf(w, jnp.asarray(layer)).sliced())
+        ref = x.astype(np.float64) @ np.asarray(dense, np.float64).T
+        got = np.asarray(_call(jnp.asarray(x), w, layer))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_around_it():
+    w = _stack("q4_1", 32, False, n=300)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((11, w.shape[-1])), jnp.float32)
+    whole = np.asarray(_call(x, w, 1))
+    for i in range(11):
+        np.testing.assert_array_equal(np.asarray(_call(x[i : i + 1], w, 1)), whole[i : i + 1])
+    np.testing.assert_array_equal(np.asarray(_call(x[3:8], w, 1)), whole[3:8])
+
+
+def test_layouts_it_does_not_take_are_refused_by_name():
+    assert not supported("q8_0", 32, packed=True) and not supported("q4_1", 16, packed=True)
+    w = _stack("q4_1", 32, False)
+    with pytest.raises(ValueError, match=r"x \(1, 64\), data .* do not match"):
+        quant_gemv(jnp.zeros((1, 64)), *w.arrays, 0, **w.layout, packed=False)
+
+
+def test_linear_routes_few_rows_to_the_kernel_and_many_to_xla():
+    w = _stack("q4_1", 32, False)
+    one = quant.LayerOf(w, jnp.asarray(1))
+    native = Kernels(matmul="native")
+    hlo = lambda rows: (
+        jax.jit(lambda x: quant.linear(x, one, kernels=native))
+        .lower(jnp.zeros((rows, w.shape[-1])))
+        .as_text()
+    )
+    assert build.TARGET in hlo(4)
+    assert build.TARGET not in hlo(64)  # prefill: XLA's dot over the sliced layer
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, w.shape[-1])), jnp.float32)
+    got = quant.linear(x, one, kernels=native)
+    ref = quant.linear(x, one.sliced(), kernels=Kernels(matmul="xla"))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * float(jnp.abs(ref).max()))
+
+
+def test_matmul_impl_native_is_refused_where_it_cannot_run(monkeypatch):
+    from xlaserve.runtime import impls
+
+    with pytest.raises(ValueError, match="matmul_impl='native' native is a CPU kernel"):
+        impls.resolve("auto", "native", on_cpu=False)
+    assert impls.resolve("auto", "auto", on_cpu=True) == ("xla", "native")
+    assert impls.resolve("auto", "auto", on_cpu=False) == ("pallas", "pallas")
+    monkeypatch.setattr(impls, "unavailable", lambda: "this CPU lacks avx2")
+    with pytest.raises(ValueError, match="matmul_impl='native' cannot run here: this CPU lacks avx2"):
+        impls.resolve("auto", "native", on_cpu=True)
+    assert impls.resolve("auto", "auto", on_cpu=True) == ("xla", "xla")
+
+
+def test_the_engines_decode_reads_every_layer_in_place(llm):
+    """SmolLM2's decode program: the kernel for every layer matrix and the tied head, and no copy
+    of a layer's weights out of the stack (the custom calls take the whole stack)."""
+    engine = llm.engine
+    assert engine.ecfg.matmul_impl == "native"
+    text = next(iter(engine._decode.values())).as_text()
+    calls = [line for line in text.splitlines() if build.TARGET in line and "custom-call(" in line]
+    assert len(calls) == 7 + 1, calls  # q, k, v, o, gate, up, down in the layer loop; the head
+    layers = llm.engine.cfg.num_layers
+    in_loop = [c for c in calls if f"[{layers}," in c]  # operands: whole [L, N, K] stacks
+    assert len(in_loop) == 7, calls
