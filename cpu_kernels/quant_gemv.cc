@@ -7,15 +7,15 @@
 // block/2 in the high one), scale and min f32 [L, N, K/block]. The layer is an operand, so a scan
 // over layers hands the whole stack over and no layer is copied out of it.
 //
-// Each weight is dequantized with the float32 operations of gguf.quants, in its order (d * q + m,
-// no fused multiply-add: built with -ffp-contract=off), so the weights are the exact values the XLA
-// path uses; only the order of the sum differs from a dense dot. The sum for one (m, n) is the same
-// whatever M, the thread count or the rows' split: per lane j of a sub-block of S values, blocks in
-// order, then the S lanes in order. Batch-invariant and deterministic.
+// The stored integers and scales are used exactly (no requantization of weights or activations);
+// the product is computed in a factored form (see RowsR) whose sums round differently from a dot
+// with the dequantized weights. The sum for one (m, n) is the same whatever M, the thread count or
+// the rows' split: batch-invariant and deterministic.
 //
 // Rows n are split into tasks on XLA's intra-op thread pool. The calling thread takes tasks too and
 // waits only for tasks a helper has claimed (and is running), so a pool whose threads all sit in
-// this call cannot deadlock.
+// this call cannot deadlock. (Our own spinning workers were tried: on 2 cores they took the CPU
+// from XLA's threads and decode got slower.)
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -33,17 +34,21 @@ namespace ffi = xla::ffi;
 namespace {
 
 enum Kind : int64_t { kQ8 = 0, kQ4_0 = 1, kQ4_1 = 2 };
-// Rows of x sharing one dequantized sub-block: 3 rows x 4 chains + 4 weight vectors fill the 16
-// AVX2 registers (more spill, measured).
-constexpr int kMaxRows = 3;
+// Rows of x sharing each converted sub-block (more than 4 spill the 16 AVX2 registers, measured).
+constexpr int kMaxRows = 4;
 
 // AVX2 + FMA (8 float lanes); the Python side uses this kernel only where the CPU has both.
-inline __m256 Widen(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-inline __m256 WidenSigned(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 inline __m128i Load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline __m256 Floats(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 FloatsSigned(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+// q4_0's q - 8 in the integers, converted exactly (so d * (q - 8) rounds as gguf's does)
+inline __m256 FloatsLess8(__m128i v) {
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(8)));
+}
 
 struct Args {
   const float* x;
+  const float* x_sums;  // [M, K / block]: each block's sum of x (for the mins), or null
   const uint8_t* data;
   const float* scale;
   const float* min;
@@ -51,20 +56,20 @@ struct Args {
   int64_t m, n, k, block, row_bytes;
 };
 
-// 8 dequantized weights from stored values v (as floats): gguf's arithmetic, unfused (d * q
-// rounded, then + m rounded), so each weight is the exact value the XLA path computes.
-template <int kKind, bool kHasMin>
-inline __m256 Scale(__m256 v, __m256 d, __m256 mn) {
-  if constexpr (kKind == kQ4_0) return _mm256_mul_ps(d, _mm256_sub_ps(v, _mm256_set1_ps(8.0f)));
-  __m256 w = _mm256_mul_ps(v, d);
-  if constexpr (kHasMin) w = _mm256_add_ps(w, mn);
-  return w;
-}
-
-// Sub-blocks of S = 8 * kParts values: a block of 32 (kParts 4; packed, the low nibbles of its 16
-// bytes are values 0-15 and the high ones 16-31) or of 16 (kParts 2, one value per byte). R rows of
-// x share each dequantized sub-block; lane j of acc[r][h] sums x * w over
-// the positions 8h + j of each sub-block, in order; the sum adds acc[r][0..] then the 8 lanes.
+// A weight is w = d * q + m (q4_0: d * (q - 8), q8_0: d * q, with or without m), d and m per block.
+// Rather than dequantizing each weight, a row's product is computed in its factored form
+//
+//   sum_k x_k w_k = sum_blocks d_b * (sum_{k in b} x_k q_k) + sum_blocks m_b * (sum_{k in b} x_k)
+//
+// with the integers q converted exactly to float32: two float ops a weight instead of four. The
+// stored values are used exactly; only the rounding of the sums differs from a dot with the
+// dequantized weights (and for a one-hot x the result is exactly gguf's d * q + m).
+//
+// Sub-blocks of S = 8 * kParts values (one d each; a block may hold several): 32 (kParts 4; packed,
+// the low nibbles of its 16 bytes are values 0-15 and the high ones 16-31) or 16 (kParts 2).
+// For row r: t = x_0 q_0 + ... in lane order (vector FMAs over the sub-block's kParts vectors),
+// acc = d * t + acc per sub-block in order, then the 8 lanes of acc summed in order, then the mins'
+// sum over blocks in order. None of it depends on R, the thread or the task: batch-invariant.
 template <int kKind, bool kPacked, bool kHasMin, int kParts, int R>
 void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int S = 8 * kParts;
@@ -74,41 +79,44 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.data + n * a.row_bytes;
     const float* d = a.scale + n * nb;
-    const float* mn = kHasMin ? a.min + n * nb : nullptr;
-    __m256 acc[R][kParts];  // independent chains: an FMA's latency is hidden behind the others
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < kParts; ++h) acc[r][h] = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t s = 0, b = 0, left = per_block; s < subs; ++s) {
-      const __m256 db = _mm256_set1_ps(d[b]), mb = _mm256_set1_ps(kHasMin ? mn[b] : 0.0f);
+      const __m256 db = _mm256_set1_ps(d[b]);
       if (--left == 0) ++b, left = per_block;
       const uint8_t* qs = q + s * sub_bytes;
-      __m256 w[kParts];
+      __m256 v[kParts];
       if constexpr (kPacked) {
         static_assert(kParts == 4);
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-        w[0] = Scale<kKind, kHasMin>(Widen(lo), db, mb);
-        w[1] = Scale<kKind, kHasMin>(Widen(_mm_srli_si128(lo, 8)), db, mb);
-        w[2] = Scale<kKind, kHasMin>(Widen(hi), db, mb);
-        w[3] = Scale<kKind, kHasMin>(Widen(_mm_srli_si128(hi, 8)), db, mb);
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int h = 0; h < 4; ++h) v[h] = kKind == kQ4_0 ? FloatsLess8(parts[h]) : Floats(parts[h]);
       } else {
         for (int h = 0; h < kParts; ++h) {
-          const __m128i v = Load8(qs + 8 * h);
-          w[h] = Scale<kKind, kHasMin>(kKind == kQ8 ? WidenSigned(v) : Widen(v), db, mb);
+          const __m128i raw = Load8(qs + 8 * h);
+          v[h] = kKind == kQ8 ? FloatsSigned(raw) : kKind == kQ4_0 ? FloatsLess8(raw) : Floats(raw);
         }
       }
       const float* xs = a.x + m0 * a.k + s * S;
-      for (int r = 0; r < R; ++r)
-        for (int h = 0; h < kParts; ++h)
-          acc[r][h] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + r * a.k + 8 * h), w[h], acc[r][h]);
+      for (int r = 0; r < R; ++r) {
+        __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xs + r * a.k), v[0]);
+        for (int h = 1; h < kParts; ++h) t = _mm256_fmadd_ps(_mm256_loadu_ps(xs + r * a.k + 8 * h), v[h], t);
+        acc[r] = _mm256_fmadd_ps(db, t, acc[r]);
+      }
     }
     for (int r = 0; r < R; ++r) {
-      alignas(32) float t[8];
-      __m256 all = acc[r][0];
-      for (int h = 1; h < kParts; ++h) all = _mm256_add_ps(all, acc[r][h]);
-      _mm256_store_ps(t, all);
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc[r]);
       float sum = 0.0f;
-      for (int j = 0; j < 8; ++j) sum += t[j];
+      for (int j = 0; j < 8; ++j) sum += lanes[j];
+      if constexpr (kHasMin) {
+        const float* mn = a.min + n * nb;
+        const float* sx = a.x_sums + (m0 + r) * nb;
+        float mins = 0.0f;
+        for (int64_t i = 0; i < nb; ++i) mins += mn[i] * sx[i];
+        sum += mins;
+      }
       a.y[(m0 + r) * a.n + n] = sum;
     }
   }
@@ -117,11 +125,12 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
 template <int kKind, bool kPacked, bool kHasMin, int kParts>
 void Rows(const Args& a, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.m; m0 += kMaxRows) {
-    static_assert(kMaxRows == 3);
+    static_assert(kMaxRows == 4);
     switch (std::min<int64_t>(kMaxRows, a.m - m0)) {
       case 1: RowsR<kKind, kPacked, kHasMin, kParts, 1>(a, n0, n1, m0); break;
       case 2: RowsR<kKind, kPacked, kHasMin, kParts, 2>(a, n0, n1, m0); break;
-      default: RowsR<kKind, kPacked, kHasMin, kParts, 3>(a, n0, n1, m0); break;
+      case 3: RowsR<kKind, kPacked, kHasMin, kParts, 3>(a, n0, n1, m0); break;
+      default: RowsR<kKind, kPacked, kHasMin, kParts, 4>(a, n0, n1, m0); break;
     }
   }
 }
@@ -143,6 +152,7 @@ RowsFn Pick(int64_t kind, bool packed, bool has_min, int64_t s) {
 // Tasks of rows, claimed from a counter by the caller and by helpers on the pool.
 struct Work {
   Args args;
+  std::vector<float> x_sums;
   RowsFn fn;
   int64_t tasks, rows_per_task;
   std::atomic<int64_t> next{0};
@@ -180,6 +190,17 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
 
   auto work = std::make_shared<Work>();
   Args& a = work->args;
+  if (has_min) {  // each block's sum of x, in order, once for all rows n
+    const int64_t nb = k / block;
+    work->x_sums.resize(m * nb);
+    for (int64_t i = 0; i < m * nb; ++i) {
+      const float* xb = x.typed_data() + i * block;
+      float t = 0.0f;
+      for (int64_t j = 0; j < block; ++j) t += xb[j];
+      work->x_sums[i] = t;
+    }
+    a.x_sums = work->x_sums.data();
+  }
   a.row_bytes = dd[2];
   a.x = x.typed_data();
   a.data = static_cast<const uint8_t*>(data.untyped_data()) + l * n * a.row_bytes;

@@ -1,8 +1,11 @@
 """y = x @ W[layer]^T for a quantized, layer-stacked W, by our C++ kernel (quant_gemv.cc) on XLA:CPU.
 
 For few rows of x (decode: one per sequence), where XLA:CPU dequantizes whole matrices into memory
-before a dot: the kernel dequantizes 32 weights at a time in registers and reads each weight once
-for up to 3 rows of x. The weights are the exact values of the XLA path; sums differ in order only.
+before a dot: the kernel converts the stored integers of each 32-weight block in registers and
+computes the block's product in factored form, d * sum(x q) + m * sum(x), reading each weight once
+for up to 4 rows of x. Stored values are used exactly (nothing requantized, weights or activations);
+the sums round differently from a dot with the dequantized weights, and a one-hot row of x gives
+back exactly gguf's dequantized weight.
 """
 
 from __future__ import annotations

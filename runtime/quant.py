@@ -23,8 +23,9 @@ bit-identical (tested).
 
 On CPU, `linear` of few rows (decode) goes to our C++ kernel (cpu_kernels/quant_gemv.cc) where
 kernels.matmul == "native": it reads the weights in either layout without dequantizing them into
-memory, each weight dequantized to the same exact value. A layer-stacked matrix is handed to it as
-`LayerOf(stack, i)` so that the scan over layers does not copy each layer out of the stack.
+memory (the stored values exactly, the sums in factored form: cpu_kernels/quant_gemv.py). A
+layer-stacked matrix is handed to it as `LayerOf(stack, i)` so that the scan over layers does not
+copy each layer out of the stack.
 
 Model code never branches on quantization: it calls `linear` and `take_rows`.
 """

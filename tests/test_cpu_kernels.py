@@ -1,5 +1,6 @@
-"""Our C++ quantized GEMV for XLA:CPU (cpu_kernels/): exact weights, against a float64 numpy
-reference, batch-invariant, reading a layer of a stack in place; and the engine's decode uses it.
+"""Our C++ quantized GEMV for XLA:CPU (cpu_kernels/): stored values used exactly (a one-hot row gives
+back each dequantized weight), against a float64 numpy reference, batch-invariant, reading a layer
+of a stack in place; and the engine's decode uses it.
 
 These machines (x86-64 with AVX2 and FMA, g++) must build and run it: a host that cannot is a
 failure here, not a skip."""
