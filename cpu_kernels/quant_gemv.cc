@@ -3,8 +3,8 @@
 //   y[m, n] = sum_k x[m, k] * W[layer][n, k]      x f32 [M, K], y f32 [M, N]
 //
 // W is one layer of a stacked QuantArray (runtime/quant.py): data [L, N, K] (one value per byte) or
-// [L, N, K/2] (two 4-bit values per byte, GGUF order: element j of a block in the low nibble, j +
-// block/2 in the high one), scale and min f32 [L, N, K/block]. The layer is an operand, so a scan
+// [L, N, K/2] (4-bit values of blocks of 32 packed in lane order, `packed`: see RowsR), scale and
+// min f32 [L, N, K/block]. The layer is an operand, so a scan
 // over layers hands the whole stack over and no layer is copied out of it.
 //
 // The stored integers and scales are used exactly (no requantization of weights or activations);
@@ -65,8 +65,8 @@ struct Args {
 // stored values are used exactly; only the rounding of the sums differs from a dot with the
 // dequantized weights (and for a one-hot x the result is exactly gguf's d * q + m).
 //
-// Sub-blocks of S = 8 * kParts values (one d each; a block may hold several): 32 (kParts 4; packed,
-// the low nibbles of its 16 bytes are values 0-15 and the high ones 16-31) or 16 (kParts 2).
+// Sub-blocks of S = 8 * kParts values (one d each; a block may hold several): 32 (kParts 4; packed:
+// 16 bytes in lane order) or 16 (kParts 2).
 // For row r: t = x_0 q_0 + ... in lane order (vector FMAs over the sub-block's kParts vectors),
 // acc = d * t + acc per sub-block in order, then the 8 lanes of acc summed in order, then the mins'
 // sum over blocks in order. None of it depends on R, the thread or the task: batch-invariant.
@@ -75,7 +75,10 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int S = 8 * kParts;
   const int64_t subs = a.k / S, per_block = a.block / S, nb = a.k / a.block;
   const int64_t sub_bytes = kPacked ? S / 2 : S;
-  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i nibble = _mm256_set1_epi32(0x0F);
+  const __m256i shifts[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
+                             _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
+                             _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.data + n * a.row_bytes;
     const float* d = a.scale + n * nb;
@@ -87,11 +90,16 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
       const uint8_t* qs = q + s * sub_bytes;
       __m256 v[kParts];
       if constexpr (kPacked) {
+        // lane order (runtime/quant.py `to_lanes`): 32-bit word i (0-3) of the block's 16 bytes
+        // holds values i + 8c (nibble 2c) and i + 8c + 4 (nibble 2c + 1), c = 0..3. Both halves of
+        // a register get the 4 words; per-lane shifts then give values 8h..8h+7 for part h with
+        // no shuffle (the shuffle port bounded the GGUF order's unpacking, measured).
         static_assert(kParts == 4);
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-        for (int h = 0; h < 4; ++h) v[h] = kKind == kQ4_0 ? FloatsLess8(parts[h]) : Floats(parts[h]);
+        const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        for (int h = 0; h < 4; ++h) {
+          const __m256i q4 = _mm256_and_si256(_mm256_srlv_epi32(raw, shifts[h]), nibble);
+          v[h] = _mm256_cvtepi32_ps(kKind == kQ4_0 ? _mm256_sub_epi32(q4, _mm256_set1_epi32(8)) : q4);
+        }
       } else {
         for (int h = 0; h < kParts; ++h) {
           const __m128i raw = Load8(qs + 8 * h);

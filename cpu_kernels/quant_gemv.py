@@ -21,23 +21,25 @@ KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 MAX_ROWS = 16
 
 
-def supported(kind: str, block: int, packed: bool) -> bool:
-    """Whether the kernel takes this layout (runtime/quant.py's QuantArray fields)."""
+def supported(kind: str, block: int, packed: bool, lanes: bool = False) -> bool:
+    """Whether the kernel takes this layout (runtime/quant.py's QuantArray fields): one value per
+    byte, or 4-bit blocks of 32 packed in lane order (not GGUF's)."""
     if kind not in KINDS:
         return False
     if packed:
-        return kind != "q8_0" and block == 32
+        return lanes and kind != "q8_0" and block == 32
     return block % 16 == 0 and (block <= 32 or block % 32 == 0)
 
 
-def quant_gemv(x, data, scale, min, layer, *, kind: str, block: int, packed: bool) -> jax.Array:
-    """x float32 [M, K]; data [L, N, K or K/2] (uint8, int8 for q8_0), scale and min float32
-    [L, N, K/block] (min None: none); layer int32 scalar in [0, L). Returns float32 [M, N]."""
+def quant_gemv(x, data, scale, min, layer, *, kind: str, block: int, packed: bool, lanes: bool = False):
+    """x float32 [M, K]; data [L, N, K] (uint8, int8 for q8_0) or [L, N, K/2] (packed in lane
+    order), scale and min float32 [L, N, K/block] (min None: none); layer int32 scalar in [0, L).
+    Returns float32 [M, N]."""
     build.register()
     m, k = x.shape
     n = data.shape[1]
-    if not supported(kind, block, packed):
-        raise ValueError(f"quant_gemv does not take {kind} blocks of {block} (packed={packed})")
+    if not supported(kind, block, packed, lanes):
+        raise ValueError(f"quant_gemv does not take {kind} blocks of {block} ({packed=}, {lanes=})")
     if data.shape[2] != (k // 2 if packed else k) or scale.shape != (data.shape[0], n, k // block):
         raise ValueError(f"quant_gemv: x {x.shape}, data {data.shape}, scale {scale.shape} do not match")
     call = jax.ffi.ffi_call(build.TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))

@@ -132,7 +132,8 @@ class Engine:
         ecfg = lay.ecfg
         if lay.plan is not None:
             (progress or log.info)(lay.plan.describe())
-        host = quant.for_backend(weights, backend, ecfg.matmul_impl)
+        sharded = mesh is not None and mesh.size > 1
+        host = quant.for_backend(weights, backend, ecfg.matmul_impl, sharded)
         self._repl = lay.repl
         if mesh is None:
             self.weights = jax.device_put(host)

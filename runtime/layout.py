@@ -128,8 +128,8 @@ class Layout:
         family = models.of(cfg)
         family.check(cfg)
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
-        host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul), abstract(weights))
         sharded = mesh is not None and mesh.size > 1
+        host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul, sharded), abstract(weights))
         repl = cache_sharding = None
         if mesh is not None:
             shardings = placement.weight_shardings(cfg, host, mesh)

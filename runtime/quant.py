@@ -56,6 +56,8 @@ class QuantArray:
     kind: str = dataclasses.field(metadata=dict(static=True), default="q8_0")
     block: int = dataclasses.field(metadata=dict(static=True), default=32)
     packed: bool = dataclasses.field(metadata=dict(static=True), default=True)
+    # 4-bit blocks of 32 packed in the native CPU kernel's lane order (`to_lanes`), not GGUF's
+    lanes: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -87,6 +89,10 @@ def _values(w: QuantArray, xp):
     nb = k // w.block
     if w.kind == "q8_0" or not w.packed:
         return w.data.reshape(*lead, nb, w.block)
+    if w.lanes:  # byte 4i + c of a block: value 8c + i (low nibble), 8c + i + 4 (high nibble)
+        b = w.data.reshape(*lead, nb, 4, 4)  # [..., nb, i, c]
+        v = xp.stack([b & np.uint8(0x0F), b >> np.uint8(4)], axis=-1)  # [..., nb, i, c, e]
+        return xp.moveaxis(v, -3, -1).reshape(*lead, nb, w.block)  # [..., nb, c, e, i]: 8c + 4e + i
     packed = w.data.reshape(*lead, nb, w.block // 2)
     return xp.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
 
@@ -198,12 +204,34 @@ def _unpack_on_device(w: QuantArray) -> QuantArray:
     return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
 
 
-def for_backend(tree, backend: str, matmul: str = "xla"):
-    """Quantized matrices in the layout the matmul wants: XLA on CPU unpacked, else packed."""
+def to_lanes(w: QuantArray) -> QuantArray:
+    """A 4-bit matrix with blocks of 32 in the native CPU kernel's lane order, float32 scales: byte
+    4i + c of a block holds values 8c + i and 8c + i + 4 (low, high nibble), so the kernel extracts
+    each run of 8 values from the block's four 32-bit words with shifts alone (cpu_kernels/
+    quant_gemv.cc). 0.5 bytes a weight, as GGUF stores them; the values are unchanged (tested)."""
+    xp = np if isinstance(w.data, np.ndarray) else jnp
+    *lead, k = w.shape
+    v = _values(w, xp).reshape(*lead, k // 32, 4, 2, 4)  # [..., nb, c, e, i]
+    b = v[..., 0, :] | (v[..., 1, :] << np.uint8(4))  # [..., nb, c, i]
+    data = xp.swapaxes(b, -1, -2).reshape(*lead, k // 2)  # [..., nb, i, c]
+    f32 = lambda a: None if a is None else a.astype(np.float32)
+    return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=32, lanes=True)
+
+
+def _cpu_layout(w: QuantArray, native_kernel: bool) -> QuantArray:
+    if native_kernel and w.kind != "q8_0" and w.block == 32 and not w.lanes:
+        return to_lanes(w) if isinstance(w.data, np.ndarray) else jax.jit(to_lanes)(w)
+    return w if w.lanes else unpack(w)
+
+
+def for_backend(tree, backend: str, matmul: str = "xla", sharded: bool = False):
+    """Quantized matrices in the layout the matmul wants: on CPU unpacked for XLA, 4-bit blocks of
+    32 in lane order for the native kernel (one device: with a mesh the XLA path runs), else packed."""
     if backend != "cpu" or matmul == "pallas":
         return tree
+    native_kernel = matmul == "native" and not sharded
     return jax.tree.map(
-        lambda a: unpack(a) if isinstance(a, QuantArray) else a,
+        lambda a: _cpu_layout(a, native_kernel) if isinstance(a, QuantArray) else a,
         tree,
         is_leaf=lambda a: isinstance(a, QuantArray),
     )
@@ -242,13 +270,13 @@ def _native(x, w: QuantArray, kernels: Kernels) -> bool:
     return (
         reads_in_place(kernels)
         and 0 < rows <= native.MAX_ROWS
-        and native.supported(w.kind, w.block, w.packed)
+        and native.supported(w.kind, w.block, w.packed, w.lanes)
     )
 
 
 def _native_linear(x, stack: QuantArray, layer) -> jax.Array:
     rows = x.reshape(-1, x.shape[-1])
-    y = native.quant_gemv(rows, *stack.arrays, layer, **stack.layout, packed=stack.packed)
+    y = native.quant_gemv(rows, *stack.arrays, layer, **stack.layout, packed=stack.packed, lanes=stack.lanes)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -272,10 +300,13 @@ def _quant_dot(x, w: QuantArray, chunk: bool = True):
     summation order of the packed 4-bit path differs from a dense dot. `chunk`: dequantize large
     matrices a row chunk at a time (not when rows are split over devices)."""
     n, k = w.shape
+    chunked = chunk and n * k > CHUNK_WEIGHTS
+    if w.lanes:
+        xs = _lanes_x(x, k)
+        return _chunked(lambda part: _lanes_dot(xs, part), w, x.shape[:-1]) if chunked else _lanes_dot(xs, w)
     if not w.packed:
-        if chunk and n * k > CHUNK_WEIGHTS:
-            return _chunked_dot(x, w)
-        return _dot(x, _scaled(w, _values(w, jnp)).reshape(n, k))
+        product = lambda part: _dot(x, _scaled(part, _values(part, jnp)).reshape(part.shape))
+        return _chunked(product, w, x.shape[:-1]) if chunked else product(w)
     if w.kind == "q8_0":
         return _dot(x, dequantize(w))
     # Packed nibbles: split x into the halves of each block that meet the low and the high nibbles
@@ -300,16 +331,31 @@ def chunk_count(n: int, k: int) -> int:
     return above if above <= 2 * fewest else max(c for c in divisors if c <= fewest)
 
 
-def _chunked_dot(x, w: QuantArray):
+def _chunked(product, w: QuantArray, lead: tuple) -> jax.Array:
+    """product(part) [..., rows] for each chunk of W's rows (chunk_count), joined: [*lead, N]."""
     n, k = w.shape
     chunks = chunk_count(n, k)
     split = map_quant(lambda a: a.reshape(chunks, n // chunks, *a.shape[1:]), w)
+    _, ys = jax.lax.scan(lambda _, part: (None, product(part)), None, split)  # [chunks, ..., n / chunks]
+    return jnp.moveaxis(ys, 0, -2).reshape(*lead, n)
 
-    def one(_, part):
-        return None, _dot(x, _scaled(part, _values(part, jnp)).reshape(n // chunks, k))
 
-    _, ys = jax.lax.scan(one, None, split)  # [chunks, ..., n / chunks]
-    return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], n)
+def _lanes_x(x, k: int):
+    """x[..., K] in the byte order of lane-order blocks (`to_lanes`): (the x meeting the low
+    nibbles, the x meeting the high ones), each [..., K/2]: byte 4i + c meets x[8c + i] and
+    x[8c + i + 4]. Permuting the activations rather than the nibbles keeps XLA's dequantization
+    plain vector code."""
+    xb = x.reshape(*x.shape[:-1], k // 32, 4, 2, 4)  # [..., nb, c, e, i]
+    half = lambda e: jnp.swapaxes(xb[..., e, :], -1, -2).reshape(*x.shape[:-1], k // 2)
+    return half(0), half(1)
+
+
+def _lanes_dot(xs, w: QuantArray):
+    n, k = w.shape
+    q = w.data.reshape(n, k // 32, 16)
+    lo = _scaled(w, q & np.uint8(0x0F)).reshape(n, k // 2)
+    hi = _scaled(w, q >> np.uint8(4)).reshape(n, k // 2)
+    return _dot(xs[0], lo) + _dot(xs[1], hi)
 
 
 def linear(

@@ -19,7 +19,7 @@ from xlaserve.cpu_kernels.quant_gemv import quant_gemv, supported
 from xlaserve.runtime import quant
 from xlaserve.runtime.config import Kernels
 
-LAYOUTS = [  # (quantize kind, block, packed): what GGUF files load as (checkpoints/ggml_types.py)
+LAYOUTS = [  # (quantize kind, block, packed in lane order): GGUF's types (checkpoints/ggml_types.py)
     ("q4_1", 32, True),
     ("q4_1", 32, False),
     ("q4_0", 32, True),
@@ -39,13 +39,14 @@ def test_the_kernel_builds_and_runs_on_this_machine():
 def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0):
     w = np.random.default_rng(seed).standard_normal((layers, n, k)).astype(np.float32)
     q = quant.quantize(w, kind, block)
-    q = q if packed else quant.unpack(q)
+    q = quant.to_lanes(q) if packed else quant.unpack(q)
     f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
     return dataclasses.replace(q, data=jnp.asarray(q.data), scale=f32(q.scale), min=f32(q.min))
 
 
 def _call(x, w, layer):
-    return jax.jit(lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed))(x, w, layer)
+    call = lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed, lanes=w.lanes)
+    return jax.jit(call)(x, w, layer)
 
 
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
@@ -80,8 +81,27 @@ def test_a_rows_result_does_not_depend_on_the_batch_around_it():
     np.testing.assert_array_equal(np.asarray(_call(x[3:8], w, 1)), whole[3:8])
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("on_device", [False, True])
+def test_the_lane_order_keeps_every_value(kind, on_device):
+    w = quant.quantize(np.random.default_rng(3).standard_normal((2, 8, 96)).astype(np.float32), kind, 32)
+    if on_device:
+        w = jax.tree.map(jnp.asarray, w)
+    lanes = quant.for_backend(w, "cpu", "native")
+    assert lanes.lanes and lanes.packed and lanes.data.shape == w.data.shape
+    np.testing.assert_array_equal(quant.dequantize(lanes), quant.dequantize(w))
+    # XLA's path (prefill) reads the lane order too
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((40, 96)), jnp.float32)
+    one = lambda q: quant.linear(x, quant.map_quant(lambda a: a[1], q), kernels=Kernels(matmul="xla"))
+    ref = one(quant.unpack(w))
+    np.testing.assert_allclose(one(lanes), ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
+    # on a mesh the XLA path runs: one value per byte
+    assert not quant.for_backend(w, "cpu", "native", sharded=True).packed
+
+
 def test_layouts_it_does_not_take_are_refused_by_name():
     assert not supported("q8_0", 32, packed=True) and not supported("q4_1", 16, packed=True)
+    assert not supported("q4_1", 32, packed=True, lanes=False)  # GGUF's order: XLA's path
     w = _stack("q4_1", 32, False)
     with pytest.raises(ValueError, match=r"x \(1, 64\), data .* do not match"):
         quant_gemv(jnp.zeros((1, 64)), *w.arrays, 0, **w.layout, packed=False)
