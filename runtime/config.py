@@ -260,7 +260,7 @@ class EngineConfig:
       e4m3; GPU/TPU), each quantized with a float32 scale per token and kv head (runtime/attention.py).
       A quantized cache takes about half the bytes of a bfloat16 one, so twice the slots fit.
     - quantized: keep GGUF-quantized weights quantized in memory (dequantized inside the programs;
-      on CPU in the one-value-per-byte layout, ~2x faster decode than float32 weights) rather than
+      on CPU in runtime/quant.py's CPU layouts, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
     - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto"; matmul_impl also
