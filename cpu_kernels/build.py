@@ -30,7 +30,8 @@ CACHE = Path(os.environ.get("XLASERVE_CPU_KERNELS", Path.home() / ".cache" / "xl
 REQUIRED_CPU_FLAGS = {"avx2", "fma"}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
@@ -47,7 +48,7 @@ def unavailable() -> str | None:
     """Why the native kernel cannot run on this host (None: it can)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the native CPU kernels are x86-64 code; this host is {platform.machine()}"
-    missing = REQUIRED_CPU_FLAGS - _cpu_flags()
+    missing = REQUIRED_CPU_FLAGS - cpu_flags()
     if missing:
         return f"this CPU lacks {', '.join(sorted(missing))} (the native CPU kernels need AVX2 and FMA)"
     if _compiler() is None:
