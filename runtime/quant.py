@@ -218,9 +218,12 @@ def to_lanes(w: QuantArray) -> QuantArray:
     return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=32, lanes=True)
 
 
+_to_lanes_on_device = jax.jit(to_lanes)  # restored onto a device: converted there, compiled once
+
+
 def _cpu_layout(w: QuantArray, native_kernel: bool) -> QuantArray:
     if native_kernel and w.kind != "q8_0" and w.block == 32 and not w.lanes:
-        return to_lanes(w) if isinstance(w.data, np.ndarray) else jax.jit(to_lanes)(w)
+        return to_lanes(w) if isinstance(w.data, np.ndarray) else _to_lanes_on_device(w)
     return w if w.lanes else unpack(w)
 
 
