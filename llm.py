@@ -173,7 +173,7 @@ class LLM:
         (progress or log.info)(self.prefill_budget.describe())
         self.grammars = Grammars(tokenizer, self.config.vocab_size, self.config.eos_token_ids)
         runners = [
-            Runner(e, tokenizer, token_budget=self.prefill_budget.tokens, grammars=self.grammars, draft=d)
+            Runner(e, tokenizer, token_budget=self.prefill_budget, grammars=self.grammars, draft=d)
             for e, d in itertools.zip_longest(engines, drafts)
         ]
         self.draft = drafts[0] if drafts else None
@@ -314,6 +314,8 @@ class LLM:
             self.make_request(p, sp, chat=chat, allow_special_tokens=allow_special_tokens)
             for p, sp in zip(prompts, plist, strict=True)
         ]
+        for r in requests:  # nobody reads tokens as they come: no stall to bound (budget.py)
+            r.streamed = on_delta is not None
         index = {r.request_id: i for i, r in enumerate(requests)}
         for delta in self._run(requests):
             if on_delta is not None:

@@ -152,8 +152,10 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
         if slots == (8 if 8 in slot_counts else slot_counts[0]):
-            shared = [shared_prefix_ttft(llm, args.shared_requests, cache) for cache in (False, True)]
-            chats = [chat_turns(llm, args.chats, args.turns, cache) for cache in (False, True)]
+            if args.shared_requests:
+                shared = [shared_prefix_ttft(llm, args.shared_requests, cache) for cache in (False, True)]
+            if args.chats:
+                chats = [chat_turns(llm, args.chats, args.turns, cache) for cache in (False, True)]
             for s in shared + chats:
                 print(json.dumps(s), flush=True)
         del llm

@@ -86,11 +86,13 @@ class MockEngine:
         vocab: int = VOCAB,
         step_s: float = 0.0,
         token_s: float = 0.0,
+        depth_s: float = 0.0,
         async_dispatch: bool = False,
     ):
         self.cfg = mock_config(vocab)
         self.ecfg = (engine_cfg or EngineConfig()).resolve(self.cfg, "cpu")
         self.step_s, self.token_s, self.async_dispatch = step_s, token_s, async_dispatch
+        self.depth_s = depth_s  # a prefill's extra cost per padded token per position of its start
         self.device_s = 0.0
         self._free_at = 0.0  # when the device has run everything dispatched so far
         self.compile_seconds: dict[str, float] = {}
@@ -132,7 +134,7 @@ class MockEngine:
         return _Pending(result, self._free_at)
 
     def prefill(self, tokens, start, page_row, sampling, presence, allowed=None):
-        cost = self.step_s + self.token_s * self.ecfg.prefill_bucket(len(tokens))
+        cost = self.step_s + (self.token_s + self.depth_s * start) * self.ecfg.prefill_bucket(len(tokens))
         nxt = self._next([tokens[-1]])
         if allowed is not None:
             nxt[0] = self._allowed(nxt[0], allowed)
@@ -150,7 +152,8 @@ class MockEngine:
         rows = next(r for r in self.prefill_rows(t) if r >= len(chunks))
         nxt = self._next([c[0][-1] for c in chunks])
         n_top = max(int(c[3].n_top[0]) for c in chunks)
-        return self._run(self.step_s + self.token_s * rows * t, self._packed(nxt, n_top))
+        per_token = self.token_s + self.depth_s * max(c[1] for c in chunks)  # the deepest chunk's
+        return self._run(self.step_s + per_token * rows * t, self._packed(nxt, n_top))
 
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)

@@ -107,6 +107,10 @@ class Request:
     timings: Timings = field(default_factory=Timings)
     priority: int = 0  # higher runs first
     client_id: str | None = None  # for the per-client concurrency limit
+    # Someone reads its tokens as they come (a stream, a server's client): while such a request
+    # holds a slot, a step's prefill is bounded to keep its stall short (budget.py). False: only the
+    # whole output matters (LLM.generate), so steps prefill for throughput.
+    streamed: bool = True
     deadline: float | None = None  # time.perf_counter() after which the request ends (DEADLINE)
     score_start: int | None = None  # scoring request: report log-probs of prompt_ids[score_start:]
     scores: list[tuple[float, bool]] = field(default_factory=list)  # (log-prob, is-greedy) per scored token

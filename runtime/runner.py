@@ -67,16 +67,21 @@ class Runner:
         engine: Engine,
         tokenizer,
         *,
-        token_budget: int | None = None,
+        token_budget=None,
         grammars: Grammars | None = None,
         draft=None,
     ):
-        """token_budget: prompt tokens per step (None: the engine config's prefill_token_budget, else
-        the largest bucket; LLM passes the one it measured, budget.py). grammars: compiles requests'
+        """token_budget: prompt tokens per step, an int or a budget.PrefillBudget (None: the engine
+        config's prefill_token_budget, else the largest bucket; LLM passes the one it measured). A
+        measured budget bounds a step's stall while a streamed request holds a slot; otherwise a
+        step may prefill a whole context. grammars: compiles requests'
         grammars (None: one of its own for this tokenizer). draft: speculate with this draft model
         (on an engine with speculative_k), or this draft_head.Head (on an engine built with
         `features`); None: by n-gram lookup."""
         e = engine.ecfg
+        measured = token_budget if getattr(token_budget, "measured", False) else None
+        token_budget = getattr(token_budget, "tokens", token_budget)
+        chunk = e.prefill_buckets[-1]
         self.engine, self.tokenizer = engine, tokenizer
         self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
         limits = Limits(
@@ -101,6 +106,8 @@ class Runner:
             score_budget=max(token_budget or e.prefill_token_budget or 0, SCORE_TOKENS),
             bucket=e.prefill_bucket,
             rows=engine.prefill_rows,
+            budget_at=measured and measured.at,
+            batch_budget=measured and max(token_budget, chunk * -(-e.max_model_len // chunk)),
         )
         self.prefills = Prefills(engine, self.scheduler)
         self._rows: dict[Seq, SamplingState] = {}

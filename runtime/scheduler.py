@@ -5,17 +5,17 @@ executor (`runner.py`) carries it out on the engine, then reports back. Requests
 priority (higher first), then arrival; a free decode slot admits the next one, except that scoring
 and generation share slots and the per-step token budget fairly (fairness.py). Its prompt is looked
 up in the prefix cache page by page (then token by token in one copied page: pages.py), and only
-the rest is prefilled, in chunks within a budget of
-`token_budget` tokens per step across all prompts (a budget measured at start-up, budget.py), so a
-long prompt never stalls running streams for more than one step's budget, and a cancel or deadline
-stops it at the next step. Given the engine's buckets and prefill batches (`bucket`, `rows`),
-generation chunks are charged the padded tokens of the prefill calls they go in (prefill_calls.py):
-several prompts share a call, and a step fills the rows it pays for. Then the sequence joins the
-decode batch. Pages are taken lazily: a chunk takes the pages it writes, a decode dispatch the pages
-its k tokens will fill. Full pages are published to the prefix cache as soon as their K/V is
-written. When the pool runs dry the victim (lowest priority, then the most recent) is preempted: its
-pages go back and it is recomputed later from its prompt and the tokens it already produced; its
-published pages usually survive in the cache, so recomputing it is mostly cache hits.
+the rest is prefilled, in chunks within a per-step token budget across all prompts (measured at
+start-up, by the depth of the prompts: budget.py), so a long prompt never stalls running streams for
+more than one step's budget, and a cancel or deadline stops it at the next step (a step with no
+streamed request in a slot prefills for throughput). Generation chunks are charged the padded tokens
+of the prefill calls they go in (prefill_calls.py): several prompts share a call, and a step fills
+the rows it pays for. Then the sequence joins the decode batch. Pages are taken lazily: a chunk
+takes the pages it writes, a decode dispatch the pages its k tokens will fill. Full pages are
+published to the prefix cache as soon as their K/V is written. When the pool runs dry the victim
+(lowest priority, then the most recent) is preempted: its pages go back and it is recomputed later
+from its prompt and the tokens it already produced; its published pages usually survive in the
+cache, so recomputing it is mostly cache hits.
 
 What a request must fit to be queued (`Limits`, and the refusals) is admission.py; `stats()` is a
 snapshot of the slots, pages and prefix cache as an `EngineStats`.
@@ -117,14 +117,17 @@ class Scheduler:
         score_budget: int | None = None,
         bucket=None,
         rows=None,
+        budget_at=None,
+        batch_budget: int | None = None,
     ):
         """window: when every layer attends only to its last `window` positions (the largest
         window of the model), a running sequence's pages that fall out of it go back to the pool.
         score_budget, bucket (chunk length -> its padded length): a step with only scoring to
         prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None: such
-        steps take token_budget like any other. rows (bucket -> the prefill batch sizes compiled
-        for it) with bucket: generation chunks cost the padded tokens of their prefill calls
-        (`_take`); None: every chunk costs its tokens."""
+        steps take token_budget like any other. rows (bucket -> the prefill batch sizes compiled for
+        it) with bucket: generation chunks cost the padded tokens of their calls (`_take`); None:
+        their tokens. budget_at (deepest start -> budget: budget.PrefillBudget.at; None:
+        token_budget); batch_budget: a step's while no request in a slot is streamed (None: same)."""
         self.page_size = page_size
         self.window = window
         self.decode_steps = decode_steps
@@ -133,6 +136,7 @@ class Scheduler:
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
         self.score_budget, self.bucket, self.rows = score_budget, bucket, rows
+        self.budget_at, self.batch_budget = budget_at, batch_budget
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
@@ -196,8 +200,8 @@ class Scheduler:
         # Running sequences take their pages first; prompts being prefilled take what is left (a
         # prompt never preempts a running stream: that would thrash, each recomputing the other).
         decode = self._decode_batch()
-        prefills, budget = [], self.token_budget
         prefilling = self._in_slots(State.PREFILL)
+        prefills, budget = [], self._budget(prefilling)
         scoring_only = prefilling and all(s.req.score_start is not None for s in prefilling)
         if scoring_only and not decode and self.score_budget:
             prefills, budget = self._score_chunks(prefilling), 0
@@ -221,6 +225,13 @@ class Scheduler:
         self.pages.release(self._holds)  # the copies are dispatched before anything this plan writes
         self._holds = []
         return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed, copies)
+
+    def _budget(self, prefilling: list[Seq]) -> int:
+        """This step's: by its deepest prompt while a streamed request holds a slot, else batch_budget."""
+        if self.batch_budget and not any(s.req.streamed for s in self.slots if s is not None):
+            return self.batch_budget
+        deepest = max((s.computed for s in prefilling), default=0)
+        return self.budget_at(deepest) if self.budget_at else self.token_budget
 
     def _take(self, seq: Seq, left: int, calls: list[Item], budget: int) -> tuple[int, int, Item | None]:
         """(tokens of `seq`'s next chunk, of its `left` to prefill; their cost of the budget; its
@@ -323,13 +334,11 @@ class Scheduler:
             prev = chain_hash(prev, tokens[i * ps : (i + 1) * ps])
             seq.hashes.append(prev)
         hits = []
-        if seq.req.timings.scheduled is None:
-            seq.req.timings.scheduled = time.perf_counter()
+        seq.req.timings.scheduled = seq.req.timings.scheduled or time.perf_counter()
         # Never cache-hit the last token (its logits are needed), nor, when scoring, any position
         # whose logits give a scored token's log-prob.
-        needed_from = (
-            len(tokens) - 1 if seq.req.score_start is None else min(len(tokens), seq.req.score_start) - 1
-        )
+        score = seq.req.score_start
+        needed_from = (len(tokens) if score is None else min(len(tokens), score)) - 1
         if self.prefix_cache:
             for i in range(needed_from // ps):
                 page = self.pages.lookup(seq.hashes[i], tokens[i * ps : (i + 1) * ps])
@@ -380,9 +389,8 @@ class Scheduler:
         tokens, ps = seq.tokens(), self.page_size
         while len(seq.hashes) < len(tokens) // ps:  # decode filled more pages
             i = len(seq.hashes)
-            seq.hashes.append(
-                chain_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * ps : (i + 1) * ps])
-            )
+            prev = seq.hashes[-1] if seq.hashes else None
+            seq.hashes.append(chain_hash(prev, tokens[i * ps : (i + 1) * ps]))
         full = min(written // ps, len(seq.hashes), len(seq.pages))
         for i in range(seq.published, full):
             prev = seq.hashes[i - 1] if i else None
@@ -427,8 +435,7 @@ class Scheduler:
             self._preempt(self._victim(running + self._in_slots(State.PREFILL)))
 
     @staticmethod
-    def _victim(seqs: list[Seq]) -> Seq:
-        """Lowest priority, then the most recent."""
+    def _victim(seqs: list[Seq]) -> Seq:  # lowest priority, then the most recent
         return max(seqs, key=lambda s: s.rank)
 
     def _preempt(self, seq: Seq) -> None:

@@ -23,9 +23,9 @@ LONG = [5 + i % 500 for i in range(4000)]  # a 4000-token prompt (mock vocabular
 GREEDY_2 = SamplingParams(max_tokens=2, temperature=0.0)
 
 
-def async_llm(step_s: float, token_s: float, **fields) -> LLM:
+def async_llm(step_s: float, token_s: float, depth_s: float = 0.0, **fields) -> LLM:
     cfg = EngineConfig(**{**ENGINE.__dict__, "max_model_len": 4096, "max_queue": 64, **fields})
-    engine = MockEngine(cfg, step_s=step_s, token_s=token_s, async_dispatch=True)
+    engine = MockEngine(cfg, step_s=step_s, token_s=token_s, depth_s=depth_s, async_dispatch=True)
     return LLM.from_engine(engine, mock_tokenizer(), source="mock")
 
 
@@ -129,6 +129,46 @@ def test_choose_the_budget_from_measured_chunks():
     assert choose({32: 1e-4, 128: 1e-4, 512: 1e-4}, buckets, 256, 0.25) == 512
     assert choose({32: 0.05, 128: 0.2, 512: 0.8}, buckets, 4096, 0.25) == 128
     assert choose({32: 0.5}, buckets, 4096, 0.25) == 32  # none fits: the least a step can do
+
+
+def test_the_budget_follows_the_depth_of_the_prompts():
+    """Chunks cost more the deeper they start (0.1 us per padded token per position): 128 tokens take
+    66 ms at position 0 but 117 ms at 3967, over the 100 ms target. The budget is 128 tokens for
+    short prompts (it used to be the deepest position's, 32, for every step) and 32 for a step whose
+    deepest prompt starts beyond ~2700; a step of a deep chunk stays within the target."""
+    llm = async_llm(0.002, 0.0005, depth_s=1e-7, max_prefill_stall_s=0.1)
+    budget = llm.prefill_budget
+    assert budget.tokens == 128 and llm.runner.scheduler.token_budget == 128
+    assert sorted(budget.deep) == [16, 32, 128] and budget.deep[128][0] == 4096 - 128 - 1
+    assert budget.at(0) == budget.at(1000) == 128 and budget.at(3000) == budget.at(4095) == 32
+    assert "128 tokens per step at position 0, 32 at the deepest" in budget.describe()
+    sched, bucket = llm.runner.scheduler, llm.engine_config.prefill_bucket
+    seq = sched.add(llm.make_request(LONG[:3600], SamplingParams(max_tokens=1)))
+    steps = []  # (start, tokens, seconds) of each step's prefill, costed as the mock engine does
+    while seq.computed < 3600:
+        chunks = sched.plan().prefills
+        cost = sum(0.002 + (0.0005 + 1e-7 * c.start) * bucket(len(c.tokens)) for c in chunks)
+        steps.append((chunks[0].start, sum(len(c.tokens) for c in chunks), cost))
+        for c in chunks:
+            sched.prefilled(c)
+    assert all(s <= 0.1 for *_, s in steps), steps
+    assert steps[0][1] == 128 and steps[-1][1] == 16 and {n for _, n, _ in steps} == {128, 32, 16}
+
+
+def test_generate_prefills_for_throughput_a_stream_within_the_stall():
+    """LLM.generate (nobody reads tokens as they come) prefills as much as a whole context a step;
+    the same prompts streamed (on_delta) take the measured 32 tokens a step."""
+    llm = async_llm(0.002, 0.002, max_prefill_stall_s=0.1)
+    prompts = [LONG[i : i + 300] for i in range(4)]
+    plans, plan = [], llm.runner.scheduler.plan
+    llm.runner.scheduler.plan = lambda: plans.append(plan()) or plans[-1]
+    quiet = llm.generate(prompts, GREEDY_2)
+    first = [sum(len(c.tokens) for c in p.prefills) for p in plans]
+    plans.clear()
+    streamed = llm.generate(prompts, GREEDY_2, on_delta=lambda i, d: None)
+    assert [o.token_ids for o in quiet] == [o.token_ids for o in streamed]
+    assert max(first) == 1200 and len([n for n in first if n]) == 1, first
+    assert max(sum(len(c.tokens) for c in p.prefills) for p in plans) <= 32
 
 
 def test_cancel_stops_a_long_prefill_on_the_real_model(llm):
