@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run HF transformers, or llama.cpp on the same GGUF (bench/llamacpp.py), alternately",
     )
     p.add_argument("--mesh", help="tp=N: shard the model over N devices")
-    p.add_argument("--attention-impl", choices=["auto", "pallas", "xla"], default="auto")
+    p.add_argument("--attention-impl", choices=["auto", "pallas", "xla", "native"], default="auto")
     p.add_argument("--matmul-impl", choices=["auto", "pallas", "xla", "native"], default="auto")
     p.add_argument("--compile-cache", default="", help="JAX compilation cache ('' = off: true compile times)")
     p.add_argument("--memory-fraction", type=float, help="share of device memory to plan for (0.9)")

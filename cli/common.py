@@ -103,8 +103,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-cache", help="JAX compilation cache directory ('' turns it off)")
     g.add_argument(
         "--attention-impl",
-        choices=["auto", "pallas", "xla"],
-        help="paged attention: our Pallas kernel or XLA (auto: Pallas on GPU/TPU, XLA on CPU)",
+        choices=["auto", "pallas", "xla", "native"],
+        help="paged attention: our Pallas kernel, XLA, or our C++ CPU kernel (auto: Pallas on GPU/TPU; on "
+        "CPU native where it builds, else XLA; a quantized KV cache takes XLA's path on CPU)",
     )
     g.add_argument(
         "--matmul-impl",

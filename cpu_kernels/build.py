@@ -1,8 +1,9 @@
-"""Compile `quant_gemv.cc` once per (source, flags, jaxlib) into a cache and register its handler.
+"""Compile our kernels (`quant_gemv.cc`, `paged_attention.cc`) once per (sources, flags, jaxlib) into
+one library in a cache and register their handlers.
 
-    library() -> Path      # ~/.cache/xlaserve/cpu_kernels/<hash>/quant_gemv.so, built if missing
-    unavailable() -> str | None   # why the kernel cannot run here, or None
-    register()             # load the library, register "xlaserve_quant_gemv" for XLA:CPU (once)
+    library() -> Path      # ~/.cache/xlaserve/cpu_kernels/<hash>/kernels.so, built if missing
+    unavailable() -> str | None   # why the kernels cannot run here, or None
+    register()             # load the library, register its targets (TARGETS) for XLA:CPU (once)
 
 XLASERVE_CPU_KERNELS overrides the cache folder; CXX the compiler (default g++, else c++). The
 build writes to a temporary file and renames it, so processes building at once all end up with a
@@ -21,8 +22,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("quant_gemv.cc")
+SOURCES = [Path(__file__).with_name(n) for n in ("quant_gemv.cc", "paged_attention.cc")]
+HEADERS = [Path(__file__).with_name("parallel.h")]
 TARGET = "xlaserve_quant_gemv"
+ATTENTION_TARGET = "xlaserve_paged_attention"
+TARGETS = {TARGET: "XlaserveQuantGemv", ATTENTION_TARGET: "XlaservePagedAttention"}  # target -> symbol
 # AVX2 + FMA code (the kernel's intrinsics); unfused float arithmetic except its explicit FMAs, so
 # each dequantized weight is the exact value gguf's float32 arithmetic gives.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -66,19 +70,19 @@ def library() -> Path:
     if cxx is None:
         raise RuntimeError(unavailable())
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(), cxx.encode()):
-        key.update(part)
-    out = CACHE / key.hexdigest()[:16] / "quant_gemv.so"
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS), jaxlib.__version__, cxx):
+        key.update(part.encode() if isinstance(part, str) else part)
+    out = CACHE / key.hexdigest()[:16] / "kernels.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         part = Path(tmp.name)
     try:
-        cmd = [cxx, *FLAGS, "-I", include, str(SOURCE), "-o", str(part)]
+        cmd = [cxx, *FLAGS, "-I", include, *map(str, SOURCES), "-o", str(part)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
-            raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{run.stderr[-4000:]}")
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{run.stderr[-4000:]}")
         os.replace(part, out)
     finally:
         part.unlink(missing_ok=True)
@@ -87,11 +91,12 @@ def library() -> Path:
 
 @functools.cache
 def register() -> None:
-    """Load the library and register its handler as an XLA:CPU custom-call target (once a process)."""
+    """Load the library and register its handlers as XLA:CPU custom-call targets (once a process)."""
     import jax
 
     why = unavailable()
     if why:
         raise RuntimeError(why)
     lib = ctypes.cdll.LoadLibrary(str(library()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.XlaserveQuantGemv), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")

@@ -12,21 +12,14 @@
 // with the dequantized weights. The sum for one (m, n) is the same whatever M, the thread count or
 // the rows' split: batch-invariant and deterministic.
 //
-// Rows n are split into tasks on XLA's intra-op thread pool. The calling thread takes tasks too and
-// waits only for tasks a helper has claimed (and is running), so a pool whose threads all sit in
-// this call cannot deadlock. (Our own spinning workers were tried: on 2 cores they took the CPU
-// from XLA's threads and decode got slower.)
+// Rows n are split into tasks on XLA's intra-op thread pool (parallel.h).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <immintrin.h>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -157,29 +150,6 @@ RowsFn Pick(int64_t kind, bool packed, bool has_min, int64_t s) {
   return packed ? PickS<kQ4_1, true, true>(s) : PickS<kQ4_1, false, true>(s);
 }
 
-// Tasks of rows, claimed from a counter by the caller and by helpers on the pool.
-struct Work {
-  Args args;
-  std::vector<float> x_sums;
-  RowsFn fn;
-  int64_t tasks, rows_per_task;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Drain() {
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      int64_t n0 = t * rows_per_task, n1 = std::min(args.n, n0 + rows_per_task);
-      fn(args, n0, n1);
-      if (done.fetch_add(1) + 1 == tasks) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer,
                      ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t block, bool packed, bool has_min) {
@@ -196,18 +166,18 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   const int64_t l = *layer.typed_data();
   if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("quant_gemv: layer out of range");
 
-  auto work = std::make_shared<Work>();
-  Args& a = work->args;
+  Args a{};
+  std::vector<float> x_sums;
   if (has_min) {  // each block's sum of x, in order, once for all rows n
     const int64_t nb = k / block;
-    work->x_sums.resize(m * nb);
+    x_sums.resize(m * nb);
     for (int64_t i = 0; i < m * nb; ++i) {
       const float* xb = x.typed_data() + i * block;
       float t = 0.0f;
       for (int64_t j = 0; j < block; ++j) t += xb[j];
-      work->x_sums[i] = t;
+      x_sums[i] = t;
     }
-    a.x_sums = work->x_sums.data();
+    a.x_sums = x_sums.data();
   }
   a.row_bytes = dd[2];
   a.x = x.typed_data();
@@ -216,15 +186,12 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
   a.min = has_min ? min.typed_data() + l * n * (k / block) : nullptr;
   a.y = y->typed_data();
   a.m = m, a.n = n, a.k = k, a.block = block;
-  work->fn = Pick(kind, packed, has_min, s);
+  const RowsFn fn = Pick(kind, packed, has_min, s);
   // ~64 Ki weights a task: enough tasks to balance, few enough to keep the counter cold.
-  work->rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
-  work->tasks = (n + work->rows_per_task - 1) / work->rows_per_task;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->tasks; });
+  const int64_t per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
+  xlaserve::ParallelFor(pool, (n + per_task - 1) / per_task, [&](int64_t t) {
+    fn(a, t * per_task, std::min(n, (t + 1) * per_task));
+  });
   return ffi::Error::Success();
 }
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from xlaserve.cpu_kernels import paged_attention as native
 from xlaserve.pallas_kernels import paged_attention as pk
 from xlaserve.pallas_kernels import tpu_attention as tpa
 from xlaserve.runtime.config import XLA_KERNELS, Kernels
@@ -165,7 +166,8 @@ def paged_attention(
     With kernels.attention == "pallas", our Pallas kernels run: the decode kernel for T = 1, the
     one-sequence prefill kernel for B = 1 (T a multiple of 16), and that kernel batched over rows
     otherwise (verify's K+1 queries a slot, scoring rows); q_pos must then be consecutive from
-    q_pos[:, 0] (as the engine's always are).
+    q_pos[:, 0] (as the engine's always are). With kernels.attention == "native" (CPU, one device, a
+    float32 cache), our C++ kernel reads K/V in their pages (cpu_kernels/paged_attention.cc).
     """
     b, t, h, g, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -174,6 +176,9 @@ def paged_attention(
         q = (q * cache.k_smooth[layer][:, None, :]).astype(q.dtype)
     if kernels.attention == "pallas" and _kernel_takes(cache, h, kernels):
         return _pallas_attention(q, cache, layer, window, page_table, q_pos, kv_len, kernels, scale, softcap)
+    if kernels.attention == "native" and _native_takes(q, cache, kernels):
+        args = (q, cache.k, cache.v, layer, page_table, q_pos, kv_len, window)
+        return native.paged_attention(*args, scale=scale, softcap=softcap)
     assert page_table.shape[1] * cache.page_size % block == 0, (page_table.shape, block)
     page_size = cache.page_size
     pages_per_block = block // page_size
@@ -229,6 +234,12 @@ def paged_attention(
         _, total, acc = jax.lax.fori_loop(first_block, n_blocks, body, init)
     out = acc / jnp.where(total == 0.0, 1.0, total)[..., None]
     return out.astype(q.dtype)
+
+
+def _native_takes(q, cache: KVCache, kernels: Kernels) -> bool:
+    """Whether our C++ kernel takes this call: float32 queries and cache (not quantized), no mesh."""
+    f32 = jnp.dtype(jnp.float32)
+    return kernels.mesh is None and not cache.quantized and q.dtype == f32 and cache.k.dtype == f32
 
 
 def _pages_per_tile(width: int, page_size: int, tile_tokens: int = 64) -> int:

@@ -263,8 +263,8 @@ class EngineConfig:
       on CPU in runtime/quant.py's CPU layouts, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
-    - attention_impl, matmul_impl: "pallas" (our kernels), "xla", or "auto"; matmul_impl also
-      "native" (our C++ kernel for decode's quantized matmuls on CPU). What auto picks and what is
+    - attention_impl, matmul_impl: "pallas" (our kernels), "xla", "native" (our C++ kernels on CPU:
+      attention over a float32 cache, decode's quantized matmuls) or "auto". What auto picks and what is
       refused: runtime/impls.py. On CPU the Pallas kernels run in interpret mode (correct, slow: for
       tests). The kernels are Triton's on GPU and Mosaic's on TPU (`Kernels.pallas_platform`); a
       shape or dtype a TPU kernel does not take runs on the XLA path (pallas_kernels/tpu_*.py

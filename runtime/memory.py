@@ -106,7 +106,7 @@ def activation_bytes(cfg: ModelConfig, ecfg: EngineConfig, weights, tp: int, sco
     v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     hq_dev, hkv_dev = (hq // tp, hkv // tp) if hkv % tp == 0 else (hq, hkv)
-    xla_attention = ecfg.attention_impl == "xla"
+    xla_attention = ecfg.attention_impl in ("xla", "native")  # native: a quantized cache takes XLA's
 
     def tokens(n: int, kv: int) -> int:
         """n query tokens against kv keys: hidden states (f32 copies), q/k/v, feed-forward, scores

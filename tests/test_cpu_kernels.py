@@ -124,16 +124,22 @@ def test_linear_routes_few_rows_to_the_kernel_and_many_to_xla():
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * float(jnp.abs(ref).max()))
 
 
-def test_matmul_impl_native_is_refused_where_it_cannot_run(monkeypatch):
+def test_native_is_refused_where_it_cannot_run(monkeypatch):
     from xlaserve.runtime import impls
 
     with pytest.raises(ValueError, match="matmul_impl='native' native is a CPU kernel"):
         impls.resolve("auto", "native", on_cpu=False)
-    assert impls.resolve("auto", "auto", on_cpu=True) == ("xla", "native")
+    with pytest.raises(ValueError, match="attention_impl='native' native is a CPU kernel"):
+        impls.resolve("native", "auto", on_cpu=False)
+    with pytest.raises(ValueError, match="attention_impl='flash' must be auto, pallas, xla or native"):
+        impls.resolve("flash", "auto", on_cpu=True)
+    assert impls.resolve("auto", "auto", on_cpu=True) == ("native", "native")
     assert impls.resolve("auto", "auto", on_cpu=False) == ("pallas", "pallas")
     monkeypatch.setattr(impls, "unavailable", lambda: "this CPU lacks avx2")
     with pytest.raises(ValueError, match="matmul_impl='native' cannot run here: this CPU lacks avx2"):
         impls.resolve("auto", "native", on_cpu=True)
+    with pytest.raises(ValueError, match="attention_impl='native' cannot run here: this CPU lacks avx2"):
+        impls.resolve("native", "xla", on_cpu=True)
     assert impls.resolve("auto", "auto", on_cpu=True) == ("xla", "xla")
 
 

@@ -1,0 +1,157 @@
+// Attention over the paged KV cache for XLA:CPU, behind jax.ffi ("xlaserve_paged_attention").
+//
+//   q    f32 [B, T, H, G, D]   queries: B rows of T tokens, H kv heads of G query heads each
+//   k, v f32 [L, N, P, H, D]   the cache of every layer: N pages of P tokens
+//   layer, window s32 []; page_table s32 [B, W]; q_pos s32 [B, T]; kv_len s32 [B]
+//   out  f32 [B, T, H, G, D]
+//
+// The query at position p of row b sees key j iff j <= p, j < kv_len[b] and p - j < window (the
+// rule of runtime/attention.py's XLA path): out = softmax(softcap(q . k * scale)) v over those
+// keys, zeros where it sees none. Keys and values are read where they lie in their pages: nothing
+// is gathered into a contiguous copy (XLA's path gathers [B, S, H, D] per layer, then multiplies
+// small batched matrices, ~4 GB/s on two cores), and the K and V rows of a kv head are read once
+// for its G query heads.
+//
+// One query's softmax is exact in two passes (scores, then their max, exponentials and sum, then
+// the weighted values in key order); every (row, token, head) is computed alone, in the same order
+// whatever B, T or the thread: batch-invariant and deterministic. Tasks are (row, up to 16 tokens),
+// all heads, on XLA's intra-op pool (parallel.h).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <immintrin.h>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTokensPerTask = 16;
+
+struct Args {
+  const float *q, *k, *v;
+  const int32_t *pages, *q_pos, *kv_len;
+  float* out;
+  int64_t t, h, g, d, p, w, n;
+  int64_t window;
+  float scale, softcap;
+};
+
+// a . b over d floats: 8 lanes of products summed in order, the lanes summed in order, then the tail
+inline float Dot(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = 0.0f;
+  for (int j = 0; j < 8; ++j) s += lanes[j];
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += a * x over d floats
+inline void Axpy(float a, const float* x, float* y, int64_t d) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+
+// Token ti of row b, kv heads [h0, h1): their G query heads each. s: scratch of (heads x G) x
+// (visible keys) scores. A token's K (and V) of all heads lie together ([H, D] in its page), so a
+// task over all heads reads the cache in order.
+void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::vector<float>& s) {
+  const int64_t row = b * a.t + ti, hg = a.g * a.d;
+  const float* q = a.q + (row * a.h + h0) * hg;
+  float* out = a.out + (row * a.h + h0) * hg;
+  std::fill(out, out + (h1 - h0) * hg, 0.0f);
+  const int64_t pos = a.q_pos[row];
+  const int64_t hi = std::min<int64_t>({pos + 1, a.kv_len[b], a.w * a.p});
+  const int64_t lo = std::max<int64_t>(0, pos - a.window + 1);
+  if (hi <= lo) return;
+  const int64_t n = hi - lo, heads = (h1 - h0) * a.g;  // query heads of the task
+  s.resize(heads * n);
+  const int32_t* table = a.pages + b * a.w;
+  auto at = [&](const float* cache, int64_t j) {  // token j's record [H, D], from head h0 on
+    const int64_t page = std::clamp<int64_t>(table[j / a.p], 0, a.n - 1);
+    return cache + ((page * a.p + j % a.p) * a.h + h0) * a.d;
+  };
+  for (int64_t j = lo; j < hi; ++j) {
+    const float* key = at(a.k, j);
+    for (int64_t i = 0; i < heads; ++i) {
+      float x = Dot(q + i * a.d, key + i / a.g * a.d, a.d) * a.scale;
+      if (a.softcap > 0.0f) x = a.softcap * std::tanh(x / a.softcap);
+      s[i * n + j - lo] = x;
+    }
+  }
+  float total[64];  // per query head of the task (heads <= 64: checked by the caller)
+  for (int64_t i = 0; i < heads; ++i) {
+    float* si = s.data() + i * n;
+    const float peak = *std::max_element(si, si + n);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (si[j] = std::exp(si[j] - peak));
+    total[i] = sum;
+  }
+  for (int64_t j = lo; j < hi; ++j) {
+    const float* value = at(a.v, j);
+    for (int64_t i = 0; i < heads; ++i) Axpy(s[i * n + j - lo], value + i / a.g * a.d, out + i * a.d, a.d);
+  }
+  for (int64_t i = 0; i < heads; ++i)
+    for (int64_t e = 0; e < a.d; ++e) out[i * a.d + e] /= total[i];
+}
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len, ffi::Buffer<ffi::S32> window,
+                          ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
+  auto qd = q.dimensions(), kd = k.dimensions(), td = page_table.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() != 5 || kd.size() != 5 || td.size() != 2 || vd.size() != 5 || !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument("paged_attention: q must be [B, T, H, G, D], k and v [L, N, P, H, D]");
+  const int64_t bs = qd[0], l = *layer.typed_data();
+  if (kd[3] != qd[2] || kd[4] != qd[4] || td[0] != bs || q_pos.element_count() != bs * qd[1] ||
+      kv_len.element_count() != bs)
+    return ffi::Error::InvalidArgument("paged_attention: shapes do not match");
+  if (l < 0 || l >= kd[0]) return ffi::Error::InvalidArgument("paged_attention: layer out of range");
+  Args a;
+  a.t = qd[1], a.h = qd[2], a.g = qd[3], a.d = qd[4], a.n = kd[1], a.p = kd[2], a.w = td[1];
+  const int64_t layer_size = a.n * a.p * a.h * a.d;
+  a.q = q.typed_data(), a.k = k.typed_data() + l * layer_size, a.v = v.typed_data() + l * layer_size;
+  a.pages = page_table.typed_data(), a.q_pos = q_pos.typed_data(), a.kv_len = kv_len.typed_data();
+  a.out = out->typed_data();
+  a.window = *window.typed_data(), a.scale = scale, a.softcap = softcap;
+  if (a.h * a.g > 64) return ffi::Error::InvalidArgument("paged_attention: more than 64 query heads");
+  // Tasks of (row, up to 16 tokens) over all heads; with fewer such tasks than 4, one per kv head.
+  const int64_t chunks = (a.t + kTokensPerTask - 1) / kTokensPerTask;
+  const int64_t split = bs * chunks < 4 ? a.h : 1;
+  xlaserve::ParallelFor(pool, bs * chunks * split, [&](int64_t i) {
+    thread_local std::vector<float> scores;
+    const int64_t b = i / (chunks * split), c = i / split % chunks, part = i % split;
+    const int64_t h0 = part * a.h / split, h1 = (part + 1) * a.h / split;
+    for (int64_t ti = c * kTokensPerTask; ti < std::min(a.t, (c + 1) * kTokensPerTask); ++ti)
+      Query(a, b, ti, h0, h1, scores);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap"));
