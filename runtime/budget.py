@@ -25,7 +25,8 @@ prompts get the budget of position 0, a long prompt's late chunks the budget of 
 used to be the deepest position's for every step: 16 tokens with max_model_len 8192).
 
 The budget bounds a stall only while someone reads tokens as they come (`Request.streamed`); a
-step with no such request in a slot prefills for throughput (`batch_tokens`, runner.py).
+step with no such request in a slot prefills for throughput (up to a whole context: the
+scheduler's `batch_budget`, set by runner.py).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_the_engine_attends_with_the_kernel_on_cpu(llm):
     """SmolLM2 on CPU with the defaults: attention_impl resolves to native, and its decode and
     prefill programs call the kernel once a layer (inside the scan over layers)."""
     engine = llm.engine
-    assert engine.ecfg.attention_impl == "native" and NO_WINDOW > engine.ecfg.max_model_len
+    assert engine.ecfg.attention_impl == "native" and engine.ecfg.max_model_len < NO_WINDOW
     for programs in (engine._decode, engine._prefill):
         text = next(iter(programs.values())).as_text()
         calls = [x for x in text.splitlines() if build.ATTENTION_TARGET in x and "custom-call(" in x]
