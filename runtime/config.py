@@ -229,8 +229,8 @@ class EngineConfig:
       alone, which knows no memory, takes 8 (or the largest slot bucket).
     - page_size: tokens per KV page. num_pages: pool size (None: every slot can reach max_model_len).
     - max_model_len: longest sequence (prompt + output) served; ≤ the model's context.
-    - prefill_buckets: padded prompt-chunk lengths; the largest is the chunk size for long prompts.
-      The smallest, one page by default, takes what a prefix-cache hit leaves (under a page).
+    - prefill_buckets: padded prompt-chunk lengths; the largest is the chunk size for long prompts,
+      the smallest (a page) takes what a prefix-cache hit leaves; 64 spares short prompts padding.
     - attn_block: tokens of KV visited per step of prefill's blocked attention loop (a multiple of
       page_size); chunks shorter than it use a smaller block (`attn_block_for`).
     - kv_buckets: KV lengths (tokens) the decode program is compiled for; a dispatch uses the
@@ -280,7 +280,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None
     max_model_len: int | None = None
-    prefill_buckets: tuple[int, ...] = (16, 32, 128, 512)
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 512)
     attn_block: int = 256
     kv_buckets: tuple[int, ...] | None = None
     slot_buckets: tuple[int, ...] | None = None

@@ -69,7 +69,7 @@ def test_a_long_prefill_stalls_a_running_stream_one_measured_step_at_most():
     """Chunks of 16 / 32 / 128 / 512 tokens take 34 / 66 / 258 / 1026 ms: for a 100 ms stall target
     the measured budget is 32 tokens, and a running stream's tokens keep coming every ~70 ms while
     a 600-token prompt prefills (with the old assumed budget, the largest bucket, every ~1 s)."""
-    llm = async_llm(0.002, 0.002, max_prefill_stall_s=0.1)
+    llm = async_llm(0.002, 0.002, max_prefill_stall_s=0.1, prefill_buckets=(16, 32, 128, 512))
     budget = llm.prefill_budget
     assert budget.measured and budget.tokens == 32 and llm.runner.scheduler.token_budget == 32
     assert list(budget.seconds) == [16, 32, 128]  # measuring stops at the first bucket over the target
@@ -136,7 +136,7 @@ def test_the_budget_follows_the_depth_of_the_prompts():
     66 ms at position 0 but 117 ms at 3967, over the 100 ms target. The budget is 128 tokens for
     short prompts (it used to be the deepest position's, 32, for every step) and 32 for a step whose
     deepest prompt starts beyond ~2700; a step of a deep chunk stays within the target."""
-    llm = async_llm(0.002, 0.0005, depth_s=1e-7, max_prefill_stall_s=0.1)
+    llm = async_llm(0.002, 0.0005, depth_s=1e-7, max_prefill_stall_s=0.1, prefill_buckets=(16, 32, 128, 512))
     budget = llm.prefill_budget
     assert budget.tokens == 128 and llm.runner.scheduler.token_budget == 128
     assert sorted(budget.deep) == [16, 32, 128] and budget.deep[128][0] == 4096 - 128 - 1
