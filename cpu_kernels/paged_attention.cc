@@ -89,7 +89,7 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
       s[i * n + j - lo] = x;
     }
   }
-  float total[64];  // per query head of the task (heads <= 64: checked by the caller)
+  std::vector<float> total(heads);  // softmax denominators, per query head of the task
   for (int64_t i = 0; i < heads; ++i) {
     float* si = s.data() + i * n;
     const float peak = *std::max_element(si, si + n);
@@ -125,7 +125,6 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   a.pages = page_table.typed_data(), a.q_pos = q_pos.typed_data(), a.kv_len = kv_len.typed_data();
   a.out = out->typed_data();
   a.window = *window.typed_data(), a.scale = scale, a.softcap = softcap;
-  if (a.h * a.g > 64) return ffi::Error::InvalidArgument("paged_attention: more than 64 query heads");
   // Tasks of (row, up to 16 tokens) over all heads; with fewer such tasks than 4, one per kv head.
   const int64_t chunks = (a.t + kTokensPerTask - 1) / kTokensPerTask;
   const int64_t split = bs * chunks < 4 ? a.h : 1;
