@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from xlaserve.runtime import kv_smoothing, layout, memory, placement, quant
+from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_inputs, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
-from xlaserve.runtime.prefill_calls import prefill_rows
-from xlaserve.runtime.programs import DecodeState, Sampled, Verified
+from xlaserve.runtime.prefill_calls import Batched, Calls, Packed, packed_rows, prefill_rows
+from xlaserve.runtime.programs import DecodeState
+from xlaserve.runtime.results import Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
 log = logging.getLogger("xlaserve")
@@ -191,8 +192,9 @@ class Engine:
 
     def _compile_all(self) -> None:
         """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
-        `_prefill_masked[t]`, `_prefill_batch[rows, t]`, `_score[rows, t]`, `_decode[rows, kv]`,
-        `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`, `_insert[rows]`, `_free`, `_copy_page`."""
+        `_prefill_masked[t]`, `_prefill_batch[rows, t]` or `_prefill_packed[rows, n]`,
+        `_score[rows, t]`, `_decode[rows, kv]`, `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`,
+        `_insert[rows]`, `_free`, `_copy_page`."""
         compiled: dict[str, dict] = {
             k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
         }
@@ -209,6 +211,7 @@ class Engine:
                 compiled.setdefault(program.kind, {})[program.key] = exe
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
         self._prefill_batch = compiled.get("prefill_batch", {})
+        self._prefill_packed = compiled.get("prefill_packed", {})
         self._score, self._score_few = compiled["score"], compiled.get("score_few", {})
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
@@ -256,28 +259,36 @@ class Engine:
         """Batch sizes a prefill call is compiled for at chunk bucket t (prefill_calls.py)."""
         return prefill_rows(self.ecfg.max_slots, self.ecfg.prefill_buckets, t)
 
+    @property
+    def prefill_calls(self) -> Calls:
+        """How `prefill_batch` makes its calls, for the scheduler to cost (prefill_calls.py)."""
+        e = self.ecfg
+        if self.layout.packed:
+            return Packed(e.prefill_buckets, e.max_slots)
+        return Batched(e.prefill_bucket, self.prefill_rows)
+
     def prefill_batch(self, chunks):
-        """Prefill (tokens, start, page_row, sampling, presence) chunks of distinct sequences in one
-        call, each as `prefill` would (without a grammar mask), padded to the bucket of the longest
-        and to a compiled batch (at most prefill_rows(bucket)[-1] chunks). One chunk runs the
-        `prefill` program itself. Returns the packed results [rows, C] on device, row i chunk i's
-        (pass it and the row to `insert`)."""
+        """Prefill (tokens, start, page_row, sampling, presence) chunks in one call, each as `prefill`
+        would (without a grammar mask), as `prefill_calls` groups them: rows padded to the bucket of
+        the longest and to a compiled batch (at most prefill_rows(bucket)[-1] chunks, of distinct
+        sequences), or packed into one bucket of tokens. Batched, one chunk runs the `prefill`
+        program itself. Returns the packed results [rows, C] on device, row i chunk i's (pass it and the row
+        to `insert`)."""
+        e, sizes = self.ecfg, [len(c[0]) for c in chunks]
+        if self.layout.packed:
+            n = self.prefill_calls.bucket(sum(sizes))
+            rows = next((r for r in packed_rows(e.max_slots, n) if r >= len(chunks)), None)
+            assert rows is not None and sum(sizes) <= n, (n, len(chunks))
+            host = prefill_inputs.packed(chunks, n, rows, e.pages_per_seq, self.cfg.vocab_size)
+            self.cache, packed = self._prefill_packed[rows, n](self.weights, self.cache, *self._put(*host))
+            return packed
         if len(chunks) == 1:
             return self.prefill(*chunks[0])
-        t = self.ecfg.prefill_bucket(max(len(c[0]) for c in chunks))
+        t = e.prefill_bucket(max(sizes))
         rows = next((r for r in self.prefill_rows(t) if r >= len(chunks)), None)
-        assert rows is not None and all(0 < len(c[0]) <= t for c in chunks), (t, len(chunks))
-        tokens = np.zeros((rows, t), np.int32)
-        start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
-        table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)
-        presence = np.zeros((rows, self.cfg.vocab_size), bool)
-        sampling = [SamplingState.zeros(1)] * rows  # padding rows: n_valid 0, greedy, unread
-        for i, (toks, first, page_row, row_sampling, row_presence) in enumerate(chunks):
-            tokens[i, : len(toks)], start[i], n_valid[i] = toks, first, len(toks)
-            table[i], presence[i], sampling[i] = page_row, row_presence, row_sampling
-        sampling = jax.tree.map(lambda *rows_: np.concatenate(rows_), *sampling)
-        host = self._put(tokens, start, n_valid, table, sampling, presence)
-        self.cache, packed = self._prefill_batch[rows, t](self.weights, self.cache, *host)
+        assert rows is not None and all(0 < k <= t for k in sizes), (t, len(chunks))
+        host = prefill_inputs.batched(chunks, t, rows, e.pages_per_seq, self.cfg.vocab_size)
+        self.cache, packed = self._prefill_batch[rows, t](self.weights, self.cache, *self._put(*host))
         return packed
 
     def score_rows(self, t: int) -> tuple[int, ...]:

@@ -9,8 +9,10 @@ that backend runs, and holds abstract arguments (ShapeDtypeStructs with their sh
 weights, the KV cache and the decode state. `Layout.programs()` lists, in compile order:
 
     prefill[T], prefill_masked[T]           per prefill bucket T
-    prefill_batch[B=r,T=t]                  per bucket t and batch r > 1 (prefill_calls.py)
+    prefill_batch[B=r,T=t]                  per bucket t and batch r > 1 (prefill_calls.Batched)
     score[B=b,T=t]                          per bucket t and batch b (`score_rows`), with scoring on
+    prefill_packed[R=r,N=n]                 instead of prefill_batch, per packed bucket n and r
+                                            sequences (prefill_calls.Packed, Layout.packed)
     decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
     verify[S,K,kv]                          per S, kv and guess count K (`speculative_k`)
     insert[R], free                         insert per prefill batch R (a row of its result)
@@ -33,7 +35,7 @@ from xlaserve.runtime import memory, models, placement, programs, quant
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.grammar import mask_words
-from xlaserve.runtime.prefill_calls import prefill_rows
+from xlaserve.runtime.prefill_calls import packed_buckets, packed_rows, prefill_rows
 from xlaserve.runtime.programs import DecodeState, Statics
 from xlaserve.runtime.sampling import SamplingState
 
@@ -241,6 +243,27 @@ class Layout:
         outputs = ("cache", "packed", "routed")
         return self.program("prefill_batch", (rows, t), name, fn, ("cache",), args, outputs)
 
+    @property
+    def packed(self) -> bool:
+        """Whether generation chunks go packed (prefill_calls.Packed): where attention reads each
+        query's pages in place, the native CPU kernel (attention._native_takes); elsewhere a row per
+        token would gather its context (XLA) or miss the kernels' tiles (Pallas)."""
+        f32, k = jnp.dtype(jnp.float32), self.st.kernels
+        floats = self.cache.k.dtype == f32 and jnp.dtype(self.ecfg.dtype) == f32
+        return k.attention == "native" and k.mesh is None and not self.cache.quantized and floats
+
+    def prefill_packed(self, rows: int, n: int) -> Program:
+        """Chunks of `rows` sequences packed into n tokens (programs.prefill_packed)."""
+        i32 = lambda *shape: self.spec(shape, jnp.int32)
+        args = (
+            *(self.weights, self.cache, i32(n), i32(n), i32(n), i32()),
+            *(i32(rows, self.ecfg.pages_per_seq), i32(rows), abstract(SamplingState.zeros(rows), self.repl)),
+            self.spec((rows, self.cfg.vocab_size), bool),
+        )
+        fn = functools.partial(programs.prefill_packed, st=self.st)
+        name, outputs = f"prefill_packed[R={rows},N={n}]", ("cache", "packed", "routed")
+        return self.program("prefill_packed", (rows, n), name, fn, ("cache",), args, outputs)
+
     def score(self, rows: int, t: int, few: int | None = None) -> Program:
         """few: the `score_few` variant, logits at `few` selected positions per row only."""
         st = dataclasses.replace(self.st, block=self.ecfg.attn_block_for(t))
@@ -328,12 +351,16 @@ class Layout:
         """Every program the engine compiles at start-up, in order."""
         ecfg, out = self.ecfg, []
         batches = {t: prefill_rows(ecfg.max_slots, ecfg.prefill_buckets, t) for t in ecfg.prefill_buckets}
+        packed = {n: packed_rows(ecfg.max_slots, n) for n in packed_buckets(ecfg.prefill_buckets)}
         for t in ecfg.prefill_buckets:
             out += [self.prefill(t), self.prefill(t, masked=True)]
-            out += [self.prefill_batch(rows, t) for rows in batches[t][1:]]
+            out += [self.prefill_batch(rows, t) for rows in batches[t][1:] if not self.packed]
             if ecfg.scoring:
                 out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
                 out += [self.score(rows, t, score_few(t)) for rows in score_rows(ecfg, t) if rows > 1]
+        if self.packed:
+            out += [self.prefill_packed(rows, n) for n, all_rows in packed.items() for rows in all_rows]
+            batches = packed
         grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]
         out += [self.decode(rows, kv) for rows, kv in grid]
         out += [self.decode(rows, kv, masked=True) for rows, kv in grid]

@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 from xlaserve.runtime.config import EngineConfig, ModelConfig
-from xlaserve.runtime.prefill_calls import prefill_rows
+from xlaserve.runtime.prefill_calls import Batched, Calls, Packed, prefill_rows
+from xlaserve.runtime.results import Sampled, Verified
 
 VOCAB = 512
 EOS = 0
@@ -88,8 +89,10 @@ class MockEngine:
         token_s: float = 0.0,
         depth_s: float = 0.0,
         async_dispatch: bool = False,
+        packed: bool = False,
     ):
         self.cfg = mock_config(vocab)
+        self.packed = packed  # prefill_batch packs its chunks' tokens (prefill_calls.Packed)
         self.ecfg = (engine_cfg or EngineConfig()).resolve(self.cfg, "cpu")
         self.step_s, self.token_s, self.async_dispatch = step_s, token_s, async_dispatch
         self.depth_s = depth_s  # a prefill's extra cost per padded token per position of its start
@@ -143,13 +146,24 @@ class MockEngine:
     def prefill_rows(self, t: int) -> tuple[int, ...]:
         return prefill_rows(self.ecfg.max_slots, self.ecfg.prefill_buckets, t)
 
+    @property
+    def prefill_calls(self) -> Calls:
+        e = self.ecfg
+        if self.packed:
+            return Packed(e.prefill_buckets, e.max_slots)
+        return Batched(e.prefill_bucket, self.prefill_rows)
+
     def prefill_batch(self, chunks):
         """One call for every chunk (tokens, start, page_row, sampling, presence): step_s, and token_s
-        per padded token (compiled rows x bucket), as a real call costs."""
-        if len(chunks) == 1:
+        per padded token (compiled rows x bucket, or packed: the tokens' bucket), as a real call
+        costs."""
+        if self.packed:
+            rows, t = 1, self.prefill_calls.bucket(sum(len(c[0]) for c in chunks))
+        elif len(chunks) == 1:
             return self.prefill(*chunks[0])
-        t = self.ecfg.prefill_bucket(max(len(c[0]) for c in chunks))
-        rows = next(r for r in self.prefill_rows(t) if r >= len(chunks))
+        else:
+            t = self.ecfg.prefill_bucket(max(len(c[0]) for c in chunks))
+            rows = next(r for r in self.prefill_rows(t) if r >= len(chunks))
         nxt = self._next([c[0][-1] for c in chunks])
         n_top = max(int(c[3].n_top[0]) for c in chunks)
         per_token = self.token_s + self.depth_s * max(c[1] for c in chunks)  # the deepest chunk's
@@ -200,8 +214,6 @@ class MockEngine:
     def verify(self, page_table, kv_tokens, proposed, n_proposed, busy_rows=None):
         """Speculative step: a slot keeps its leading guesses that are each the previous token + 1,
         then adds its own next token. Returns `Verified` (on the host, as Engine.verify does)."""
-        from xlaserve.runtime.programs import Sampled, Verified  # imports JAX; the mock otherwise not
-
         self.dispatches += 1
         self.verifies += 1
         rows = busy_rows or self.ecfg.max_slots

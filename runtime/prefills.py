@@ -17,7 +17,6 @@ from collections.abc import Callable
 import numpy as np
 
 from xlaserve.runtime.engine import Engine
-from xlaserve.runtime.prefill_calls import group
 from xlaserve.runtime.request import Delta, FinishReason
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Chunk, Scheduler, Seq
@@ -40,7 +39,7 @@ class Prefills:
         generating = [c for c in chunks if c.seq.req.score_start is None]
         items = [(c.seq, len(c.tokens), c.last and c.seq.req.grammar is not None) for c in generating]
         ready: list[Ready] = []
-        for call in group(items, self.engine.ecfg.prefill_bucket, self.engine.prefill_rows):
+        for call in self.engine.prefill_calls.group(items):
             batch = [generating[i] for i in call]
             rows = [
                 (c.tokens, c.start, s.page_table[c.seq.slot], sampling[c.seq], presence(c.seq)) for c in batch

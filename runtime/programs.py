@@ -2,6 +2,7 @@
 
 - `prefill`: one prompt chunk [T] of one sequence; writes its K/V, samples the next token.
 - `prefill_batch`: one chunk of each of several sequences [R, T] in one call, each row as `prefill`.
+- `prefill_packed`: chunks of several sequences as one stream of tokens [N] (no padding per chunk).
 - `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
 - `insert`: put a prefilled sequence into a decode slot.
 - `decode`: advance every slot by `steps` tokens.
@@ -11,7 +12,8 @@
 The model is reached through `Statics` (its config names the family: `Statics.forward`,
 `Statics.logits`), so these programs serve every family. Results leave the device as one int32
 array per call ("packed"): for each row
-[token, bitcast(logprob), top ids (N), bitcast(top logprobs) (N)], so the host copies once.
+[token, bitcast(logprob), top ids (N), bitcast(top logprobs) (N)], so the host copies once
+(read on the host as results.Sampled).
 `prefill`, `score` and `decode` also return, last, the real tokens routed to each expert in each
 layer int32 [L, E] (E = 0 for a dense model): the engine sums them (`Engine.routed_tokens`).
 """
@@ -102,51 +104,6 @@ def pack(tokens, logprobs, top_ids, top_lps):
     ).astype(jnp.int32)
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """Host view of packed results; leading dims [...] as packed (e.g. [steps, slots])."""
-
-    tokens: np.ndarray  # [...] int32
-    logprobs: np.ndarray  # [...] float32
-    top_ids: np.ndarray  # [..., N] int32
-    top_logprobs: np.ndarray  # [..., N] float32
-
-    @staticmethod
-    def unpack(packed: np.ndarray) -> Sampled:
-        packed = np.asarray(packed, np.int32)
-        n = (packed.shape[-1] - 2) // 2
-        return Sampled(
-            tokens=packed[..., 0],
-            logprobs=packed[..., 1].view(np.float32),
-            top_ids=packed[..., 2 : 2 + n],
-            top_logprobs=packed[..., 2 + n :].view(np.float32),
-        )
-
-
-@dataclass(frozen=True)
-class Verified:
-    """Host view of `verify`'s packed result [R, 1 + (K+1) C]: per row the count emitted, then K+1
-    `pack` rows (the first `emitted` are the output; the rest, and idle rows, are padding)."""
-
-    emitted: np.ndarray  # [R] int32: 1 .. n_proposed + 1 for an active slot, 0 for an idle one
-    sampled: Sampled  # leading dims [R, K+1]
-    # float32 [R, K+1, D]: the states before the final norm at each position run (an engine built
-    # for a draft head; else None); only a row's first `emitted` are the sequence's
-    features: np.ndarray | None = None
-
-    @staticmethod
-    def unpack(packed: np.ndarray, k: int, features: np.ndarray | None = None) -> Verified:
-        packed = np.asarray(packed, np.int32)
-        rows = packed.shape[0]
-        return Verified(packed[:, 0], Sampled.unpack(packed[:, 1:].reshape(rows, k + 1, -1)), features)
-
-    def tokens(self, row: int) -> list[int]:
-        return self.sampled.tokens[row, : self.emitted[row]].tolist()
-
-    def logprobs(self, row: int) -> np.ndarray:
-        return self.sampled.logprobs[row, : self.emitted[row]]
-
-
 def _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st: Statics):
     """The decoder over one chunk [T] of one sequence: hidden states [T, D], the cache and the
     tokens routed per layer and expert [L, E]."""
@@ -188,11 +145,8 @@ def prefill(
     """
     hidden, cache, routed = _prefill_hidden(weights, cache, tokens, start, n_valid, page_row, st)
     last = jax.lax.dynamic_index_in_dim(hidden, n_valid - 1, keepdims=True)  # [1, D]
-    lg = st.logits(weights, last)
     mask = None if allowed is None else allowed[None, :]
-    result = pack(
-        *sample(lg, sampling, presence[None, :], (start + n_valid)[None], max_top=st.max_top, allowed=mask)
-    )
+    result = _sample_rows(weights, last, sampling, presence[None, :], (start + n_valid)[None], st, mask)
     if all_logits:
         return cache, result, st.logits(weights, hidden), routed
     return cache, result, routed
@@ -217,10 +171,38 @@ def prefill_batch(
         start + n_valid,
         routed=True,
     )
-    last = jnp.maximum(n_valid - 1, 0)[:, None, None]
-    lg = st.logits(weights, jnp.take_along_axis(hidden, last, axis=1)[:, 0])  # [R, V]
-    result = pack(*sample(lg, sampling, presence, start + n_valid, max_top=st.max_top))
-    return cache, result, routed
+    last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+    return cache, _sample_rows(weights, last, sampling, presence, start + n_valid, st), routed
+
+
+def prefill_packed(
+    weights, cache: KVCache, tokens, positions, seq_of, count, page_rows, last, sampling, presence, *, st
+):
+    """Chunks of R sequences packed back to back, each token a row of its own (prefill_calls.Packed):
+    tokens, positions, seq_of [N] (token i is at positions[i] of sequence seq_of[i]); the first
+    `count` are real, the rest padding (they write nothing); page_rows [R, W]; last [R]: the index of
+    each sequence's last token, whose next token is sampled (sampling R rows, presence [R, V]).
+    Each layer writes every token's K/V before any token attends, so a token sees the tokens before
+    it in its own chunk. Returns (cache, packed [R, C], routed [L, E]), as `prefill_batch`."""
+    valid = jnp.arange(tokens.shape[0]) < count
+    hidden, cache, routed = st.forward(
+        weights,
+        cache,
+        tokens[:, None],
+        positions[:, None],
+        valid[:, None],
+        page_rows[seq_of],
+        jnp.where(valid, positions + 1, 0),
+        routed=True,
+    )
+    return cache, _sample_rows(weights, hidden[last, 0], sampling, presence, positions[last] + 1, st), routed
+
+
+def _sample_rows(weights, hidden, sampling, presence, count, st: Statics, allowed=None):
+    """The packed token sampled from each row's hidden state [R, D] (its logits: st.logits)."""
+    return pack(
+        *sample(st.logits(weights, hidden), sampling, presence, count, max_top=st.max_top, allowed=allowed)
+    )
 
 
 def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, sel=None, *, st: Statics):

@@ -50,8 +50,8 @@ from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.prefills import Prefills
-from xlaserve.runtime.programs import Sampled
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler, Seq, State
 from xlaserve.runtime.spec_policy import SpecCounts
@@ -105,7 +105,7 @@ class Runner:
             # a step with only scoring to do fills a scoring call (one at the smallest bucket)
             score_budget=max(token_budget or e.prefill_token_budget or 0, SCORE_TOKENS),
             bucket=e.prefill_bucket,
-            rows=engine.prefill_rows,
+            calls=engine.prefill_calls,
             budget_at=measured and measured.at,
             batch_budget=measured and max(token_budget, chunk * -(-e.max_model_len // chunk)),
         )

@@ -116,7 +116,7 @@ class Scheduler:
         window: int | None = None,
         score_budget: int | None = None,
         bucket=None,
-        rows=None,
+        calls=None,
         budget_at=None,
         batch_budget: int | None = None,
     ):
@@ -124,9 +124,9 @@ class Scheduler:
         window of the model), a running sequence's pages that fall out of it go back to the pool.
         score_budget, bucket (chunk length -> its padded length): a step with only scoring to
         prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None: such
-        steps take token_budget like any other. rows (bucket -> the prefill batch sizes compiled for
-        it) with bucket: generation chunks cost the padded tokens of their calls (`_take`); None:
-        their tokens. budget_at (deepest start -> budget: budget.PrefillBudget.at; None:
+        steps take token_budget like any other. calls (the engine's prefill_calls.Batched or
+        Packed): generation chunks cost the padded tokens of their calls (`_take`); None: their
+        tokens. budget_at (deepest start -> budget: budget.PrefillBudget.at; None:
         token_budget); batch_budget: a step's while no request in a slot is streamed (None: same)."""
         self.page_size = page_size
         self.window = window
@@ -135,7 +135,7 @@ class Scheduler:
         self.limits = limits
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
-        self.score_budget, self.bucket, self.rows = score_budget, bucket, rows
+        self.score_budget, self.bucket, self.calls = score_budget, bucket, calls
         self.budget_at, self.batch_budget = budget_at, batch_budget
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
@@ -238,11 +238,11 @@ class Scheduler:
         prefill_calls item, None when scoring): 0 tokens when nothing fits (prefill_calls.take). A
         scoring chunk, or any chunk without the engine's batches, costs its tokens."""
         n = min(left, self.chunk)
-        if seq.req.score_start is not None or self.rows is None or self.bucket is None:
+        if seq.req.score_start is not None or self.calls is None:
             n = min(n, budget)
             return (n, n, None) if n > 0 else (0, 0, None)
         masked = seq.req.grammar is not None  # its last chunk is a call of its own (masked prefill)
-        return take(seq, n, left, masked, calls, budget, self.bucket, self.rows)
+        return take(seq, n, left, masked, calls, budget, self.calls)
 
     def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
         """The chunks of a step that only scores: no stream waits on it, so instead of the token

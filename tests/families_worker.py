@@ -20,7 +20,7 @@ from xlaserve.runtime.config import EngineConfig, RopeConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.models import params
 from xlaserve.runtime.models.presets import PRESETS
-from xlaserve.runtime.programs import Sampled
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 from xlaserve.sharding.mesh import device_groups, parse_mesh

@@ -25,7 +25,7 @@ from xlaserve.cli.common import add_engine_args, engine_kwargs
 from xlaserve.runtime import draft_features, draft_head
 from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.models.presets import PRESETS
-from xlaserve.runtime.programs import Sampled
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 from xlaserve.runtime.spec_policy import resolve_schedule, speculative_fields

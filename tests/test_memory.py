@@ -109,7 +109,11 @@ def test_engine_prints_its_plan_and_compiles_the_layouts_programs(monkeypatch):
     )
     assert compiled == [p.name for p in engine.layout.programs()]
     assert compiled[:4] == ["prefill[T=16]", "prefill_masked[T=16]", "score[B=1,T=16]", "score[B=2,T=16]"]
-    assert compiled[-3:] == ["insert", "free", "copy_page"] and "decode_masked[S=2,k=1,kv=64]" in compiled
+    assert compiled[-4:] == ["insert", "insert[R=2]", "free", "copy_page"]
+    assert "decode_masked[S=2,k=1,kv=64]" in compiled
+    # float32 on CPU with the native attention kernel: generation chunks go packed, not batched
+    assert engine.layout.packed and "prefill_packed[R=2,N=4]" in compiled
+    assert not any(name.startswith("prefill_batch") for name in compiled)
 
 
 def test_memory_fraction_flag_reaches_the_engine_config():

@@ -13,7 +13,7 @@ import pytest
 from helpers import LOGIT_ATOL, hf_greedy, hf_logits
 
 from xlaserve.data import TWO_CITIES
-from xlaserve.runtime.programs import Sampled
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 

@@ -1,8 +1,9 @@
-"""Batched prefill on the real model. One call over several sequences' chunks gives each row what
-the single-row prefill gives it: the same K/V (bit for bit), the same sampled token, log-probs equal
-to float32 summation order (the head's product runs over [rows, D] instead of [1, D]). Generation
-with batched prefill equals each prompt run alone and HF's greedy tokens: prompts of different
-lengths, chunked prompts, prefix-cache hits, chunks that start and end mid-page, sampled rows."""
+"""Batched prefill on the real model (on CPU packed: prefill_calls.Packed). One call over several
+sequences' chunks gives each row what the single-row prefill gives it: the same K/V (bit for bit),
+the same sampled token, log-probs equal to float32 summation order (the head's product runs over
+[rows, D] instead of [1, D]). Generation with batched prefill equals each prompt run alone and HF's
+greedy tokens: prompts of different lengths, chunked prompts, prefix-cache hits, chunks that start
+and end mid-page, sampled rows."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from helpers import hf_greedy
 
 from xlaserve import SamplingParams
 from xlaserve.runtime.engine import to_host
-from xlaserve.runtime.programs import Sampled
+from xlaserve.runtime.prefill_calls import Packed
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 
 WORDS = "river stone lantern orchard copper violet meadow harbor quiet silver thunder maple".split()
@@ -86,6 +88,37 @@ def test_rows_equal_the_single_row_prefill(llm):
                 x, y = (np.asarray(kv[:, p]) for p in (a, b))
                 x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, : len(prompts[i])] for z in (x, y))
                 assert np.array_equal(x, y), i
+    finally:
+        for got in held:
+            pages.release(got)
+
+
+def test_a_packed_call_holds_two_chunks_of_one_sequence(llm):
+    """On CPU the engine packs its calls (prefill_calls.Packed: each token a row). A step that fills
+    its bucket with more of a prompt puts two chunks of one sequence in one call, another
+    sequence's between them: the second sees the first's K/V, written in the same layer before any
+    token attends. Same K/V, token and log-probs as the prompt in one chunk."""
+    engine, pages = llm.engine, llm.runner.scheduler.pages
+    assert engine.layout.packed and isinstance(engine.prefill_calls, Packed)
+    vocab, width, page = engine.cfg.vocab_size, engine.ecfg.pages_per_seq, engine.ecfg.page_size
+    rng = np.random.default_rng(4)
+    prompt, other = rng.integers(1, vocab, 40).tolist(), rng.integers(1, vocab, 7).tolist()
+    sampling = SamplingState.of(SamplingParams(temperature=0.0, logprobs=2), 0)
+    presence = np.zeros((vocab,), bool)
+    held = [pages.alloc(-(-n // page)) for n in (40, 40, 7)]
+    rows = [np.zeros((width,), np.int32) for _ in held]
+    for row, got in zip(rows, held, strict=True):
+        row[: len(got)] = got
+    try:
+        one = Sampled.unpack(to_host(engine.prefill(prompt, 0, rows[0], sampling, presence)))
+        chunks = [(prompt[:25], 0, rows[1]), (other, 0, rows[2]), (prompt[25:], 25, rows[1])]
+        two = Sampled.unpack(to_host(engine.prefill_batch([(*c, sampling, presence) for c in chunks])))
+        assert two.tokens[2] == one.tokens[0] and abs(two.logprobs[2] - one.logprobs[0]) < LOGPROB_ATOL
+        assert (two.top_ids[2] == one.top_ids[0]).all()
+        for kv in (engine.cache.k, engine.cache.v):
+            x, y = (np.asarray(kv[:, got]) for got in held[:2])
+            x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, :40] for z in (x, y))
+            assert np.array_equal(x, y)
     finally:
         for got in held:
             pages.release(got)

@@ -8,7 +8,7 @@ import dataclasses
 import re
 
 import pytest
-from serving import mock_llm
+from serving import ENGINE, mock_llm, mock_tokenizer
 from test_scheduler import execute, make, sched
 
 from xlaserve import LLM, SamplingParams
@@ -18,7 +18,7 @@ from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.mock_engine import MockEngine
-from xlaserve.runtime.prefill_calls import group, padded, prefill_rows
+from xlaserve.runtime.prefill_calls import Batched, Packed, packed_buckets, packed_rows, prefill_rows
 
 BUCKETS = (16, 32, 128)
 LONG_PROMPTS = Limits(max_prompt_tokens=200, max_new_tokens=8, max_model_len=256, max_queue=100)
@@ -32,6 +32,10 @@ def rows(t: int) -> tuple[int, ...]:
     return prefill_rows(8, BUCKETS, t)
 
 
+BATCHED, PACKED = Batched(bucket, rows), Packed(BUCKETS, 8)
+group, padded = BATCHED.group, BATCHED.cost
+
+
 def test_batches_stay_within_the_largest_bucket():
     assert rows(16) == (1, 2, 4, 8) and rows(32) == (1, 2, 4) and rows(128) == (1,)
     assert prefill_rows(6, (16, 128), 16) == (1, 2, 4, 6)  # max_slots closes the list
@@ -41,18 +45,68 @@ def test_batches_stay_within_the_largest_bucket():
 def test_calls_group_in_order_and_cost_their_padded_tokens():
     a, b, c, d, e = "abcde"
     # three short chunks share a call of 4 rows x 16; a chunk of 20 tokens widens it to 32
-    assert group([(a, 5, False), (b, 16, False), (c, 3, False)], bucket, rows) == [[0, 1, 2]]
-    assert padded([(a, 5, False), (b, 16, False), (c, 3, False)], bucket, rows) == 4 * 16
-    assert padded([(a, 5, False), (b, 20, False)], bucket, rows) == 2 * 32
+    assert group([(a, 5, False), (b, 16, False), (c, 3, False)]) == [[0, 1, 2]]
+    assert padded([(a, 5, False), (b, 16, False), (c, 3, False)]) == 4 * 16
+    assert padded([(a, 5, False), (b, 20, False)]) == 2 * 32
     # a second chunk of a sequence, a full call and a masked (grammar) last chunk each start a call
-    assert group([(a, 16, False), (a, 16, False), (b, 4, False)], bucket, rows) == [[0], [1, 2]]
+    assert group([(a, 16, False), (a, 16, False), (b, 4, False)]) == [[0], [1, 2]]
     five = [(s, 20, False) for s in (a, b, c, d, e)]
-    assert group(five, bucket, rows) == [[0, 1, 2, 3], [4]] and padded(five, bucket, rows) == 4 * 32 + 32
-    assert group([(a, 4, False), (b, 4, True), (c, 4, False)], bucket, rows) == [[0, 2], [1]]
-    assert group([(a, 4, False), (b, 4, True), (b, 4, False)], bucket, rows) == [[0], [1], [2]]
+    assert group(five) == [[0, 1, 2, 3], [4]] and padded(five) == 4 * 32 + 32
+    assert group([(a, 4, False), (b, 4, True), (c, 4, False)]) == [[0, 2], [1]]
+    assert group([(a, 4, False), (b, 4, True), (b, 4, False)]) == [[0], [1], [2]]
 
 
-def scheduler(budget: int):
+def test_packed_calls_pad_once():
+    """Packed: a call's tokens back to back, padded once to their bucket; a grammar request's last
+    chunk alone; a call closes at the largest bucket or at max_slots sequences."""
+    a, b, c = "abc"
+    assert PACKED.group([(a, 5, False), (b, 16, False), (c, 3, False)]) == [[0, 1, 2]]
+    assert PACKED.cost([(a, 5, False), (b, 16, False), (c, 3, False)]) == 32  # 24 tokens; batched 4 x 16
+    ones = [(s, 1, False) for s in "abcdefgh"]  # prompts found in the prefix cache but for a token
+    assert PACKED.cost(ones) == 8 and padded(ones) == 8 * 16
+    assert PACKED.cost(ones[:3]) == 4 and PACKED.cost([(a, 9, False)]) == 16
+    assert PACKED.group([(a, 4, False), (b, 4, True), (c, 4, False)]) == [[0, 2], [1]]
+    assert PACKED.cost([(a, 4, False), (b, 4, True), (c, 4, False)]) == 8 + 16  # masked: a prefill bucket
+    assert PACKED.cost([(a, 100, False), (b, 100, False)]) == 2 * 128
+    assert PACKED.group([*ones, ("i", 1, False)]) == [list(range(8)), [8]]  # 8 slots
+    assert PACKED.group([(a, 16, False), (a, 16, False)]) == [[0, 1]]  # one sequence's chunks in order
+    assert packed_rows(8, 16) == (1, 2, 4, 8) and packed_rows(64, 16) == (1, 2, 4, 8, 16)
+    assert packed_rows(6, 128) == (1, 2, 4, 6) and packed_rows(1, 16) == (1,) and packed_rows(8, 2) == (1, 2)
+    assert packed_buckets(BUCKETS) == (1, 2, 4, 8, 16, 32, 128) and packed_buckets((4, 64)) == (1, 2, 4, 64)
+
+
+def test_packed_steps_take_what_batched_steps_pad():
+    """Eight one-token prompts: one packed step of 8 tokens, against one prompt a step batched
+    (each pays a row of 16). A chunk that does not fit fills the rest of the bucket paid for."""
+    for calls, steps in ((PACKED, 1), (BATCHED, 8)):
+        s = scheduler(16, calls)
+        seqs = [s.add(make(1, float(i), first=10 * i + 1)) for i in range(8)]
+        taken = 0
+        for _ in range(steps):
+            plan = s.plan()
+            taken += len(plan.prefills)
+            execute(s, plan)
+        assert taken == 8 and all(seq.req.output_ids for seq in seqs), (calls, taken)
+    s = scheduler(32, PACKED)
+    first, second, _ = (s.add(make(n, float(i))) for i, n in enumerate((20, 100, 30)))
+    # 20 tokens pay for a bucket of 32: 12 tokens of the 100-token prompt fill it, the third waits
+    assert [(c.seq, len(c.tokens)) for c in s.plan().prefills] == [(first, 20), (second, 12)]
+
+
+def test_the_runner_packs_a_steps_prompts_on_a_packed_engine():
+    cfg = dataclasses.replace(ENGINE, max_slots=4, prefill_buckets=(8, 32), prefill_token_budget=8)
+    engine = MockEngine(cfg, packed=True)
+    llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+    calls = []
+    batch = engine.prefill_batch
+    engine.prefill_batch = lambda chunks: calls.append([len(c[0]) for c in chunks]) or batch(chunks)
+    prompts = [[5, 6], [20, 21, 22], [40], [60, 61]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0))
+    assert [o.token_ids for o in outs] == [[7, 8, 9], [23, 24, 25], [41, 42, 43], [62, 63, 64]]
+    assert calls == [[2, 3, 1, 2]]  # 8 tokens: the budget, one bucket (batched: 4 rows x 8)
+
+
+def scheduler(budget: int, calls=BATCHED):
     return sched(
         max_slots=8,
         num_pages=256,
@@ -61,7 +115,7 @@ def scheduler(budget: int):
         limits=LONG_PROMPTS,
         token_budget=budget,
         bucket=bucket,
-        rows=rows,
+        calls=calls,
     )
 
 
@@ -82,7 +136,7 @@ def test_a_step_fills_the_rows_it_pays_for_and_no_more():
     # 20 tokens pay for a row of 32; the budget (4 x 32) holds two more rows of 32: the 100-token
     # prompt takes 32 tokens of it (not a call of 128 of its own), the 30-token one the third
     assert [(c.seq, len(c.tokens)) for c in plan.prefills] == [(first, 20), (second, 32), (third, 30)]
-    assert padded([(c.seq, len(c.tokens), False) for c in plan.prefills], bucket, rows) == 4 * 32
+    assert padded([(c.seq, len(c.tokens), False) for c in plan.prefills]) == 4 * 32
     execute(s, plan)
     assert [(c.seq, len(c.tokens)) for c in s.plan().prefills] == [(second, 68)]  # 1 x 128
 

@@ -18,7 +18,7 @@ from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.layout import Layout
 from xlaserve.runtime.models import params
 from xlaserve.runtime.models.presets import PRESETS
-from xlaserve.runtime.programs import Sampled
+from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 
