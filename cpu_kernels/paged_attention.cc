@@ -63,7 +63,7 @@ inline void Axpy(float a, const float* x, float* y, int64_t d) {
 }
 
 // Token ti of row b, kv heads [h0, h1): their G query heads each. s: scratch of (heads x G) x
-// (visible keys) scores. A token's K (and V) of all heads lie together ([H, D] in its page), so a
+// (visible keys) scores, then a softmax denominator per query head. A token's K (and V) of all heads lie together ([H, D] in its page), so a
 // task over all heads reads the cache in order.
 void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::vector<float>& s) {
   const int64_t row = b * a.t + ti, hg = a.g * a.d;
@@ -75,7 +75,7 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
   const int64_t lo = std::max<int64_t>(0, pos - a.window + 1);
   if (hi <= lo) return;
   const int64_t n = hi - lo, heads = (h1 - h0) * a.g;  // query heads of the task
-  s.resize(heads * n);
+  s.resize(heads * (n + 1));
   const int32_t* table = a.pages + b * a.w;
   auto at = [&](const float* cache, int64_t j) {  // token j's record [H, D], from head h0 on
     const int64_t page = std::clamp<int64_t>(table[j / a.p], 0, a.n - 1);
@@ -89,7 +89,7 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
       s[i * n + j - lo] = x;
     }
   }
-  std::vector<float> total(heads);  // softmax denominators, per query head of the task
+  float* total = s.data() + heads * n;  // softmax denominators, per query head of the task
   for (int64_t i = 0; i < heads; ++i) {
     float* si = s.data() + i * n;
     const float peak = *std::max_element(si, si + n);

@@ -57,6 +57,12 @@ class PrefillBudget:
     def measured(self) -> bool:
         return bool(self.seconds)
 
+    @property
+    def batch(self) -> int:
+        """A step's budget while no streamed request holds a slot (the scheduler's batch_budget):
+        nobody waits on a stall, so a whole context."""
+        return max(self.tokens, whole_context(self.buckets[-1], self.max_model_len))
+
     def at(self, start: int) -> int:
         """The budget of a step whose deepest chunk starts at position `start`: chosen from each
         bucket's time interpolated between position 0 and its deepest start (a bucket not timed
@@ -133,7 +139,12 @@ def choose(seconds: dict[int, float], buckets: tuple[int, ...], max_model_len: i
     if fits[-1] != largest:
         return fits[-1]
     chunks = int(target_s // max(seconds[largest], 1e-9))
-    return largest * max(1, min(chunks, -(-max_model_len // largest)))
+    return min(largest * max(1, chunks), whole_context(largest, max_model_len))
+
+
+def whole_context(largest: int, max_model_len: int) -> int:
+    """Largest-bucket chunks enough for one max_model_len prompt: the most a step prefills."""
+    return largest * -(-max_model_len // largest)
 
 
 def prefill_budget(engine, *, measure_it: bool = True) -> PrefillBudget:

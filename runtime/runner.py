@@ -47,6 +47,7 @@ import numpy as np
 
 from xlaserve.runtime import models
 from xlaserve.runtime.admission import Limits
+from xlaserve.runtime.budget import PrefillBudget
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
 from xlaserve.runtime.prefills import Prefills
@@ -79,9 +80,8 @@ class Runner:
         (on an engine with speculative_k), or this draft_head.Head (on an engine built with
         `features`); None: by n-gram lookup."""
         e = engine.ecfg
-        measured = token_budget if getattr(token_budget, "measured", False) else None
-        token_budget = getattr(token_budget, "tokens", token_budget)
-        chunk = e.prefill_buckets[-1]
+        measured = token_budget if isinstance(token_budget, PrefillBudget) and token_budget.measured else None
+        token_budget = token_budget.tokens if isinstance(token_budget, PrefillBudget) else token_budget
         self.engine, self.tokenizer = engine, tokenizer
         self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
         limits = Limits(
@@ -107,7 +107,7 @@ class Runner:
             bucket=e.prefill_bucket,
             calls=engine.prefill_calls,
             budget_at=measured and measured.at,
-            batch_budget=measured and max(token_budget, chunk * -(-e.max_model_len // chunk)),
+            batch_budget=measured and measured.batch,
         )
         self.prefills = Prefills(engine, self.scheduler)
         self._rows: dict[Seq, SamplingState] = {}
