@@ -272,8 +272,8 @@ class Engine:
         would (without a grammar mask), as `prefill_calls` groups them: rows padded to the bucket of
         the longest and to a compiled batch (at most prefill_rows(bucket)[-1] chunks, of distinct
         sequences), or packed into one bucket of tokens. Batched, one chunk runs the `prefill`
-        program itself. Returns the packed results [rows, C] on device, row i chunk i's (pass it and the row
-        to `insert`)."""
+        program itself. Returns the packed results [rows, C] on device, row i chunk i's (pass it
+        and the row to `insert`)."""
         e, sizes = self.ecfg, [len(c[0]) for c in chunks]
         if self.layout.packed:
             n = self.prefill_calls.bucket(sum(sizes))
