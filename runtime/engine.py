@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_inputs, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
-from xlaserve.runtime.prefill_calls import Batched, Calls, Packed, packed_rows, prefill_rows
+from xlaserve.runtime.prefill_calls import Calls, calls_for, packed_rows, prefill_rows
 from xlaserve.runtime.programs import DecodeState
 from xlaserve.runtime.results import Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
@@ -262,10 +262,7 @@ class Engine:
     @property
     def prefill_calls(self) -> Calls:
         """How `prefill_batch` makes its calls, for the scheduler to cost (prefill_calls.py)."""
-        e = self.ecfg
-        if self.layout.packed:
-            return Packed(e.prefill_buckets, e.max_slots)
-        return Batched(e.prefill_bucket, self.prefill_rows)
+        return calls_for(self.ecfg, self.layout.packed, self.prefill_rows)
 
     def prefill_batch(self, chunks):
         """Prefill (tokens, start, page_row, sampling, presence) chunks in one call, each as `prefill`

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from xlaserve.runtime.config import EngineConfig, ModelConfig
-from xlaserve.runtime.prefill_calls import Batched, Calls, Packed, prefill_rows
+from xlaserve.runtime.prefill_calls import Calls, calls_for, prefill_rows
 from xlaserve.runtime.results import Sampled, Verified
 
 VOCAB = 512
@@ -148,10 +148,7 @@ class MockEngine:
 
     @property
     def prefill_calls(self) -> Calls:
-        e = self.ecfg
-        if self.packed:
-            return Packed(e.prefill_buckets, e.max_slots)
-        return Batched(e.prefill_bucket, self.prefill_rows)
+        return calls_for(self.ecfg, self.packed, self.prefill_rows)
 
     def prefill_batch(self, chunks):
         """One call for every chunk (tokens, start, page_row, sampling, presence): step_s, and token_s

@@ -99,9 +99,10 @@ class Batched:
 
 
 class Packed:
-    def __init__(self, buckets: Sequence[int], max_slots: int):
-        """buckets: the prefill buckets (a masked chunk's); packed calls pad to packed_buckets."""
-        self.buckets, self.tokens, self.max_slots = tuple(buckets), packed_buckets(buckets), max_slots
+    def __init__(self, chunk_bucket: Callable[[int], int], buckets: Sequence[int], max_slots: int):
+        """chunk_bucket, buckets: the prefill buckets (a masked chunk pads to its own); packed calls
+        pad to packed_buckets."""
+        self.chunk_bucket, self.tokens, self.max_slots = chunk_bucket, packed_buckets(buckets), max_slots
 
     def bucket(self, n: int) -> int:
         """The tokens a packed call of n real tokens computes (n ≤ the largest bucket)."""
@@ -127,7 +128,7 @@ class Packed:
         total = 0
         for call in self.group(items):
             n = sum(items[i][1] for i in call)
-            total += next(t for t in self.buckets if t >= n) if items[call[0]][2] else self.bucket(n)
+            total += self.chunk_bucket(n) if items[call[0]][2] else self.bucket(n)
         return total
 
     def fills(self, items: Sequence[Item], n: int) -> tuple[int, ...]:
@@ -141,6 +142,13 @@ class Packed:
 
 
 Calls = Batched | Packed
+
+
+def calls_for(ecfg, packed: bool, rows: Callable[[int], tuple]) -> Calls:
+    """How an engine with EngineConfig `ecfg` makes its prefill calls (Engine.prefill_calls)."""
+    if packed:
+        return Packed(ecfg.prefill_bucket, ecfg.prefill_buckets, ecfg.max_slots)
+    return Batched(ecfg.prefill_bucket, rows)
 
 
 def take(

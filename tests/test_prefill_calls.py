@@ -32,7 +32,7 @@ def rows(t: int) -> tuple[int, ...]:
     return prefill_rows(8, BUCKETS, t)
 
 
-BATCHED, PACKED = Batched(bucket, rows), Packed(BUCKETS, 8)
+BATCHED, PACKED = Batched(bucket, rows), Packed(bucket, BUCKETS, 8)
 group, padded = BATCHED.group, BATCHED.cost
 
 
