@@ -5,6 +5,8 @@ backend and through lm-eval's HF backend, same task, same run; log-likelihood re
 
 The task is data/mc20.jsonl repeated --copies times (each copy's questions numbered so no
 two requests are identical); accuracies are reported too and must agree between the backends.
+Each repeat numbers its copies afresh (repeat 2 asks "(11) ..." where repeat 1 asked "(1) ..."),
+so no run finds the questions in the prefix cache an earlier run left.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from xlaserve.data import MC20
 FIXTURE = MC20
 
 
-def write_task(root: Path, copies: int) -> None:
+def write_task(root: Path, copies: int, first: int = 1) -> None:
+    """The task's files under `root`: copies numbered first, first + 1, ..."""
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / "mc.jsonl", "w") as f:
         for c in range(copies):
             for r in rows:
-                f.write(json.dumps({**r, "question": f"({c + 1}) {r['question']}"}) + "\n")
+                f.write(json.dumps({**r, "question": f"({first + c}) {r['question']}"}) + "\n")
     (root / "mc.yaml").write_text(f"""task: xlaserve_bench_mc
 dataset_path: json
 dataset_kwargs:
@@ -82,8 +86,9 @@ def main(argv=None) -> dict:
     path = registry.resolve(args.model)
     requests = 20 * 4 * args.copies
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        write_task(root, args.copies)
+        roots = [Path(tmp) / str(r) for r in range(args.repeats)]
+        for r, root in enumerate(roots):
+            write_task(root, args.copies, first=1 + r * args.copies)
         ours = XlaserveLM(llm=LLM(str(path), max_slots=args.max_slots, max_model_len=512))
         hf = HFLM(
             pretrained=str(path.parent),
@@ -93,7 +98,7 @@ def main(argv=None) -> dict:
             dtype=torch.float32,
         )
         runs = {"xlaserve": [], "hf": []}
-        for _ in range(args.repeats):  # taking turns: a shared machine's speed drifts
+        for root in roots:  # taking turns: a shared machine's speed drifts
             runs["xlaserve"].append(run(ours, root))
             runs["hf"].append(run(hf, root))
     rows = {}

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_inputs, quant
+from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_calls, prefill_inputs, quant
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
-from xlaserve.runtime.prefill_calls import Calls, calls_for, packed_rows, prefill_rows
+from xlaserve.runtime.prefill_calls import Calls, ScoreCalls, calls_for, packed_rows, prefill_rows
 from xlaserve.runtime.programs import DecodeState
 from xlaserve.runtime.results import Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
@@ -60,7 +60,6 @@ def to_host(x) -> np.ndarray:
 
 # Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
 SCORE_TOKENS = layout.SCORE_TOKENS
-SCORE_TARGETS = layout.SCORE_TARGETS
 
 
 class _Routed:
@@ -213,6 +212,7 @@ class Engine:
         self._prefill_batch = compiled.get("prefill_batch", {})
         self._prefill_packed = compiled.get("prefill_packed", {})
         self._score, self._score_few = compiled["score"], compiled.get("score_few", {})
+        self._score_packed = compiled.get("score_packed", {})
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
         self._insert, self._free = compiled["insert"], compiled["free"][None]
@@ -292,54 +292,58 @@ class Engine:
         """Batch sizes the scoring program is compiled for at chunk bucket t (`layout.score_rows`)."""
         return layout.score_rows(self.ecfg, t)
 
+    @property
+    def score_calls(self) -> ScoreCalls:
+        """How `score_batch` makes its calls, for the scheduler and the runner to group by."""
+        return prefill_calls.score_calls_for(self.ecfg, self.layout.packed, self.score_rows)
+
     def score_batch(self, items) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Prefill (tokens, start, page_row, targets[, scored_from]) chunks of distinct sequences in
-        one call, all in one prefill bucket and at most score_rows(bucket)[-1] of them. targets: the
-        next token per chunk position, [n], or up to SCORE_TARGETS candidates per position, [n, K]
-        (column 0 the next token; pad with any id). scored_from: the first chunk position whose
-        results are read (default 0); when every chunk reads at most `layout.score_few(bucket)`
-        positions, a `score_few` program computes logits at those alone. For each chunk, per
-        position i (and candidate k): the log-prob of targets[i(, k)] and whether it was the argmax,
-        (float32, bool), shaped as targets (zeros before scored_from in a score_few call)."""
-        if not self._score:
+        """Prefill (tokens, start, page_row, targets[, scored_from]) chunks in one call, as
+        `score_calls` groups them: rows of one prefill bucket (at most score_rows(bucket)[-1], of
+        distinct sequences), or packed into one bucket of tokens. targets: the next token per chunk
+        position, [n], or up to SCORE_TARGETS candidates per position, [n, K] (column 0 the next
+        token; pad with any id). scored_from: the first chunk position whose results are read
+        (default 0); logits are computed at those alone when a program for that few exists
+        (`score_few`, `score_sel`). For each chunk, per position i (and candidate k): the log-prob
+        of targets[i(, k)] and whether it was the argmax, (float32, bool), shaped as targets
+        (zeros before scored_from)."""
+        if not (self._score or self._score_packed):
             raise ValueError("this engine was built with scoring=False")
+        items = [(toks, first, row, targets, *(read or (0,))) for toks, first, row, targets, *read in items]
+        out = self._score_packed_call(items) if self.layout.packed else self._score_rows_call(items)
+        return prefill_inputs.score_results(items, out)
+
+    def _score_packed_call(self, items) -> list[np.ndarray]:
+        """score_batch's packed call: per chunk, int32 [positions read, SCORE_TARGETS, 2]."""
+        n = self.score_calls.bucket(sum(len(it[0]) for it in items))
+        read = [len(toks) - first for toks, *_, first in items]
+        s = min(s for m, s in self._score_packed if m == n and s >= sum(read))  # layout.score_sel
+        host = prefill_inputs.score_packed(items, n, s, self.ecfg.max_slots, self.ecfg.pages_per_seq)
+        self.cache, out = self._score_packed[n, s](self.weights, self.cache, *self._put(*host))
+        return np.split(to_host(out), np.cumsum(read))[: len(items)]
+
+    def _score_rows_call(self, items) -> list[np.ndarray]:
+        """score_batch's call of rows: per chunk, int32 [positions read, SCORE_TARGETS, 2]."""
         bucket = self.ecfg.prefill_bucket
         t = bucket(max(len(tokens) for tokens, *_ in items))
         rows = next((r for r in self.score_rows(t) if r >= len(items)), None)
         assert rows is not None and all(bucket(len(it[0])) == t for it in items), (t, len(items))
-        tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t, SCORE_TARGETS), np.int32)
-        start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
-        table = np.zeros((rows, self.ecfg.pages_per_seq), np.int32)
-        firsts = np.zeros((rows,), np.int32)
-        for i, (toks, first, page_row, targets, *scored_from) in enumerate(items):
-            targets = np.asarray(targets, np.int32)
-            targets = targets[:, None] if targets.ndim == 1 else targets  # [n, K]
-            tokens[i, : len(toks)], nxt[i, : len(targets), : targets.shape[1]] = toks, targets
-            start[i], n_valid[i], table[i] = first, len(toks), page_row
-            firsts[i] = scored_from[0] if scored_from else 0
+        host = prefill_inputs.score_rows(items, t, rows, self.ecfg.pages_per_seq)
+        tokens, start, n_valid, table, nxt = host
+        firsts = np.array([first for *_, first in items] + [0] * (rows - len(items)), np.int32)
         few = layout.score_few(t)
-        if (rows, t) in self._score_few and all(
-            len(it[0]) - f <= few for it, f in zip(items, firsts[: len(items)], strict=True)
-        ):
+        if (rows, t) in self._score_few and all(len(it[0]) - it[-1] <= few for it in items):
             sel = np.minimum(firsts[:, None] + np.arange(few), t - 1).astype(np.int32)  # [rows, S]
             picked = np.take_along_axis(nxt, sel[..., None], axis=1)
-            self.cache, part = self._score_few[rows, t](
+            self.cache, out = self._score_few[rows, t](
                 self.weights, self.cache, *self._put(tokens, start, n_valid, table, picked, sel)
             )
-            part, out = to_host(part), np.zeros((rows, t, SCORE_TARGETS, 2), np.int32)
-            for i, (toks, *_) in enumerate(items):  # back to chunk positions
-                out[i, firsts[i] : len(toks)] = part[i, : len(toks) - firsts[i]]
-        else:
-            self.cache, out = self._score[rows, t](
-                self.weights, self.cache, *self._put(tokens, start, n_valid, table, nxt)
-            )
-            out = to_host(out)  # [rows, t, SCORE_TARGETS, 2]
-        results = []
-        for i, (toks, _, _, targets, *_) in enumerate(items):
-            k = 1 if np.ndim(targets) < 2 else np.shape(targets)[1]
-            lp, greedy = out[i, : len(toks), :k, 0].view(np.float32), out[i, : len(toks), :k, 1].astype(bool)
-            results.append((lp[:, 0], greedy[:, 0]) if np.ndim(targets) < 2 else (lp, greedy))
-        return results
+            out = to_host(out)
+            return [out[i, : len(it[0]) - it[-1]] for i, it in enumerate(items)]
+        host = self._put(tokens, start, n_valid, table, nxt)
+        self.cache, out = self._score[rows, t](self.weights, self.cache, *host)
+        out = to_host(out)
+        return [out[i, it[-1] : len(it[0])] for i, it in enumerate(items)]
 
     def insert(
         self, slot: int, packed, length: int, sampling: SamplingState, presence: np.ndarray, row: int = 0

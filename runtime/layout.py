@@ -11,6 +11,8 @@ weights, the KV cache and the decode state. `Layout.programs()` lists, in compil
     prefill[T], prefill_masked[T]           per prefill bucket T
     prefill_batch[B=r,T=t]                  per bucket t and batch r > 1 (prefill_calls.Batched)
     score[B=b,T=t]                          per bucket t and batch b (`score_rows`), with scoring on
+    score_packed[N=n,S=s]                   instead of score where packed, per packed bucket n and
+                                            positions read s (`score_sel`)
     prefill_packed[R=r,N=n]                 instead of prefill_batch, per packed bucket n and r
                                             sequences (prefill_calls.Packed, Layout.packed)
     decode[S,k,kv], decode_masked[S,k=1,kv] per slot bucket S and KV bucket kv
@@ -69,6 +71,12 @@ def score_few(t: int) -> int:
     """Positions per row of the `score_few` programs at chunk bucket t (batched calls whose rows
     each score at most this many: a multiple-choice row scores its answer, not its question)."""
     return max(1, t // 4)
+
+
+def score_sel(n: int) -> tuple[int, ...]:
+    """Positions read (logits computed) by the `score_packed` programs of n tokens: a quarter of
+    them (the answers of multiple-choice questions, not their contexts), or all (a text's perplexity)."""
+    return tuple(sorted({max(1, n // 4), n}))
 
 
 def score_tokens(ecfg: EngineConfig) -> int:
@@ -293,6 +301,18 @@ class Layout:
             ("cache", "scores", "routed"),
         )
 
+    def score_packed(self, n: int, s: int) -> Program:
+        """Scoring chunks of up to max_slots sequences packed into n tokens, logits at s of them
+        (programs.score_packed)."""
+        i32 = lambda *shape: self.spec(shape, jnp.int32)
+        args = (
+            *(self.weights, self.cache, i32(n), i32(n), i32(n), i32()),
+            *(i32(self.ecfg.max_slots, self.ecfg.pages_per_seq), i32(s), i32(s, SCORE_TARGETS)),
+        )
+        fn = functools.partial(programs.score_packed, st=self.st)
+        name, outputs = f"score_packed[N={n},S={s}]", ("cache", "scores", "routed")
+        return self.program("score_packed", (n, s), name, fn, ("cache",), args, outputs)
+
     def decode(self, rows: int, kv_tokens: int, with_logits: bool = False, masked: bool = False) -> Program:
         """`decode_steps` steps (masked: one) of the first `rows` slots attending over `kv_tokens`."""
         ecfg = self.ecfg
@@ -355,10 +375,12 @@ class Layout:
         for t in ecfg.prefill_buckets:
             out += [self.prefill(t), self.prefill(t, masked=True)]
             out += [self.prefill_batch(rows, t) for rows in batches[t][1:] if not self.packed]
-            if ecfg.scoring:
+            if ecfg.scoring and not self.packed:
                 out += [self.score(rows, t) for rows in score_rows(ecfg, t)]
                 out += [self.score(rows, t, score_few(t)) for rows in score_rows(ecfg, t) if rows > 1]
         if self.packed:
+            if ecfg.scoring:
+                out += [self.score_packed(n, s) for n in packed for s in score_sel(n)]
             out += [self.prefill_packed(rows, n) for n, all_rows in packed.items() for rows in all_rows]
             batches = packed
         grid = [(rows, kv) for rows in ecfg.slot_buckets for kv in ecfg.kv_buckets]

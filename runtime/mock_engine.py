@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from xlaserve.runtime.config import EngineConfig, ModelConfig
-from xlaserve.runtime.prefill_calls import Calls, calls_for, prefill_rows
+from xlaserve.runtime.prefill_calls import Calls, calls_for, prefill_rows, score_calls_for
 from xlaserve.runtime.results import Sampled, Verified
 
 VOCAB = 512
@@ -169,9 +169,17 @@ class MockEngine:
     def score_rows(self, t: int) -> tuple[int, ...]:
         return (1, 4)
 
+    @property
+    def score_calls(self):
+        return score_calls_for(self.ecfg, self.packed, self.score_rows)
+
     def score_batch(self, items):
-        t = self.ecfg.prefill_bucket(max(len(tokens) for tokens, *_ in items))
-        np.asarray(self._run(self.step_s + self.token_s * t * len(items), np.zeros(0)))  # one call, read
+        """One call: step_s, and token_s per padded token (rows x bucket, or the tokens' bucket)."""
+        if self.packed:
+            tokens = self.score_calls.bucket(sum(len(it[0]) for it in items))
+        else:
+            tokens = self.ecfg.prefill_bucket(max(len(it[0]) for it in items)) * len(items)
+        np.asarray(self._run(self.step_s + self.token_s * tokens, np.zeros(0)))  # one call, read
         out = []
         for tokens, _, _, targets, *_ in items:
             targets = np.asarray(targets, np.int64)  # [n] or [n, K] candidates

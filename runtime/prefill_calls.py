@@ -1,6 +1,6 @@
-"""How a step's prompt chunks for generation become prefill calls, and what they cost of the token
-budget. Plain Python, no JAX: the scheduler plans with it, the runner dispatches with it. An engine
-makes its calls one of two ways (`Engine.prefill_calls`):
+"""How a step's prompt chunks become prefill calls (for generation) and scoring calls, and what they
+cost of the token budget. Plain Python, no JAX: the scheduler plans with it, the runner dispatches
+with it. An engine makes its calls one of two ways (`Engine.prefill_calls`, `Engine.score_calls`):
 
 - `Batched`: a call holds one chunk of each of several sequences as rows, padded to the bucket t of
   its longest chunk and to the smallest batch compiled for t (`rows`: 1, then powers of two while
@@ -10,6 +10,9 @@ makes its calls one of two ways (`Engine.prefill_calls`):
   pages, padded once to a bucket (programs.prefill_packed; buckets below the smallest prefill bucket
   too). A 1-token chunk (a prompt found in the prefix cache but for its last token) costs a token,
   not a padded row of the smallest bucket.
+
+Scoring chunks are grouped the same two ways (`BatchedScores`, `PackedScores`); a multiple-choice
+question of 17 tokens costs 17 packed tokens, not a padded row of 32.
 
 Either way a call's cost is close to that of one chunk of as many padded tokens: on a CPU its time
 is nearly linear in them and a call has a fixed cost of its own (reading the weights), on an
@@ -149,6 +152,83 @@ def calls_for(ecfg, packed: bool, rows: Callable[[int], tuple]) -> Calls:
     if packed:
         return Packed(ecfg.prefill_bucket, ecfg.prefill_buckets, ecfg.max_slots)
     return Batched(ecfg.prefill_bucket, rows)
+
+
+class BatchedScores:
+    """Scoring chunks as rows of one bucket (programs.score): a call holds consecutive chunks of one
+    bucket t and of distinct sequences, at most rows(t)[-1]. A chunk costs its padded row, so a
+    prompt is not split to fill a call (`split`: each part would pad a row of its own)."""
+
+    split = False
+
+    def __init__(self, bucket: Callable[[int], int], rows: Callable[[int], tuple]):
+        self.bucket, self.rows = bucket, rows
+
+    def cost(self, n: int) -> int:
+        return self.bucket(n)
+
+    def room(self, budget: int) -> int:
+        """The padded tokens a step that only scores fills, of `budget`."""
+        return budget
+
+    def group(self, items: Sequence[tuple[object, int]]) -> list[list[int]]:
+        """The calls (sequence, tokens) chunks go in, as lists of their indices, in order."""
+        calls: list[list[int]] = []
+        for i, (seq, n) in enumerate(items):
+            t, last = self.bucket(n), calls[-1] if calls else None
+            if last is None or (
+                t != self.bucket(items[last[0]][1])
+                or len(last) == self.rows(t)[-1]
+                or any(items[j][0] is seq for j in last)
+            ):
+                calls.append([i])
+            else:
+                last.append(i)
+        return calls
+
+
+class PackedScores:
+    """Scoring chunks packed back to back (programs.score_packed), padded once to a bucket of tokens:
+    a call holds consecutive chunks while their tokens fit the largest bucket and they number at most
+    `max_chunks` (two of one sequence may share it, as in `Packed`). A chunk costs its tokens, and a
+    step that only scores fills a bucket exactly, splitting the prompt that does not fit (`split`:
+    its rest goes next step, attending to the K/V this one wrote)."""
+
+    split = True
+
+    def __init__(self, buckets: Sequence[int], max_chunks: int):
+        self.tokens, self.max_chunks = packed_buckets(buckets), max_chunks
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.tokens if b >= n)
+
+    def cost(self, n: int) -> int:
+        return n
+
+    def room(self, budget: int) -> int:
+        return max((b for b in self.tokens if b <= budget), default=self.tokens[0])
+
+    def group(self, items: Sequence[tuple[object, int]]) -> list[list[int]]:
+        calls: list[list[int]] = []
+        tokens = 0
+        for i, (_, n) in enumerate(items):
+            if calls and tokens + n <= self.tokens[-1] and len(calls[-1]) < self.max_chunks:
+                calls[-1].append(i)
+                tokens += n
+            else:
+                calls.append([i])
+                tokens = n
+        return calls
+
+
+ScoreCalls = BatchedScores | PackedScores
+
+
+def score_calls_for(ecfg, packed: bool, rows: Callable[[int], tuple]) -> ScoreCalls:
+    """How an engine makes its scoring calls (Engine.score_calls); rows: `layout.score_rows`."""
+    if packed:
+        return PackedScores(ecfg.prefill_buckets, ecfg.max_slots)
+    return BatchedScores(ecfg.prefill_bucket, rows)
 
 
 def take(

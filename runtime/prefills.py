@@ -55,33 +55,21 @@ class Prefills:
         return self._score_all([c for c in chunks if c.seq.req.score_start is not None]), ready, last
 
     def _score_all(self, chunks: list[Chunk]) -> list[Delta]:
-        """Consecutive scoring chunks of one bucket go to the device as one call; a group is cut by a
-        different bucket, a full batch or a second chunk of a sequence (which must run after the
-        first)."""
-        deltas, group_ = [], []
-        for chunk in chunks:
-            t = self.engine.ecfg.prefill_bucket(len(chunk.tokens))
-            if group_ and (
-                t != group_[0][1]
-                or len(group_) == self.engine.score_rows(t)[-1]
-                or any(c.seq is chunk.seq for c, _ in group_)
-            ):
-                deltas += self._score(group_)
-                group_ = []
-            group_.append((chunk, t))
-        return deltas + (self._score(group_) if group_ else [])
+        """Scoring chunks go to the device in the calls `Engine.score_calls` groups them in."""
+        calls = self.engine.score_calls.group([(c.seq, len(c.tokens)) for c in chunks])
+        return [d for call in calls for d in self._score([chunks[i] for i in call])]
 
-    def _score(self, group_: list[tuple[Chunk, int]]) -> list[Delta]:
+    def _score(self, chunks: list[Chunk]) -> list[Delta]:
         """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
         at chunk.start + i + 1 (and the request's other candidates for that index, if any)."""
         items = []
-        for chunk, _ in group_:
+        for chunk in chunks:
             end = chunk.start + len(chunk.tokens)
-            first = max(0, chunk.seq.req.score_start - 1 - chunk.start)  # the first position read
+            first = min(len(chunk.tokens), max(0, chunk.seq.req.score_start - 1 - chunk.start))  # first read
             row = self.scheduler.page_table[chunk.seq.slot]
             items.append((chunk.tokens, chunk.start, row, _targets(chunk.seq, chunk.start, end), first))
         deltas = []
-        for (chunk, _), (logprobs, greedy) in zip(group_, self.engine.score_batch(items), strict=True):
+        for chunk, (logprobs, greedy) in zip(chunks, self.engine.score_batch(items), strict=True):
             self.scheduler.prefilled(chunk)
             req, n = chunk.seq.req, len(chunk.seq.tokens())
             if logprobs.ndim == 2:  # [n, K]: column 0 the next token, then score_alts

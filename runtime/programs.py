@@ -4,6 +4,7 @@
 - `prefill_batch`: one chunk of each of several sequences [R, T] in one call, each row as `prefill`.
 - `prefill_packed`: chunks of several sequences as one stream of tokens [N] (no padding per chunk).
 - `score`: one chunk of each of several sequences [B, T]; log-probs of the given next tokens.
+- `score_packed`: `score`'s work over chunks packed as `prefill_packed`'s.
 - `insert`: put a prefilled sequence into a decode slot.
 - `decode`: advance every slot by `steps` tokens.
 - `verify`: speculative decoding's step: score each slot's token and K guesses, keep what agrees.
@@ -184,6 +185,12 @@ def prefill_packed(
     each sequence's last token, whose next token is sampled (sampling R rows, presence [R, V]).
     Each layer writes every token's K/V before any token attends, so a token sees the tokens before
     it in its own chunk. Returns (cache, packed [R, C], routed [L, E]), as `prefill_batch`."""
+    hidden, cache, routed = _packed_hidden(weights, cache, tokens, positions, seq_of, count, page_rows, st)
+    return cache, _sample_rows(weights, hidden[last], sampling, presence, positions[last] + 1, st), routed
+
+
+def _packed_hidden(weights, cache, tokens, positions, seq_of, count, page_rows, st: Statics):
+    """The decoder over packed tokens (`prefill_packed`): hidden states [N, D], cache, routed."""
     valid = jnp.arange(tokens.shape[0]) < count
     hidden, cache, routed = st.forward(
         weights,
@@ -195,7 +202,7 @@ def prefill_packed(
         jnp.where(valid, positions + 1, 0),
         routed=True,
     )
-    return cache, _sample_rows(weights, hidden[last, 0], sampling, presence, positions[last] + 1, st), routed
+    return hidden[:, 0], cache, routed
 
 
 def _sample_rows(weights, hidden, sampling, presence, count, st: Statics, allowed=None):
@@ -229,11 +236,22 @@ def score(weights, cache: KVCache, tokens, start, n_valid, page_rows, targets, s
     )
     if sel is not None:
         hidden = jnp.take_along_axis(hidden, sel[..., None], axis=1)  # [B, S, D]
-    lg = st.logits(weights, hidden)  # [B, T or S, V]
-    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets, axis=-1)  # [B, T, K]
+    return cache, _scores(st.logits(weights, hidden), targets), routed
+
+
+def score_packed(weights, cache: KVCache, tokens, positions, seq_of, count, page_rows, sel, targets, *, st):
+    """`score` over chunks packed back to back, as `prefill_packed` takes them (tokens, positions,
+    seq_of [N], count, page_rows [R, W]): sel [S] the tokens whose logits are read (pad with any
+    index), targets [S, K] the candidates scored there. Returns (cache, int32 [S, K, 2], routed)."""
+    hidden, cache, routed = _packed_hidden(weights, cache, tokens, positions, seq_of, count, page_rows, st)
+    return cache, _scores(st.logits(weights, hidden[sel]), targets), routed
+
+
+def _scores(lg, targets):
+    """logits [..., V], targets [..., K] -> int32 [..., K, 2]: bitcast log-prob, is-greedy."""
+    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets, axis=-1)
     greedy = jnp.argmax(lg, axis=-1)[..., None] == targets
-    scores = jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
-    return cache, scores, routed
+    return jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
 
 
 def insert(state: DecodeState, slot, packed, row, length, sampling: SamplingState, presence) -> DecodeState:

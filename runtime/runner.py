@@ -104,7 +104,7 @@ class Runner:
             window=_window(engine.cfg),
             # a step with only scoring to do fills a scoring call (one at the smallest bucket)
             score_budget=max(token_budget or e.prefill_token_budget or 0, SCORE_TOKENS),
-            bucket=e.prefill_bucket,
+            score_calls=engine.score_calls,
             calls=engine.prefill_calls,
             budget_at=measured and measured.at,
             batch_budget=measured and measured.batch,

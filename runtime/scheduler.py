@@ -115,16 +115,16 @@ class Scheduler:
         prefix_cache: bool = True,
         window: int | None = None,
         score_budget: int | None = None,
-        bucket=None,
+        score_calls=None,
         calls=None,
         budget_at=None,
         batch_budget: int | None = None,
     ):
         """window: when every layer attends only to its last `window` positions (the largest
         window of the model), a running sequence's pages that fall out of it go back to the pool.
-        score_budget, bucket (chunk length -> its padded length): a step with only scoring to
-        prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None: such
-        steps take token_budget like any other. calls (the engine's prefill_calls.Batched or
+        score_budget, score_calls (the engine's prefill_calls.ScoreCalls): a step with only scoring
+        to prefill and nothing decoding fills score_budget padded tokens (`_score_chunks`); None:
+        such steps take token_budget like any other. calls (the engine's prefill_calls.Batched or
         Packed): generation chunks cost the padded tokens of their calls (`_take`); None: their
         tokens. budget_at (deepest start -> budget: budget.PrefillBudget.at; None:
         token_budget); batch_budget: a step's while no request in a slot is streamed (None: same)."""
@@ -135,7 +135,7 @@ class Scheduler:
         self.limits = limits
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
-        self.score_budget, self.bucket, self.calls = score_budget, bucket, calls
+        self.score_budget, self.score_calls, self.calls = score_budget, score_calls, calls
         self.budget_at, self.batch_budget = budget_at, batch_budget
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
@@ -246,18 +246,18 @@ class Scheduler:
 
     def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
         """The chunks of a step that only scores: no stream waits on it, so instead of the token
-        budget (sized to bound running streams' stall) it fills one scoring call (score_budget
-        padded tokens: rows x bucket). A prompt that fits no longer goes in whole or waits for
-        the next step (split, it would take a padded row in each); the first chunk always goes."""
-        chunks, budget = [], self.score_budget
+        budget (bounding running streams' stall) it fills a scoring call (`score_calls.room`).
+        Batched, a prompt that fits no longer goes whole or waits for the next step (split, it
+        would pad a row in each; the first chunk always goes); packed, the last one is split."""
+        how, chunks, budget = self.score_calls, [], self.score_calls.room(self.score_budget)
         for seq in seqs:
             todo, start = seq.tokens(), seq.computed
             while start < len(todo):
-                n = min(len(todo) - start, self.chunk)
-                if (chunks and self.bucket(n) > budget) or not self._grow(seq, start + n):
+                n = min(len(todo) - start, self.chunk, budget if how.split else len(todo))
+                if n <= 0 or (chunks and how.cost(n) > budget) or not self._grow(seq, start + n):
                     return chunks
                 chunks.append(Chunk(seq, start, todo[start : start + n]))
-                start, budget = start + n, budget - self.bucket(n)
+                start, budget = start + n, budget - how.cost(n)
         return chunks
 
     def prefilled(self, chunk: Chunk) -> None:

@@ -108,12 +108,13 @@ def test_engine_prints_its_plan_and_compiles_the_layouts_programs(monkeypatch):
         weights
     )
     assert compiled == [p.name for p in engine.layout.programs()]
-    assert compiled[:4] == ["prefill[T=16]", "prefill_masked[T=16]", "score[B=1,T=16]", "score[B=2,T=16]"]
+    assert compiled[:3] == ["prefill[T=16]", "prefill_masked[T=16]", "score_packed[N=1,S=1]"]
     assert compiled[-4:] == ["insert", "insert[R=2]", "free", "copy_page"]
     assert "decode_masked[S=2,k=1,kv=64]" in compiled
-    # float32 on CPU with the native attention kernel: generation chunks go packed, not batched
+    # float32 on CPU with the native attention kernel: prompt chunks go packed, not batched
     assert engine.layout.packed and "prefill_packed[R=2,N=4]" in compiled
-    assert not any(name.startswith("prefill_batch") for name in compiled)
+    assert {"score_packed[N=16,S=4]", "score_packed[N=16,S=16]"} <= set(compiled)
+    assert not any(name.startswith(("prefill_batch", "score[", "score_few")) for name in compiled)
 
 
 def test_memory_fraction_flag_reaches_the_engine_config():

@@ -1,6 +1,7 @@
 """Batched prefill without compiling anything: how a step's generation chunks group into prefill
 calls and what they cost of the token budget (runtime/prefill_calls.py), the scheduler filling the
-rows a step pays for, and the runner over the mock engine sending several prompts in one call."""
+rows a step pays for, and the runner over the mock engine sending several prompts in one call. The
+same for scoring chunks (BatchedScores, PackedScores) and the steps that only score."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
 from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.mock_engine import MockEngine
-from xlaserve.runtime.prefill_calls import Batched, Packed, packed_buckets, packed_rows, prefill_rows
+from xlaserve.runtime.prefill_calls import (
+    Batched,
+    BatchedScores,
+    Packed,
+    PackedScores,
+    packed_buckets,
+    packed_rows,
+    prefill_rows,
+)
 
 BUCKETS = (16, 32, 128)
 LONG_PROMPTS = Limits(max_prompt_tokens=200, max_new_tokens=8, max_model_len=256, max_queue=100)
@@ -93,6 +102,54 @@ def test_packed_steps_take_what_batched_steps_pad():
     assert [(c.seq, len(c.tokens)) for c in s.plan().prefills] == [(first, 20), (second, 12)]
 
 
+def test_scoring_calls_group_by_bucket_or_pack_by_tokens():
+    a, b, c = "abc"
+    batched, packed = BatchedScores(bucket, rows), PackedScores(BUCKETS, 4)
+    # batched: consecutive chunks of one bucket and distinct sequences, at most the rows compiled
+    assert batched.group([(a, 5), (b, 16), (c, 20), (a, 30)]) == [[0, 1], [2, 3]]
+    assert batched.group([(a, 5), (a, 5)]) == [[0], [1]] and batched.cost(5) == 16
+    assert batched.group([(s, 3) for s in "abcdefghi"]) == [list(range(8)), [8]]  # rows(16)[-1] = 8
+    # packed: back to back while the tokens fit the largest bucket and the chunks max_chunks
+    assert packed.group([(a, 5), (b, 16), (c, 20), (a, 30)]) == [[0, 1, 2, 3]] and packed.cost(5) == 5
+    assert packed.group([(a, 100), (b, 20), (c, 20)]) == [[0, 1], [2]]  # 140 > 128 tokens
+    assert packed.group([(s, 1) for s in "abcde"]) == [[0, 1, 2, 3], [4]]  # 4 chunks
+    assert packed.group([(a, 60), (a, 60)]) == [[0, 1]]  # one sequence's chunks in order
+    assert packed.bucket(71) == 128 and packed.bucket(3) == 4
+    assert (packed.room(100), packed.room(128), packed.room(1000), batched.room(100)) == (32, 128, 128, 100)
+
+
+def scoring(n: int, t: float, first: int):
+    return dataclasses.replace(make(n, t, first=first), score_start=1)
+
+
+def test_a_step_that_only_scores_fills_a_packed_call_exactly():
+    """Packed, the step fills its bucket of tokens and splits the prompt that does not fit (its rest
+    goes first next step); batched, each chunk pays a padded row and no prompt is split."""
+    for score_calls, want in (
+        (PackedScores(BUCKETS, 8), [[(0, 0, 60), (1, 0, 50), (2, 0, 18)], [(2, 18, 22)]]),
+        (BatchedScores(bucket, rows), [[(0, 0, 60)], [(1, 0, 50)], [(2, 0, 40)]]),
+    ):
+        s = sched(
+            max_slots=4,
+            num_pages=256,
+            pages_per_seq=64,
+            chunk=128,
+            limits=LONG_PROMPTS,
+            score_budget=128,
+            score_calls=score_calls,
+        )
+        seqs = [s.add(scoring(n, float(i), 100 * i + 1)) for i, n in enumerate((60, 50, 40))]
+        steps = []
+        while s.busy and len(steps) < 5:
+            plan = s.plan()
+            steps.append([(seqs.index(c.seq), c.start, len(c.tokens)) for c in plan.prefills])
+            for chunk in plan.prefills:
+                s.prefilled(chunk)
+                if chunk.last:
+                    s.finish(chunk.seq)
+        assert steps == want, score_calls
+
+
 def test_the_runner_packs_a_steps_prompts_on_a_packed_engine():
     cfg = dataclasses.replace(ENGINE, max_slots=4, prefill_buckets=(8, 32), prefill_token_budget=8)
     engine = MockEngine(cfg, packed=True)
@@ -106,6 +163,20 @@ def test_the_runner_packs_a_steps_prompts_on_a_packed_engine():
     assert calls == [[2, 3, 1, 2]]  # 8 tokens: the budget, one bucket (batched: 4 rows x 8)
 
 
+def test_the_runner_packs_scoring_chunks_on_a_packed_engine():
+    """Eight 3-token items on a packed mock with 8 slots: the scoring room of 256 tokens (a bucket of
+    its 32 here) holds them all, one call of 24 tokens (batched: two calls of 4 rows x 8)."""
+    cfg = dataclasses.replace(ENGINE, max_slots=8, prefill_buckets=(8, 32), prefill_token_budget=4)
+    engine = MockEngine(cfg, packed=True)
+    llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+    calls = []
+    score = engine.score_batch
+    engine.score_batch = lambda items: calls.append([len(it[0]) for it in items]) or score(items)
+    results = llm.score([([7, 8 + i, 9], 1) for i in range(8)], share=False)
+    assert [r.is_greedy for r in results] == [[i == 0, i == 0] for i in range(8)]
+    assert calls == [[3] * 8]
+
+
 def scheduler(budget: int, calls=BATCHED):
     return sched(
         max_slots=8,
@@ -114,7 +185,6 @@ def scheduler(budget: int, calls=BATCHED):
         chunk=128,
         limits=LONG_PROMPTS,
         token_budget=budget,
-        bucket=bucket,
         calls=calls,
     )
 

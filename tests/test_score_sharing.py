@@ -1,7 +1,9 @@
 """Scoring several continuations of one context from one row (runtime/scoring.py `share_rows`), and
 steps that only score filling a whole scoring call (scheduler `_score_chunks`): fewer rows and calls,
 the same log-probs and greedy flags as one row per item; on the mock engine and on the real model
-against the per-row path and HF transformers."""
+against the per-row path and HF transformers. On CPU the real engine packs its scoring calls
+(programs.score_packed): two chunks of one sequence in one call, and prompts split across steps to
+fill a call, score as one chunk and as HF does."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 from helpers import LOGIT_ATOL, hf_logits
 from serving import mock_llm
 
+from xlaserve.runtime.prefill_calls import PackedScores
 from xlaserve.runtime.scoring import share_rows
 
 
@@ -126,22 +129,83 @@ def test_shared_rows_score_as_single_rows_and_hf_on_the_model(llm, hf_model, mc_
 
 
 def test_logits_at_the_scored_positions_only_equal_all_logits(llm, mc_pairs):
-    """Batched calls whose rows score a few positions each run `score_few` (logits at those
-    positions alone); with it hidden, the same calls compute every position's logits."""
+    """Packed calls that read a few positions run a `score_packed` program with logits at those
+    positions alone (S < N, layout.score_sel); with those hidden, the same calls compute every
+    position's logits (S = N), with the same results."""
     engine, used = llm.engine, []
-    few = dict(engine._score_few)
+    programs = dict(engine._score_packed)
+    few = {k: p for k, p in programs.items() if k[1] < k[0]}
     assert few  # compiled at start-up beside the full score programs
+    pairs = [(f"Quiz {len(c)}. {c}", a) for c, a in mc_pairs]  # not in the prefix cache: whole contexts
     try:
-        engine._score_few = {}
-        full = llm.score(mc_pairs)
-        engine._score_few = {k: lambda *a, _p=p, _k=k: used.append(_k) or _p(*a) for k, p in few.items()}
-        got = llm.score(mc_pairs)
+        spy = {k: lambda *a, _p=p, _k=k: used.append(_k) or _p(*a) for k, p in few.items()}
+        engine._score_packed = {**programs, **spy}
+        got = llm.score(pairs)
+        engine._score_packed = {k: p for k, p in programs.items() if k not in few}
+        full = llm.score(pairs)
     finally:
-        engine._score_few = few
+        engine._score_packed = programs
     assert used
     for a, b in zip(got, full, strict=True):
         assert a.token_ids == b.token_ids and a.is_greedy == b.is_greedy
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_a_packed_scoring_call_holds_two_chunks_of_one_sequence(llm):
+    """A 40-token sequence scored in one chunk, and as two chunks in one packed call with another
+    sequence between them: the second chunk sees the first's K/V (written in the same layer before
+    any token attends). Same log-probs and greedy flags at every position, same K/V."""
+    engine, pages = llm.engine, llm.runner.scheduler.pages
+    assert engine.layout.packed and isinstance(engine.score_calls, PackedScores)
+    vocab, width, page = engine.cfg.vocab_size, engine.ecfg.pages_per_seq, engine.ecfg.page_size
+    rng = np.random.default_rng(5)
+    seq, other = rng.integers(1, vocab, 41).tolist(), rng.integers(1, vocab, 7).tolist()
+    held = [pages.alloc(-(-n // page)) for n in (40, 40, 7)]
+    rows = [np.zeros((width,), np.int32) for _ in held]
+    for row, got in zip(rows, held, strict=True):
+        row[: len(got)] = got
+    try:
+        ((lp, greedy),) = engine.score_batch([(seq[:40], 0, rows[0], seq[1:41])])
+        two = engine.score_batch(
+            [
+                (seq[:25], 0, rows[1], seq[1:26]),
+                (other, 0, rows[2], other[1:]),
+                (seq[25:40], 25, rows[1], seq[26:41]),
+            ]
+        )
+        np.testing.assert_allclose(np.concatenate([two[0][0], two[2][0]]), lp, atol=1e-4)
+        assert (np.concatenate([two[0][1], two[2][1]]) == greedy).all()
+        for kv in (engine.cache.k, engine.cache.v):
+            x, y = (np.asarray(kv[:, got]) for got in held[:2])
+            x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, :40] for z in (x, y))
+            assert np.array_equal(x, y)
+    finally:
+        for got in held:
+            pages.release(got)
+
+
+def test_prompts_split_to_fill_packed_scoring_calls_score_as_hf(llm, hf_model):
+    """Three 70-token texts scored whole: a step that only scores fills its call (128 tokens here)
+    and splits the text that does not fit, its rest going next step. Every token's log-prob
+    equals HF's on the whole text."""
+    rng = np.random.default_rng(6)
+    texts = [rng.integers(100, llm.engine.cfg.vocab_size, 70).tolist() for _ in range(3)]
+    calls = []
+    inner = llm.engine.score_batch
+    llm.engine.score_batch = lambda items: calls.append([(it[1], len(it[0])) for it in items]) or inner(items)
+    try:
+        results = llm.score([(t, 1) for t in texts], share=False)
+    finally:
+        del llm.engine.score_batch
+    room = llm.runner.scheduler.score_calls.room(llm.runner.scheduler.score_budget)
+    assert sum(n for _, n in calls[0]) == room and any(start > 0 for call in calls for start, _ in call)
+    for ids, r in zip(texts, results, strict=True):
+        ref = hf_logits(hf_model, ids)
+        ref = ref - ref.max(-1, keepdims=True)
+        ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+        assert r.token_ids == ids[1:]
+        np.testing.assert_allclose(r.logprobs, [ref[i, t] for i, t in enumerate(ids[1:])], atol=LOGIT_ATOL)
+        assert r.is_greedy == [int(np.argmax(ref[i])) == t for i, t in enumerate(ids[1:])]
 
 
 def test_grpc_score_shares_rows_as_the_python_api():
