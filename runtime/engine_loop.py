@@ -9,6 +9,13 @@ waits either. A stream is read from a thread (`for`) or from an asyncio event lo
 when submitted with `submit_nowait(req, loop)`): the engine thread hands an event loop a step's
 items in one `call_soon_threadsafe`, and no thread is parked per stream. Draining stops admission
 and lets running requests finish; `close()` cancels whatever is left.
+
+A burst of requests to an idle engine goes in one step (`settle_s`): after the first submission the
+engine thread waits until none has arrived for settle_s (at most settle_max_s) before it plans.
+Without it the first request of a burst gets a step of its own: the engine thread wakes at once and
+plans in Python while the server's event loop, which parses the others, waits for the GIL (up to its
+5 ms switch interval), so the rest wait for that step and then take one more (measured: 8 clients
+sending at once, 1 request in the first step, 7 in a second 20 ms later).
 """
 
 from __future__ import annotations
@@ -127,6 +134,8 @@ class EngineLoop:
         runner: Runner,
         *,
         idle_wait_s: float = 0.05,
+        settle_s: float = 0.002,
+        settle_max_s: float = 0.01,
         on_finished: Callable[[Request], None] | None = None,
     ):
         self.runner = runner
@@ -140,6 +149,7 @@ class EngineLoop:
         self._draining = self._closing = self._stopped = False
         self.error: BaseException | None = None
         self._idle_wait_s = idle_wait_s
+        self._settle_s, self._settle_max_s = settle_s, settle_max_s
         self._thread = threading.Thread(target=self._run, name="xlaserve-engine", daemon=True)
         self._thread.start()
 
@@ -217,6 +227,8 @@ class EngineLoop:
             with self._lock:
                 while not (self._inbox or self._closing or self.runner.busy):
                     self._lock.wait(self._idle_wait_s)
+                if not self.runner.busy:
+                    self._settle()
                 inbox, self._inbox, closing = self._inbox, [], self._closing
                 self._working = True
             out: list[tuple[Stream, object]] = []
@@ -238,6 +250,16 @@ class EngineLoop:
                 closing = True
             self._publish(closing)
             self._deliver(out)
+
+    def _settle(self) -> None:
+        """(Holding the lock, the engine idle.) Wait while submissions keep arriving: until none has
+        for settle_s, at most settle_max_s in all."""
+        deadline, seen = time.monotonic() + self._settle_max_s, len(self._inbox)
+        while not self._closing and seen and (left := deadline - time.monotonic()) > 0:
+            self._lock.wait(min(self._settle_s, left))
+            if len(self._inbox) == seen:
+                return
+            seen = len(self._inbox)
 
     def _apply(self, cmd: tuple, out: list) -> None:
         kind = cmd[0]

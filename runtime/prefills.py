@@ -19,7 +19,8 @@ import numpy as np
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.request import Delta, FinishReason
 from xlaserve.runtime.sampling import SamplingState
-from xlaserve.runtime.scheduler import Chunk, Scheduler, Seq
+from xlaserve.runtime.scheduler import Scheduler
+from xlaserve.runtime.sequence import Chunk, Seq
 
 # A sequence whose prompt is now prefilled: (it, the packed result of its call, its row in it)
 Ready = tuple[Seq, object, int]

@@ -54,7 +54,8 @@ from xlaserve.runtime.prefills import Prefills
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
-from xlaserve.runtime.scheduler import Scheduler, Seq, State
+from xlaserve.runtime.scheduler import Scheduler
+from xlaserve.runtime.sequence import Seq, State
 from xlaserve.runtime.spec_policy import SpecCounts
 from xlaserve.runtime.spec_runner import Speculation
 from xlaserve.runtime.stats import EngineStats

@@ -23,10 +23,7 @@ snapshot of the slots, pages and prefix cache as an `EngineStats`.
 
 from __future__ import annotations
 
-import enum
-import itertools
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,69 +32,8 @@ from xlaserve.runtime.fairness import Fairness
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.prefill_calls import Item, take
 from xlaserve.runtime.request import Request
+from xlaserve.runtime.sequence import Chunk, Plan, Seq, State
 from xlaserve.runtime.stats import EngineStats
-
-
-class State(enum.Enum):
-    WAITING = "waiting"
-    PREFILL = "prefill"
-    RUNNING = "running"
-    DONE = "done"
-
-
-_order = itertools.count()
-
-
-@dataclass(eq=False)
-class Seq:
-    """A request's place in the engine."""
-
-    req: Request
-    state: State = State.WAITING
-    slot: int | None = None
-    pages: list[int] = field(default_factory=list)
-    computed: int = 0  # tokens of `tokens()` whose K/V is in the cache (or being written)
-    inflight: int = 0  # decode tokens dispatched whose results the host has not seen yet
-    hashes: list[int] = field(default_factory=list)  # chain hashes of its full pages, in order
-    published: int = 0  # leading pages already published to the prefix cache
-    dropped: int = 0  # leading pages returned to the pool: every layer's window has slid past them
-    order: int = field(default_factory=lambda: next(_order))
-
-    def tokens(self) -> list[int]:
-        """What the cache must hold before decoding: the prompt, then (after a preemption) the
-        tokens produced so far."""
-        return self.req.prompt_ids + self.req.output_ids
-
-    @property
-    def length(self) -> int:
-        """Tokens in the cache while RUNNING as far as the host knows: all but the last sampled
-        (the next decode input)."""
-        return len(self.req.prompt_ids) + len(self.req.output_ids) - 1
-
-    @property
-    def rank(self) -> tuple:
-        """Queue order: higher priority first, then earlier arrival."""
-        return (-self.req.priority, self.req.timings.arrival, self.order)
-
-
-@dataclass
-class Chunk:
-    seq: Seq
-    start: int
-    tokens: list[int]
-
-    @property
-    def last(self) -> bool:
-        return self.start + len(self.tokens) == len(self.seq.tokens())
-
-
-@dataclass
-class Plan:
-    prefills: list[Chunk]
-    decode: list[Seq]  # the running sequences of this dispatch (empty: no decode)
-    kv_tokens: int = 0  # every decoded sequence's length after the dispatch is ≤ this
-    freed_slots: list[int] = field(default_factory=list)  # preempted: free these on device first
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages: copy before prefill
 
 
 class Scheduler:
@@ -425,14 +361,23 @@ class Scheduler:
 
     def _decode_batch(self) -> list[Seq]:
         """Running sequences with pages for their next k tokens (beyond those in flight),
-        preempting victims (running or mid-prefill, the last in line) while the pool is dry."""
+        preempting victims (running or mid-prefill, the last in line) while the pool is dry. None
+        when the tokens in flight take every one to its length limit (the host ends them on reading
+        those): a dispatch then would only delay the next step's prompts."""
         while True:
             running = self._in_slots(State.RUNNING)
+            if running and all(self._ends_in_flight(s) for s in running):
+                return []
             need = self.decode_steps
             short = next((s for s in running if not self._grow(s, s.length + s.inflight + need)), None)
             if short is None:
                 return running
             self._preempt(self._victim(running + self._in_slots(State.PREFILL)))
+
+    def _ends_in_flight(self, seq: Seq) -> bool:
+        made = len(seq.req.output_ids) + seq.inflight
+        limit = min(seq.req.params.max_tokens, self.limits.max_model_len - len(seq.req.prompt_ids))
+        return seq.inflight > 0 and made >= limit
 
     @staticmethod
     def _victim(seqs: list[Seq]) -> Seq:  # lowest priority, then the most recent

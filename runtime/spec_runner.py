@@ -43,7 +43,8 @@ from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.request import Delta, Request
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
-from xlaserve.runtime.scheduler import Scheduler, Seq
+from xlaserve.runtime.scheduler import Scheduler
+from xlaserve.runtime.sequence import Seq
 from xlaserve.runtime.spec_policy import schedule_k
 from xlaserve.runtime.speculative import ngram_propose
 

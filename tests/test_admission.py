@@ -4,6 +4,8 @@ the free slots (defect 6), and sampling fields are refused quoting the limit tha
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from serving import mock_llm
 from test_scheduler import make, sched
@@ -45,6 +47,27 @@ def test_burst_and_score_through_the_api_and_the_engine_loop():
         assert next(iter(streams[7])).token_ids == [8]  # the eighth of the burst has a slot
     finally:
         loop.close()
+
+
+def test_a_burst_to_an_idle_engine_loop_goes_in_one_step():
+    """Requests that reach an idle engine a few ms apart (a server's event loop parsing a burst)
+    are planned together: the engine thread waits until none has arrived for settle_s. They used to
+    be planned one step for the first and another for the rest."""
+    llm = mock_llm(max_slots=8)
+    planned, plan = [], llm.runner.scheduler.plan
+    llm.runner.scheduler.plan = lambda: (p := plan(), p.prefills and planned.append(len(p.prefills)))[0]
+    loop = EngineLoop(llm.runner, settle_s=0.05, settle_max_s=1.0)
+    try:
+        streams = []
+        for i in range(4):
+            streams.append(loop.submit_nowait(llm.make_request(f"w{10 * i}", SamplingParams(max_tokens=2))))
+            time.sleep(0.005)
+        assert [[d.token_ids for d in s_] for s_ in streams] == [
+            [[10 * i + 1], [10 * i + 2]] for i in range(4)
+        ]
+    finally:
+        loop.close()
+    assert planned == [4]
 
 
 def test_top_k_minus_one_means_disabled_and_other_negatives_are_refused():

@@ -17,7 +17,8 @@ from xlaserve.runtime.admission import Limits, Overloaded, RequestTooLarge
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
 from xlaserve.runtime.request import FinishReason, Request, Timings
 from xlaserve.runtime.sampling_params import SamplingParams
-from xlaserve.runtime.scheduler import Scheduler, State
+from xlaserve.runtime.scheduler import Scheduler
+from xlaserve.runtime.sequence import State
 from xlaserve.runtime.stats import EngineStats
 
 PAGE = 4
@@ -466,3 +467,22 @@ def test_a_prompt_being_prefilled_never_preempts_a_running_stream():
         assert a.state is State.RUNNING
         s.pages.check()
     assert s.preemptions >= 1 and b.state is not State.RUNNING and len(a.req.output_ids) == 25
+
+
+def test_no_decode_is_dispatched_when_the_tokens_in_flight_end_every_sequence():
+    """The runner plans a step before reading the last dispatch. When its tokens take every running
+    sequence to max_tokens (or max_model_len), another dispatch would only compute tokens nobody
+    reads, and the next step's prompts would wait for it (8 clients whose requests end together
+    send their next ones during it)."""
+    s = sched(max_slots=2)
+    a, b = s.add(make(4, 0.0, max_tokens=2)), s.add(make(4, 1.0, first=50, max_tokens=5))
+    execute(s, s.plan())  # both prefilled, one token each
+    plan = s.plan()
+    assert plan.decode == [a, b]
+    s.dispatched(plan.decode)  # in flight: a's last token, b's second
+    assert s.plan().decode == [a, b]  # b goes on (a's row is computed and dropped, as before)
+    s.finish(b)
+    assert s.plan().decode == []  # only a is left and its last token is in flight
+    a.req.output_ids.append(7)
+    s.decoded(a)  # read: a has its 2 tokens (the runner then ends it)
+    assert a.inflight == 0 and s.plan().decode == [a]  # nothing in flight: not for the scheduler to end
