@@ -97,9 +97,25 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
     for (int64_t j = 0; j < n; ++j) sum += (si[j] = std::exp(si[j] - peak));
     total[i] = sum;
   }
-  for (int64_t j = lo; j < hi; ++j) {
-    const float* value = at(a.v, j);
-    for (int64_t i = 0; i < heads; ++i) Axpy(s[i * n + j - lo], value + i / a.g * a.d, out + i * a.d, a.d);
+  // out_i = sum_j p_ij v_j in key order, 64 elements at a time held in registers across the keys
+  // (the same FMAs in the same order per element as a pass over the keys updating out in memory).
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* p = s.data() + i * n;
+    const int64_t off = i / a.g * a.d;  // its kv head's value row within a token's record (from h0)
+    float* y = out + i * a.d;
+    int64_t e = 0;
+    for (; e + 64 <= a.d; e += 64) {
+      __m256 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_loadu_ps(y + e + 8 * r);
+      for (int64_t j = lo; j < hi; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j - lo]);
+        const float* x = at(a.v, j) + off + e;
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(x + 8 * r), acc[r]);
+      }
+      for (int r = 0; r < 8; ++r) _mm256_storeu_ps(y + e + 8 * r, acc[r]);
+    }
+    if (e < a.d)
+      for (int64_t j = lo; j < hi; ++j) Axpy(p[j - lo], at(a.v, j) + off + e, y + e, a.d - e);
   }
   for (int64_t i = 0; i < heads; ++i)
     for (int64_t e = 0; e < a.d; ++e) out[i * a.d + e] /= total[i];
