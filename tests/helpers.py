@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -15,6 +16,30 @@ SMALL_ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=64, scorin
 # Logits of our fp32 engine and HF fp32 on the same weights differ only by summation order; the
 # largest difference measured was 1.4e-4 on logits of magnitude ~30.
 LOGIT_ATOL = 2e-3
+
+
+@contextlib.contextmanager
+def held_pages(engine, pages, lengths):
+    """Pages of the pool `pages` for sequences of these lengths, held while the block runs: yields
+    (each one's pages, its page-table row int32 [pages_per_seq])."""
+    page, width = engine.ecfg.page_size, engine.ecfg.pages_per_seq
+    held = [pages.alloc(-(-n // page)) for n in lengths]
+    rows = [np.zeros((width,), np.int32) for _ in held]
+    for row, got in zip(rows, held, strict=True):
+        row[: len(got)] = got
+    try:
+        yield held, rows
+    finally:
+        for got in held:
+            pages.release(got)
+
+
+def assert_same_kv(engine, a, b, n: int) -> None:
+    """The first n tokens' K and V in pages `a` equal those in pages `b`, bit for bit."""
+    for kv in (engine.cache.k, engine.cache.v):
+        x, y = (np.asarray(kv[:, pages]) for pages in (a, b))
+        x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, :n] for z in (x, y))
+        assert np.array_equal(x, y)
 
 
 def hf_logits(hf_model, ids) -> np.ndarray:

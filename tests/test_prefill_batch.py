@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-from helpers import hf_greedy
+from helpers import assert_same_kv, held_pages, hf_greedy
 
 from xlaserve import SamplingParams
 from xlaserve.runtime.engine import to_host
@@ -100,28 +100,18 @@ def test_a_packed_call_holds_two_chunks_of_one_sequence(llm):
     token attends. Same K/V, token and log-probs as the prompt in one chunk."""
     engine, pages = llm.engine, llm.runner.scheduler.pages
     assert engine.layout.packed and isinstance(engine.prefill_calls, Packed)
-    vocab, width, page = engine.cfg.vocab_size, engine.ecfg.pages_per_seq, engine.ecfg.page_size
+    vocab = engine.cfg.vocab_size
     rng = np.random.default_rng(4)
     prompt, other = rng.integers(1, vocab, 40).tolist(), rng.integers(1, vocab, 7).tolist()
     sampling = SamplingState.of(SamplingParams(temperature=0.0, logprobs=2), 0)
     presence = np.zeros((vocab,), bool)
-    held = [pages.alloc(-(-n // page)) for n in (40, 40, 7)]
-    rows = [np.zeros((width,), np.int32) for _ in held]
-    for row, got in zip(rows, held, strict=True):
-        row[: len(got)] = got
-    try:
+    with held_pages(engine, pages, (40, 40, 7)) as (held, rows):
         one = Sampled.unpack(to_host(engine.prefill(prompt, 0, rows[0], sampling, presence)))
         chunks = [(prompt[:25], 0, rows[1]), (other, 0, rows[2]), (prompt[25:], 25, rows[1])]
         two = Sampled.unpack(to_host(engine.prefill_batch([(*c, sampling, presence) for c in chunks])))
         assert two.tokens[2] == one.tokens[0] and abs(two.logprobs[2] - one.logprobs[0]) < LOGPROB_ATOL
         assert (two.top_ids[2] == one.top_ids[0]).all()
-        for kv in (engine.cache.k, engine.cache.v):
-            x, y = (np.asarray(kv[:, got]) for got in held[:2])
-            x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, :40] for z in (x, y))
-            assert np.array_equal(x, y)
-    finally:
-        for got in held:
-            pages.release(got)
+        assert_same_kv(engine, held[0], held[1], 40)
 
 
 @contextlib.contextmanager

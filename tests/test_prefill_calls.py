@@ -150,10 +150,13 @@ def test_a_step_that_only_scores_fills_a_packed_call_exactly():
         assert steps == want, score_calls
 
 
+def packed_mock(**fields) -> tuple[MockEngine, LLM]:
+    engine = MockEngine(dataclasses.replace(ENGINE, prefill_buckets=(8, 32), **fields), packed=True)
+    return engine, LLM.from_engine(engine, mock_tokenizer(), source="mock")
+
+
 def test_the_runner_packs_a_steps_prompts_on_a_packed_engine():
-    cfg = dataclasses.replace(ENGINE, max_slots=4, prefill_buckets=(8, 32), prefill_token_budget=8)
-    engine = MockEngine(cfg, packed=True)
-    llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+    engine, llm = packed_mock(max_slots=4, prefill_token_budget=8)
     calls = []
     batch = engine.prefill_batch
     engine.prefill_batch = lambda chunks: calls.append([len(c[0]) for c in chunks]) or batch(chunks)
@@ -166,9 +169,7 @@ def test_the_runner_packs_a_steps_prompts_on_a_packed_engine():
 def test_the_runner_packs_scoring_chunks_on_a_packed_engine():
     """Eight 3-token items on a packed mock with 8 slots: the scoring room of 256 tokens (a bucket of
     its 32 here) holds them all, one call of 24 tokens (batched: two calls of 4 rows x 8)."""
-    cfg = dataclasses.replace(ENGINE, max_slots=8, prefill_buckets=(8, 32), prefill_token_budget=4)
-    engine = MockEngine(cfg, packed=True)
-    llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+    engine, llm = packed_mock(max_slots=8, prefill_token_budget=4)
     calls = []
     score = engine.score_batch
     engine.score_batch = lambda items: calls.append([len(it[0]) for it in items]) or score(items)

@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 import pytest
-from helpers import LOGIT_ATOL, hf_logits
+from helpers import LOGIT_ATOL, assert_same_kv, held_pages, hf_logits
 from serving import mock_llm
 
 from xlaserve.runtime.prefill_calls import PackedScores
@@ -157,14 +157,10 @@ def test_a_packed_scoring_call_holds_two_chunks_of_one_sequence(llm):
     any token attends). Same log-probs and greedy flags at every position, same K/V."""
     engine, pages = llm.engine, llm.runner.scheduler.pages
     assert engine.layout.packed and isinstance(engine.score_calls, PackedScores)
-    vocab, width, page = engine.cfg.vocab_size, engine.ecfg.pages_per_seq, engine.ecfg.page_size
+    vocab = engine.cfg.vocab_size
     rng = np.random.default_rng(5)
     seq, other = rng.integers(1, vocab, 41).tolist(), rng.integers(1, vocab, 7).tolist()
-    held = [pages.alloc(-(-n // page)) for n in (40, 40, 7)]
-    rows = [np.zeros((width,), np.int32) for _ in held]
-    for row, got in zip(rows, held, strict=True):
-        row[: len(got)] = got
-    try:
+    with held_pages(engine, pages, (40, 40, 7)) as (held, rows):
         ((lp, greedy),) = engine.score_batch([(seq[:40], 0, rows[0], seq[1:41])])
         two = engine.score_batch(
             [
@@ -175,13 +171,7 @@ def test_a_packed_scoring_call_holds_two_chunks_of_one_sequence(llm):
         )
         np.testing.assert_allclose(np.concatenate([two[0][0], two[2][0]]), lp, atol=1e-4)
         assert (np.concatenate([two[0][1], two[2][1]]) == greedy).all()
-        for kv in (engine.cache.k, engine.cache.v):
-            x, y = (np.asarray(kv[:, got]) for got in held[:2])
-            x, y = (z.reshape(z.shape[0], -1, *z.shape[3:])[:, :40] for z in (x, y))
-            assert np.array_equal(x, y)
-    finally:
-        for got in held:
-            pages.release(got)
+        assert_same_kv(engine, held[0], held[1], 40)
 
 
 def test_prompts_split_to_fill_packed_scoring_calls_score_as_hf(llm, hf_model):
