@@ -328,7 +328,7 @@ class Engine:
         t = bucket(max(len(tokens) for tokens, *_ in items))
         rows = next((r for r in self.score_rows(t) if r >= len(items)), None)
         assert rows is not None and all(bucket(len(it[0])) == t for it in items), (t, len(items))
-        host = prefill_inputs.score_rows(items, t, rows, self.ecfg.pages_per_seq)
+        host = prefill_inputs.score_batched(items, t, rows, self.ecfg.pages_per_seq)
         tokens, start, n_valid, table, nxt = host
         firsts = np.array([first for *_, first in items] + [0] * (rows - len(items)), np.int32)
         few = layout.score_few(t)

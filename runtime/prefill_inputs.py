@@ -2,7 +2,7 @@
 (tokens, start, page_row, sampling, presence): as rows padded to a bucket (programs.prefill_batch)
 or packed back to back (programs.prefill_packed). Rows past the chunks are padding: they write
 nothing, sample greedily and are never read. And those of a scoring call (Engine.score_batch), each
-chunk (tokens, start, page_row, targets, first position read): `score_rows`, `score_packed`."""
+chunk (tokens, start, page_row, targets, first position read): `score_batched`, `score_packed`."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def score_targets(targets, n: int) -> np.ndarray:
     return out
 
 
-def score_rows(items, t: int, rows: int, width: int) -> tuple:
+def score_batched(items, t: int, rows: int, width: int) -> tuple:
     """(tokens [rows, t], start, n_valid [rows], page rows [rows, width], targets [rows, t, K])."""
     tokens, nxt = np.zeros((rows, t), np.int32), np.zeros((rows, t, SCORE_TARGETS), np.int32)
     start, n_valid = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)

@@ -61,8 +61,9 @@ class Prefills:
         return [d for call in calls for d in self._score([chunks[i] for i in call])]
 
     def _score(self, chunks: list[Chunk]) -> list[Delta]:
-        """Score chunks of distinct sequences in one call: position i of a chunk predicts the token
-        at chunk.start + i + 1 (and the request's other candidates for that index, if any)."""
+        """Score chunks in one call (of distinct sequences, or packed: two of one in order): position i
+        of a chunk predicts the token at chunk.start + i + 1 (and the request's other candidates for
+        that index, if any)."""
         items = []
         for chunk in chunks:
             end = chunk.start + len(chunk.tokens)
