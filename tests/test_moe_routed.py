@@ -90,14 +90,15 @@ def test_routed_counts_equal_hfs_router_choices_offline_over_grpc_and_on_metrics
     llm, hf = moe_llm
     params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
     out = llm.generate([PROMPT], params)[0].token_ids
-    want = hf_routed(hf, PROMPT + out)
-    assert want.sum() == hf.config.num_hidden_layers * (len(PROMPT) + NEW) * 2  # k = 2
+    # the prompt and every output token but the last, which ends the request: no step feeds it back
+    want = hf_routed(hf, PROMPT + out[:-1])
+    assert want.sum() == hf.config.num_hidden_layers * (len(PROMPT) + NEW - 1) * 2  # k = 2
     got = np.asarray(llm.stats().moe_routed)
     np.testing.assert_array_equal(got, want)
 
     # the server's warm-up request ([bos, bos], 2 greedy tokens) is routed as any other
     bos = llm.config.bos_token_id or 1
-    warm = [bos, bos, *hf_greedy(hf, [bos, bos], 2)]
+    warm = [bos, bos, *hf_greedy(hf, [bos, bos], 1)]
     want = 2 * want + hf_routed(hf, warm)
     server, client = start(llm)
     try:
