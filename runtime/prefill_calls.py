@@ -102,9 +102,9 @@ class Batched:
 
 
 class Packed:
-    def __init__(self, chunk_bucket: Callable[[int], int], buckets: Sequence[int], max_slots: int):
-        """chunk_bucket, buckets: the prefill buckets (a masked chunk pads to its own); packed calls
-        pad to packed_buckets."""
+    def __init__(self, chunk_bucket: Callable[[int], int] | None, buckets: Sequence[int], max_slots: int):
+        """chunk_bucket, buckets: the prefill buckets (a masked chunk pads to its own; None: no chunk
+        is masked); packed calls pad to packed_buckets."""
         self.chunk_bucket, self.tokens, self.max_slots = chunk_bucket, packed_buckets(buckets), max_slots
 
     def bucket(self, n: int) -> int:
@@ -197,10 +197,12 @@ class PackedScores:
     split = True
 
     def __init__(self, buckets: Sequence[int], max_chunks: int):
-        self.tokens, self.max_chunks = packed_buckets(buckets), max_chunks
+        # grouped as generation chunks are (`Packed`), none of them masked
+        self._packed = Packed(None, buckets, max_chunks)
+        self.tokens = self._packed.tokens
 
     def bucket(self, n: int) -> int:
-        return next(b for b in self.tokens if b >= n)
+        return self._packed.bucket(n)
 
     def cost(self, n: int) -> int:
         return n
@@ -209,16 +211,7 @@ class PackedScores:
         return max((b for b in self.tokens if b <= budget), default=self.tokens[0])
 
     def group(self, items: Sequence[tuple[object, int]]) -> list[list[int]]:
-        calls: list[list[int]] = []
-        tokens = 0
-        for i, (_, n) in enumerate(items):
-            if calls and tokens + n <= self.tokens[-1] and len(calls[-1]) < self.max_chunks:
-                calls[-1].append(i)
-                tokens += n
-            else:
-                calls.append([i])
-                tokens = n
-        return calls
+        return self._packed.group([(seq, n, False) for seq, n in items])
 
 
 ScoreCalls = BatchedScores | PackedScores
