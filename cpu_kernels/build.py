@@ -29,9 +29,9 @@ ATTENTION_TARGET = "xlaserve_paged_attention"
 TARGETS = {TARGET: "XlaserveQuantGemv", ATTENTION_TARGET: "XlaservePagedAttention"}  # target -> symbol
 # AVX2 + FMA code (the kernel's intrinsics); unfused float arithmetic except its explicit FMAs, so
 # each dequantized weight is the exact value gguf's float32 arithmetic gives.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w"]
 CACHE = Path(os.environ.get("XLASERVE_CPU_KERNELS", Path.home() / ".cache" / "xlaserve" / "cpu_kernels"))
-REQUIRED_CPU_FLAGS = {"avx2", "fma"}
+REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
 
 def cpu_flags() -> set[str]:
@@ -54,7 +54,7 @@ def unavailable() -> str | None:
         return f"the native CPU kernels are x86-64 code; this host is {platform.machine()}"
     missing = REQUIRED_CPU_FLAGS - cpu_flags()
     if missing:
-        return f"this CPU lacks {', '.join(sorted(missing))} (the native CPU kernels need AVX2 and FMA)"
+        return f"this CPU lacks {', '.join(sorted(missing))} (the native CPU kernels need AVX2, FMA and F16C)"
     if _compiler() is None:
         return "no C++ compiler on PATH (g++ or c++, or set CXX) to build the native CPU kernels"
     return None

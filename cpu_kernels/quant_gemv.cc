@@ -1,11 +1,12 @@
 // Quantized matrix-vector products for XLA:CPU, behind jax.ffi ("xlaserve_quant_gemv").
 //
-//   y[m, n] = sum_k x[m, k] * W[layer][n, k]      x f32 [M, K], y f32 [M, N]
+//   y_g[m, n] = sum_k x[m, k] * W_g[layer][n, k]      x f32 [M, K], y_g f32 [M, N_g]
 //
+// for one or more matrices W_g of one layout (q, k and v of a layer in one call: `QuantGemv`). Each
 // W is one layer of a stacked QuantArray (runtime/quant.py): data [L, N, K] (one value per byte) or
 // [L, N, K/2] (4-bit values of blocks of 32 packed in lane order, `packed`: see RowsR), scale and
-// min f32 [L, N, K/block]. The layer is an operand, so a scan
-// over layers hands the whole stack over and no layer is copied out of it.
+// min [L, N, K/block], float32 or float16. The layer is an operand, so a scan over layers hands the
+// whole stack over and no layer is copied out of it.
 //
 // The stored integers and scales are used exactly (no requantization of weights or activations);
 // the product is computed in a factored form (see RowsR) whose sums round differently from a dot
@@ -39,12 +40,53 @@ inline __m256 FloatsLess8(__m128i v) {
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(8)));
 }
 
+// Bit position of value v (0-31) of a lane-order block once `Unpacked` leaves it in place: part
+// h = v / 8 takes nibble 2h (lanes 0-3) and 2h + 1 (lanes 4-7) of each 32-bit word, i.e. bits 8h
+// and 8h + 4; part 3 is shifted right by 4 first (bits 28-31 would read as a negative int32).
+constexpr int Position(int v) { return (v / 8 < 3 ? 8 * (v / 8) : 20) + 4 * (v % 8 >= 4); }
+
+// The x the packed path multiplies: x[k] * 2^-Position(k % 32), so that x' * (q * 2^p) is x * q
+// exactly (both factors scaled by powers of two; only an |x| below 2^-102, whose products are below
+// any sum's last bit, would lose bits as a subnormal).
+void Prescale(const float* x, int64_t count, float* out) {
+  float scale[32];
+  for (int v = 0; v < 32; ++v) scale[v] = 1.0f / static_cast<float>(int64_t{1} << Position(v));
+  for (int64_t i = 0; i < count; ++i) out[i] = x[i] * scale[i % 32];
+}
+
+// The 8 lanes summed: (0+4, 1+5, 2+6, 3+7), then pairs, then the last two.
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Scales and mins are float32 or float16 (GGUF's: kept as stored, 2 bytes a block fewer to read;
+// F16C converts them exactly).
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t h) { return _cvtsh_ss(h); }
+inline __m256 Load8Floats(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8Floats(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// sum_i a[i] * b[i] over count values: 8 lanes of FMAs, then the lanes, then the tail in order.
+template <typename Sc>
+inline float Dot(const Sc* a, const float* b, int64_t count) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) acc = _mm256_fmadd_ps(Load8Floats(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = HorizontalSum(acc);
+  for (; i < count; ++i) sum += ToFloat(a[i]) * b[i];
+  return sum;
+}
+
 struct Args {
-  const float* x;
+  const float* x;       // [M, K]; packed: x scaled per lane (`Prescale`)
   const float* x_sums;  // [M, K / block]: each block's sum of x (for the mins), or null
   const uint8_t* data;
-  const float* scale;
-  const float* min;
+  const void* scale;  // Sc [N, K / block] of the layer (RowsR's Sc: float or uint16_t, float16)
+  const void* min;
   float* y;
   int64_t m, n, k, block, row_bytes;
 };
@@ -61,37 +103,42 @@ struct Args {
 // Sub-blocks of S = 8 * kParts values (one d each; a block may hold several): 32 (kParts 4; packed:
 // 16 bytes in lane order) or 16 (kParts 2).
 // For row r: t = x_0 q_0 + ... in lane order (vector FMAs over the sub-block's kParts vectors),
-// acc = d * t + acc per sub-block in order, then the 8 lanes of acc summed in order, then the mins'
-// sum over blocks in order. None of it depends on R, the thread or the task: batch-invariant.
-template <int kKind, bool kPacked, bool kHasMin, int kParts, int R>
+// acc = d * t + acc per sub-block in order, then the 8 lanes of acc summed (`HorizontalSum`), then
+// the mins' sum over blocks (`Dot`). None of it depends on R, the thread or the task:
+// batch-invariant.
+template <typename Sc, int kKind, bool kPacked, bool kHasMin, int kParts, int R>
 void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int S = 8 * kParts;
   const int64_t subs = a.k / S, per_block = a.block / S, nb = a.k / a.block;
   const int64_t sub_bytes = kPacked ? S / 2 : S;
-  const __m256i nibble = _mm256_set1_epi32(0x0F);
-  const __m256i shifts[4] = {_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12),
-                             _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20),
-                             _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)};
+  __m256i masks[4], eights[4];
+  for (int h = 0; h < 4; ++h) {
+    const int lo = Position(8 * h), hi = Position(8 * h + 4);
+    masks[h] = _mm256_setr_epi32(15 << lo, 15 << lo, 15 << lo, 15 << lo, 15 << hi, 15 << hi, 15 << hi, 15 << hi);
+    eights[h] = _mm256_setr_epi32(8 << lo, 8 << lo, 8 << lo, 8 << lo, 8 << hi, 8 << hi, 8 << hi, 8 << hi);
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.data + n * a.row_bytes;
-    const float* d = a.scale + n * nb;
+    const Sc* d = static_cast<const Sc*>(a.scale) + n * nb;
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t s = 0, b = 0, left = per_block; s < subs; ++s) {
-      const __m256 db = _mm256_set1_ps(d[b]);
+      const __m256 db = _mm256_set1_ps(ToFloat(d[b]));
       if (--left == 0) ++b, left = per_block;
       const uint8_t* qs = q + s * sub_bytes;
       __m256 v[kParts];
       if constexpr (kPacked) {
         // lane order (runtime/quant.py `to_lanes`): 32-bit word i (0-3) of the block's 16 bytes
         // holds values i + 8c (nibble 2c) and i + 8c + 4 (nibble 2c + 1), c = 0..3. Both halves of
-        // a register get the 4 words; per-lane shifts then give values 8h..8h+7 for part h with
-        // no shuffle (the shuffle port bounded the GGUF order's unpacking, measured).
+        // a register get the 4 words; a per-lane mask then leaves values 8h..8h+7 of part h in
+        // place, q * 2^Position, converted exactly, and x comes prescaled (`Prescale`): one
+        // integer op a part, no shift or shuffle (1.5x the old shift-and-mask loop on one core).
         static_assert(kParts == 4);
         const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
         for (int h = 0; h < 4; ++h) {
-          const __m256i q4 = _mm256_and_si256(_mm256_srlv_epi32(raw, shifts[h]), nibble);
-          v[h] = _mm256_cvtepi32_ps(kKind == kQ4_0 ? _mm256_sub_epi32(q4, _mm256_set1_epi32(8)) : q4);
+          __m256i q4 = _mm256_and_si256(h < 3 ? raw : _mm256_srli_epi32(raw, 4), masks[h]);
+          if constexpr (kKind == kQ4_0) q4 = _mm256_sub_epi32(q4, eights[h]);  // (q - 8) * 2^p
+          v[h] = _mm256_cvtepi32_ps(q4);
         }
       } else {
         for (int h = 0; h < kParts; ++h) {
@@ -107,66 +154,92 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
       }
     }
     for (int r = 0; r < R; ++r) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc[r]);
-      float sum = 0.0f;
-      for (int j = 0; j < 8; ++j) sum += lanes[j];
-      if constexpr (kHasMin) {
-        const float* mn = a.min + n * nb;
-        const float* sx = a.x_sums + (m0 + r) * nb;
-        float mins = 0.0f;
-        for (int64_t i = 0; i < nb; ++i) mins += mn[i] * sx[i];
-        sum += mins;
-      }
+      float sum = HorizontalSum(acc[r]);
+      // the mins' sum in vector lanes too: a serial chain of nb scalar FMAs cost ~25% of a row
+      if constexpr (kHasMin) sum += Dot(static_cast<const Sc*>(a.min) + n * nb, a.x_sums + (m0 + r) * nb, nb);
       a.y[(m0 + r) * a.n + n] = sum;
     }
   }
 }
 
-template <int kKind, bool kPacked, bool kHasMin, int kParts>
+template <typename Sc, int kKind, bool kPacked, bool kHasMin, int kParts>
 void Rows(const Args& a, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.m; m0 += kMaxRows) {
     static_assert(kMaxRows == 4);
     switch (std::min<int64_t>(kMaxRows, a.m - m0)) {
-      case 1: RowsR<kKind, kPacked, kHasMin, kParts, 1>(a, n0, n1, m0); break;
-      case 2: RowsR<kKind, kPacked, kHasMin, kParts, 2>(a, n0, n1, m0); break;
-      case 3: RowsR<kKind, kPacked, kHasMin, kParts, 3>(a, n0, n1, m0); break;
-      default: RowsR<kKind, kPacked, kHasMin, kParts, 4>(a, n0, n1, m0); break;
+      case 1: RowsR<Sc, kKind, kPacked, kHasMin, kParts, 1>(a, n0, n1, m0); break;
+      case 2: RowsR<Sc, kKind, kPacked, kHasMin, kParts, 2>(a, n0, n1, m0); break;
+      case 3: RowsR<Sc, kKind, kPacked, kHasMin, kParts, 3>(a, n0, n1, m0); break;
+      default: RowsR<Sc, kKind, kPacked, kHasMin, kParts, 4>(a, n0, n1, m0); break;
     }
   }
 }
 
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
-template <int kKind, bool kPacked, bool kHasMin>
+template <typename Sc, int kKind, bool kPacked, bool kHasMin>
 RowsFn PickS(int64_t s) {
-  if constexpr (kPacked) return Rows<kKind, true, kHasMin, 4>;
-  return s == 32 ? Rows<kKind, false, kHasMin, 4> : Rows<kKind, false, kHasMin, 2>;
+  if constexpr (kPacked) return Rows<Sc, kKind, true, kHasMin, 4>;
+  return s == 32 ? Rows<Sc, kKind, false, kHasMin, 4> : Rows<Sc, kKind, false, kHasMin, 2>;
 }
 
-RowsFn Pick(int64_t kind, bool packed, bool has_min, int64_t s) {
-  if (kind == kQ8) return has_min ? PickS<kQ8, false, true>(s) : PickS<kQ8, false, false>(s);
-  if (kind == kQ4_0) return packed ? PickS<kQ4_0, true, false>(s) : PickS<kQ4_0, false, false>(s);
-  return packed ? PickS<kQ4_1, true, true>(s) : PickS<kQ4_1, false, true>(s);
+template <typename Sc>
+RowsFn PickKind(int64_t kind, bool packed, bool has_min, int64_t s) {
+  if (kind == kQ8) return has_min ? PickS<Sc, kQ8, false, true>(s) : PickS<Sc, kQ8, false, false>(s);
+  if (kind == kQ4_0) return packed ? PickS<Sc, kQ4_0, true, false>(s) : PickS<Sc, kQ4_0, false, false>(s);
+  return packed ? PickS<Sc, kQ4_1, true, true>(s) : PickS<Sc, kQ4_1, false, true>(s);
 }
 
-ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data,
-                     ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> min, ffi::Buffer<ffi::S32> layer,
-                     ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t block, bool packed, bool has_min) {
-  auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 2 || dd.size() != 3 || sd.size() != 3)
-    return ffi::Error::InvalidArgument("quant_gemv: x must be [M, K], data and scale [L, N, *]");
-  const int64_t m = xd[0], k = xd[1], layers = dd[0], n = dd[1];
+RowsFn Pick(bool half, int64_t kind, bool packed, bool has_min, int64_t s) {
+  return half ? PickKind<uint16_t>(kind, packed, has_min, s) : PickKind<float>(kind, packed, has_min, s);
+}
+
+// One matrix's checks and Args (x, x_sums, m and k set by the caller).
+ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& min,
+                ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t l, int64_t kind, int64_t block, bool packed,
+                bool has_min, Args& a, RowsFn& fn) {
+  auto dd = data.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  if (dd.size() != 3 || sd.size() != 3 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("quant_gemv: data and scale must be [L, N, *], y [M, N]");
+  const int64_t layers = dd[0], n = dd[1];
+  if (dd[2] != (packed ? a.k / 2 : a.k) || sd[0] != layers || sd[1] != n || sd[2] != a.k / block ||
+      yd[0] != a.m || yd[1] != n)
+    return ffi::Error::InvalidArgument("quant_gemv: data/scale/y shapes do not match x");
+  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("quant_gemv: layer out of range");
+  const ffi::DataType st = scale.element_type();
+  if ((st != ffi::DataType::F32 && st != ffi::DataType::F16) || min.element_type() != st)
+    return ffi::Error::InvalidArgument("quant_gemv: scale and min must both be float32 or both float16");
+  const bool half = st == ffi::DataType::F16;
+  const int64_t scale_bytes = half ? 2 : 4, nb = a.k / block;
+  a.row_bytes = dd[2];
+  a.data = static_cast<const uint8_t*>(data.untyped_data()) + l * n * a.row_bytes;
+  a.scale = static_cast<const uint8_t*>(scale.untyped_data()) + l * n * nb * scale_bytes;
+  a.min = has_min ? static_cast<const uint8_t*>(min.untyped_data()) + l * n * nb * scale_bytes : nullptr;
+  a.y = y->typed_data();
+  a.n = n, a.block = block;
+  fn = Pick(half, kind, packed, has_min, std::min<int64_t>(block, 32));
+  return ffi::Error::Success();
+}
+
+// y_g = x @ W_g[layer]^T for each matrix g of the call (operands data_g, scale_g, min_g after x and
+// layer; results y_g): the matrices' rows are tasks of one ParallelFor, so a layer's q/k/v (or
+// gate/up) cost one wake of the pool's threads, not three, and x's prescaled copy and block sums
+// are made once. Each y_g is what a call with W_g alone gives (the same RowsR per row).
+ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                     ffi::RemainingArgs operands, ffi::RemainingRets results, int64_t kind, int64_t block,
+                     bool packed, bool has_min) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("quant_gemv: x must be [M, K]");
+  const int64_t m = xd[0], k = xd[1], count = static_cast<int64_t>(results.size());
   const int64_t s = std::min<int64_t>(block, 32);
   const bool four_bit = kind != kQ8;
   if (kind < 0 || kind > 2 || block % s || (s != 16 && s != 32) || k % block || (packed && (!four_bit || block != 32)))
     return ffi::Error::InvalidArgument("quant_gemv: unsupported kind/block/packing");
-  if (dd[2] != (packed ? k / 2 : k) || sd[2] != k / block || sd[1] != n)
-    return ffi::Error::InvalidArgument("quant_gemv: data/scale shapes do not match x");
-  const int64_t l = *layer.typed_data();
-  if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("quant_gemv: layer out of range");
+  if (count == 0 || static_cast<int64_t>(operands.size()) != 3 * count)
+    return ffi::Error::InvalidArgument("quant_gemv: give data, scale and min for each result");
 
-  Args a{};
+  Args shared{};
+  shared.m = m, shared.k = k;
   std::vector<float> x_sums;
   if (has_min) {  // each block's sum of x, in order, once for all rows n
     const int64_t nb = k / block;
@@ -177,20 +250,35 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuff
       for (int64_t j = 0; j < block; ++j) t += xb[j];
       x_sums[i] = t;
     }
-    a.x_sums = x_sums.data();
+    shared.x_sums = x_sums.data();
   }
-  a.row_bytes = dd[2];
-  a.x = x.typed_data();
-  a.data = static_cast<const uint8_t*>(data.untyped_data()) + l * n * a.row_bytes;
-  a.scale = scale.typed_data() + l * n * (k / block);
-  a.min = has_min ? min.typed_data() + l * n * (k / block) : nullptr;
-  a.y = y->typed_data();
-  a.m = m, a.n = n, a.k = k, a.block = block;
-  const RowsFn fn = Pick(kind, packed, has_min, s);
+  shared.x = x.typed_data();
+  std::vector<float> scaled;
+  if (packed) {
+    scaled.resize(m * k);
+    Prescale(x.typed_data(), m * k, scaled.data());
+    shared.x = scaled.data();
+  }
+  const int64_t l = *layer.typed_data();
   // ~64 Ki weights a task: enough tasks to balance, few enough to keep the counter cold.
   const int64_t per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
-  xlaserve::ParallelFor(pool, (n + per_task - 1) / per_task, [&](int64_t t) {
-    fn(a, t * per_task, std::min(n, (t + 1) * per_task));
+  std::vector<Args> args(count, shared);
+  std::vector<RowsFn> fns(count);
+  std::vector<int64_t> first(count + 1, 0);  // matrix g's tasks are [first[g], first[g + 1])
+  for (int64_t g = 0; g < count; ++g) {
+    auto data = operands.get<ffi::AnyBuffer>(3 * g), scale = operands.get<ffi::AnyBuffer>(3 * g + 1),
+         min = operands.get<ffi::AnyBuffer>(3 * g + 2);
+    auto y = results.get<ffi::Buffer<ffi::F32>>(g);
+    if (!data.has_value() || !scale.has_value() || !min.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("quant_gemv: operands must be arrays, results float32 arrays");
+    ffi::Error err = Bind(*data, *scale, *min, *y, l, kind, block, packed, has_min, args[g], fns[g]);
+    if (err.failure()) return err;
+    first[g + 1] = first[g] + (args[g].n + per_task - 1) / per_task;
+  }
+  xlaserve::ParallelFor(pool, first[count], [&](int64_t t) {
+    const int64_t g = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const int64_t n0 = (t - first[g]) * per_task;
+    fns[g](args[g], n0, std::min(args[g].n, n0 + per_task));
   });
   return ffi::Error::Success();
 }
@@ -201,11 +289,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveQuantGemv, QuantGemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("block")
                                   .Attr<bool>("packed")

@@ -33,24 +33,43 @@ def supported(kind: str, block: int, packed: bool, lanes: bool = False) -> bool:
 
 def quant_gemv(x, data, scale, min, layer, *, kind: str, block: int, packed: bool, lanes: bool = False):
     """x float32 [M, K]; data [L, N, K] (uint8, int8 for q8_0) or [L, N, K/2] (packed in lane
-    order), scale and min float32 [L, N, K/block] (min None: none); layer int32 scalar in [0, L).
-    Returns float32 [M, N]."""
+    order), scale and min [L, N, K/block], both float32 or both float16 (min None: none); layer
+    int32 scalar in [0, L). Returns float32 [M, N]."""
+    (y,) = quant_gemvs(x, [(data, scale, min)], layer, kind=kind, block=block, packed=packed, lanes=lanes)
+    return y
+
+
+def quant_gemvs(x, matrices, layer, *, kind: str, block: int, packed: bool, lanes: bool = False) -> list:
+    """[x @ W[layer]^T for W in matrices] in one call of the kernel: matrices are (data, scale, min)
+    as `quant_gemv` takes them, of one layout (kind, block, packing, with or without a min) and one
+    K; their rows share the call's threads (a layer's q, k and v: one wake of the pool, not three).
+    Each result is what `quant_gemv` gives for that matrix alone."""
     build.register()
     m, k = x.shape
-    n = data.shape[1]
     if not supported(kind, block, packed, lanes):
         raise ValueError(f"quant_gemv does not take {kind} blocks of {block} ({packed=}, {lanes=})")
-    if data.shape[2] != (k // 2 if packed else k) or scale.shape != (data.shape[0], n, k // block):
-        raise ValueError(f"quant_gemv: x {x.shape}, data {data.shape}, scale {scale.shape} do not match")
-    call = jax.ffi.ffi_call(build.TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(
-        x.astype(jnp.float32),
-        data,
-        scale.astype(jnp.float32),
-        (scale if min is None else min).astype(jnp.float32),
-        jnp.asarray(layer, jnp.int32),
-        kind=np.int64(KINDS[kind]),
-        block=np.int64(block),
-        packed=packed,
-        has_min=min is not None,
+    if not matrices or len({mn is None for _, _, mn in matrices}) != 1:
+        raise ValueError("quant_gemvs: give one or more matrices, all with a min or all without")
+    operands, shapes = [], []
+    for data, scale, mn in matrices:
+        n = data.shape[1]
+        if data.shape[2] != (k // 2 if packed else k) or scale.shape != (data.shape[0], n, k // block):
+            raise ValueError(f"quant_gemv: x {x.shape}, data {data.shape}, scale {scale.shape} do not match")
+        if scale.dtype not in (jnp.float32, jnp.float16) or (mn is not None and mn.dtype != scale.dtype):
+            raise ValueError(
+                f"quant_gemv: scale and min must be both float32 or both float16, not {scale.dtype}"
+            )
+        operands += [data, scale, scale if mn is None else mn]
+        shapes.append(jax.ShapeDtypeStruct((m, n), jnp.float32))
+    call = jax.ffi.ffi_call(build.TARGET, shapes)
+    return list(
+        call(
+            x.astype(jnp.float32),
+            jnp.asarray(layer, jnp.int32),
+            *operands,
+            kind=np.int64(KINDS[kind]),
+            block=np.int64(block),
+            packed=packed,
+            has_min=matrices[0][2] is not None,
+        )
     )

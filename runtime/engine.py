@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_calls, prefill_inputs, quant
+from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_calls, prefill_inputs
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.prefill_calls import Calls, ScoreCalls, calls_for, packed_rows, prefill_rows
 from xlaserve.runtime.programs import DecodeState
+from xlaserve.runtime.quant_layouts import for_backend
 from xlaserve.runtime.results import Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
@@ -133,7 +134,7 @@ class Engine:
         if lay.plan is not None:
             (progress or log.info)(lay.plan.describe())
         sharded = mesh is not None and mesh.size > 1
-        host = quant.for_backend(weights, backend, ecfg.matmul_impl, sharded)
+        host = for_backend(weights, backend, ecfg.matmul_impl, sharded)
         self._repl = lay.repl
         if mesh is None:
             self.weights = jax.device_put(host)

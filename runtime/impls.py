@@ -3,7 +3,7 @@ makes of "auto", and the values it refuses (ValueError naming the field).
 
 - attention_impl: "pallas" (our kernels), "xla", or "native" (our C++ kernel over the paged cache
   on CPU, for a float32 cache on one device; cpu_kernels/); auto: Pallas on GPU/TPU, on CPU native
-  where our C++ kernels build and run (x86-64 with AVX2 and FMA, a C++ compiler), else XLA.
+  where our C++ kernels build and run (x86-64 with AVX2, FMA and F16C, a C++ compiler), else XLA.
 - matmul_impl: "pallas", "xla", or "native" (our C++ kernel for few rows on CPU, cpu_kernels/);
   auto: Pallas on GPU/TPU; on CPU native where it builds and runs, else XLA.
 """

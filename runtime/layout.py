@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from xlaserve.runtime import memory, models, placement, programs, quant
+from xlaserve.runtime import memory, models, placement, programs, quant_layouts
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import EngineConfig, Kernels, ModelConfig
 from xlaserve.runtime.grammar import mask_words
@@ -139,7 +139,9 @@ class Layout:
         family.check(cfg)
         matmul = engine_cfg.resolve(cfg, backend).matmul_impl
         sharded = mesh is not None and mesh.size > 1
-        host = jax.eval_shape(lambda w: quant.for_backend(w, backend, matmul, sharded), abstract(weights))
+        host = jax.eval_shape(
+            lambda w: quant_layouts.for_backend(w, backend, matmul, sharded), abstract(weights)
+        )
         repl = cache_sharding = None
         if mesh is not None:
             shardings = placement.weight_shardings(cfg, host, mesh)

@@ -14,16 +14,18 @@ float32 where GGUF derives them (a K-quant's d * sub-block scale; `checkpoints/g
 what each GGUF type loads as) and for per-channel int8. `block` is 16, 32 or larger (K for one scale
 per row).
 
-`packed=False` is the CPU layout made by `unpack`: one 4-bit value per byte (uint8 [..., N, K]) and
-float32 scales. It takes 1.25 bytes per weight instead of 0.625, but XLA:CPU dequantizes it with
-plain vector code (~10 G weights/s) while a nibble interleave along K does not vectorize; decode on
-CPU reads 3x fewer bytes than with float32 weights. Either way the dequantization performs the same
-float32 operations in the same order as `gguf.quants.dequantize`, so the weights it produces are
-bit-identical (tested).
+`packed=False` is the CPU layout made by `quant_layouts.unpack`: one 4-bit value per byte (uint8
+[..., N, K]) and float32 scales. It takes 1.25 bytes per weight instead of 0.625, but XLA:CPU
+dequantizes it with plain vector code (~10 G weights/s) while a nibble interleave along K does not
+vectorize; decode on CPU reads 3x fewer bytes than with float32 weights. Either way the
+dequantization performs the same float32 operations in the same order as `gguf.quants.dequantize`,
+so the weights it produces are bit-identical (tested).
 
 On CPU, `linear` of few rows (decode) goes to our C++ kernel (cpu_kernels/quant_gemv.cc) where
-kernels.matmul == "native": it reads the weights in either layout without dequantizing them into
-memory (the stored values exactly, the sums in factored form: cpu_kernels/quant_gemv.py). A
+kernels.matmul == "native": it reads the weights without dequantizing them into memory (the stored
+values exactly, the sums in factored form: cpu_kernels/quant_gemv.py), 4-bit blocks of 32 in its
+lane order (`to_lanes`: 0.5 bytes a weight), int8 and other blocks one value per byte, the scales
+as stored (float16 from GGUF: decode reads GGUF's bytes for Q4_0/Q4_1/Q8_0). A
 layer-stacked matrix is handed to it as `LayerOf(stack, i)` so that the scan over layers does not
 copy each layer out of the stack.
 
@@ -83,7 +85,7 @@ class QuantArray:
         )
 
 
-def _values(w: QuantArray, xp):
+def stored_values(w: QuantArray, xp):
     """The stored integers as [..., N, nb, block] (unsigned nibbles for the 4-bit kinds)."""
     *lead, k = w.shape
     nb = k // w.block
@@ -111,7 +113,7 @@ def _scaled(w: QuantArray, q):
 def dequantize(w: QuantArray, dtype=jnp.float32):
     """W[..., N, K] as `dtype`. Works on numpy arrays (at load) and jax arrays (in a program)."""
     xp = np if isinstance(w.data, np.ndarray) else jnp
-    out = _scaled(w, _values(w, xp)).reshape(w.shape)
+    out = _scaled(w, stored_values(w, xp)).reshape(w.shape)
     return out if out.dtype == dtype else out.astype(dtype)
 
 
@@ -173,7 +175,7 @@ def to_int8(w: QuantArray, block: int, asym: bool) -> QuantArray:
     Q4_K_M file's ffn_down (Q4_K in some layers, Q6_K in others). Host (numpy) arrays."""
     if w.block % block:
         raise ValueError(f"block {block} does not divide {w.kind}'s block {w.block}")
-    q = _values(w, np)
+    q = stored_values(w, np)
     q = q.astype(np.int8) - np.int8(8) if w.kind == "q4_0" else q.astype(np.int8)
     repeat = lambda a: np.repeat(np.asarray(a, np.float32), w.block // block, axis=-1)
     mins = w.min if w.min is not None or not asym else np.full(w.scale.shape, -0.0, np.float32)
@@ -183,60 +185,6 @@ def to_int8(w: QuantArray, block: int, asym: bool) -> QuantArray:
         min=None if mins is None else repeat(mins),
         kind="q8_0",
         block=block,
-    )
-
-
-def unpack(w: QuantArray) -> QuantArray:
-    """The CPU layout: one value per byte, float32 scales (exact: f16 -> f32 loses nothing)."""
-    if not w.packed:
-        return w
-    if isinstance(w.data, jax.Array):  # restored onto devices: unpack there, shards stay put
-        return _unpack_on_device(w)
-    data = w.data if w.kind == "q8_0" else np.asarray(_values(w, np)).reshape(w.shape)
-    f32 = lambda a: None if a is None else np.asarray(a, np.float32)
-    return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
-
-
-@jax.jit
-def _unpack_on_device(w: QuantArray) -> QuantArray:
-    data = w.data if w.kind == "q8_0" else _values(w, jnp).reshape(w.shape)
-    f32 = lambda a: None if a is None else a.astype(jnp.float32)
-    return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=w.block, packed=False)
-
-
-def to_lanes(w: QuantArray) -> QuantArray:
-    """A 4-bit matrix with blocks of 32 in the native CPU kernel's lane order, float32 scales: byte
-    4i + c of a block holds values 8c + i and 8c + i + 4 (low, high nibble), so the kernel extracts
-    each run of 8 values from the block's four 32-bit words with shifts alone (cpu_kernels/
-    quant_gemv.cc). 0.5 bytes a weight, as GGUF stores them; the values are unchanged (tested)."""
-    xp = np if isinstance(w.data, np.ndarray) else jnp
-    *lead, k = w.shape
-    v = _values(w, xp).reshape(*lead, k // 32, 4, 2, 4)  # [..., nb, c, e, i]
-    b = v[..., 0, :] | (v[..., 1, :] << np.uint8(4))  # [..., nb, c, i]
-    data = xp.swapaxes(b, -1, -2).reshape(*lead, k // 2)  # [..., nb, i, c]
-    f32 = lambda a: None if a is None else a.astype(np.float32)
-    return QuantArray(data=data, scale=f32(w.scale), min=f32(w.min), kind=w.kind, block=32, lanes=True)
-
-
-_to_lanes_on_device = jax.jit(to_lanes)  # restored onto a device: converted there, compiled once
-
-
-def _cpu_layout(w: QuantArray, native_kernel: bool) -> QuantArray:
-    if native_kernel and w.kind != "q8_0" and w.block == 32 and not w.lanes:
-        return to_lanes(w) if isinstance(w.data, np.ndarray) else _to_lanes_on_device(w)
-    return w if w.lanes else unpack(w)
-
-
-def for_backend(tree, backend: str, matmul: str = "xla", sharded: bool = False):
-    """Quantized matrices in the layout the matmul wants: on CPU unpacked for XLA, 4-bit blocks of
-    32 in lane order for the native kernel (one device: with a mesh the XLA path runs), else packed."""
-    if backend != "cpu" or matmul == "pallas":
-        return tree
-    native_kernel = matmul == "native" and not sharded
-    return jax.tree.map(
-        lambda a: _cpu_layout(a, native_kernel) if isinstance(a, QuantArray) else a,
-        tree,
-        is_leaf=lambda a: isinstance(a, QuantArray),
     )
 
 
@@ -274,6 +222,7 @@ def _native(x, w: QuantArray, kernels: Kernels) -> bool:
         reads_in_place(kernels)
         and 0 < rows <= native.MAX_ROWS
         and native.supported(w.kind, w.block, w.packed, w.lanes)
+        and w.scale.dtype in (jnp.float32, jnp.float16)  # as the kernel reads them
     )
 
 
@@ -308,7 +257,7 @@ def _quant_dot(x, w: QuantArray, chunk: bool = True):
         xs = _lanes_x(x, k)
         return _chunked(lambda part: _lanes_dot(xs, part), w, x.shape[:-1]) if chunked else _lanes_dot(xs, w)
     if not w.packed:
-        product = lambda part: _dot(x, _scaled(part, _values(part, jnp)).reshape(part.shape))
+        product = lambda part: _dot(x, _scaled(part, stored_values(part, jnp)).reshape(part.shape))
         return _chunked(product, w, x.shape[:-1]) if chunked else product(w)
     if w.kind == "q8_0":
         return _dot(x, dequantize(w))
@@ -384,6 +333,36 @@ def linear(
     else:
         y = _dot(x, w)
     return y.astype(out_dtype or x.dtype)
+
+
+def linears(x: jax.Array, ws, *, out_dtype=None, kernels: Kernels = XLA_KERNELS, specs=None) -> list:
+    """[linear(x, w) for w in ws] (specs: each w's `spec`), with the matrices the native kernel
+    reads in place (`LayerOf`s of one layer) multiplied in one kernel call per layout: a layer's q,
+    k and v, or gate and up, wake the CPU's threads once. Each result equals its `linear`'s."""
+    specs = specs or [(None, None)] * len(ws)
+    out = [None] * len(ws)
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(ws):
+        if isinstance(w, LayerOf) and _native(x, w.stack, kernels):
+            s = w.stack
+            key = (id(w.index), s.kind, s.block, s.packed, s.lanes, s.min is None)
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = linear(x, w, out_dtype=out_dtype, kernels=kernels, spec=specs[i])
+    for members in groups.values():
+        first = ws[members[0]]
+        rows = x.reshape(-1, x.shape[-1])
+        ys = native.quant_gemvs(
+            rows,
+            [ws[i].stack.arrays for i in members],
+            first.index,
+            **first.stack.layout,
+            packed=first.stack.packed,
+            lanes=first.stack.lanes,
+        )
+        for i, y in zip(members, ys, strict=True):
+            out[i] = y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or x.dtype)
+    return out
 
 
 def _pallas_linear(x, w: QuantArray, kernels: Kernels, spec):

@@ -2,7 +2,7 @@
 back each dequantized weight), against a float64 numpy reference, batch-invariant, reading a layer
 of a stack in place; and the engine's decode uses it.
 
-These machines (x86-64 with AVX2 and FMA, g++) must build and run it: a host that cannot is a
+These machines (x86-64 with AVX2, FMA and F16C, g++) must build and run it: a host that cannot is a
 failure here, not a skip."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from xlaserve.cpu_kernels import build
 from xlaserve.cpu_kernels.quant_gemv import quant_gemv, supported
-from xlaserve.runtime import quant
+from xlaserve.runtime import quant, quant_layouts
 from xlaserve.runtime.config import Kernels
 
 LAYOUTS = [  # (quantize kind, block, packed in lane order): GGUF's types (checkpoints/ggml_types.py)
@@ -36,12 +36,14 @@ def test_the_kernel_builds_and_runs_on_this_machine():
     assert build.library().exists()
 
 
-def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0):
+def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0, scales=jnp.float32):
+    """A layer stack in the kernel's layout, its scales and mins as `scales` (GGUF's float16 as
+    stored, or float32 as the K-quants' and int8's)."""
     w = np.random.default_rng(seed).standard_normal((layers, n, k)).astype(np.float32)
     q = quant.quantize(w, kind, block)
-    q = quant.to_lanes(q) if packed else quant.unpack(q)
-    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
-    return dataclasses.replace(q, data=jnp.asarray(q.data), scale=f32(q.scale), min=f32(q.min))
+    q = quant_layouts.to_lanes(q) if packed else quant_layouts.unpack(q)
+    cast = lambda a: None if a is None else jnp.asarray(a, scales)
+    return dataclasses.replace(q, data=jnp.asarray(q.data), scale=cast(q.scale), min=cast(q.min))
 
 
 def _call(x, w, layer):
@@ -49,10 +51,11 @@ def _call(x, w, layer):
     return jax.jit(call)(x, w, layer)
 
 
+@pytest.mark.parametrize("scales", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
-def test_each_weight_is_the_exact_dequantized_value(kind, block, packed):
+def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales):
     # x = the identity: row k of y is column k of W, one product by 1.0 plus zeros: exact
-    w = _stack(kind, block, packed)
+    w = _stack(kind, block, packed, scales=scales)
     want = np.asarray(quant.dequantize(quant.map_quant(lambda a: a[2], w)))  # [N, K]
     k = want.shape[1]
     eye = jnp.eye(k, dtype=jnp.float32)
@@ -61,9 +64,11 @@ def test_each_weight_is_the_exact_dequantized_value(kind, block, packed):
 
 
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
-def test_products_match_a_float64_reference(kind, block, packed, rows):
-    w = _stack(kind, block, packed)
+@pytest.mark.parametrize(
+    "rows,scales", [(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)]
+)
+def test_products_match_a_float64_reference(kind, block, packed, rows, scales):
+    w = _stack(kind, block, packed, scales=scales)
     x = np.random.default_rng(rows).standard_normal((rows, w.shape[-1])).astype(np.float32)
     for layer in (0, 2):
         dense = quant.dequantize(quant.LayerOf(w, jnp.asarray(layer)).sliced())
@@ -87,16 +92,40 @@ def test_the_lane_order_keeps_every_value(kind, on_device):
     w = quant.quantize(np.random.default_rng(3).standard_normal((2, 8, 96)).astype(np.float32), kind, 32)
     if on_device:
         w = jax.tree.map(jnp.asarray, w)
-    lanes = quant.for_backend(w, "cpu", "native")
+    lanes = quant_layouts.for_backend(w, "cpu", "native")
     assert lanes.lanes and lanes.packed and lanes.data.shape == w.data.shape
+    assert lanes.scale.dtype == np.float16  # as GGUF stores it
     np.testing.assert_array_equal(quant.dequantize(lanes), quant.dequantize(w))
     # XLA's path (prefill) reads the lane order too
     x = jnp.asarray(np.random.default_rng(4).standard_normal((40, 96)), jnp.float32)
     one = lambda q: quant.linear(x, quant.map_quant(lambda a: a[1], q), kernels=Kernels(matmul="xla"))
-    ref = one(quant.unpack(w))
+    ref = one(quant_layouts.unpack(w))
     np.testing.assert_allclose(one(lanes), ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
     # on a mesh the XLA path runs: one value per byte
-    assert not quant.for_backend(w, "cpu", "native", sharded=True).packed
+    assert not quant_layouts.for_backend(w, "cpu", "native", sharded=True).packed
+
+
+def test_matrices_of_one_input_share_one_call_and_give_each_ones_result():
+    """q, k, v (and gate, up) of a layer in one kernel call: each result bit-identical to its own
+    call; a matrix of another layout gets a call of its own."""
+    q4 = _stack("q4_1", 32, True, n=96, scales=jnp.float16)
+    q4b = _stack("q4_1", 32, True, n=40, seed=1, scales=jnp.float32)  # scales' dtype may differ
+    q8 = _stack("q8_0", 16, False, n=24, seed=2)
+    layer = jnp.asarray(2)  # one layer's index, as the scan gives every matrix of a layer
+    ws = [quant.LayerOf(m, layer) for m in (q4, q8, q4b)]
+    native = Kernels(matmul="native")
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 128)), jnp.float32)
+    together = jax.jit(lambda x: quant.linears(x, ws, kernels=native))
+    alone = [np.asarray(jax.jit(lambda x, w=w: quant.linear(x, w, kernels=native))(x)) for w in ws]
+    for got, want in zip(together(x), alone, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    hlo = together.lower(x).as_text()
+    calls = [line for line in hlo.splitlines() if build.TARGET in line and "custom_call" in line]
+    assert len(calls) == 2, calls  # the two Q4_1 stacks together, the int8 one alone
+    # many rows: XLA's path, each matrix its own dot, the same values as linear's
+    rows = jnp.asarray(np.random.default_rng(6).standard_normal((40, 128)), jnp.float32)
+    for got, w in zip(quant.linears(rows, ws, kernels=native), ws, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.linear(rows, w, kernels=native)))
 
 
 def test_layouts_it_does_not_take_are_refused_by_name():
@@ -150,7 +179,8 @@ def test_the_engines_decode_reads_every_layer_in_place(llm):
     assert engine.ecfg.matmul_impl == "native"
     text = next(iter(engine._decode.values())).as_text()
     calls = [line for line in text.splitlines() if build.TARGET in line and "custom-call(" in line]
-    assert len(calls) == 7 + 1, calls  # q, k, v, o, gate, up, down in the layer loop; the head
+    assert len(calls) == 4 + 1, calls  # (q, k, v), o, (gate, up), down in the layer loop; the head
     layers = llm.engine.cfg.num_layers
     in_loop = [c for c in calls if f"[{layers}," in c]  # operands: whole [L, N, K] stacks
-    assert len(in_loop) == 7, calls
+    assert len(in_loop) == 4, calls
+    assert sum(c.count(f"[{layers},") for c in in_loop) == 3 * 7  # data, scale, min of each matrix

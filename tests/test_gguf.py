@@ -26,7 +26,8 @@ from xlaserve.pallas_kernels.quantized_matmul import (
     quantized_matmul_reference,
 )
 from xlaserve.runtime.config import Kernels
-from xlaserve.runtime.quant import QuantArray, dequantize, linear, to_int8, unpack
+from xlaserve.runtime.quant import QuantArray, dequantize, linear, to_int8
+from xlaserve.runtime.quant_layouts import unpack
 
 TINY = Tiny()
 

@@ -25,7 +25,8 @@ from xlaserve.pallas_kernels.quantized_matmul import (
     quantized_matmul_reference,
     unpack_int4,
 )
-from xlaserve.runtime.quant import QuantArray, dequantize, unpack
+from xlaserve.runtime.quant import QuantArray, dequantize
+from xlaserve.runtime.quant_layouts import unpack
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 GLOBAL = 2**30  # the window the caller passes for a global layer

@@ -33,7 +33,7 @@ import numpy as np
 from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention, token_slots, write_kv
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.models import moe as moe_ffn
-from xlaserve.runtime.models.layers import head, matmul, rms_norm, rope
+from xlaserve.runtime.models.layers import head, matmul, matmuls, rms_norm, rope
 from xlaserve.runtime.models.params import declare, declare_stacked
 from xlaserve.runtime.quant import LayerOf, QuantArray, reads_in_place, take_rows
 
@@ -172,10 +172,9 @@ def forward(
     x = take_rows(weights.embed, tokens, dtype)
     if style.embed_scale:  # in the activations' dtype, as HF does
         x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
-    mm = matmul(kernels, "layers.")
+    mm, mms = matmul(kernels, "layers."), matmuls(kernels, "layers.")
 
-    def proj(y, w, bias, name, shape):
-        out = mm(y, w, name)
+    def proj(out, bias, shape):
         return (out if bias is None else out + bias.astype(out.dtype)).reshape(shape)
 
     # Quantized matrices the native CPU kernel reads in place stay out of the scanned xs: the
@@ -191,9 +190,10 @@ def forward(
         w = dataclasses.replace(w, **{f: LayerOf(m, i) for f, m in stacks.items()})
         with jax.named_scope("attention"):
             y = norm(x, w.attn_norm)
-            q = proj(y, w.wq, w.bq, "wq", (b, t, h * g * k))
-            kk = proj(y, w.wk, w.bk, "wk", (b, t, h * k))
-            v = proj(y, w.wv, w.bv, "wv", (b, t, h, k))
+            q, kk, v = mms(y, (w.wq, w.wk, w.wv), ("wq", "wk", "wv"))
+            q = proj(q, w.bq, (b, t, h * g * k))
+            kk = proj(kk, w.bk, (b, t, h * k))
+            v = proj(v, w.bv, (b, t, h, k))
             # q_norm [Hq*K]: over the whole projection (OLMoE); [K]: per head (the same if Hq = 1)
             whole = w.q_norm is not None and w.q_norm.shape[-1] != k
             if whole:
@@ -223,7 +223,8 @@ def forward(
             if w.moe is not None:
                 y, counts = moe_ffn.block(y, w.moe, cfg=cfg, kernels=kernels, act=act, mm=mm, valid=valid)
             else:
-                y = mm(act(mm(y, w.w_gate, "w_gate")) * mm(y, w.w_up, "w_up"), w.w_down, "w_down")
+                gate, up = mms(y, (w.w_gate, w.w_up), ("w_gate", "w_up"))
+                y = mm(act(gate) * up, w.w_down, "w_down")
                 counts = jnp.zeros((cfg.num_experts,), jnp.int32)
             x = x + (y if w.post_mlp_norm is None else norm(y, w.post_mlp_norm))
         return (x, cache), counts

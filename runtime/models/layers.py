@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlaserve.runtime.config import Kernels
-from xlaserve.runtime.quant import linear
+from xlaserve.runtime.quant import linear, linears
 
 
 def rms_norm(x, weight, eps: float, offset: float = 0.0):
@@ -36,6 +36,14 @@ def matmul(kernels: Kernels, prefix: str = ""):
     """mm(x, w, name): x @ w^T through the one matmul entry point, with the mesh axes of the
     weight called `prefix + name` (a split input axis ends in an all-reduce)."""
     return lambda x, w, name, **kw: linear(x, w, kernels=kernels, spec=kernels.spec(prefix + name), **kw)
+
+
+def matmuls(kernels: Kernels, prefix: str = ""):
+    """mms(x, ws, names): [x @ w^T for w in ws] of one input x (q, k, v; gate, up), in one native
+    kernel call where the matrices allow (`linears`); else as `matmul`'s, each."""
+    return lambda x, ws, names: linears(
+        x, ws, kernels=kernels, specs=[kernels.spec(prefix + n) for n in names]
+    )
 
 
 def head(weights, hidden, kernels: Kernels) -> jax.Array:
