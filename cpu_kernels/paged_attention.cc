@@ -15,7 +15,7 @@
 // One query's softmax is exact in two passes (scores, then their max, exponentials and sum, then
 // the weighted values in key order); every (row, token, head) is computed alone, in the same order
 // whatever B, T or the thread: batch-invariant and deterministic. Tasks are (row, up to 16 tokens),
-// all heads, on XLA's intra-op pool (parallel.h).
+// all heads (or one query head each when there are few), on XLA's intra-op pool (parallel.h).
 
 #include <algorithm>
 #include <cmath>
@@ -41,17 +41,37 @@ struct Args {
   float scale, softcap;
 };
 
-// a . b over d floats: 8 lanes of products summed in order, the lanes summed in order, then the tail
-inline float Dot(const float* a, const float* b, int64_t d) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += lanes[j];
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
+// The scores of 8 keys for one query: lane j of the result is q . keys[j] over d floats, each key's
+// 8 lanes of FMAs over d / 8 steps summed by the same tree ((0+1)+(2+3))+((4+5)+(6+7)), then its
+// tail in order: a key's score does not depend on the keys beside it.
+inline __m256 Dot8(const float* q, const float* const keys[8], int64_t d) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 8 <= d; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j] + e), acc[j]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // halves of keys 0-3, 4-7
+  __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  if (e < d) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sum);
+    for (int j = 0; j < 8; ++j)
+      for (int64_t r = e; r < d; ++r) lanes[j] += q[r] * keys[j][r];
+    sum = _mm256_load_ps(lanes);
+  }
+  return sum;
+}
+
+// The cache lines of d floats from x, ahead of their use: the pages' K and V rows of a head are
+// 4 cache lines apart from the next token's (the other heads between), read from memory each step
+// (the whole cache outgrows the caches), and without a request ahead each FMA waited on its load.
+constexpr int64_t kAhead = 16;  // keys
+inline void Prefetch(const float* x, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) _mm_prefetch(reinterpret_cast<const char*>(x + i), _MM_HINT_T0);
 }
 
 // y += a * x over d floats
@@ -62,32 +82,42 @@ inline void Axpy(float a, const float* x, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += a * x[i];
 }
 
-// Token ti of row b, kv heads [h0, h1): their G query heads each. s: scratch of (heads x G) x
-// (visible keys) scores, then a softmax denominator per query head. A token's K (and V) of all heads lie together ([H, D] in its page), so a
-// task over all heads reads the cache in order.
-void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::vector<float>& s) {
-  const int64_t row = b * a.t + ti, hg = a.g * a.d;
-  const float* q = a.q + (row * a.h + h0) * hg;
-  float* out = a.out + (row * a.h + h0) * hg;
-  std::fill(out, out + (h1 - h0) * hg, 0.0f);
+// Token ti of row b, query heads [i0, i1) of its H x G (query head i reads kv head i / G). s:
+// scratch of (i1 - i0) x (visible keys) scores, then a softmax denominator per query head.
+void Query(const Args& a, int64_t b, int64_t ti, int64_t i0, int64_t i1, std::vector<float>& s) {
+  const int64_t row = b * a.t + ti;
+  const float* q = a.q + row * a.h * a.g * a.d;
+  float* out = a.out + row * a.h * a.g * a.d;
+  std::fill(out + i0 * a.d, out + i1 * a.d, 0.0f);
   const int64_t pos = a.q_pos[row];
   const int64_t hi = std::min<int64_t>({pos + 1, a.kv_len[b], a.w * a.p});
   const int64_t lo = std::max<int64_t>(0, pos - a.window + 1);
   if (hi <= lo) return;
-  const int64_t n = hi - lo, heads = (h1 - h0) * a.g;  // query heads of the task
+  const int64_t n = hi - lo, heads = i1 - i0;
   s.resize(heads * (n + 1));
   const int32_t* table = a.pages + b * a.w;
-  auto at = [&](const float* cache, int64_t j) {  // token j's record [H, D], from head h0 on
+  auto at = [&](const float* cache, int64_t j) {  // token j's record [H, D]
     const int64_t page = std::clamp<int64_t>(table[j / a.p], 0, a.n - 1);
-    return cache + ((page * a.p + j % a.p) * a.h + h0) * a.d;
+    return cache + (page * a.p + j % a.p) * a.h * a.d;
   };
-  for (int64_t j = lo; j < hi; ++j) {
-    const float* key = at(a.k, j);
-    for (int64_t i = 0; i < heads; ++i) {
-      float x = Dot(q + i * a.d, key + i / a.g * a.d, a.d) * a.scale;
-      if (a.softcap > 0.0f) x = a.softcap * std::tanh(x / a.softcap);
-      s[i * n + j - lo] = x;
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t off = i / a.g * a.d;  // its kv head's row within a token's record
+    float* si = s.data() + (i - i0) * n;
+    for (int64_t j0 = lo; j0 < hi; j0 += 8) {
+      const float* keys[8];
+      for (int j = 0; j < 8; ++j) keys[j] = at(a.k, std::min(j0 + j, hi - 1)) + off;  // past hi: unused
+      const __m256 x = _mm256_mul_ps(Dot8(q + i * a.d, keys, a.d), scale);
+      if (j0 + 8 <= hi) {
+        _mm256_storeu_ps(si + j0 - lo, x);
+      } else {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, x);
+        std::copy(lanes, lanes + (hi - j0), si + j0 - lo);
+      }
     }
+    if (a.softcap > 0.0f)
+      for (int64_t j = 0; j < n; ++j) si[j] = a.softcap * std::tanh(si[j] / a.softcap);
   }
   float* total = s.data() + heads * n;  // softmax denominators, per query head of the task
   for (int64_t i = 0; i < heads; ++i) {
@@ -99,9 +129,9 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
   }
   // out_i = sum_j p_ij v_j in key order, 64 elements at a time held in registers across the keys
   // (the same FMAs in the same order per element as a pass over the keys updating out in memory).
-  for (int64_t i = 0; i < heads; ++i) {
-    const float* p = s.data() + i * n;
-    const int64_t off = i / a.g * a.d;  // its kv head's value row within a token's record (from h0)
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* p = s.data() + (i - i0) * n;
+    const int64_t off = i / a.g * a.d;
     float* y = out + i * a.d;
     int64_t e = 0;
     for (; e + 64 <= a.d; e += 64) {
@@ -116,9 +146,8 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t h0, int64_t h1, std::ve
     }
     if (e < a.d)
       for (int64_t j = lo; j < hi; ++j) Axpy(p[j - lo], at(a.v, j) + off + e, y + e, a.d - e);
+    for (int64_t e2 = 0; e2 < a.d; ++e2) y[e2] /= total[i - i0];
   }
-  for (int64_t i = 0; i < heads; ++i)
-    for (int64_t e = 0; e < a.d; ++e) out[i * a.d + e] /= total[i];
 }
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -141,15 +170,16 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   a.pages = page_table.typed_data(), a.q_pos = q_pos.typed_data(), a.kv_len = kv_len.typed_data();
   a.out = out->typed_data();
   a.window = *window.typed_data(), a.scale = scale, a.softcap = softcap;
-  // Tasks of (row, up to 16 tokens) over all heads; with fewer such tasks than 4, one per kv head.
-  const int64_t chunks = (a.t + kTokensPerTask - 1) / kTokensPerTask;
-  const int64_t split = bs * chunks < 4 ? a.h : 1;
+  // Tasks of (row, up to 16 tokens) over all heads; with fewer such tasks than 4, one per query
+  // head (a batch-1 decode step: 9 tasks for SmolLM2's 3 kv heads, not 3 for 2 threads).
+  const int64_t chunks = (a.t + kTokensPerTask - 1) / kTokensPerTask, heads = a.h * a.g;
+  const int64_t split = bs * chunks < 4 ? heads : 1;
   xlaserve::ParallelFor(pool, bs * chunks * split, [&](int64_t i) {
     thread_local std::vector<float> scores;
     const int64_t b = i / (chunks * split), c = i / split % chunks, part = i % split;
-    const int64_t h0 = part * a.h / split, h1 = (part + 1) * a.h / split;
+    const int64_t i0 = part * heads / split, i1 = (part + 1) * heads / split;
     for (int64_t ti = c * kTokensPerTask; ti < std::min(a.t, (c + 1) * kTokensPerTask); ++ti)
-      Query(a, b, ti, h0, h1, scores);
+      Query(a, b, ti, i0, i1, scores);
   });
   return ffi::Error::Success();
 }

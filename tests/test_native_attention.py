@@ -68,10 +68,11 @@ def test_the_kernel_gives_the_xla_paths_values(b, t, window, softcap, idle):
         assert not np.asarray(got[0]).any()  # an idle row attends to nothing: zeros, not NaN
 
 
-@pytest.mark.parametrize("d", [16, 80, 128])
+@pytest.mark.parametrize("d", [12, 16, 80, 128])
 def test_the_kernel_gives_the_xla_paths_values_at_other_head_sizes(d):
     """The weighted values run 64 elements at a time in registers, the rest (80: 16, 16: all) as
-    before: head sizes around that split against XLA's path."""
+    before, and the scores 8 floats at a time plus a tail (12: 4): head sizes around those splits
+    against XLA's path."""
     cache = _cache(d=d)
     q, table, q_pos, kv_len = _case(3, 5, width=8, d=d)
     got = _attend(NATIVE, q, cache, table, q_pos, kv_len)
