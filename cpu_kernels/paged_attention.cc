@@ -66,14 +66,6 @@ inline __m256 Dot8(const float* q, const float* const keys[8], int64_t d) {
   return sum;
 }
 
-// The cache lines of d floats from x, ahead of their use: the pages' K and V rows of a head are
-// 4 cache lines apart from the next token's (the other heads between), read from memory each step
-// (the whole cache outgrows the caches), and without a request ahead each FMA waited on its load.
-constexpr int64_t kAhead = 16;  // keys
-inline void Prefetch(const float* x, int64_t d) {
-  for (int64_t i = 0; i < d; i += 16) _mm_prefetch(reinterpret_cast<const char*>(x + i), _MM_HINT_T0);
-}
-
 // y += a * x over d floats
 inline void Axpy(float a, const float* x, float* y, int64_t d) {
   const __m256 av = _mm256_set1_ps(a);

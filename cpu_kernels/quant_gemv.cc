@@ -31,7 +31,8 @@ enum Kind : int64_t { kQ8 = 0, kQ4_0 = 1, kQ4_1 = 2 };
 // Rows of x sharing each converted sub-block (more than 4 spill the 16 AVX2 registers, measured).
 constexpr int kMaxRows = 4;
 
-// AVX2 + FMA (8 float lanes); the Python side uses this kernel only where the CPU has both.
+// AVX2 + FMA (8 float lanes), F16C for float16 scales; the Python side uses this kernel only where
+// the CPU has all three (build.REQUIRED_CPU_FLAGS).
 inline __m128i Load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
 inline __m256 Floats(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 inline __m256 FloatsSigned(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -40,7 +41,7 @@ inline __m256 FloatsLess8(__m128i v) {
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(v), _mm256_set1_epi32(8)));
 }
 
-// Bit position of value v (0-31) of a lane-order block once `Unpacked` leaves it in place: part
+// Bit position of value v (0-31) of a lane-order block once RowsR's mask leaves it in place: part
 // h = v / 8 takes nibble 2h (lanes 0-3) and 2h + 1 (lanes 4-7) of each 32-bit word, i.e. bits 8h
 // and 8h + 4; part 3 is shifted right by 4 first (bits 28-31 would read as a negative int32).
 constexpr int Position(int v) { return (v / 8 < 3 ? 8 * (v / 8) : 20) + 4 * (v % 8 >= 4); }
