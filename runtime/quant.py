@@ -226,10 +226,13 @@ def _native(x, w: QuantArray, kernels: Kernels) -> bool:
     )
 
 
-def _native_linear(x, stack: QuantArray, layer) -> jax.Array:
-    rows = x.reshape(-1, x.shape[-1])
-    y = native.quant_gemv(rows, *stack.arrays, layer, **stack.layout, packed=stack.packed, lanes=stack.lanes)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+def _native_linears(x, stacks: list[QuantArray], layer) -> list:
+    """[x @ stack[layer]^T] for stacks of one layout, in one call of the native kernel."""
+    rows, first = x.reshape(-1, x.shape[-1]), stacks[0]
+    ys = native.quant_gemvs(
+        rows, [s.arrays for s in stacks], layer, **first.layout, packed=first.packed, lanes=first.lanes
+    )
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def _dot(x, w):
@@ -322,10 +325,10 @@ def linear(
     rows of x times a quantized W (or a `LayerOf`) go through our C++ kernel."""
     if isinstance(w, LayerOf):
         if _native(x, w.stack, kernels):
-            return _native_linear(x, w.stack, w.index).astype(out_dtype or x.dtype)
+            return _native_linears(x, [w.stack], w.index)[0].astype(out_dtype or x.dtype)
         w = w.sliced()
     if isinstance(w, QuantArray) and w.data.ndim == 2 and _native(x, w, kernels):
-        y = _native_linear(x, map_quant(lambda a: a[None], w), 0)
+        (y,) = _native_linears(x, [map_quant(lambda a: a[None], w)], 0)
     elif isinstance(w, QuantArray) and w.packed and kernels.matmul == "pallas":
         y = _pallas_linear(x, w, kernels, spec)
     elif isinstance(w, QuantArray):
@@ -350,18 +353,9 @@ def linears(x: jax.Array, ws, *, out_dtype=None, kernels: Kernels = XLA_KERNELS,
         else:
             out[i] = linear(x, w, out_dtype=out_dtype, kernels=kernels, spec=specs[i])
     for members in groups.values():
-        first = ws[members[0]]
-        rows = x.reshape(-1, x.shape[-1])
-        ys = native.quant_gemvs(
-            rows,
-            [ws[i].stack.arrays for i in members],
-            first.index,
-            **first.stack.layout,
-            packed=first.stack.packed,
-            lanes=first.stack.lanes,
-        )
+        ys = _native_linears(x, [ws[i].stack for i in members], ws[members[0]].index)
         for i, y in zip(members, ys, strict=True):
-            out[i] = y.reshape(*x.shape[:-1], y.shape[-1]).astype(out_dtype or x.dtype)
+            out[i] = y.astype(out_dtype or x.dtype)
     return out
 
 
