@@ -102,6 +102,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--compile-cache", help="JAX compilation cache directory ('' turns it off)")
     g.add_argument(
+        "--compile-at",
+        choices=["start", "use"],
+        help="compile every program at start-up (serve's default: no request waits for a compile) or "
+        "each on first use (generate's default: only the programs the run needs)",
+    )
+    g.add_argument(
         "--attention-impl",
         choices=["auto", "pallas", "xla", "native"],
         help="paged attention: our Pallas kernel, XLA, or our C++ CPU kernel (auto: Pallas on GPU/TPU; on "
@@ -127,6 +133,7 @@ def engine_kwargs(args) -> dict:
         "kv_cache_dtype",
         "quantized",
         "compile_cache",
+        "compile_at",
         "max_queue",
         "max_per_client",
         "attention_impl",

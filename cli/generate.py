@@ -152,7 +152,8 @@ def cmd_generate(args) -> int:
     from xlaserve.llm import LLM
 
     progress = Progress()
-    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine_kwargs(args))
+    engine = {"compile_at": "use"} | engine_kwargs(args)  # a one-shot run compiles what it runs
+    llm = LLM(args.model, progress=progress, mesh=args.mesh, **engine)
     compile_s = sum(llm.engine.compile_seconds.values())
     progress.done(
         f"ready: {llm.config.name} ({llm.quantization}, {llm.engine_config.dtype}); "

@@ -9,8 +9,9 @@ from pathlib import Path
 from xlaserve.data import TWO_CITIES
 
 DEFAULT_TEXT = TWO_CITIES
-# Small enough to compile quickly; the text is scored in windows of max_model_len - 2 tokens.
-REPORT_ENGINE = dict(max_slots=2, prefill_buckets=(128,), max_model_len=512)
+# Small enough to compile quickly, and only the scoring programs it runs; the text is scored in
+# windows of max_model_len - 2 tokens.
+REPORT_ENGINE = dict(max_slots=2, prefill_buckets=(128,), max_model_len=512, compile_at="use")
 
 
 def perplexity(model, text: str, **engine) -> dict:

@@ -181,6 +181,8 @@ class XlaserveLM(_XlaserveLM):
 
         del batch_size, max_batch_size, device  # lm-eval passes these; the slot manager batches by itself
         ranks = join_ranks(coordinator, num_processes, process_id)
+        # an eval run compiles the programs it runs (compiled.py), unless model_args say otherwise
+        engine_fields = {"compile_at": "use"} | engine_fields
         self.llm = llm if llm is not None else LLM(model, mesh=mesh, **engine_fields)
         cfg = self.llm.config
         limit = self.llm.engine_config.max_model_len - 2

@@ -93,6 +93,11 @@ class Kernels:
 
 XLA_KERNELS = Kernels()
 MAX_SPECULATIVE = 16  # the most guesses one verify step checks per slot
+CHOICES = {  # EngineConfig fields that take one of a few names
+    "dtype": ("float32", "bfloat16", "float16"),
+    "kv_cache_dtype": ("auto", "int8", "fp8"),
+    "compile_at": ("start", "use"),
+}
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,9 @@ class EngineConfig:
       on CPU in runtime/quant.py's CPU layouts, ~2x faster decode than float32 weights) rather than
       dequantized at load. None: quantized.
     - compile_cache: JAX persistent compilation cache directory; "" turns it off; None: default.
+    - compile_at: "start" compiles every program in the constructor (no request waits for a
+      compile); "use" compiles each the first time it runs, so start-up takes only the programs a
+      run needs (runtime/compiled.py).
     - attention_impl, matmul_impl: "pallas" (our kernels), "xla", "native" (our C++ kernels on CPU:
       attention over a float32 cache, decode's quantized matmuls) or "auto". What auto picks and what is
       refused: runtime/impls.py. On CPU the Pallas kernels run in interpret mode (correct, slow: for
@@ -300,6 +308,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     quantized: bool | None = None
     compile_cache: str | None = None
+    compile_at: str = "start"
     attention_impl: str = "auto"
     matmul_impl: str = "auto"
     memory_fraction: float | None = None
@@ -406,18 +415,9 @@ class EngineConfig:
             stall,
             "must be a positive number of seconds",
         )
-        _check(
-            cfg.dtype in ("float32", "bfloat16", "float16"),
-            "dtype",
-            cfg.dtype,
-            "must be float32, bfloat16 or float16",
-        )
-        _check(
-            cfg.kv_cache_dtype in ("auto", "int8", "fp8"),
-            "kv_cache_dtype",
-            cfg.kv_cache_dtype,
-            "must be auto, int8 or fp8",
-        )
+        for name, choices in CHOICES.items():
+            value = getattr(cfg, name)
+            _check(value in choices, name, value, f"must be {', '.join(choices[:-1])} or {choices[-1]}")
         _check(
             not (on_cpu and cfg.kv_cache_dtype == "fp8"),
             "kv_cache_dtype",

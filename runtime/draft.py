@@ -118,9 +118,10 @@ class DraftEngine(Engine):
 
     def _compile_all(self) -> None:
         lay, ecfg = self.layout, self.ecfg
-        self._prefill = {t: self._compile(lay.prefill(t)) for t in ecfg.prefill_buckets}
         keys = [(r, kv, k) for r in ecfg.slot_buckets for kv in ecfg.kv_buckets for k in ecfg.speculative_k]
-        self._propose = {key: self._compile(propose_program(lay, *key)) for key in keys}
+        programs = [lay.prefill(t) for t in ecfg.prefill_buckets] + [propose_program(lay, *k) for k in keys]
+        compiled = self._compiler.all(programs, ecfg.compile_at == "start")
+        self._prefill, self._propose = compiled["prefill"], compiled["propose"]
 
     def propose(
         self,

@@ -3,8 +3,9 @@
 Verbs over integer slots (JetStream's contract): `prefill` a prompt chunk into pages (or
 `prefill_batch` one chunk of each of several sequences in one call), `insert` a prefilled sequence
 into a slot, `decode` one dispatch of k decode steps for every slot, `free` a slot. Every program is
-compiled ahead of time in the constructor, so no request can trigger a compile; JAX's persistent
-compilation cache makes later start-ups fast. The programs, their abstract arguments and the kernels
+compiled ahead of time in the constructor, so no request can trigger a compile (or, with
+`compile_at="use"`, each on first use: runtime/compiled.py); JAX's persistent compilation cache
+makes later start-ups fast. The programs, their abstract arguments and the kernels
 are described by `Layout` (runtime/layout.py), the same list `xlaserve lower` lowers for other
 platforms; before anything is placed, the memory plan (runtime/memory.py) sizes the slots and page
 pool to the devices' memory or refuses a configuration that cannot fit.
@@ -19,9 +20,9 @@ and a masked one-step decode per (slots, KV) bucket, which take the grammar slot
 call, so requests without one run exactly the programs they ran before.
 
 Mixture-of-experts load: the prefill, score and decode programs also return the tokens each layer
-routed to each expert [L, E]; `_Routed` strips that output from the verbs' results and queues it,
-its copy to the host started at once, and `routed_tokens` adds up the copies that have arrived:
-no extra synchronization on the serving path.
+routed to each expert [L, E]; `compiled.Routed` strips that output from the verbs' results and
+queues it, its copy to the host started at once, and `routed_tokens` adds up the copies that have
+arrived: no extra synchronization on the serving path.
 """
 
 from __future__ import annotations
@@ -29,10 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_calls, prefill_inputs
+from xlaserve.runtime.compiled import Compiler
 from xlaserve.runtime.config import EngineConfig, ModelConfig
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.prefill_calls import Calls, ScoreCalls, calls_for, packed_rows, prefill_rows
@@ -49,7 +48,6 @@ from xlaserve.runtime.results import Sampled, Verified
 from xlaserve.runtime.sampling import SamplingState
 
 log = logging.getLogger("xlaserve")
-COMPILE_THREADS = 8  # programs compiled at once at start-up (at most the CPU count)
 
 
 def to_host(x) -> np.ndarray:
@@ -61,22 +59,6 @@ def to_host(x) -> np.ndarray:
 
 # Tokens per batched scoring call (rows x chunk bucket): see Engine.score_rows.
 SCORE_TOKENS = layout.SCORE_TOKENS
-
-
-class _Routed:
-    """A compiled program whose last output is its routed-token counts [L, E]: called, it returns
-    the other outputs (as the program would without them) and hands the counts to `sink`."""
-
-    def __init__(self, compiled: jax.stages.Compiled, sink: Callable[[jax.Array], None]):
-        self.compiled, self.sink = compiled, sink
-
-    def __call__(self, *args):
-        *out, routed = self.compiled(*args)
-        self.sink(routed)
-        return out[0] if len(out) == 1 else tuple(out)
-
-    def __getattr__(self, name):  # as_text, cost_analysis, ...: the compiled program's
-        return getattr(self.compiled, name)
 
 
 class Engine:
@@ -148,7 +130,8 @@ class Engine:
             smooth = jax.device_put(s, lay.cache.k_smooth.sharding)
             self.cache = dataclasses.replace(self.cache, k_smooth=smooth)
         self.state = jax.device_put(DecodeState.zeros(ecfg.max_slots, cfg.vocab_size), self._repl)
-        self.compile_seconds: dict[str, float] = {}
+        self._compiler = Compiler(self._progress, self._routed_sink)
+        self.compile_seconds = self._compiler.seconds
         self._routed_total = np.zeros((cfg.num_layers, cfg.num_experts), np.int64)
         self._routed_pending: list[jax.Array] = []  # counts [L, E] on their way to the host
         self._decode_logits: dict[tuple[int, int], jax.stages.Compiled] = {}
@@ -156,13 +139,8 @@ class Engine:
 
     # -- compilation ------------------------------------------------------------------------------
 
-    def _compile(self, program: Program, lowered: jax.stages.Lowered | None = None) -> jax.stages.Compiled:
-        self._progress(f"compiling {program.name}")
-        t0 = time.perf_counter()
-        compiled = (lowered or program.jit().lower(*program.args)).compile()
-        self.compile_seconds[program.name] = dt = time.perf_counter() - t0
-        log.info("compiled %s in %.2fs", program.name, dt)
-        return _Routed(compiled, self._routed_sink) if program.routed else compiled
+    def _compile(self, program: Program):
+        return self._compiler(program)
 
     def _routed_sink(self, routed: jax.Array) -> None:
         if self.cfg.num_experts:  # a dense model's counts are [L, 0]
@@ -191,24 +169,11 @@ class Engine:
         return self.layout.mask_words
 
     def _compile_all(self) -> None:
-        """Every program of `Layout.programs()`, kept by kind and key: `_prefill[t]`,
+        """Every program of `Layout.programs()`, kept by kind and key (compiled.py): `_prefill[t]`,
         `_prefill_masked[t]`, `_prefill_batch[rows, t]` or `_prefill_packed[rows, n]`,
         `_score[rows, t]`, `_decode[rows, kv]`, `_decode_masked[rows, kv]`, `_verify[rows, kv, k]`,
-        `_insert[rows]`, `_free`, `_copy_page`."""
-        compiled: dict[str, dict] = {
-            k: {} for k in ("prefill", "prefill_masked", "score", "decode", "decode_masked", "verify")
-        }
-        # Tracing and lowering hold the GIL: one after another. XLA compiles without it, so on an
-        # accelerator the programs compile side by side (start-up on a GPU is a few dozen compiles of
-        # seconds each; compile_seconds are then each program's own wall time, overlapping). XLA:CPU
-        # compiles on the cores that would share the work: there, one at a time (2 cores: no gain).
-        lowered = [(p, p.jit().lower(*p.args)) for p in self.layout.programs()]
-        cpu = jax.default_backend() == "cpu"
-        workers = 1 if cpu else max(1, min(COMPILE_THREADS, os.cpu_count() or 1, len(lowered)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
-            done = pool.map(lambda pl: self._compile(*pl), lowered)
-            for (program, _), exe in zip(lowered, list(done), strict=True):
-                compiled.setdefault(program.kind, {})[program.key] = exe
+        `_insert[rows]`, `_free[None]`, `_copy_page[None]`."""
+        compiled = self._compiler.all(self.layout.programs(), self.ecfg.compile_at == "start")
         self._prefill, self._prefill_masked = compiled["prefill"], compiled["prefill_masked"]
         self._prefill_batch = compiled.get("prefill_batch", {})
         self._prefill_packed = compiled.get("prefill_packed", {})
@@ -216,10 +181,10 @@ class Engine:
         self._score_packed = compiled.get("score_packed", {})
         self._decode, self._decode_masked = compiled["decode"], compiled["decode_masked"]
         self._verify = compiled["verify"]
-        self._insert, self._free = compiled["insert"], compiled["free"][None]
-        self._copy_page = compiled["copy_page"][None]
-        log.info(
-            "compiled %d programs in %.1fs", len(self.compile_seconds), sum(self.compile_seconds.values())
+        self._insert, self._free, self._copy_page = (
+            compiled["insert"],
+            compiled["free"],
+            compiled["copy_page"],
         )
 
     # -- verbs --------------------------------------------------------------------------------------
@@ -412,12 +377,12 @@ class Engine:
         return Verified.unpack(to_host(packed), k, to_host(feats[0]) if feats else None)
 
     def free(self, slot: int) -> None:
-        self.state = self._free(self.state, *self._put(np.int32(slot)))
+        self.state = self._free[None](self.state, *self._put(np.int32(slot)))
 
     def copy_pages(self, pairs) -> None:
         """KV page dst takes page src's contents, for each (src, dst) of `pairs`, in order."""
         for src, dst in pairs:
-            self.cache = self._copy_page(self.cache, *self._put(np.int32(src), np.int32(dst)))
+            self.cache = self._copy_page[None](self.cache, *self._put(np.int32(src), np.int32(dst)))
 
     # -- test and debug entry points (compiled on first use, never on the serving path) -------------
 

@@ -25,7 +25,11 @@ from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.sampling_params import SamplingParams
 from xlaserve.sharding.mesh import device_groups, parse_mesh
 
-ENGINE = EngineConfig(max_slots=2, prefill_buckets=(16,), max_model_len=64, compile_cache="", scoring=False)
+# Each program compiled on first use: `greedy` runs insert, prefill_with_logits and
+# decode_with_logits, a serving engine's dozen others never (they were most of this worker's time).
+ENGINE = EngineConfig(
+    max_slots=2, prefill_buckets=(16,), max_model_len=64, compile_cache="", scoring=False, compile_at="use"
+)
 TINY = dataclasses.replace(PRESETS["tiny"], num_heads=4, num_kv_heads=2)
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 SLIDING = dict(sliding_window=8, layer_types=("sliding_attention", "full_attention"))
@@ -64,17 +68,6 @@ CONFIGS = {
 }
 
 
-class Probe(Engine):
-    """An engine with only what `greedy` runs: insert, compiled here; prefill_with_logits and
-    decode_with_logits compile on first use. A serving engine compiles a dozen programs more, which
-    this never calls: twenty engines of them were most of this worker's time (on 2 loaded cores,
-    75 s an engine instead of under 1 s). Serving engines on meshes: sharding_worker.py, test_moe."""
-
-    def _compile_all(self) -> None:
-        program = next(p for p in self.layout.programs() if p.kind == "insert" and p.key == 1)
-        self._insert = {1: self._compile(program)}
-
-
 def greedy(engine: Engine, prompt: np.ndarray, steps: int):
     """Prefill `prompt` into slot 0, then `steps` decode dispatches: (tokens, logits [steps, V])."""
     row = np.arange(engine.ecfg.pages_per_seq, dtype=np.int32)
@@ -100,9 +93,9 @@ def main():
         weights = jax.tree.map(
             np.asarray, params.random_weights(models.declare(cfg), seed=1, dtype=np.float32)
         )
-        one = greedy(Probe(cfg, weights, ENGINE), prompt, 8)
+        one = greedy(Engine(cfg, weights, ENGINE), prompt, 8)
         (mesh,) = device_groups(parse_mesh("tp=2"))
-        two = greedy(Probe(cfg, weights, ENGINE, mesh=mesh), prompt, 8)
+        two = greedy(Engine(cfg, weights, ENGINE, mesh=mesh), prompt, 8)
         print(
             json.dumps(
                 {

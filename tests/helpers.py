@@ -11,8 +11,9 @@ import numpy as np
 # A small engine shape shared by the end-to-end tests: compiles in ~10 s on 2 cores.
 TEST_ENGINE = dict(max_slots=4, prefill_buckets=(32, 128), max_model_len=1024)
 # For a test that only generates a few short outputs: one prefill and one KV bucket, no scoring
-# programs (each extra engine compiles every program it has).
-SMALL_ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=64, scoring=False)
+# programs, each compiled on first use (an engine compiling all its programs at start-up takes
+# most of such a test's time on programs it never runs).
+SMALL_ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=64, scoring=False, compile_at="use")
 # Logits of our fp32 engine and HF fp32 on the same weights differ only by summation order; the
 # largest difference measured was 1.4e-4 on logits of magnitude ~30.
 LOGIT_ATOL = 2e-3

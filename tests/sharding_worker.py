@@ -18,7 +18,9 @@ from xlaserve import LLM, SamplingParams
 from xlaserve.runtime.quant import QuantArray
 from xlaserve.runtime.sampling import SamplingState
 
-ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=256, kv_buckets=(64,), scoring=False)
+ENGINE = dict(
+    max_slots=2, prefill_buckets=(32,), max_model_len=256, kv_buckets=(64,), scoring=False, compile_at="use"
+)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Le chat est"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 

@@ -61,7 +61,14 @@ def test_toy_family_loads_an_hf_directory_and_matches_hf(tmp_path, tokenizer, to
     ):
         load_model(tmp_path)
     set_config(tmp_path, model_type="toy_gelu", architectures=["ToyGeluForCausalLM"])
-    llm = LLM(str(tmp_path), max_slots=1, prefill_buckets=(32,), max_model_len=128, compile_cache="")
+    llm = LLM(
+        str(tmp_path),
+        max_slots=1,
+        prefill_buckets=(32,),
+        max_model_len=128,
+        compile_cache="",
+        compile_at="use",
+    )
     assert llm.config.architecture == "toy_gelu"
     ids = llm.encode("The toy family runs through the same loader, engine and sampler. " * 2)
     (scores,) = llm.score([(ids, 1)])  # log-probs of ids[1:], each given the tokens before it

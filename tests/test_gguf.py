@@ -224,7 +224,9 @@ def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     path = tmp_path / f"tiny-{kind}.gguf"
     write(path, meta, kind)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    llm = LLM(str(path), max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="")
+    llm = LLM(
+        str(path), max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="", compile_at="use"
+    )
     ids = llm.encode("The tiny model reads a sentence, 123 times.")
     engine = llm.engine
     from xlaserve.runtime.sampling import SamplingState

@@ -38,7 +38,14 @@ def test_tiny_llama3_matches_hf(tiny_dirs, name):
     if name == "bf16":
         assert (directory / "model.safetensors.index.json").is_file()
         assert len(list(directory.glob("*.safetensors"))) > 1
-    llm = LLM(str(directory), max_slots=1, prefill_buckets=(32,), max_model_len=256, compile_cache="")
+    llm = LLM(
+        str(directory),
+        max_slots=1,
+        prefill_buckets=(32,),
+        max_model_len=256,
+        compile_cache="",
+        compile_at="use",
+    )
     assert llm.config.rope.kind == "llama3"
     ids = llm.encode("A sentence long enough to cross a prefill chunk boundary: " * 3)
     assert len(ids) > 32

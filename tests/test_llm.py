@@ -117,6 +117,7 @@ def test_bad_arguments_raise_and_lose_nothing(llm, call, message):
         (dict(max_model_len=10**6), "max_model_len=1000000 must be in [1, 8192]"),
         (dict(attn_block=100), "attn_block=100 must be a positive multiple of page_size (16)"),
         (dict(dtype="int4"), "dtype='int4' must be float32, bfloat16 or float16"),
+        (dict(compile_at="later"), "compile_at='later' must be start or use"),
         (dict(num_pages=3), "num_pages=3 must be ≥"),
         (dict(kv_buckets=(10**5,)), "kv_buckets=(100000,) must be lengths in [1,"),
     ],
@@ -141,3 +142,19 @@ def test_dequantized_weights_and_multistep_decode_give_the_same_text(llm, model_
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     ours = [o.token_ids for o in other.generate(PROMPTS, params)]
     assert ours == [o.token_ids for o in llm.generate(PROMPTS, params)]
+
+
+def test_programs_compiled_on_first_use_give_the_same_tokens(llm, model_path):
+    """compile_at="use": start-up compiles only what the prefill budget's measurement runs, a run
+    compiles the programs it runs (once each) and no other, and the tokens are the eager engine's."""
+    lazy = LLM(str(model_path), max_slots=2, prefill_buckets=(32, 128), max_model_len=256, compile_at="use")
+    every = {p.name for p in lazy.engine.layout.programs()}
+    assert set(lazy.engine.compile_seconds) <= {"prefill[T=32]", "prefill[T=128]"}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for _ in range(2):
+        ours = [o.token_ids for o in lazy.generate(PROMPTS, params)]
+        assert ours == [o.token_ids for o in llm.generate(PROMPTS, params)]
+    ran = set(lazy.engine.compile_seconds)
+    assert ran < every and {"insert", "free"} <= ran
+    assert any(n.startswith("decode[") for n in ran) and not any(n.startswith("decode_masked") for n in ran)
+    assert len(lazy.engine._decode.done) == sum(n.startswith("decode[") for n in ran)

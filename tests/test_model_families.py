@@ -24,7 +24,7 @@ from xlaserve.runtime.quant import QuantArray, dequantize
 pytestmark = pytest.mark.slow
 
 TEXT = "The family runs through the same loader, engine and sampler; the window slides. " * 4
-ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=256, compile_cache="")
+ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=256, compile_cache="", compile_at="use")
 
 
 @pytest.fixture(scope="module")

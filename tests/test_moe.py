@@ -280,7 +280,13 @@ def test_q8_0_experts_stay_quantized_and_serve_hfs_greedy_tokens(built, meta, tm
     assert isinstance(experts.shared_down, QuantArray) and not isinstance(experts.router, QuantArray)
     hf = hf_holding(directory, hf_state(loaded.config, loaded.weights), tmp_path)
     llm = LLM(
-        str(path), max_slots=1, prefill_buckets=(16,), max_model_len=64, compile_cache="", scoring=False
+        str(path),
+        max_slots=1,
+        prefill_buckets=(16,),
+        max_model_len=64,
+        compile_cache="",
+        scoring=False,
+        compile_at="use",
     )
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, PROMPT, 8)

@@ -79,6 +79,7 @@ def moe_llm(model_path, tmp_path_factory):
         compile_cache="",
         scoring=False,
         prefix_cache=False,
+        compile_at="use",
     )
     return llm, hf
 
