@@ -14,6 +14,9 @@ TEST_ENGINE = dict(max_slots=4, prefill_buckets=(32, 128), max_model_len=1024)
 # programs, each compiled on first use (an engine compiling all its programs at start-up takes
 # most of such a test's time on programs it never runs).
 SMALL_ENGINE = dict(max_slots=2, prefill_buckets=(32,), max_model_len=64, scoring=False, compile_at="use")
+# A tiny random model's engine for one sequence: no compile cache (its programs are new each run),
+# each program compiled on first use.
+TINY_ENGINE = dict(max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="", compile_at="use")
 # Logits of our fp32 engine and HF fp32 on the same weights differ only by summation order; the
 # largest difference measured was 1.4e-4 on logits of magnitude ~30.
 LOGIT_ATOL = 2e-3

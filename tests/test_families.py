@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import toy_family
-from helpers import LOGIT_ATOL, hf_greedy, hf_logits, save_tiny
+from helpers import LOGIT_ATOL, TINY_ENGINE, hf_greedy, hf_logits, save_tiny
 
 from xlaserve.checkpoints.gguf import open_reader, read_metadata
 from xlaserve.checkpoints.load import load_model
@@ -61,14 +61,7 @@ def test_toy_family_loads_an_hf_directory_and_matches_hf(tmp_path, tokenizer, to
     ):
         load_model(tmp_path)
     set_config(tmp_path, model_type="toy_gelu", architectures=["ToyGeluForCausalLM"])
-    llm = LLM(
-        str(tmp_path),
-        max_slots=1,
-        prefill_buckets=(32,),
-        max_model_len=128,
-        compile_cache="",
-        compile_at="use",
-    )
+    llm = LLM(str(tmp_path), **{**TINY_ENGINE, "max_model_len": 128})
     assert llm.config.architecture == "toy_gelu"
     ids = llm.encode("The toy family runs through the same loader, engine and sampler. " * 2)
     (scores,) = llm.score([(ids, 1)])  # log-probs of ids[1:], each given the tokens before it

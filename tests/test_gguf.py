@@ -216,7 +216,7 @@ def test_repacked_layouts_run_through_the_kernel(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     import torch
-    from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+    from helpers import LOGIT_ATOL, TINY_ENGINE, hf_greedy, hf_logits
     from transformers import AutoModelForCausalLM
 
     from xlaserve import LLM
@@ -224,9 +224,7 @@ def test_tiny_model_of_each_type_matches_hf(tmp_path, meta, kind):
     path = tmp_path / f"tiny-{kind}.gguf"
     write(path, meta, kind)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    llm = LLM(
-        str(path), max_slots=1, prefill_buckets=(32,), max_model_len=64, compile_cache="", compile_at="use"
-    )
+    llm = LLM(str(path), **TINY_ENGINE)
     ids = llm.encode("The tiny model reads a sentence, 123 times.")
     engine = llm.engine
     from xlaserve.runtime.sampling import SamplingState

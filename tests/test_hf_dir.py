@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import LOGIT_ATOL, hf_greedy, hf_logits, save_tiny
+from helpers import LOGIT_ATOL, TINY_ENGINE, hf_greedy, hf_logits, save_tiny
 
 from xlaserve import LLM
 from xlaserve.checkpoints.load import load_model
@@ -38,14 +38,7 @@ def test_tiny_llama3_matches_hf(tiny_dirs, name):
     if name == "bf16":
         assert (directory / "model.safetensors.index.json").is_file()
         assert len(list(directory.glob("*.safetensors"))) > 1
-    llm = LLM(
-        str(directory),
-        max_slots=1,
-        prefill_buckets=(32,),
-        max_model_len=256,
-        compile_cache="",
-        compile_at="use",
-    )
+    llm = LLM(str(directory), **{**TINY_ENGINE, "max_model_len": 256})
     assert llm.config.rope.kind == "llama3"
     ids = llm.encode("A sentence long enough to cross a prefill chunk boundary: " * 3)
     assert len(ids) > 32

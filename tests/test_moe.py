@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tiny_families as tf
 import tiny_moe as tm
-from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+from helpers import LOGIT_ATOL, TINY_ENGINE, hf_greedy, hf_logits
 from tiny_gguf import tokenizer_meta
 
 from xlaserve.checkpoints.load import load_model
@@ -279,15 +279,7 @@ def test_q8_0_experts_stay_quantized_and_serve_hfs_greedy_tokens(built, meta, tm
     assert isinstance(experts.gate, QuantArray) and experts.gate.shape == (2, tm.EXPERTS, 32, 64)
     assert isinstance(experts.shared_down, QuantArray) and not isinstance(experts.router, QuantArray)
     hf = hf_holding(directory, hf_state(loaded.config, loaded.weights), tmp_path)
-    llm = LLM(
-        str(path),
-        max_slots=1,
-        prefill_buckets=(16,),
-        max_model_len=64,
-        compile_cache="",
-        scoring=False,
-        compile_at="use",
-    )
+    llm = LLM(str(path), **{**TINY_ENGINE, "prefill_buckets": (16,), "scoring": False})
     out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, PROMPT, 8)
 
