@@ -90,10 +90,9 @@ class Programs(Mapping):
         self.done: dict[object, object] = {}
 
     def __getitem__(self, key):
-        exe = self.done.get(key)
-        if exe is None:
-            exe = self.done[key] = self.compile_one(self.programs[key])  # KeyError: no such program
-        return exe
+        if key not in self.done:
+            self.done[key] = self.compile_one(self.programs[key])  # KeyError: no such program
+        return self.done[key]
 
     def __iter__(self) -> Iterator:
         return iter(self.programs)

@@ -76,9 +76,10 @@ def llm(model_path):
 
 @pytest.fixture(scope="session")
 def qwen_llm(qwen_path):
+    """Qwen2.5-Coder-0.5B on the test engine, its programs compiled on first use (its tests run few)."""
     from xlaserve import LLM
 
-    return LLM(str(qwen_path), **TEST_ENGINE)
+    return LLM(str(qwen_path), **(TEST_ENGINE | {"compile_at": "use"}))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import AbstractMesh
 
 from xlaserve.runtime import lower, memory, models
+from xlaserve.runtime.compiled import Compiler
 from xlaserve.runtime.config import EngineConfig
 from xlaserve.runtime.engine import Engine
 from xlaserve.runtime.layout import Layout
@@ -100,7 +101,7 @@ def test_engine_prints_its_plan_and_compiles_the_layouts_programs(monkeypatch):
     with pytest.raises(ValueError, match="the engine does not fit in memory"):
         Engine(cfg, weights, EngineConfig(**fields, device_memory=2**20))
     compiled = []
-    monkeypatch.setattr(Engine, "_compile", lambda self, program, lowered=None: compiled.append(program.name))
+    monkeypatch.setattr(Compiler, "__call__", lambda self, p, lowered=None: compiled.append(p.name) or p.name)
     messages = []
     engine = Engine(cfg, weights, EngineConfig(**fields), progress=messages.append)
     assert messages[0].startswith("memory plan per device: ") and "(host RAM)" in messages[0]
@@ -115,6 +116,12 @@ def test_engine_prints_its_plan_and_compiles_the_layouts_programs(monkeypatch):
     assert engine.layout.packed and "prefill_packed[R=2,N=4]" in compiled
     assert {"score_packed[N=16,S=4]", "score_packed[N=16,S=16]"} <= set(compiled)
     assert not any(name.startswith(("prefill_batch", "score[", "score_few")) for name in compiled)
+    # compile_at="use": nothing at start-up; a program the first time it is looked up, and only then
+    every, compiled[:] = list(compiled), []
+    lazy = Engine(cfg, weights, EngineConfig(**fields, compile_at="use"))
+    assert compiled == [] and len(lazy._decode) == sum(n.startswith("decode[") for n in every)
+    lazy._decode[2, 64], lazy._decode[2, 64], lazy._insert[1]
+    assert compiled == ["decode[S=2,k=1,kv=64]", "insert"]
 
 
 def test_memory_fraction_flag_reaches_the_engine_config():

@@ -61,7 +61,7 @@ def test_arrivals_at_different_times_change_nothing(llm, alone):
 
 def test_preemption_with_a_small_page_pool_changes_nothing(model_path, alone):
     # 64 pages = one sequence of max_model_len; four slots of these requests need more than that.
-    small = LLM(str(model_path), **TEST_ENGINE, num_pages=64, decode_steps=2, scoring=False)
+    small = LLM(str(model_path), **TEST_ENGINE, num_pages=64, decode_steps=2, scoring=False, compile_at="use")
     long_cases = [
         (words(10 + i, 130), SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
         for i in range(4)

@@ -42,6 +42,7 @@ ENGINE = EngineConfig(
     max_logprobs=3,
     speculative_k=(4,),
     speculative_schedule=((3, 4, 1.0),),  # every greedy sequence guesses every step
+    compile_at="use",
 )
 PROMPTS = [
     [5, 6, 7, 8] * 3,

@@ -26,6 +26,7 @@ def test_the_pairs_tokenizers_are_one(qwen15_path, qwen_path):
 def test_qwen_05b_drafts_for_15b_without_changing_a_token(qwen15_path, qwen_path):
     spec = {"method": "draft", "model": str(qwen_path), "num_speculative_tokens": 4}
     engine = dict(max_slots=2, max_model_len=256, prefill_buckets=(128,), kv_buckets=(256,), scoring=False)
+    engine["compile_at"] = "use"  # the 1.5B's programs compile slowly: only those the test runs
     llm = LLM(str(qwen15_path), speculative=spec, max_logprobs=2, **engine)
     assert (llm.config.num_layers, llm.draft.cfg.num_layers) == (28, 24)
     prompts = [[{"role": "user", "content": EDIT}], [{"role": "user", "content": CHAT}]]

@@ -35,6 +35,7 @@ ENGINE = EngineConfig(
     scoring=False,
     speculative_k=(4,),
     speculative_schedule=((2, 4, 1.0),),  # every greedy sequence guesses every step
+    compile_at="use",
 )
 COPY = [5, 6, 7, 8, 9, 10] * 4  # a prompt that repeats itself: n-gram guesses find matches
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
