@@ -4,10 +4,13 @@ line on stderr, reading key/certificate files, and joining a multi-host job (joi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
 from xlaserve.checkpoints import registry
+
+log = logging.getLogger("xlaserve")
 
 
 class Progress:
@@ -16,8 +19,12 @@ class Progress:
     def __init__(self, stream=None):
         stream = stream or sys.stderr
         self.stream, self.tty, self.t0, self.n = stream, stream.isatty(), time.perf_counter(), 0
+        self.closed = False
 
     def __call__(self, msg: str) -> None:
+        if self.closed:  # the command's output follows: a status line would land inside it
+            log.info(msg)
+            return
         self.n += 1
         line = f"[{time.perf_counter() - self.t0:6.1f}s] {msg}"
         if self.tty:
@@ -26,10 +33,13 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def done(self, msg: str) -> None:
+    def done(self, msg: str, last: bool = False) -> None:
+        """Finish the status line with msg; last: later messages (a compile on first use while
+        text streams) go to the log instead."""
         self(msg)
         if self.tty:
             self.stream.write("\n")
+        self.closed = last
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:

@@ -157,7 +157,8 @@ def cmd_generate(args) -> int:
     compile_s = sum(llm.engine.compile_seconds.values())
     progress.done(
         f"ready: {llm.config.name} ({llm.quantization}, {llm.engine_config.dtype}); "
-        f"load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s"
+        f"load {llm.load_seconds:.1f}s, compile {compile_s:.1f}s",
+        last=True,
     )
     inputs = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
     if args.output == "json":

@@ -136,3 +136,26 @@ def test_memory_fraction_flag_reaches_the_engine_config():
     assert decode.engine_config(args, "float32").memory_fraction == 0.7
     args = build_parser("lower").parse_args(["lower", "--out", "x", "--memory-fraction", "0.6"])
     assert args.memory_fraction == 0.6 and args.platforms == "cuda,tpu"
+
+
+def test_compile_at_flag_and_no_status_line_inside_the_output(caplog):
+    """--compile-at reaches the engine; once generate's status line is done (last), a compile on
+    first use goes to the log, not into the text streaming on stdout."""
+    import io
+    import logging
+
+    from xlaserve.cli import build_parser
+    from xlaserve.cli.common import Progress, engine_kwargs
+
+    args = build_parser("generate").parse_args(["generate", "hi", "--compile-at", "start"])
+    assert engine_kwargs(args)["compile_at"] == "start"
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--compile-at", "later"])
+    out = io.StringIO()
+    progress = Progress(out)
+    progress("compiling prefill[T=32]")
+    progress.done("ready", last=True)
+    with caplog.at_level(logging.INFO, logger="xlaserve"):
+        progress("compiling decode[S=1,k=1,kv=64]")
+    assert "ready" in out.getvalue() and "decode" not in out.getvalue()
+    assert "compiling decode[S=1,k=1,kv=64]" in caplog.text
