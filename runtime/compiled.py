@@ -100,5 +100,5 @@ class Programs(Mapping):
     def __len__(self) -> int:
         return len(self.programs)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key) -> bool:  # Mapping's would look the key up, compiling it
         return key in self.programs

@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 from xlaserve.runtime import kv_smoothing, layout, memory, placement, prefill_calls, prefill_inputs
 from xlaserve.runtime.compiled import Compiler
 from xlaserve.runtime.config import EngineConfig, ModelConfig
-from xlaserve.runtime.layout import Layout, Program
+from xlaserve.runtime.layout import Layout
 from xlaserve.runtime.prefill_calls import Calls, ScoreCalls, calls_for, packed_rows, prefill_rows
 from xlaserve.runtime.programs import DecodeState
 from xlaserve.runtime.quant_layouts import for_backend
@@ -138,9 +138,6 @@ class Engine:
         self._compile_all()
 
     # -- compilation ------------------------------------------------------------------------------
-
-    def _compile(self, program: Program):
-        return self._compiler(program)
 
     def _routed_sink(self, routed: jax.Array) -> None:
         if self.cfg.num_experts:  # a dense model's counts are [L, 0]
@@ -388,7 +385,7 @@ class Engine:
 
     @functools.cached_property
     def _prefill_logits(self):
-        return self._compile(self.layout.prefill(self.ecfg.prefill_buckets[-1], all_logits=True))
+        return self._compiler(self.layout.prefill(self.ecfg.prefill_buckets[-1], all_logits=True))
 
     def prefill_with_logits(self, tokens, start, page_row, sampling, presence):
         """Like `prefill` (chunk padded to the largest bucket), also returning logits [n, V]."""
@@ -405,7 +402,7 @@ class Engine:
         from."""
         key = (self.ecfg.max_slots, self.kv_bucket(kv_tokens))
         if key not in self._decode_logits:
-            self._decode_logits[key] = self._compile(self.layout.decode(*key, with_logits=True))
+            self._decode_logits[key] = self._compiler(self.layout.decode(*key, with_logits=True))
         self.cache, self.state, packed, lg = self._decode_logits[key](
             self.weights, self.cache, self.state, page_table
         )
