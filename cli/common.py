@@ -73,6 +73,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-steps", type=int, help="decode steps per dispatch")
     g.add_argument("--prefill-buckets", type=_int_tuple, help="padded prompt-chunk lengths, e.g. 32,128,512")
     g.add_argument(
+        "--mixed-batch",
+        action=argparse.BooleanOptionalAction,
+        help="a step that prefills prompts also decodes the running sequences in the same call (CPU with "
+        "the native attention; greedy output may then vary with arrivals); default off",
+    )
+    g.add_argument(
         "--speculative",
         choices=["ngram", "draft", "eagle"],
         help="speculative decoding (greedy output unchanged, sampled output distributed as without): "
@@ -139,6 +145,7 @@ def engine_kwargs(args) -> dict:
         "memory_fraction",
         "decode_steps",
         "prefill_buckets",
+        "mixed_batch",
         "dtype",
         "kv_cache_dtype",
         "quantized",

@@ -10,48 +10,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from xlaserve.runtime import impls
+from xlaserve.runtime.rope_config import RopeConfig
 from xlaserve.runtime.spec_policy import resolve_schedule
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding. `kind`: "default", "linear" (positions / factor) or "llama3" (frequency bands).
-
-    `freq_factors` are per-frequency divisors as llama.cpp stores them (`rope_freqs.weight`); when
-    given they replace the llama3 formula.
-    """
-
-    theta: float = 10000.0
-    kind: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-    freq_factors: tuple[float, ...] | None = None
-
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies [head_dim // 2], float32, computed as HF transformers does."""
-        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
-        inv = (1.0 / (self.theta**exponent)).astype(np.float32)
-        if self.freq_factors is not None:
-            return (inv / np.asarray(self.freq_factors, np.float32)).astype(np.float32)
-        if self.kind == "linear":
-            return (inv / np.float32(self.factor)).astype(np.float32)
-        if self.kind == "llama3":
-            low_wavelen = self.original_max_position / self.low_freq_factor
-            high_wavelen = self.original_max_position / self.high_freq_factor
-            wavelen = 2 * math.pi / inv
-            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
-            smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
-                self.high_freq_factor - self.low_freq_factor
-            )
-            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
-            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-            return np.where(medium, smoothed, scaled).astype(np.float32)
-        return inv
 
 
 @dataclass(frozen=True)
@@ -116,7 +77,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-5
-    rope: RopeConfig = RopeConfig()
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -256,6 +217,11 @@ class EngineConfig:
       at start-up so that a step's prefill takes at most max_prefill_stall_s (runtime/budget.py).
     - max_prefill_stall_s: the longest a step's prefill should stall running streams, in seconds
       (what the measured prefill_token_budget aims for).
+    - mixed_batch: a step that prefills prompts takes the running sequences' next tokens in the same
+      call, as one-token chunks, instead of a decode call after it (runtime/scheduler.py): the
+      device runs one call where it ran two. Needs the packed prefill layout (CPU with the native
+      attention), decode_steps 1 and no speculative_k. A token's logits then depend on whether its
+      step prefilled (summation order), so greedy output may vary with arrival times.
     - prefix_cache: reuse the K/V pages of prompt prefixes seen before.
     - scoring: also compile the scoring programs (log-probs of given tokens, for evals).
     - admission: max_queue waiting requests; max_per_client requests in flight per client id (None:
@@ -298,6 +264,7 @@ class EngineConfig:
     speculative_schedule: tuple[tuple, ...] | None = None
     prefill_token_budget: int | None = None
     max_prefill_stall_s: float = 0.25
+    mixed_batch: bool = False
     prefix_cache: bool = True
     scoring: bool = True
     max_queue: int = 4096
@@ -388,6 +355,12 @@ class EngineConfig:
         cfg = dataclasses.replace(cfg, speculative_k=spec_k)
         schedule = resolve_schedule(cfg.speculative_schedule, spec_k[-1] if spec_k else 0)
         cfg = dataclasses.replace(cfg, speculative_schedule=schedule)
+        _check(
+            not cfg.mixed_batch or (cfg.decode_steps == 1 and not spec_k),
+            "mixed_batch",
+            cfg.mixed_batch,
+            "needs decode_steps 1 and no speculative_k (a mixed step decodes one token, unguessed)",
+        )
         attention, matmul = impls.resolve(cfg.attention_impl, cfg.matmul_impl, on_cpu)
         cfg = dataclasses.replace(cfg, attention_impl=attention, matmul_impl=matmul)
         _check(cfg.max_queue >= 1, "max_queue", cfg.max_queue, "must be ≥ 1")

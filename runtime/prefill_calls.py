@@ -225,17 +225,20 @@ def score_calls_for(ecfg, packed: bool, rows: Callable[[int], tuple]) -> ScoreCa
 
 
 def take(
-    seq, n: int, left: int, masked: bool, calls: list[Item], budget: int, how: Calls
+    seq, n: int, left: int, masked: bool, calls: list[Item], budget: int, how: Calls, rows: int = 0
 ) -> tuple[int, int, Item | None]:
     """(tokens of `seq`'s next generation chunk, at most `n` of its `left` to prefill; their cost
     of `budget`; its item), 0 tokens when nothing fits, after the step's `calls` so far (`masked`:
     its last chunk runs alone). A chunk costs what it adds to the padded tokens of the step's calls:
     the step's first takes up to the budget (so every step progresses), later ones their whole chunk
-    when that fits, else as much as fits what a call already planned pays for (costing nothing)."""
+    when that fits, else as much as fits what a call already planned pays for (costing nothing).
+    rows: how many of `calls` lead as a mixed step's decode rows (one token each, packed; their
+    bucket already paid for): the first chunk joins their call, so it takes at most what the
+    largest bucket has left after them."""
     item = lambda m: (seq, m, masked and m == left)
-    if not calls:
-        m = min(n, budget)
-        return (m, how.cost([item(m)]), item(m)) if m > 0 else (0, 0, None)
+    if len(calls) == rows:
+        m = min(n, budget, how.tokens[-1] - rows) if rows else min(n, budget)
+        return (m, how.cost([*calls, item(m)]) - how.cost(calls), item(m)) if m > 0 else (0, 0, None)
     before, n_calls = how.cost(calls), len(how.group(calls))
     for m in dict.fromkeys((n, *how.fills(calls, n))):
         after = [*calls, item(m)]

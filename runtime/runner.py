@@ -32,6 +32,12 @@ the end of one dispatch until the next is queued. With decode_steps k > 1 such a
 token per dispatch. A grammar that is complete (only EOS may follow) ends the request with finish
 reason "stop".
 
+Mixed steps (an engine with `mixed_batch`): when the scheduler puts the running sequences' next
+tokens in the step's first prefill call (`Plan.mixed`), the decode in flight is read before
+dispatching (they continue from its tokens), each goes as a one-token chunk and is inserted back in
+its slot as a prompt's last chunk is, and the step dispatches no decode: the device runs one call
+where it ran two, at the cost of this step's host work overlapping nothing.
+
 Speculative decoding (an engine with `speculative_k`): in a decode batch without grammar sequences,
 sequences guess up to K tokens (by n-gram lookup, or with a draft model) and one verify call
 checks them instead of a decode dispatch, read before the step returns; runtime/spec_runner.py.
@@ -50,12 +56,13 @@ from xlaserve.runtime.admission import Limits
 from xlaserve.runtime.budget import PrefillBudget
 from xlaserve.runtime.engine import SCORE_TOKENS, Engine, to_host
 from xlaserve.runtime.grammar import Grammars
+from xlaserve.runtime.prefill_calls import Packed
 from xlaserve.runtime.prefills import Prefills
 from xlaserve.runtime.request import Delta, FinishReason, Request, TokenLogprob
 from xlaserve.runtime.results import Sampled
 from xlaserve.runtime.sampling import SamplingState
 from xlaserve.runtime.scheduler import Scheduler
-from xlaserve.runtime.sequence import Seq, State
+from xlaserve.runtime.sequence import Chunk, Seq, State
 from xlaserve.runtime.spec_policy import SpecCounts
 from xlaserve.runtime.spec_runner import Speculation
 from xlaserve.runtime.stats import EngineStats
@@ -83,6 +90,11 @@ class Runner:
         e = engine.ecfg
         measured = token_budget if isinstance(token_budget, PrefillBudget) and token_budget.measured else None
         token_budget = token_budget.tokens if isinstance(token_budget, PrefillBudget) else token_budget
+        if e.mixed_batch and not isinstance(engine.prefill_calls, Packed):
+            raise ValueError(
+                "mixed_batch=True needs packed prefill calls (CPU, native attention, float32 cache, "
+                "one device); this engine prefills padded rows"
+            )
         self.engine, self.tokenizer = engine, tokenizer
         self.grammars = grammars or Grammars(tokenizer, engine.cfg.vocab_size, engine.cfg.eos_token_ids)
         limits = Limits(
@@ -109,6 +121,7 @@ class Runner:
             calls=engine.prefill_calls,
             budget_at=measured and measured.at,
             batch_budget=measured and measured.batch,
+            mix=e.mixed_batch,
         )
         self.prefills = Prefills(engine, self.scheduler)
         self._rows: dict[Seq, SamplingState] = {}
@@ -118,6 +131,7 @@ class Runner:
         self._inflight = None
         self.finished = {reason.value: 0 for reason in FinishReason}
         self.prompt_tokens_computed = 0
+        self.mixed_steps = 0
         self.spec = Speculation(engine, self.scheduler, self._emit, draft)
 
     @property
@@ -151,6 +165,7 @@ class Runner:
             requests_running=len(self.seqs) - len(self.scheduler.waiting),
             requests_finished=dict(self.finished),
             prefill_tokens_computed=self.prompt_tokens_computed,
+            mixed_steps=self.mixed_steps,
             moe_routed=tuple(tuple(row) for row in routed.tolist()) if routed.size else (),
             speculative_proposed=self.spec.guesses[0],
             speculative_accepted=self.spec.guesses[1],
@@ -170,7 +185,8 @@ class Runner:
         if plan.copies:  # before any chunk: they write the copies' destinations past what is copied
             self.engine.copy_pages(plan.copies)
         self.prompt_tokens_computed += sum(len(chunk.tokens) for chunk in plan.prefills)
-        scored, ready, last_chunk = self.prefills.dispatch(plan.prefills, self._rows, self._presence)
+        mixed = self._mixed(plan.mixed, deltas)
+        scored, ready, last_chunk = self.prefills.dispatch(mixed + plan.prefills, self._rows, self._presence)
         deltas += scored
         previous, self._inflight = self._inflight, None
         grammar = any(seq.req.grammar is not None for seq in plan.decode)
@@ -206,6 +222,8 @@ class Runner:
             if id(packed) not in results:
                 results[id(packed)] = Sampled.unpack(to_host(packed))
             deltas.append(self._emit(seq, results[id(packed)], (row,)))
+            if seq in plan.mixed:
+                self.scheduler.decoded(seq)
         if last_chunk is not None:
             to_host(last_chunk)  # 4: the device ran this step's chunks (they run in dispatch order)
         for d in deltas:
@@ -213,6 +231,18 @@ class Runner:
             if d.finished and seq is not None:
                 self._retire(seq)
         return [d for d in deltas if d.token_ids or d.text or d.finished]
+
+    def _mixed(self, seqs: list[Seq], deltas: list[Delta]) -> list[Chunk]:
+        """A mixed step's decode rows: each of `seqs` (running) as a one-token chunk, its last token
+        at its position, which the prefill call samples from and `insert` puts back in its slot as
+        a prompt's last chunk does. They need the tokens in flight: that dispatch is read first (into
+        `deltas`), so this step's host work does not overlap the device; a sequence it ended is left
+        out."""
+        self.mixed_steps += bool(seqs)
+        if seqs and self._inflight is not None:
+            deltas += self._read_decode(*self._inflight)
+            self._inflight = None
+        return [Chunk(seq, seq.length, seq.tokens()[-1:]) for seq in seqs if not seq.req.finished]
 
     @staticmethod
     def _live(seq: Seq, slot: int) -> bool:

@@ -10,7 +10,9 @@ start-up, by the depth of the prompts: budget.py), so a long prompt never stalls
 more than one step's budget, and a cancel or deadline stops it at the next step (a step with no
 streamed request in a slot prefills for throughput). Generation chunks are charged the padded tokens
 of the prefill calls they go in (prefill_calls.py): several prompts share a call, and a step fills
-the rows it pays for. Then the sequence joins the decode batch. Pages are taken lazily: a chunk
+the rows it pays for. Then the sequence joins the decode batch. A scheduler that mixes (`mix`) puts
+the running sequences' next tokens in a step's first prefill call, as one-token chunks, instead of
+a decode of their own (`Plan.mixed`; runner.py). Pages are taken lazily: a chunk
 takes the pages it writes, a decode dispatch the pages its k tokens will fill. Full pages are
 published to the prefix cache as soon as their K/V is written. When the pool runs dry the victim
 (lowest priority, then the most recent) is preempted: its pages go back and it is recomputed later
@@ -55,6 +57,7 @@ class Scheduler:
         calls=None,
         budget_at=None,
         batch_budget: int | None = None,
+        mix: bool = False,
     ):
         """window: when every layer attends only to its last `window` positions (the largest
         window of the model), a running sequence's pages that fall out of it go back to the pool.
@@ -63,7 +66,9 @@ class Scheduler:
         such steps take token_budget like any other. calls (the engine's prefill_calls.Batched or
         Packed): generation chunks cost the padded tokens of their calls (`_take`); None: their
         tokens. budget_at (deepest start -> budget: budget.PrefillBudget.at; None:
-        token_budget); batch_budget: a step's while no request in a slot is streamed (None: same)."""
+        token_budget); batch_budget: a step's while no request in a slot is streamed (None: same).
+        mix: a step that prefills takes the running sequences' next tokens in its first packed call,
+        as one-token chunks (`Plan.mixed`; calls must be prefill_calls.Packed)."""
         self.page_size = page_size
         self.window = window
         self.decode_steps = decode_steps
@@ -72,7 +77,7 @@ class Scheduler:
         self.token_budget = token_budget or chunk
         self.prefix_cache = prefix_cache
         self.score_budget, self.score_calls, self.calls = score_budget, score_calls, calls
-        self.budget_at, self.batch_budget = budget_at, batch_budget
+        self.budget_at, self.batch_budget, self.mix = budget_at, batch_budget, mix
         self.pages = PageAllocator(num_pages)
         self.page_table = np.zeros((max_slots, pages_per_seq), np.int32)
         self.slots: list[Seq | None] = [None] * max_slots
@@ -141,16 +146,21 @@ class Scheduler:
         scoring_only = prefilling and all(s.req.score_start is not None for s in prefilling)
         if scoring_only and not decode and self.score_budget:
             prefills, budget = self._score_chunks(prefilling), 0
-        calls: list[Item] = []  # the step's generation chunks, as prefill_calls items
+        rows = self._mixed_rows(decode, prefilling, budget)
+        budget -= self.calls.cost(rows) if rows else 0
+        calls: list[Item] = list(rows)  # the step's generation chunks, as prefill_calls items
         for seq in self.fair.order(prefilling) if budget else ():
             todo, start = seq.tokens(), seq.computed
             while start < len(todo):
-                n, cost, item = self._take(seq, len(todo) - start, calls, budget)
+                n, cost, item = self._take(seq, len(todo) - start, calls, budget, len(rows))
                 if not n or not self._grow(seq, start + n):
                     break
                 prefills.append(Chunk(seq, start, todo[start : start + n]))
                 calls += [item] if item else []
                 start, budget = start + n, budget - cost
+        mixed = []
+        if rows and len(self.calls.group(calls)[0]) > len(rows):  # a prompt's chunk joined the rows
+            decode, mixed = [], decode
         stuck = self._in_slots(State.PREFILL)
         if not prefills and not decode and len(stuck) > 1:
             # Every busy slot is mid-prefill and the pool is dry: the last in line gives its pages back.
@@ -160,7 +170,19 @@ class Scheduler:
         copies, self._copies = self._copies, []
         self.pages.release(self._holds)  # the copies are dispatched before anything this plan writes
         self._holds = []
-        return Plan(prefills, decode, min(kv, self.page_table.shape[1] * self.page_size), freed, copies)
+        kv = min(kv, self.page_table.shape[1] * self.page_size)
+        return Plan(prefills, decode, kv, freed, copies, mixed)
+
+    def _mixed_rows(self, decode: list[Seq], prefilling: list[Seq], budget: int) -> list[Item]:
+        """A mixed step's decode rows (prefill_calls items of one token each): `decode` when the
+        scheduler mixes, prompts to generate from wait in slots, no grammar sequence decodes (its
+        masked step is a call of its own) and the budget leaves room for a chunk beside the rows;
+        else none."""
+        generating = any(s.req.score_start is None for s in prefilling)
+        if not (self.mix and decode and generating) or any(s.req.grammar is not None for s in decode):
+            return []
+        rows = [(s, 1, False) for s in decode]
+        return rows if budget > self.calls.cost(rows) else []
 
     def _budget(self, prefilling: list[Seq]) -> int:
         """This step's: by its deepest prompt while a streamed request holds a slot, else batch_budget."""
@@ -169,7 +191,9 @@ class Scheduler:
         deepest = max((s.computed for s in prefilling), default=0)
         return self.budget_at(deepest) if self.budget_at else self.token_budget
 
-    def _take(self, seq: Seq, left: int, calls: list[Item], budget: int) -> tuple[int, int, Item | None]:
+    def _take(
+        self, seq: Seq, left: int, calls: list[Item], budget: int, rows: int
+    ) -> tuple[int, int, Item | None]:
         """(tokens of `seq`'s next chunk, of its `left` to prefill; their cost of the budget; its
         prefill_calls item, None when scoring): 0 tokens when nothing fits (prefill_calls.take). A
         scoring chunk, or any chunk without the engine's batches, costs its tokens."""
@@ -178,7 +202,7 @@ class Scheduler:
             n = min(n, budget)
             return (n, n, None) if n > 0 else (0, 0, None)
         masked = seq.req.grammar is not None  # its last chunk is a call of its own (masked prefill)
-        return take(seq, n, left, masked, calls, budget, self.calls)
+        return take(seq, n, left, masked, calls, budget, self.calls, rows)
 
     def _score_chunks(self, seqs: list[Seq]) -> list[Chunk]:
         """The chunks of a step that only scores: no stream waits on it, so instead of the token

@@ -70,3 +70,6 @@ class Plan:
     kv_tokens: int = 0  # every decoded sequence's length after the dispatch is ≤ this
     freed_slots: list[int] = field(default_factory=list)  # preempted: free these on device first
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) pages: copy before prefill
+    # running sequences whose next token is a one-token chunk in the first prefill call, before
+    # the prompts' chunks (a mixed step; `decode` is then empty)
+    mixed: list[Seq] = field(default_factory=list)

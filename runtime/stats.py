@@ -28,6 +28,7 @@ class EngineStats:
     prefill_tokens_saved: int = 0  # of those, the ones served from the prefix cache
     prefill_tokens_computed: int = 0  # prompt tokens run through the model (recomputes included)
     preemptions: int = 0  # sequences sent back to the queue for lack of pages
+    mixed_steps: int = 0  # steps whose running sequences decoded inside a prefill call (mixed_batch)
     evictions: int = 0  # cached pages evicted to make room
     requests_running: int = 0  # requests in a slot
     requests_finished: dict[str, int] = field(default_factory=dict, hash=False)  # by FinishReason value

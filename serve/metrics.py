@@ -1,5 +1,5 @@
 """Prometheus metrics: latency histograms and token/outcome counters recorded per request, and the
-engine's gauges (slots, pages, queue, prefix hit rate, preemptions, and for a mixture-of-experts
+engine's gauges (slots, pages, queue, prefix hit rate, preemptions, mixed steps, and for a mixture-of-experts
 model `xlaserve_moe_routed_tokens_total{layer,expert}`, for a speculating engine its guesses made
 and kept and the tokens a guessing sequence emitted per verify step) read from its `EngineStats` at
 scrape time.
@@ -49,6 +49,11 @@ class EngineCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily(
             "xlaserve_preemptions", "Sequences preempted for lack of KV pages", value=s.preemptions
+        )
+        yield CounterMetricFamily(
+            "xlaserve_mixed_steps",
+            "Steps whose running sequences decoded inside a prefill call (mixed_batch)",
+            value=s.mixed_steps,
         )
         if s.moe_routed:  # a mixture-of-experts model: its load per layer and expert
             routed = CounterMetricFamily(

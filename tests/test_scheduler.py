@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from xlaserve.runtime.admission import Limits, Overloaded, RequestTooLarge
 from xlaserve.runtime.pages import OutOfPages, PageAllocator, chain_hash
+from xlaserve.runtime.prefill_calls import Packed
 from xlaserve.runtime.request import FinishReason, Request, Timings
 from xlaserve.runtime.sampling_params import SamplingParams
 from xlaserve.runtime.scheduler import Scheduler
-from xlaserve.runtime.sequence import State
+from xlaserve.runtime.sequence import Chunk, State
 from xlaserve.runtime.stats import EngineStats
 
 PAGE = 4
@@ -50,7 +51,12 @@ def sched(**kw) -> Scheduler:
 
 def execute(s: Scheduler, plan):
     """Carry out a plan as the runner does, with the results read at once: each last chunk samples
-    one token, each decode dispatch one token per sequence."""
+    one token, each decode dispatch one token per sequence; a mixed step's running sequences go as
+    one-token chunks, sampling one token each."""
+    for seq in plan.mixed:
+        s.prefilled(Chunk(seq, seq.length, seq.tokens()[-1:]))
+        seq.req.output_ids.append(5)
+        s.decoded(seq)
     for chunk in plan.prefills:
         s.prefilled(chunk)
         if chunk.last:
@@ -291,7 +297,7 @@ EVENTS = st.lists(
     min_size=10,
     max_size=60,
 )
-REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "copied": 0, "slid": 0}
+REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "copied": 0, "slid": 0, "mixed": 0}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -301,8 +307,9 @@ REACHED = {"preempted": 0, "evicted": 0, "prefix hit": 0, "copied": 0, "slid": 0
     steps=st.integers(1, 3),
     cache=st.booleans(),
     window=st.sampled_from([None, 5, 9]),
+    packed=st.booleans(),
 )
-def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, cache, window):
+def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, cache, window, packed):
     limits = Limits(max_prompt_tokens=24, max_new_tokens=16, max_model_len=32, max_queue=6)
     s = Scheduler(
         max_slots=3,
@@ -314,8 +321,11 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
         limits=limits,
         prefix_cache=cache,
         window=window,
+        # packed prefill calls; with one decode step a step, mixed steps
+        calls=Packed(None, (4, 8), 3) if packed else None,
+        mix=packed and steps == 1,
     )
-    seqs, ended, slid, copied = [], [], False, 0
+    seqs, ended, slid, copied, mixed = [], [], False, 0, 0
 
     def end(seq):
         assert seq.state is not State.DONE, "a request ended twice"
@@ -356,8 +366,10 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
                 assert len(set(dst)) == len(dst) and all(s.pages.refs(d) <= 1 for d in dst)
                 assert all(src != d for src, d in plan.copies)
                 copied += len(plan.copies)
+                mixed += bool(plan.mixed)
+                assert not (plan.mixed and plan.decode)
                 execute(s, plan)
-                for seq in plan.decode:
+                for seq in plan.decode + plan.mixed:
                     if len(seq.req.output_ids) >= seq.req.params.max_tokens and seq.state is not State.DONE:
                         end(seq)
         else:
@@ -385,6 +397,7 @@ def test_random_events_keep_pages_and_requests_consistent(events, pages, steps, 
     REACHED["prefix hit"] += s.cached_tokens > 0
     REACHED["copied"] += copied > 0
     REACHED["slid"] += slid
+    REACHED["mixed"] += mixed > 0
     for q in [q for q in seqs if q.state is not State.DONE]:
         end(q)
     s.pages.check()

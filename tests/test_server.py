@@ -455,6 +455,7 @@ def test_metrics_exposition(served):
         "xlaserve_kv_pages_free",
         "xlaserve_prefix_cache_hit_rate",
         "xlaserve_preemptions_total",
+        "xlaserve_mixed_steps_total",
     ):
         assert name in text, name
 
