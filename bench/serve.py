@@ -7,6 +7,7 @@ load generator of bench/serve_load.py. Reports TTFT, inter-token latency and end
     xlaserve bench serve --protocol http --server 127.0.0.1:8000 --concurrency 1,8
     xlaserve bench serve --protocol http --structured both --repeats 3   # JSON-schema ITL overhead
     xlaserve bench serve --protocol http --compare llamacpp              # llama-server, same GGUF
+    xlaserve bench serve --concurrency 8 --mixed-batch   # prefill and decode in one call per step
 
 `--structured on` constrains every request's output to a JSON schema (`--json-schema FILE`,
 default SCHEMA below); `both` runs each load without and then with it (`--repeats` times,
@@ -34,6 +35,7 @@ from xlaserve.bench.offline import prompts
 from xlaserve.bench.serve_load import run_config
 
 CONTEXT = 512  # tokens per sequence on the servers this command starts
+MIXED = "xlaserve mixed"  # the label of a server started with --mixed-batch beside one without
 
 # An open-ended document: long outputs, so a constrained request decodes about as long as a free one.
 SCHEMA = {
@@ -116,18 +118,13 @@ def table(rows: list[dict]) -> str:
             lines.append(
                 f"| {o['server']} | {_load(o)} | {f(o['itl_p50_ratio'])} | {f(o['itl_p90_ratio'])} |"
             )
-    if any(r.get("server") == "llama.cpp" for r in rows):
-        lines += [
-            "",
-            "| load | out tok/s xlaserve / llama.cpp | TTFT p50 ms xlaserve / llama.cpp |",
-            "|---|---|---|",
-        ]
-        for c in peer_ratios(rows):
+    servers = {r.get("server") for r in rows}
+    for ours, peer in (pair for pair in PAIRS if set(pair) <= servers):
+        lines += ["", f"| load | out tok/s {ours} / {peer} | TTFT p50 ms {ours} / {peer} |", "|---|---|---|"]
+        for c in peer_ratios(rows, ours, peer):
             ttft = c["ttft_p50_s"]
-            lines.append(
-                f"| {_load(c)} | {f(c['output_tok_s_ratio'])} "
-                f"| {ms(ttft, 'xlaserve')} / {ms(ttft, 'llama.cpp')} |"
-            )
+            ratio = f(c["output_tok_s_ratio"])
+            lines.append(f"| {_load(c)} | {ratio} | {ms(ttft, ours)} / {ms(ttft, peer)} |")
     return "\n".join(lines)
 
 
@@ -136,6 +133,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="gRPC or the OpenAI HTTP API")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--max-slots", type=int, default=8, help="for the server this command starts")
+    p.add_argument(
+        "--mixed-batch",
+        choices=("off", "on", "both"),
+        default="off",
+        help="the server this command starts decodes inside its prefill calls (serve --mixed-batch); "
+        "both: a server each way, loads alternating between them, and the ratio",
+    )
     p.add_argument("--rates", help="Poisson arrival rates, requests/s, comma-separated")
     p.add_argument("--concurrency", default=None, help="fixed concurrent clients, comma-separated")
     p.add_argument("--num-requests", type=int, default=64)
@@ -162,11 +166,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None)
 
 
-def _start_server(args):
+def _start_server(args, mixed: bool):
     """An in-process server on --model for the chosen protocol: (server, HOST:PORT)."""
     from xlaserve.llm import LLM
 
-    llm = LLM(args.model, max_slots=args.max_slots, max_model_len=CONTEXT)
+    llm = LLM(args.model, max_slots=args.max_slots, max_model_len=CONTEXT, mixed_batch=mixed)
     if args.protocol == "http":
         from xlaserve.serve.http_server import HttpServer
 
@@ -187,6 +191,7 @@ def _serve_process(args):
     port = free_port()
     cmd = [sys.executable, "-m", "xlaserve.cli", "serve", "--model", args.model, "--http-port", str(port)]
     cmd += ["--max-slots", str(args.max_slots), "--max-model-len", str(CONTEXT)]
+    cmd += ["--mixed-batch"] if args.mixed_batch == "on" else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(f"127.0.0.1:{port}", proc, timeout=900)
@@ -202,10 +207,14 @@ def _loads(args) -> list[tuple[str, float]]:
     return configs + [("concurrency", int(c)) for c in (args.concurrency or default).split(",") if c]
 
 
-def _sweep(args, target: str, texts: list[str], schemas: list, label: str) -> list[dict]:
+def _sweep(args, targets: dict[str, str], texts: list[str], schemas: list) -> list[dict]:
+    """Each load, --repeats times, on each server (label -> HOST:PORT) without and with each
+    schema, alternating so that drift falls on all alike. A repeat sends the same prompts, so it
+    finds them in the server's prefix cache but for their last page."""
     rows = []
     for kind, value in _loads(args):
-        for repeat, constrain in ((k, c) for k in range(args.repeats) for c in schemas):
+        runs = ((k, c, s) for k in range(args.repeats) for c in schemas for s in targets.items())
+        for repeat, constrain, (label, target) in runs:
             row = asyncio.run(
                 run_config(
                     target,
@@ -224,20 +233,22 @@ def _sweep(args, target: str, texts: list[str], schemas: list, label: str) -> li
     return rows
 
 
-def peer_ratios(rows: list[dict]) -> list[dict]:
-    """Per load: xlaserve / llama.cpp output tok/s and each one's TTFT p50 (medians over repeats)."""
+# (server, the server it is measured against) in the ratio tables: the peer, the unmixed engine
+PAIRS = (("xlaserve", "llama.cpp"), (MIXED, "xlaserve"))
+
+
+def peer_ratios(rows: list[dict], ours: str = "xlaserve", peer: str = "llama.cpp") -> list[dict]:
+    """Per load: ours / peer output tok/s and each one's TTFT p50 (medians over repeats)."""
     med = lambda server, load, f: _median([f(r) for r in rows if _key(r) == (server, *load)])
     out = []
-    for load in dict.fromkeys(_key(r)[1:] for r in rows if _key(r)[0] == "xlaserve"):
-        ours, peer = (med(s, load, lambda r: r["output_tok_s"]) for s in ("xlaserve", "llama.cpp"))
+    for load in dict.fromkeys(_key(r)[1:] for r in rows if _key(r)[0] == ours):
+        a, b = (med(s, load, lambda r: r["output_tok_s"]) for s in (ours, peer))
         out.append(
             {
                 "rate_rps": load[0],
                 "concurrency": load[1],
-                "output_tok_s_ratio": ours / peer if ours is not None and peer else None,
-                "ttft_p50_s": {
-                    s: med(s, load, lambda r: r["ttft_s"]["p50"]) for s in ("xlaserve", "llama.cpp")
-                },
+                "output_tok_s_ratio": a / b if a is not None and b else None,
+                "ttft_p50_s": {s: med(s, load, lambda r: r["ttft_s"]["p50"]) for s in (ours, peer)},
             }
         )
     return out
@@ -248,6 +259,11 @@ def run(args) -> dict:
 
     if args.num_requests < 1 or args.repeats < 1:
         raise SystemExit(f"--num-requests={args.num_requests} and --repeats={args.repeats} must be ≥ 1")
+    if (args.mixed_batch != "off" and args.server) or (args.mixed_batch == "both" and args.compare):
+        raise SystemExit(
+            "--mixed-batch sets up the server this command starts (give no --server); "
+            "with --compare llamacpp it is on or off"
+        )
     schema = SCHEMA
     if args.json_schema:
         with open(args.json_schema) as f:
@@ -267,19 +283,28 @@ def run(args) -> dict:
 
         gguf = registry.resolve(args.model)
         with _serve_process(args) as target:
-            rows = _sweep(args, target, texts, schemas, "xlaserve")
+            rows = _sweep(args, {"xlaserve": target}, texts, schemas)
         with llamacpp.LlamaServer(gguf, args.max_slots, CONTEXT) as server:
-            rows += _sweep(args, server.target, texts, schemas, "llama.cpp")
+            rows += _sweep(args, {"llama.cpp": server.target}, texts, schemas)
         peer = {"llama_cpp": llamacpp.version(), "ratios": peer_ratios(rows), "server_command": server.cmd}
         where = f"xlaserve serve and llama-server, {args.model} ({gguf.name}), {args.max_slots} slots each"
+        where += ", xlaserve with --mixed-batch" if args.mixed_batch == "on" else ""
+    elif args.server:
+        rows, where = _sweep(args, {"xlaserve": args.server}, texts, schemas), args.server
     else:
-        server, target = (None, args.server) if args.server else _start_server(args)
+        ways = {"off": (False,), "on": (True,), "both": (False, True)}[args.mixed_batch]
+        servers = {MIXED if m and len(ways) > 1 else "xlaserve": _start_server(args, m) for m in ways}
         try:
-            rows = _sweep(args, target, texts, schemas, "xlaserve")
+            rows = _sweep(args, {label: target for label, (_, target) in servers.items()}, texts, schemas)
         finally:
-            if server is not None:
+            for server, _ in servers.values():
                 server.stop()
-        where = args.server or f"in-process ({args.protocol}), {args.model}, {args.max_slots} slots"
+        where = f"in-process ({args.protocol}), {args.model}, {args.max_slots} slots"
+        where += {"off": "", "on": ", mixed batch", "both": f", without and with mixed batch ({MIXED})"}[
+            args.mixed_batch
+        ]
+        if args.mixed_batch == "both":
+            peer = {"ratios": peer_ratios(rows, MIXED, "xlaserve")}
     print(table(rows))
     result = {
         "kind": "serve",

@@ -127,3 +127,24 @@ def test_the_peer_comparison_pairs_rows_by_load():
     assert [(c["concurrency"], c["output_tok_s_ratio"]) for c in ratios] == [(1, 0.5), (8, 0.5)]
     assert ratios[1]["ttft_p50_s"] == {"xlaserve": 0.5, "llama.cpp": 0.25}
     assert "| 8 concurrent | 0.500 | 500 / 250 |" in serve.table(rows)
+    mixed = [row(serve.MIXED, 8, 108.0, 0.4)]
+    assert [c["output_tok_s_ratio"] for c in serve.peer_ratios(rows + mixed, serve.MIXED, "xlaserve")] == [
+        1.2
+    ]
+    assert "| 8 concurrent | 1.200 | 400 / 500 |" in serve.table(rows + mixed)
+
+
+def test_servers_alternate_per_repeat_and_mixed_batch_needs_our_own_server(targets):
+    import argparse
+
+    args = argparse.Namespace(
+        rates=None, concurrency="2", repeats=2, max_tokens=3, seed=0, api_key=None, protocol="grpc"
+    )
+    rows = serve._sweep(args, {"a": targets["grpc"], "b": targets["grpc"]}, ["w1 w2", "w3"], [None])
+    assert [(r["server"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    for argv in (
+        ["--server", targets["grpc"], "--mixed-batch", "on"],
+        ["--compare", "llamacpp", "--mixed-batch", "both"],
+    ):
+        with pytest.raises(SystemExit, match="--mixed-batch sets up the server this command starts"):
+            serve.main(argv)
