@@ -7,13 +7,15 @@ load generator of bench/serve_load.py. Reports TTFT, inter-token latency and end
     xlaserve bench serve --protocol http --server 127.0.0.1:8000 --concurrency 1,8
     xlaserve bench serve --protocol http --structured both --repeats 3   # JSON-schema ITL overhead
     xlaserve bench serve --protocol http --compare llamacpp              # llama-server, same GGUF
-    xlaserve bench serve --concurrency 8 --mixed-batch   # prefill and decode in one call per step
+    xlaserve bench serve --rates 2 --concurrency 8 --mixed-batch both   # with and without mixed steps
 
 `--structured on` constrains every request's output to a JSON schema (`--json-schema FILE`,
 default SCHEMA below); `both` runs each load without and then with it (`--repeats` times,
 alternating) and reports the schema's ITL overhead as the median of back-to-back ratios.
 `--compare llamacpp` runs `xlaserve serve` and llama-server (bench/llamacpp.py) each in a process
 of its own on the same GGUF with the same slots, one after the other, under the same load.
+`--mixed-batch both` starts two servers, without and with mixed steps (serve --mixed-batch), and
+alternates every load between them, `--repeats` times; the ratio table compares them.
 """
 
 from __future__ import annotations
