@@ -238,11 +238,12 @@ class Runner:
         a prompt's last chunk does. They need the tokens in flight: that dispatch is read first (into
         `deltas`), so this step's host work does not overlap the device; a sequence it ended is left
         out."""
-        self.mixed_steps += bool(seqs)
         if seqs and self._inflight is not None:
             deltas += self._read_decode(*self._inflight)
             self._inflight = None
-        return [Chunk(seq, seq.length, seq.tokens()[-1:]) for seq in seqs if not seq.req.finished]
+        chunks = [Chunk(seq, seq.length, seq.tokens()[-1:]) for seq in seqs if not seq.req.finished]
+        self.mixed_steps += bool(chunks)
+        return chunks
 
     @staticmethod
     def _live(seq: Seq, slot: int) -> bool:

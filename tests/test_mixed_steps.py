@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import hf_greedy
 from serving import mock_tokenizer
+from test_prefill_batch import WORDS
+from test_prefill_calls import BUCKETS, bucket
 from test_scheduler import execute, make, sched
 
 from xlaserve import LLM, EngineConfig, SamplingParams
@@ -19,12 +21,7 @@ from xlaserve.runtime.mock_engine import MockEngine, mock_config
 from xlaserve.runtime.prefill_calls import Packed, take
 from xlaserve.runtime.sequence import State
 
-BUCKETS = (16, 32, 128)
 LIMITS = Limits(max_prompt_tokens=200, max_new_tokens=16, max_model_len=256, max_queue=100)
-
-
-def bucket(n: int) -> int:
-    return next((t for t in BUCKETS if t >= n), BUCKETS[-1])
 
 
 def scheduler(budget: int, mix: bool = True):
@@ -152,9 +149,6 @@ def test_mixed_batch_flag_reaches_the_engine_config():
     args = build_parser("serve").parse_args(["serve", "--mixed-batch"])
     assert engine_kwargs(args)["mixed_batch"] is True
     assert "mixed_batch" not in engine_kwargs(build_parser("serve").parse_args(["serve"]))
-
-
-WORDS = "river stone lantern orchard copper violet meadow harbor quiet silver thunder maple".split()
 
 
 def test_mixed_steps_on_the_real_model_give_hfs_greedy_tokens(model_path, hf_model):
