@@ -191,4 +191,8 @@ def server_stats(stats: EngineStats, uptime_s: float) -> pb.ServerStats:
         moe_routed_tokens=[n for layer in stats.moe_routed for n in layer],
         speculative_proposed_tokens=stats.speculative_proposed,
         speculative_accepted_tokens=stats.speculative_accepted,
+        prompt_tokens=stats.prompt_tokens,
+        prefill_tokens_computed=stats.prefill_tokens_computed,
+        evictions=stats.evictions,
+        mixed_steps=stats.mixed_steps,
     )

@@ -6,11 +6,12 @@ the real model: HF's greedy tokens, a seeded sampled request's tokens as when it
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from helpers import hf_greedy
-from serving import mock_tokenizer
+from serving import mock_tokenizer, start
 from test_prefill_batch import WORDS
 from test_prefill_calls import BUCKETS, bucket
 from test_scheduler import execute, make, sched
@@ -131,6 +132,26 @@ def test_runner_mixes_and_the_output_is_unchanged():
     last = [int(p.split()[-1][1:]) for p in prompts]
     assert all(t == list(range(k + 1, k + 1 + len(t))) for t, k in zip(mixed, last, strict=True))
     assert stats.mixed_steps >= 3 and plain_stats.mixed_steps == 0 and calls < plain_calls
+
+
+def test_the_servers_stats_count_mixed_steps():
+    """GetServerStats over real gRPC carries the engine's counters: mixed steps, prompt tokens
+    admitted and computed, evictions."""
+    server, client = start(mixed_llm(True))
+    try:
+        prompts = [" ".join(f"w{10 * i + j}" for j in range(1, 4 + 3 * i)) for i in range(1, 6)]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            # different lengths: a slot frees while the other still decodes
+            list(pool.map(lambda p, n: client.generate(p, max_tokens=n), prompts, (9, 3, 14, 5, 7)))
+        got = client.stats()
+        # five prompts through two slots: the later ones are admitted while others decode
+        assert got.mixed_steps >= 1 and got.requests_finished["length"] == 6  # the 5 and the warm-up
+        assert got.prompt_tokens >= sum(len(p.split()) for p in prompts)  # + the warm-up request
+        assert got.prefill_tokens_computed >= got.prompt_tokens - got.prefill_tokens_saved
+        assert got.evictions == 0
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_mixed_batch_is_refused_where_it_cannot_run():

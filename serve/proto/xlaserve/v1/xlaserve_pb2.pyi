@@ -315,7 +315,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s", "moe_experts", "moe_routed_tokens", "speculative_proposed_tokens", "speculative_accepted_tokens")
+    __slots__ = ("slots_total", "slots_busy", "queue_length", "pages_total", "pages_free", "pages_used", "pages_cached", "prefix_hit_rate", "prefill_tokens_saved", "preemptions", "requests_finished", "draining", "uptime_s", "moe_experts", "moe_routed_tokens", "speculative_proposed_tokens", "speculative_accepted_tokens", "prompt_tokens", "prefill_tokens_computed", "evictions", "mixed_steps")
     class RequestsFinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +340,10 @@ class ServerStats(_message.Message):
     MOE_ROUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MIXED_STEPS_FIELD_NUMBER: _ClassVar[int]
     slots_total: int
     slots_busy: int
     queue_length: int
@@ -357,4 +361,8 @@ class ServerStats(_message.Message):
     moe_routed_tokens: _containers.RepeatedScalarFieldContainer[int]
     speculative_proposed_tokens: int
     speculative_accepted_tokens: int
-    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., moe_experts: _Optional[int] = ..., moe_routed_tokens: _Optional[_Iterable[int]] = ..., speculative_proposed_tokens: _Optional[int] = ..., speculative_accepted_tokens: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    prefill_tokens_computed: int
+    evictions: int
+    mixed_steps: int
+    def __init__(self, slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_length: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_cached: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tokens_saved: _Optional[int] = ..., preemptions: _Optional[int] = ..., requests_finished: _Optional[_Mapping[str, int]] = ..., draining: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., moe_experts: _Optional[int] = ..., moe_routed_tokens: _Optional[_Iterable[int]] = ..., speculative_proposed_tokens: _Optional[int] = ..., speculative_accepted_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prefill_tokens_computed: _Optional[int] = ..., evictions: _Optional[int] = ..., mixed_steps: _Optional[int] = ...) -> None: ...
