@@ -16,6 +16,9 @@ alternating) and reports the schema's ITL overhead as the median of back-to-back
 of its own on the same GGUF with the same slots, one after the other, under the same load.
 `--mixed-batch both` starts two servers, without and with mixed steps (serve --mixed-batch), and
 alternates every load between them, `--repeats` times; the ratio table compares them.
+Every load and repeat sends the same `--num-requests` prompts, so after the first run a server finds
+them in its prefix cache but for their last page; `--fresh-prompts` draws new ones for each load and
+repeat (the same for every server), so each run prefills cold.
 """
 
 from __future__ import annotations
@@ -163,6 +166,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repeats", type=int, default=1, help="runs of each load (with --structured both: alternating)"
     )
+    p.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="new prompts for each load and repeat (the same on every server), so no run finds the "
+        "last one's in the prefix cache (default: every run sends the same --num-requests prompts)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default=None)
@@ -209,18 +218,25 @@ def _loads(args) -> list[tuple[str, float]]:
     return configs + [("concurrency", int(c)) for c in (args.concurrency or default).split(",") if c]
 
 
-def _sweep(args, targets: dict[str, str], texts: list[str], schemas: list) -> list[dict]:
+def _prompt_seed(args, load: int, repeat: int) -> int:
+    """The seed of one load's repeat's prompts: --seed for all (the same prompts each run, found in
+    the prefix cache but for their last page after the first), or with --fresh-prompts one per
+    (load, repeat), which every server of the sweep gets alike."""
+    return args.seed + 1 + load * args.repeats + repeat if args.fresh_prompts else args.seed
+
+
+def _sweep(args, targets: dict[str, str], schemas: list) -> list[dict]:
     """Each load, --repeats times, on each server (label -> HOST:PORT) without and with each
-    schema, alternating so that drift falls on all alike. A repeat sends the same prompts, so it
-    finds them in the server's prefix cache but for their last page."""
+    schema, alternating so that drift falls on all alike; the prompts as `_prompt_seed` says."""
     rows = []
-    for kind, value in _loads(args):
+    for load, (kind, value) in enumerate(_loads(args)):
         runs = ((k, c, s) for k in range(args.repeats) for c in schemas for s in targets.items())
         for repeat, constrain, (label, target) in runs:
+            seed = _prompt_seed(args, load, repeat)
             row = asyncio.run(
                 run_config(
                     target,
-                    texts,
+                    prompts(args.num_requests, seed=seed),
                     args.max_tokens,
                     rate=value if kind == "rate" else None,
                     concurrency=value if kind == "concurrency" else None,
@@ -230,7 +246,7 @@ def _sweep(args, targets: dict[str, str], texts: list[str], schemas: list) -> li
                     schema=constrain,
                 )
             )
-            rows.append({"server": label, "repeat": repeat, **row})
+            rows.append({"server": label, "repeat": repeat, "prompt_seed": seed, **row})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -272,7 +288,6 @@ def run(args) -> dict:
             schema = json.load(f)
     schemas = {"off": [None], "on": [schema], "both": [None, schema]}[args.structured]
     load_start = os.getloadavg()[0]  # a busy machine makes every latency noisy: recorded
-    texts = prompts(args.num_requests, seed=args.seed)
     peer = None
     if args.compare == "llamacpp":
         if args.server or args.protocol != "http":
@@ -285,19 +300,19 @@ def run(args) -> dict:
 
         gguf = registry.resolve(args.model)
         with _serve_process(args) as target:
-            rows = _sweep(args, {"xlaserve": target}, texts, schemas)
+            rows = _sweep(args, {"xlaserve": target}, schemas)
         with llamacpp.LlamaServer(gguf, args.max_slots, CONTEXT) as server:
-            rows += _sweep(args, {"llama.cpp": server.target}, texts, schemas)
+            rows += _sweep(args, {"llama.cpp": server.target}, schemas)
         peer = {"llama_cpp": llamacpp.version(), "ratios": peer_ratios(rows), "server_command": server.cmd}
         where = f"xlaserve serve and llama-server, {args.model} ({gguf.name}), {args.max_slots} slots each"
         where += ", xlaserve with --mixed-batch" if args.mixed_batch == "on" else ""
     elif args.server:
-        rows, where = _sweep(args, {"xlaserve": args.server}, texts, schemas), args.server
+        rows, where = _sweep(args, {"xlaserve": args.server}, schemas), args.server
     else:
         ways = {"off": (False,), "on": (True,), "both": (False, True)}[args.mixed_batch]
         servers = {MIXED if m and len(ways) > 1 else "xlaserve": _start_server(args, m) for m in ways}
         try:
-            rows = _sweep(args, {label: target for label, (_, target) in servers.items()}, texts, schemas)
+            rows = _sweep(args, {label: target for label, (_, target) in servers.items()}, schemas)
         finally:
             for server, _ in servers.values():
                 server.stop()
