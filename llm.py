@@ -270,8 +270,9 @@ class LLM:
         return req
 
     def stats(self) -> EngineStats:
-        """Slots busy, pages free/used/cached, queue length, prefix hit rate, preemptions, ..."""
-        return self.runner.stats()
+        """Slots busy, pages free/used/cached, queue length, prefix hit rate, preemptions, ...
+        (between calls, every step's MoE routing counts included)."""
+        return self.runner.stats(wait=not self.runner.busy)
 
     def _run(self, requests: list[Request]) -> Iterator[Delta]:
         submitted = []

@@ -303,7 +303,9 @@ class EngineLoop:
                 log.exception("on_finished failed")
 
     def _publish(self, exiting: bool) -> None:
-        stats = self._stats if self.error is not None else self.runner.stats()
+        # Going idle, wait for the last step's device-side counts (MoE routing): no later step
+        # would publish them while nothing runs.
+        stats = self._stats if self.error is not None else self.runner.stats(wait=not self.runner.busy)
         with self._lock:
             self._stats, self._open, self._working = stats, len(self._streams), False
             if exiting:  # whatever arrived since is refused, so no caller waits forever

@@ -158,8 +158,10 @@ class Runner:
         self._retire(seq)
         return seq.req
 
-    def stats(self) -> EngineStats:
-        routed = self.engine.routed_tokens()  # [L, E]; [L, 0] for a dense model
+    def stats(self, wait: bool = False) -> EngineStats:
+        """A snapshot of the counters. MoE routing counts come back from the device after their
+        step: without `wait`, the ones still on their way are left for a later snapshot."""
+        routed = self.engine.routed_tokens(wait=wait)  # [L, E]; [L, 0] for a dense model
         return dataclasses.replace(
             self.scheduler.stats(),
             requests_running=len(self.seqs) - len(self.scheduler.waiting),

@@ -15,9 +15,12 @@ import pytest
 import tiny_families as tf
 import tiny_moe as tm
 from helpers import hf_greedy
-from serving import mock_llm, start
+from serving import mock_llm, mock_tokenizer, start
 from tiny_gguf import tokenizer_meta
 
+from xlaserve import LLM, EngineConfig, SamplingParams
+from xlaserve.runtime.engine_loop import EngineLoop
+from xlaserve.runtime.mock_engine import MockEngine
 from xlaserve.runtime.stats import EngineStats
 from xlaserve.serve.messages import server_stats
 from xlaserve.serve.metrics import Metrics
@@ -36,6 +39,40 @@ def test_replica_counts_add_up_per_layer_and_expert_and_dense_stats_have_none():
     msg = server_stats(a, 1.0)
     assert msg.moe_experts == 2 and list(msg.moe_routed_tokens) == [1, 2, 3, 4]
     assert server_stats(EngineStats(), 1.0).moe_experts == 0
+
+
+class InFlight(MockEngine):
+    """A mock engine whose every dispatch routes one token to expert 0 of each layer, the count of
+    the last dispatch still on its way to the host unless the caller waits (as a device copy)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.counted = 0
+
+    def routed_tokens(self, wait: bool = False, reset: bool = False) -> np.ndarray:
+        self.counted = self.dispatches if wait else max(self.counted, self.dispatches - 1)
+        out = np.zeros((self.cfg.num_layers, 2), np.int64)
+        out[:, 0] = self.counted
+        return out
+
+
+def test_the_servers_counts_include_the_last_step_once_it_goes_idle():
+    """The engine loop publishes its stats after each step; the last step's routing counts arrive
+    from the device after it. Going idle, the loop waits for them: nothing else would publish."""
+    engine = InFlight(EngineConfig(max_slots=2, max_model_len=64, page_size=4), step_s=0.001)
+    llm = LLM.from_engine(engine, mock_tokenizer(), source="mock")
+    loop = EngineLoop(llm.runner)
+    try:
+        stream = loop.submit(llm.make_request("w1 w2 w3", SamplingParams(max_tokens=5)))
+        assert len([t for d in stream for t in d.token_ids]) == 5
+        deadline = time.monotonic() + 10
+        while loop.stats().requests_running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # idle: no step publishes again
+        assert loop.stats().moe_routed[0][0] == engine.dispatches > 0
+        assert llm.stats().moe_routed[0][0] == engine.dispatches
+    finally:
+        loop.close()
 
 
 def test_prometheus_exports_the_counts_by_layer_and_expert_only_for_an_moe_model():
