@@ -26,7 +26,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/xlaserve pull smollm2
 	$(BIN)/xlaserve pull qwen2.5-coder-0.5b
 	$(BIN)/xlaserve pull qwen2.5-coder-1.5b
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 # The daily lane: lint and every test that compiles no real model (a few minutes on 2 cores).
 test-fast: $(VENV)/.test-deps
@@ -34,7 +34,7 @@ test-fast: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/xlaserve pull smollm2
 	$(BIN)/xlaserve pull qwen2.5-coder-0.5b
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

@@ -28,23 +28,10 @@ SLOW_MODULES = {
 }
 
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each module is one
-# group, so it runs on one worker and builds its module fixtures once; the modules that load a Qwen
-# model (0.5B: ~5 GB, the 1.5B pair: ~14 GB resident) are one group between them, so the two workers
-# never hold two of those at once on a 24 GiB machine.
-QWEN_FIXTURES = {"qwen_path", "qwen_llm", "qwen_hf", "qwen15_path"}
-
-
-def _module(item) -> str:
-    return item.module.__name__.split(".")[-1]
-
-
 def pytest_collection_modifyitems(config, items):
-    qwen = {_module(item) for item in items if QWEN_FIXTURES & set(item.fixturenames)}
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or _module(item) in SLOW_MODULES:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group("qwen" if _module(item) in qwen else _module(item)))
 
 
 @pytest.fixture(scope="session")
