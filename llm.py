@@ -272,7 +272,7 @@ class LLM:
     def stats(self) -> EngineStats:
         """Slots busy, pages free/used/cached, queue length, prefix hit rate, preemptions, ...
         (between calls, every step's MoE routing counts included)."""
-        return self.runner.stats(wait=not self.runner.busy)
+        return self.runner.stats()
 
     def _run(self, requests: list[Request]) -> Iterator[Delta]:
         submitted = []

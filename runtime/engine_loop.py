@@ -303,9 +303,7 @@ class EngineLoop:
                 log.exception("on_finished failed")
 
     def _publish(self, exiting: bool) -> None:
-        # Going idle, wait for the last step's device-side counts (MoE routing): no later step
-        # would publish them while nothing runs.
-        stats = self._stats if self.error is not None else self.runner.stats(wait=not self.runner.busy)
+        stats = self._stats if self.error is not None else self.runner.stats()
         with self._lock:
             self._stats, self._open, self._working = stats, len(self._streams), False
             if exiting:  # whatever arrived since is refused, so no caller waits forever

@@ -45,6 +45,6 @@ class Replicas:
                 self._where.pop(d.request.request_id, None)
         return deltas
 
-    def stats(self, wait: bool = False) -> EngineStats:
+    def stats(self) -> EngineStats:
         """Every replica's stats added up (`replicas` counts them)."""
-        return EngineStats.total(r.stats(wait) for r in self.runners)
+        return EngineStats.total(r.stats() for r in self.runners)

@@ -158,10 +158,11 @@ class Runner:
         self._retire(seq)
         return seq.req
 
-    def stats(self, wait: bool = False) -> EngineStats:
+    def stats(self) -> EngineStats:
         """A snapshot of the counters. MoE routing counts come back from the device after their
-        step: without `wait`, the ones still on their way are left for a later snapshot."""
-        routed = self.engine.routed_tokens(wait=wait)  # [L, E]; [L, 0] for a dense model
+        step: while busy, the ones still on their way are left for a later snapshot; idle, it waits
+        for them (the last step's would otherwise wait for the next request)."""
+        routed = self.engine.routed_tokens(wait=not self.busy)  # [L, E]; [L, 0] for a dense model
         return dataclasses.replace(
             self.scheduler.stats(),
             requests_running=len(self.seqs) - len(self.scheduler.waiting),

@@ -134,9 +134,17 @@ def test_the_peer_comparison_pairs_rows_by_load():
     assert "| 8 concurrent | 1.200 | 400 / 500 |" in serve.table(rows + mixed)
 
 
-def test_fresh_prompts_differ_per_load_and_repeat_and_match_across_servers(monkeypatch):
+def sweep_args(**fields):
+    """The arguments `serve._sweep` reads, with these changed."""
     import argparse
 
+    base = dict(rates=None, concurrency="2", repeats=2, max_tokens=3, seed=0, num_requests=2)
+    return argparse.Namespace(
+        **{**base, "api_key": None, "protocol": "grpc", "fresh_prompts": False, **fields}
+    )
+
+
+def test_fresh_prompts_differ_per_load_and_repeat_and_match_across_servers(monkeypatch):
     sent = []
 
     async def record(target, texts, *a, **kw):
@@ -144,21 +152,10 @@ def test_fresh_prompts_differ_per_load_and_repeat_and_match_across_servers(monke
         return {"output_tokens": 0}
 
     monkeypatch.setattr(serve, "run_config", record)
-    args = argparse.Namespace(
-        rates="2",
-        concurrency="4",
-        repeats=2,
-        max_tokens=3,
-        seed=5,
-        api_key=None,
-        protocol="grpc",
-        num_requests=3,
-    )
     for fresh in (True, False):
         sent.clear()
-        rows = serve._sweep(
-            argparse.Namespace(**vars(args), fresh_prompts=fresh), {"a": "x", "b": "y"}, [None]
-        )
+        args = sweep_args(rates="2", concurrency="4", seed=5, num_requests=3, fresh_prompts=fresh)
+        rows = serve._sweep(args, {"a": "x", "b": "y"}, [None])
         assert len(rows) == len(sent) == 8 and all(len(t) == 3 for t in sent)  # 2 loads x 2 repeats x 2
         pairs = [tuple(map(tuple, sent[i : i + 2])) for i in range(0, 8, 2)]  # a and b, one repeat
         assert all(a == b for a, b in pairs)
@@ -167,19 +164,7 @@ def test_fresh_prompts_differ_per_load_and_repeat_and_match_across_servers(monke
 
 
 def test_servers_alternate_per_repeat_and_mixed_batch_needs_our_own_server(targets):
-    import argparse
-
-    args = argparse.Namespace(
-        rates=None,
-        concurrency="2",
-        repeats=2,
-        max_tokens=3,
-        seed=0,
-        api_key=None,
-        protocol="grpc",
-        num_requests=2,
-        fresh_prompts=False,
-    )
+    args = sweep_args()
     rows = serve._sweep(args, {"a": targets["grpc"], "b": targets["grpc"]}, [None])
     assert [(r["server"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     for argv in (

@@ -116,19 +116,24 @@ def mixed_llm(mix: bool, packed: bool = True, **fields) -> LLM:
     return LLM.from_engine(engine, mock_tokenizer(), source="mock")
 
 
+# five requests for two slots, of different lengths: a slot frees while the other still decodes
+PROMPTS = [" ".join(f"w{10 * i + j}" for j in range(1, 4 + 3 * i)) for i in range(1, 6)]
+LENGTHS = (9, 3, 14, 5, 7)
+
+
 def test_runner_mixes_and_the_output_is_unchanged():
     """Five requests through two slots: prompts admitted while others decode go in mixed steps. The
     tokens are the same as without mixing, with fewer calls (the mock engine continues each
     sequence with its last token + 1, so a mixed row's token shows it continued from the last)."""
-    prompts = [" ".join(f"w{10 * i + j}" for j in range(1, 4 + 3 * i)) for i in range(1, 6)]
-    params = [SamplingParams(max_tokens=n, logprobs=1) for n in (9, 3, 14, 5, 7)]
+    prompts = PROMPTS
+    params = [SamplingParams(max_tokens=n, logprobs=1) for n in LENGTHS]
     runs = {}
     for mix in (True, False):
         llm = mixed_llm(mix)
         outs = llm.generate(prompts, params)
         runs[mix] = ([o.token_ids for o in outs], llm.engine.dispatches, llm.stats())
     (mixed, calls, stats), (plain, plain_calls, plain_stats) = runs[True], runs[False]
-    assert mixed == plain and [len(t) for t in mixed] == [9, 3, 14, 5, 7]
+    assert mixed == plain and [len(t) for t in mixed] == list(LENGTHS)
     last = [int(p.split()[-1][1:]) for p in prompts]
     assert all(t == list(range(k + 1, k + 1 + len(t))) for t, k in zip(mixed, last, strict=True))
     assert stats.mixed_steps >= 3 and plain_stats.mixed_steps == 0 and calls < plain_calls
@@ -139,14 +144,12 @@ def test_the_servers_stats_count_mixed_steps():
     admitted and computed, evictions."""
     server, client = start(mixed_llm(True))
     try:
-        prompts = [" ".join(f"w{10 * i + j}" for j in range(1, 4 + 3 * i)) for i in range(1, 6)]
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            # different lengths: a slot frees while the other still decodes
-            list(pool.map(lambda p, n: client.generate(p, max_tokens=n), prompts, (9, 3, 14, 5, 7)))
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            list(pool.map(lambda p, n: client.generate(p, max_tokens=n), PROMPTS, LENGTHS))
         got = client.stats()
         # five prompts through two slots: the later ones are admitted while others decode
         assert got.mixed_steps >= 1 and got.requests_finished["length"] == 6  # the 5 and the warm-up
-        assert got.prompt_tokens >= sum(len(p.split()) for p in prompts)  # + the warm-up request
+        assert got.prompt_tokens >= sum(len(p.split()) for p in PROMPTS)  # + the warm-up request
         assert got.prefill_tokens_computed >= got.prompt_tokens - got.prefill_tokens_saved
         assert got.evictions == 0
     finally:
