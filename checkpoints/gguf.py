@@ -49,6 +49,19 @@ def _reader_class():
         """gguf's reader, checking each tensor's type, shape and extent before building it, so that
         an error names the tensor instead of surfacing from inside numpy."""
 
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # The reader slices its np.memmap once per metadata value: ~760k slices for a 151k-token
+            # vocabulary (Qwen2), each paying memmap's __array_finalize__ (9.5 s of 10 to open
+            # Qwen2.5-1.5B). The same bytes through a plain ndarray view of the map: 2.8 s.
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dt = np.dtype(dtype)
+            order = self.byte_order if override_order is None else override_order
+            if order != "I":  # "I": native order, the view's dtype as it is
+                dt = dt.newbyteorder(order)
+            return plain[offset : offset + dt.itemsize * int(count)].view(dt)
+
         def _build_tensors(self, start_offs, fields):
             for field in fields:
                 try:

@@ -144,6 +144,24 @@ def test_random_blocks_decode_bit_exactly(kind):
     np.testing.assert_array_equal(bits(dequantize_reference(*w.arrays, **w.layout)), ref)
 
 
+def test_our_reader_reads_every_field_and_tensor_as_ggufs_own(qwen_path):
+    """Our reader slices the file through a plain view instead of gguf's memmap (3x faster on a
+    151k-token vocabulary): each metadata field's parts and each tensor's bytes are gguf's."""
+    from xlaserve.checkpoints.gguf import open_reader
+
+    ours, theirs = open_reader(qwen_path), gguf.GGUFReader(qwen_path, "r")
+    assert list(ours.fields) == list(theirs.fields)
+    for name, a in theirs.fields.items():
+        b = ours.fields[name]
+        assert (b.offset, b.types, b.data, len(b.parts)) == (a.offset, a.types, a.data, len(a.parts)), name
+        pairs = zip(a.parts, b.parts, strict=True)
+        assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in pairs), name
+    assert len(ours.tensors) == len(theirs.tensors) > 0
+    for a, b in zip(theirs.tensors, ours.tensors, strict=True):
+        assert (b.name, b.tensor_type, b.data_offset) == (a.name, a.tensor_type, a.data_offset)
+        assert b.data.dtype == a.data.dtype and np.array_equal(b.data, a.data), a.name
+
+
 def test_real_tensors_of_every_type_in_the_qwen_file_decode_bit_exactly(qwen_path):
     """Qwen2.5-Coder-0.5B Q4_K_M mixes Q4_K, Q6_K, Q5_0, Q8_0 and F32: the smallest tensor of each
     quantized type, read by our loader, dequantizes to gguf's bits, and so does the int8 form the
