@@ -3,14 +3,15 @@ SmolLM2-135M-Instruct Q4_1 (llama) and Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2
 a mixed Q4_K/Q6_K/Q5_0/Q8_0 file, a 152k vocabulary), each one shared compiled engine.
 
 For each model and prompt: the logits at every prompt position (prefill, in chunks across many pages) and at
-32 decode steps match within LOGIT_ATOL, and greedy 64-token continuations are token-identical.
+32 decode steps match within LOGIT_ATOL, and greedy 64-token continuations are token-identical
+(each token HF's argmax after the tokens before it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import LOGIT_ATOL, hf_greedy, hf_logits
+from helpers import LOGIT_ATOL, hf_logits
 
 from xlaserve.data import TWO_CITIES
 from xlaserve.runtime.results import Sampled
@@ -93,8 +94,13 @@ def test_logits_match_hf(real, name):
 
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_64_tokens_identical_to_hf(real, name):
+    """Our 64 greedy tokens are HF's greedy continuation. HF, teacher-forced on the prompt and our
+    tokens in one forward, takes its argmax after each prefix: when that is our token at every step,
+    HF decoding step by step would have chosen each one in turn (one forward instead of 64 decode
+    steps of the fp32 reference: a minute less for Qwen over the five prompts)."""
     llm, hf_model = real
     ids = prompt_ids(llm, name)
     ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))[0]
-    assert ours.token_ids == hf_greedy(hf_model, ids, 64)
+    ref = hf_logits(hf_model, ids + ours.token_ids[:-1])[len(ids) - 1 :]
+    assert ours.token_ids == [int(np.argmax(x)) for x in ref]
     assert ours.finish_reason == "length"
