@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import background
 import pytest
 from helpers import TEST_ENGINE
 
@@ -12,7 +13,7 @@ warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
 # The fast lane (`make test-fast`, `pytest -m "not slow"`) compiles no real model: a test is slow
 # when it uses a compiled engine or a converted checkpoint, or lives in a module of end-to-end tests.
-SLOW_FIXTURES = {"llm", "hf_model", "qwen_llm", "qwen_hf", "keep_ckpt", "int4_ckpt", "results", "tiny_dirs"}
+SLOW_FIXTURES = {"llm", "hf_model", "qwen_llm", "qwen_hf", "keep_ckpt", "results", "tiny_dirs"}
 SLOW_FIXTURES |= {"qwen15_path"}  # the 1.5B is only ever compiled
 SLOW_MODULES = {
     "test_bench_decode",
@@ -32,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        background.start(session.items)  # the subprocess jobs the selected tests need
+
+
+def pytest_sessionfinish(session):
+    background.stop()
 
 
 @pytest.fixture(scope="session")
@@ -115,14 +125,4 @@ def keep_ckpt(model_path, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ckpt") / "smollm2"
     convert.convert(model_path, out, quant="keep")
-    return out
-
-
-@pytest.fixture(scope="session")
-def int4_ckpt(model_path, tmp_path_factory):
-    """SmolLM2 requantized at convert time: int4 symmetric, groups of 64."""
-    from xlaserve.checkpoints import convert
-
-    out = tmp_path_factory.mktemp("ckpt") / "smollm2-int4"
-    convert.convert(model_path, out, quant="int4", scheme="sym", group_size=64)
     return out

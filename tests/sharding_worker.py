@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py in its own process with 8 simulated CPU devices (the flag must be
 set before JAX starts, and it slows single-device work, so the main test process does not use it).
-Builds SmolLM2 on one device and on several meshes and prints one JSON object of measurements."""
+Builds SmolLM2 (argv[1]) on one device and on several meshes, converts it to two xlaserve
+checkpoints in argv[2] and restores those onto meshes, and prints one JSON object of measurements."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 
 from xlaserve import LLM, SamplingParams
+from xlaserve.checkpoints import convert
 from xlaserve.runtime.quant import QuantArray
 from xlaserve.runtime.sampling import SamplingState
 
@@ -97,16 +100,19 @@ def main() -> None:
             )
         ]
     }
-    # xlaserve checkpoints restored onto meshes (argv[2]: GGUF blocks kept; argv[3]: int4 g64)
+    # xlaserve checkpoints restored onto meshes: GGUF blocks kept, and requantized to int4 g64
+    keep, int4 = Path(sys.argv[2]) / "keep", Path(sys.argv[2]) / "int4"
+    convert.convert(Path(sys.argv[1]), keep, quant="keep")
+    convert.convert(Path(sys.argv[1]), int4, quant="int4", scheme="sym", group_size=64)
     restored = {}
     for name, path, mesh in [
-        ("tp=1", sys.argv[2], None),
-        ("tp=2", sys.argv[2], "tp=2"),
-        ("tp=3", sys.argv[2], "tp=3"),
-        ("int4 tp=1", sys.argv[3], None),
-        ("int4 tp=3", sys.argv[3], "tp=3"),
+        ("tp=1", keep, None),
+        ("tp=2", keep, "tp=2"),
+        ("tp=3", keep, "tp=3"),
+        ("int4 tp=1", int4, None),
+        ("int4 tp=3", int4, "tp=3"),
     ]:
-        llm = LLM(path, mesh=mesh, **ENGINE)
+        llm = LLM(str(path), mesh=mesh, **ENGINE)
         restored[name] = {"tokens": [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]}
         if mesh == "tp=3" and name == "tp=3":
             restored[name] |= residency(llm)

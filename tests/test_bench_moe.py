@@ -6,19 +6,30 @@ JSON and markdown where --out says."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
+
+import background
+import pytest
 
 from xlaserve.bench import moe
 
+SMOKE = background.Job(
+    lambda folder: [sys.executable, "-m", "xlaserve.bench.moe", "--smoke", "--out", str(folder)],
+    fixture="smoke",
+    timeout=900,
+)
 
-def test_moe_benchmark_smoke(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "xlaserve.bench.moe", "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+
+@pytest.fixture
+def smoke():
+    """The benchmark's run and its --out folder (run in the background: tests/background.py)."""
+    return SMOKE.result(), SMOKE.folder
+
+
+def test_moe_benchmark_smoke(smoke):
+    run, out = smoke
     assert run.returncode == 0, run.stderr[-3000:]
-    (path,) = tmp_path.glob("cpu-moe-smoke-*.json")
+    (path,) = out.glob("cpu-moe-smoke-*.json")
     assert path.with_suffix(".md").is_file()
     result = json.loads(path.read_text())
     assert result["kind"] == "moe" and result["smoke"] and result["device"]["count"] >= moe.DEVICES

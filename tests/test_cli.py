@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import background
 import pytest
 from helpers import TEST_ENGINE
 
@@ -24,6 +25,37 @@ ENGINE_FLAGS = [
     "--prefill-buckets",
     ",".join(map(str, TEST_ENGINE["prefill_buckets"])),
 ]
+
+
+def xlaserve_job(*args, fixture: str) -> background.Job:
+    """`xlaserve ARGS` run in the background from the start of the session (tests/background.py)."""
+    return background.Job(lambda folder: [sys.executable, "-m", "xlaserve.cli", *args], fixture=fixture)
+
+
+FRANCE, COUNT = "The capital of France is", "Count from one to twenty: one, two, three,"
+FRUIT_AND_ADD = ["Name a fruit:", "def add(a, b):"]
+DRAFT_FLAGS = ["--speculative", "draft", "--draft-model", "smollm2", "--num-speculative-tokens", "3"]
+RUNS = {
+    "json_run": [*ENGINE_FLAGS, "--output", "json", "--max-tokens", "12", "--logprobs", "2", FRANCE],
+    "streamed_run": [*ENGINE_FLAGS, "--max-tokens", "10", *FRUIT_AND_ADD],
+    "draft_run": [*ENGINE_FLAGS, *DRAFT_FLAGS, "--output", "json", "--max-tokens", "24", COUNT],
+}
+GENERATE = {name: xlaserve_job("generate", *flags, fixture=name) for name, flags in RUNS.items()}
+
+
+@pytest.fixture
+def json_run():
+    return GENERATE["json_run"].result()
+
+
+@pytest.fixture
+def streamed_run():
+    return GENERATE["streamed_run"].result()
+
+
+@pytest.fixture
+def draft_run():
+    return GENERATE["draft_run"].result()
 
 
 def xlaserve(*args, env=None, timeout=600):
@@ -61,15 +93,12 @@ def test_pull_offline_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.rglob("*.gguf"))
 
 
-def test_generate_json_equals_python_api(llm):
-    prompt = "The capital of France is"
-    run = xlaserve(
-        "generate", *ENGINE_FLAGS, "--output", "json", "--max-tokens", "12", "--logprobs", "2", prompt
-    )
+def test_generate_json_equals_python_api(llm, json_run):
+    run = json_run
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(rows) == 1
-    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, logprobs=2))[0]
+    expected = llm.generate(FRANCE, SamplingParams(temperature=0.0, max_tokens=12, logprobs=2))[0]
     row = rows[0]
     assert row["text"] == expected.text and row["token_ids"] == expected.token_ids
     assert row["finish_reason"] == expected.finish_reason
@@ -81,23 +110,20 @@ def test_generate_json_equals_python_api(llm):
     assert "ready" in run.stderr and "compil" in run.stderr  # the progress indicator
 
 
-def test_generate_streams_each_prompt_in_order(llm):
-    prompts = ["Name a fruit:", "def add(a, b):"]
-    run = xlaserve("generate", *ENGINE_FLAGS, "--max-tokens", "10", *prompts)
+def test_generate_streams_each_prompt_in_order(llm, streamed_run):
+    run = streamed_run
     assert run.returncode == 0, run.stderr
-    expected = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10))
+    expected = llm.generate(FRUIT_AND_ADD, SamplingParams(temperature=0.0, max_tokens=10))
     assert run.stdout == f"--- [1/2] ---\n{expected[0].text}\n--- [2/2] ---\n{expected[1].text}\n"
 
 
-def test_generate_with_a_draft_model_equals_plain_decoding(llm, model_path):
+def test_generate_with_a_draft_model_equals_plain_decoding(llm, draft_run):
     """SmolLM2 drafting for itself: the same tokens as the python API without speculation, and its
     guesses counted in the JSON (nearly all kept: a model agrees with itself but for near-ties)."""
-    prompt = "Count from one to twenty: one, two, three,"
-    flags = ["--speculative", "draft", "--draft-model", str(model_path), "--num-speculative-tokens", "3"]
-    run = xlaserve("generate", *ENGINE_FLAGS, *flags, "--output", "json", "--max-tokens", "24", prompt)
+    run = draft_run
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
-    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    expected = llm.generate(COUNT, SamplingParams(temperature=0.0, max_tokens=24))[0]
     assert row["token_ids"] == expected.token_ids and row["text"] == expected.text
     spec = row["speculative"]
     assert spec["accepted"] > 0.8 * spec["proposed"] > 0
@@ -113,12 +139,11 @@ def test_generate_with_a_draft_head_equals_plain_decoding(llm, tmp_path):
     head, cfg = tmp_path / "head", llm.config
     target = head_files.fingerprint(cfg, llm.engine.weights)
     head_files.save(head, draft_head.init_params(cfg), target, {"settings": {"window": 1}})
-    prompt = "Count from one to twenty: one, two, three,"
     flags = ["--speculative", "eagle", "--draft-head", str(head), "--num-speculative-tokens", "3"]
-    run = xlaserve("generate", *ENGINE_FLAGS, *flags, "--output", "json", "--max-tokens", "24", prompt)
+    run = xlaserve("generate", *ENGINE_FLAGS, *flags, "--output", "json", "--max-tokens", "24", COUNT)
     assert run.returncode == 0, run.stderr
     row = json.loads(run.stdout)
-    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24))[0]
+    expected = llm.generate(COUNT, SamplingParams(temperature=0.0, max_tokens=24))[0]
     assert row["token_ids"] == expected.token_ids and row["text"] == expected.text
     assert row["speculative"]["proposed"] > 0
 

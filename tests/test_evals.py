@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import background
 import numpy as np
 import pytest
 from helpers import LOGIT_ATOL, TEST_ENGINE, free_port, hf_logits
@@ -223,28 +224,52 @@ print("RESULT " + json.dumps({"rank": lm.rank, "done": lm.requests_done, "result
 """
 
 
-def test_two_processes_split_a_task_through_lm_evals_rank_hooks(model_path, ours_lm, tmp_path):
+def _model() -> str:
+    from xlaserve.checkpoints import registry
+
+    return str(registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None))
+
+
+def _ranks(folder: Path) -> list[list[str]]:
+    tasks, coordinator, engine = task_dir(folder), f"127.0.0.1:{free_port()}", json.dumps(TEST_ENGINE)
+    return [
+        [sys.executable, "-c", DP_WORKER, _model(), coordinator, str(r), str(tasks), engine] for r in (0, 1)
+    ]
+
+
+OFFLINE = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+# Subprocesses run in the background from the start of the session (tests/background.py).
+RANKS = background.Job(_ranks, fixture="ranks", env=OFFLINE, timeout=900)
+EVAL_COMMAND = background.Job(
+    lambda folder: [
+        *[sys.executable, "-m", "xlaserve.cli", "eval", "--model", "xlaserve"],
+        *["--model_args", f"model={_model()},max_slots=4,max_model_len=512", "--tasks", "xlaserve_mc20"],
+        *["--include_path", str(task_dir(folder)), "--limit", "6"],
+    ],
+    fixture="eval_command",
+    env=OFFLINE,
+    timeout=900,
+)
+
+
+@pytest.fixture
+def ranks():
+    return RANKS.result()
+
+
+@pytest.fixture
+def eval_command():
+    return EVAL_COMMAND.result()
+
+
+def test_two_processes_split_a_task_through_lm_evals_rank_hooks(ours_lm, ranks, tmp_path):
     """Data-parallel evals over processes (hosts): each rank scores its share of the requests on
     its own engine; rank 0 reports the same metrics as one process scoring everything."""
     single = evaluate(ours_lm, tmp_path / "single")
-    tasks, coordinator = task_dir(tmp_path / "dp"), f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    args = lambda rank: [sys.executable, "-c", DP_WORKER, str(model_path), coordinator, str(rank), str(tasks)]
-    procs = [
-        subprocess.Popen(
-            [*args(r), json.dumps(TEST_ENGINE)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for p in ranks:
+        assert p.returncode == 0, p.stderr[-3000:]
     rank0, rank1 = (
-        json.loads(next(x for x in o.splitlines() if x.startswith("RESULT "))[7:]) for o, _ in outs
+        json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:]) for p in ranks
     )
     assert rank1["results"] is None and rank0["rank"] == 0 and rank1["rank"] == 1
     total = 20 * 4 + 2  # 20 questions x 4 choices, 2 perplexity documents
@@ -256,31 +281,9 @@ def test_two_processes_split_a_task_through_lm_evals_rank_hooks(model_path, ours
         assert got["xlaserve_ppl"][metric] == pytest.approx(single["xlaserve_ppl"][metric], rel=1e-5), metric
 
 
-def test_xlaserve_eval_command(model_path, tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xlaserve.cli",
-            "eval",
-            "--model",
-            "xlaserve",
-            "--model_args",
-            f"model={model_path},max_slots=4,max_model_len=512",
-            "--tasks",
-            "xlaserve_mc20",
-            "--include_path",
-            str(task_dir(tmp_path)),
-            "--limit",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "xlaserve_mc20" in run.stdout and "acc" in run.stdout
+def test_xlaserve_eval_command(eval_command):
+    assert eval_command.returncode == 0, eval_command.stderr[-3000:]
+    assert "xlaserve_mc20" in eval_command.stdout and "acc" in eval_command.stdout
 
 
 def test_importing_xlaserve_evals_registers_ours_beside_lm_evals_own():

@@ -5,10 +5,10 @@ and matches HF, and a config flag a family does not implement is refused, naming
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import background
 import numpy as np
 import pytest
 import toy_family
@@ -20,11 +20,20 @@ from xlaserve.checkpoints.loaded import CheckpointError
 from xlaserve.checkpoints.tokenizer import tokenizer_from_gguf
 from xlaserve.runtime import models
 
+TP2 = background.Job(
+    lambda folder: [sys.executable, str(Path(__file__).parent / "families_worker.py")], fixture="tp2"
+)
+
+
+@pytest.fixture
+def tp2():
+    """The worker's run (in the background from the start of the session: tests/background.py)."""
+    return TP2.result()
+
 
 @pytest.mark.slow
-def test_every_family_on_a_tp2_mesh_equals_one_device():
-    worker = Path(__file__).parent / "families_worker.py"
-    run = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=1800)
+def test_every_family_on_a_tp2_mesh_equals_one_device(tp2):
+    run = tp2
     assert run.returncode == 0, run.stderr[-3000:]
     results = {r["family"]: r for r in map(json.loads, run.stdout.splitlines())}
     assert set(results) == {*models.FAMILIES, toy_family.FAMILY.name}

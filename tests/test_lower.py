@@ -2,20 +2,21 @@
 engine picks there (nothing is compiled, no accelerator is needed).
 
 The matrix (slow lane: SmolLM2 as stored and the llama3-8b preset dense and int4, at tp=1 and tp=2
-on simulated CPU devices) runs the command as a user does, one process per configuration, with one
-bucket of each kind so that each run lowers a handful of programs in seconds, and checks the
-Triton (cuda) and Mosaic (tpu) kernels are inside the decode programs, and the grouped matmul
-kernels inside Qwen3-30B-A3B's prefill programs. The fast lane lowers the
-tiny preset in this process, reports a failure truthfully and checks the command's refusals."""
+on simulated CPU devices) runs the command as a user does, one background process per configuration
+(tests/background.py: started when the tests are collected), with one bucket of each kind so that
+each run lowers a handful of programs in seconds, and checks the Triton (cuda) and Mosaic (tpu)
+kernels are inside the decode programs, and the grouped matmul kernels inside Qwen3-30B-A3B's
+prefill programs. The fast lane lowers the tiny preset in this process, reports a failure
+truthfully and checks the command's refusals."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 
 from xlaserve import cli
@@ -43,21 +44,29 @@ ATTENTION, MATMUL = "_decode_kernel", "_kernel"
 TPU_ATTENTION, TPU_MATMUL = "decode_attention", "quantized_matmul"
 
 
-def run_lower(out, *flags):
-    cmd = [sys.executable, "-m", "xlaserve.cli", "lower", "--out", str(out), *SMALL, *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    summary = json.loads((out / "lowered.json").read_text()) if (out / "lowered.json").exists() else None
-    return done, summary
+def lower_job(*flags, fixture: str = "results") -> background.Job:
+    """`xlaserve lower` as a user runs it, writing into its job's folder: started in the background
+    as soon as the session's tests are collected (tests/background.py)."""
+    cmd = [sys.executable, "-m", "xlaserve.cli", "lower", *SMALL, *flags]
+    return background.Job(lambda folder: [*cmd, "--out", str(folder)], fixture=fixture, timeout=600)
+
+
+def lowered(job: background.Job):
+    """(the process, lowered.json or None) of a lowering job, once it has run."""
+    done, path = job.result(), job.folder / "lowered.json"
+    return done, json.loads(path.read_text()) if path.exists() else None
+
+
+MATRIX = {
+    name: lower_job("--platforms", "cuda,tpu", "--device-memory", "141GiB", *flags)
+    for name, flags in CONFIGS.items()
+}
 
 
 @pytest.fixture(scope="module")
-def results(model_path, tmp_path_factory):
+def results():
     """Per configuration: (process, lowered.json) of `lower --platforms cuda,tpu`, planned for an H200."""
-    out = {}
-    for name, flags in CONFIGS.items():
-        folder = tmp_path_factory.mktemp("lowered")
-        out[name] = run_lower(folder, "--platforms", "cuda,tpu", "--device-memory", "141GiB", *flags)
-    return out
+    return {name: lowered(job) for name, job in MATRIX.items()}
 
 
 def rows(summary, platform, kind=None):
@@ -113,11 +122,22 @@ def test_tpu_lowers_every_program_with_kernels_in_decode(results, config):
     assert done.returncode == 0
 
 
+XLA_KERNELS = lower_job(
+    *["--preset", "llama3-8b", "--quant", "int4", "--mesh", "tp=2", "--platforms", "tpu"],
+    *["--attention-impl", "xla", "--matmul-impl", "xla"],
+    fixture="xla_kernels",
+)
+
+
+@pytest.fixture
+def xla_kernels():
+    return lowered(XLA_KERNELS)
+
+
 @pytest.mark.slow
-def test_tpu_lowers_everything_with_xla_kernels(tmp_path):
+def test_tpu_lowers_everything_with_xla_kernels(xla_kernels):
     """--attention-impl xla --matmul-impl xla: every tpu program lowers (the gap is the kernels)."""
-    flags = ["--preset", "llama3-8b", "--quant", "int4", "--mesh", "tp=2", "--platforms", "tpu"]
-    done, summary = run_lower(tmp_path, *flags, "--attention-impl", "xla", "--matmul-impl", "xla")
+    done, summary = xla_kernels
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(summary["programs"]) == 10 and all(r["kernels"] == [] for r in summary["programs"])
 
@@ -134,14 +154,24 @@ GROUPED, TPU_GROUPED, MEGABLOX = (
 )
 
 
+MOE_MATRIX = {
+    name: lower_job("--platforms", "cuda,tpu", "--device-memory", "141GiB", *flags, fixture="moe_results")
+    for name, flags in MOE_CONFIGS.items()
+}
+
+
+@pytest.fixture(scope="module")
+def moe_results():
+    return {name: lowered(job) for name, job in MOE_MATRIX.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", MOE_CONFIGS)
-def test_moe_prefill_programs_run_the_grouped_matmul_kernels(tmp_path, config):
+def test_moe_prefill_programs_run_the_grouped_matmul_kernels(moe_results, config):
     """The sorted-by-expert (grouped) path of prefill and score runs the grouped matmul kernel:
     Triton's on cuda; on tpu megablox's gmm (named `kernel`) for dense experts, ours for int4.
     Decode (2 slots x 8 pairs < 128 experts) gathers its experts instead."""
-    flags = ["--platforms", "cuda,tpu", "--device-memory", "141GiB", *MOE_CONFIGS[config]]
-    done, summary = run_lower(tmp_path, *flags)
+    done, summary = moe_results[config]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     tpu_grouped = TPU_GROUPED if "int4" in config else MEGABLOX
     for r in summary["programs"]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import background
 import pytest
 from helpers import LOGIT_ATOL, free_port
 from jax.sharding import AbstractMesh
@@ -76,11 +76,21 @@ def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
         check_rules(axes, {**RULES, "embed": "tp"})
 
 
+def _worker(folder: Path) -> list[str]:
+    from xlaserve.checkpoints import registry
+
+    model = registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
+    return [sys.executable, str(Path(__file__).parent / "sharding_worker.py"), str(model), str(folder)]
+
+
+WORKER = background.Job(_worker, fixture="results", timeout=2400)
+
+
 @pytest.fixture(scope="module")
-def results(model_path, keep_ckpt, int4_ckpt):
-    worker = Path(__file__).parent / "sharding_worker.py"
-    args = [sys.executable, str(worker), str(model_path), str(keep_ckpt), str(int4_ckpt)]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=2400)
+def results(model_path):
+    """The worker's measurements (it runs in the background from the start of the session:
+    tests/background.py)."""
+    run = WORKER.result()
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -131,52 +141,43 @@ def test_pallas_kernels_wrapped_in_shard_map(results):
     assert results["pallas tp=3"]["tokens"] == [t[:6] for t in results["base"][:2]]
 
 
-def test_two_processes_under_jax_distributed_equal_one(llm, model_path):
+DISTRIBUTED_PROMPTS = ["The capital of France is", "def add(a, b):"]
+
+
+def _two_processes(folder: Path) -> list[list[str]]:
+    """`xlaserve generate` at tp=4 over two processes with two CPU devices each (XLA_FLAGS below)."""
+    from xlaserve.checkpoints import registry
+
+    model = registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
+    flags = ["--model", str(model), "--mesh", "tp=4", "--max-slots", "2", "--max-model-len", "256"]
+    flags += ["--prefill-buckets", "32", "--coordinator", f"127.0.0.1:{free_port()}"]
+    flags += ["--num-processes", "2", "--output", "json", "--max-tokens", "12", "--ignore-eos"]
+    cmd = [sys.executable, "-m", "xlaserve.cli", "generate", *flags]
+    return [[*cmd, "--process-id", "0", *DISTRIBUTED_PROMPTS], [*cmd, "--process-id", "1", "unused"]]
+
+
+DISTRIBUTED = background.Job(
+    _two_processes,
+    fixture="distributed",
+    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    timeout=900,
+)
+
+
+@pytest.fixture
+def distributed():
+    return DISTRIBUTED.result()
+
+
+def test_two_processes_under_jax_distributed_equal_one(llm, distributed):
     """tp=4 over two processes with two CPU devices each; process 0 leads, process 1 replays."""
     from xlaserve import SamplingParams
 
-    prompts = ["The capital of France is", "def add(a, b):"]
-    flags = [
-        "--model",
-        str(model_path),
-        "--mesh",
-        "tp=4",
-        "--max-slots",
-        "2",
-        "--max-model-len",
-        "256",
-        "--prefill-buckets",
-        "32",
-        "--coordinator",
-        f"127.0.0.1:{free_port()}",
-        "--num-processes",
-        "2",
-        "--output",
-        "json",
-        "--max-tokens",
-        "12",
-        "--ignore-eos",
-    ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    cmd = [sys.executable, "-m", "xlaserve.cli", "generate", *flags]
-    follower = subprocess.Popen(
-        [*cmd, "--process-id", "1", "unused"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    leader = subprocess.run(
-        [*cmd, "--process-id", "0", *prompts], env=env, capture_output=True, text=True, timeout=900
-    )
-    _, follower_err = follower.communicate(timeout=120)
+    leader, follower = distributed
     assert leader.returncode == 0, leader.stderr[-3000:]
-    assert follower.returncode == 0, follower_err[-3000:]
-    assert "following process 0 on dp=1,tp=4 over 4 cpu devices" in follower_err
+    assert follower.returncode == 0, follower.stderr[-3000:]
+    assert "following process 0 on dp=1,tp=4 over 4 cpu devices" in follower.stderr
     # (gloo, the CPU collectives library, prints its own connection lines to stdout)
     got = [json.loads(line)["token_ids"] for line in leader.stdout.splitlines() if line.startswith("{")]
-    expected = [
-        o.token_ids
-        for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    ]
-    assert got == expected
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert got == [o.token_ids for o in llm.generate(DISTRIBUTED_PROMPTS, params)]
