@@ -144,12 +144,12 @@ def test_random_blocks_decode_bit_exactly(kind):
     np.testing.assert_array_equal(bits(dequantize_reference(*w.arrays, **w.layout)), ref)
 
 
-def test_our_reader_reads_every_field_and_tensor_as_ggufs_own(qwen_path):
+def test_our_reader_reads_every_field_and_tensor_as_ggufs_own(model_path):
     """Our reader slices the file through a plain view instead of gguf's memmap (3x faster on a
     151k-token vocabulary): each metadata field's parts and each tensor's bytes are gguf's."""
     from xlaserve.checkpoints.gguf import open_reader
 
-    ours, theirs = open_reader(qwen_path), gguf.GGUFReader(qwen_path, "r")
+    ours, theirs = open_reader(model_path), gguf.GGUFReader(model_path, "r")
     assert list(ours.fields) == list(theirs.fields)
     for name, a in theirs.fields.items():
         b = ours.fields[name]
