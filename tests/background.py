@@ -26,6 +26,7 @@ from typing import IO
 PARALLEL = 2
 JOBS: list[Job] = []
 _lock = threading.Condition()
+_stopped = threading.Event()  # the session is over: start nothing more
 
 
 class Job:
@@ -113,15 +114,15 @@ def _feed(jobs: list[Job]) -> None:
         with _lock:
             while sum(j.running() for j in JOBS) >= PARALLEL:
                 _lock.wait(timeout=1.0)  # polled: a job ends without telling anyone
-            if job.folder is None:
+            if job.folder is None and not _stopped.is_set():
                 job._start()
 
 
 def stop() -> None:
     """At the session's end: kill what still runs (a job whose tests failed early), remove folders."""
     with _lock:
+        _stopped.set()
         for job in JOBS:
             job.kill()
             if job.folder is not None:
                 shutil.rmtree(job.folder, ignore_errors=True)
-            job.folder = job.folder or Path()  # never started again

@@ -69,6 +69,14 @@ def hf_greedy(hf_model, ids, n: int) -> list[int]:
     return out
 
 
+def default_model() -> str:
+    """The default model's file in the model cache (`make test` pulls it before the suite): for the
+    argv of a background job (tests/background.py), built before any fixture runs."""
+    from xlaserve.checkpoints import registry
+
+    return str(registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 import background
 import numpy as np
 import pytest
-from helpers import LOGIT_ATOL, TEST_ENGINE, free_port, hf_logits
+from helpers import LOGIT_ATOL, TEST_ENGINE, default_model, free_port, hf_logits
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,16 +224,11 @@ print("RESULT " + json.dumps({"rank": lm.rank, "done": lm.requests_done, "result
 """
 
 
-def _model() -> str:
-    from xlaserve.checkpoints import registry
-
-    return str(registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None))
-
-
 def _ranks(folder: Path) -> list[list[str]]:
     tasks, coordinator, engine = task_dir(folder), f"127.0.0.1:{free_port()}", json.dumps(TEST_ENGINE)
     return [
-        [sys.executable, "-c", DP_WORKER, _model(), coordinator, str(r), str(tasks), engine] for r in (0, 1)
+        [sys.executable, "-c", DP_WORKER, default_model(), coordinator, str(r), str(tasks), engine]
+        for r in (0, 1)
     ]
 
 
@@ -243,7 +238,12 @@ RANKS = background.Job(_ranks, fixture="ranks", env=OFFLINE, timeout=900)
 EVAL_COMMAND = background.Job(
     lambda folder: [
         *[sys.executable, "-m", "xlaserve.cli", "eval", "--model", "xlaserve"],
-        *["--model_args", f"model={_model()},max_slots=4,max_model_len=512", "--tasks", "xlaserve_mc20"],
+        *[
+            "--model_args",
+            f"model={default_model()},max_slots=4,max_model_len=512",
+            "--tasks",
+            "xlaserve_mc20",
+        ],
         *["--include_path", str(task_dir(folder)), "--limit", "6"],
     ],
     fixture="eval_command",

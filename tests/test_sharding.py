@@ -11,7 +11,7 @@ from pathlib import Path
 
 import background
 import pytest
-from helpers import LOGIT_ATOL, free_port
+from helpers import LOGIT_ATOL, default_model, free_port
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -76,14 +76,16 @@ def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
         check_rules(axes, {**RULES, "embed": "tp"})
 
 
-def _worker(folder: Path) -> list[str]:
-    from xlaserve.checkpoints import registry
-
-    model = registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
-    return [sys.executable, str(Path(__file__).parent / "sharding_worker.py"), str(model), str(folder)]
-
-
-WORKER = background.Job(_worker, fixture="results", timeout=2400)
+WORKER = background.Job(
+    lambda folder: [
+        sys.executable,
+        str(Path(__file__).parent / "sharding_worker.py"),
+        default_model(),
+        str(folder),
+    ],
+    fixture="results",
+    timeout=2400,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +148,7 @@ DISTRIBUTED_PROMPTS = ["The capital of France is", "def add(a, b):"]
 
 def _two_processes(folder: Path) -> list[list[str]]:
     """`xlaserve generate` at tp=4 over two processes with two CPU devices each (XLA_FLAGS below)."""
-    from xlaserve.checkpoints import registry
-
-    model = registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
-    flags = ["--model", str(model), "--mesh", "tp=4", "--max-slots", "2", "--max-model-len", "256"]
+    flags = ["--model", default_model(), "--mesh", "tp=4", "--max-slots", "2", "--max-model-len", "256"]
     flags += ["--prefill-buckets", "32", "--coordinator", f"127.0.0.1:{free_port()}"]
     flags += ["--num-processes", "2", "--output", "json", "--max-tokens", "12", "--ignore-eos"]
     cmd = [sys.executable, "-m", "xlaserve.cli", "generate", *flags]
