@@ -83,10 +83,12 @@ def test_256_streams_queue_while_probes_and_stats_answer():
 
 
 async def reflection_stream(channel) -> tuple:
-    """An idle reflection stream: one request, then left open. (its first reply or its error, call)"""
+    """An idle reflection stream: one request, then left open. (its first reply or its error, call)
+    A stream the server refuses at once can fail in the client's write rather than its read; gRPC
+    then reports INTERNAL ("Failed execute_batch") instead of the server's status (seen once in CI)."""
     call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
-    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
     try:
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
         return await call.read(), call
     except grpc.aio.AioRpcError as e:
         return e, call
@@ -119,8 +121,10 @@ def test_a_keyed_client_gets_through_300_unauthenticated_streams():
     try:
         replies, refused, out, health, stats, with_no_key = asyncio.run(run())
         assert len(replies) == MAX_OPEN_STREAMS and len(refused) == 300 - MAX_OPEN_STREAMS
-        assert all(e.code() == Code.RESOURCE_EXHAUSTED for e in refused)
-        assert f"the limit is {MAX_OPEN_STREAMS} (--max-open-streams)" in refused[0].details()
+        # Each refused by the server (counted below); a few may show the lost write race's INTERNAL.
+        assert all(e.code() in (Code.RESOURCE_EXHAUSTED, Code.INTERNAL) for e in refused)
+        exhausted = [e for e in refused if e.code() == Code.RESOURCE_EXHAUSTED]
+        assert exhausted and f"the limit is {MAX_OPEN_STREAMS} (--max-open-streams)" in exhausted[0].details()
         assert out.token_ids == [41, 42, 43]
         assert health.status == health_pb2.HealthCheckResponse.SERVING and stats.slots_total == 4
         assert with_no_key == Code.UNAUTHENTICATED
