@@ -4,10 +4,11 @@ the HF transformers reference loading the same GGUF file."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import background
 import pytest
-from helpers import TEST_ENGINE
+from helpers import TEST_ENGINE, default_model
 
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
@@ -49,7 +50,7 @@ def model_path():
     from xlaserve.checkpoints import registry
 
     try:
-        return registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None)
+        return Path(default_model())
     except registry.PullError as e:
         pytest.fail(f"the default model is required for the test suite and could not be pulled: {e}")
 

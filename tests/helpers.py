@@ -70,8 +70,9 @@ def hf_greedy(hf_model, ids, n: int) -> list[int]:
 
 
 def default_model() -> str:
-    """The default model's file in the model cache (`make test` pulls it before the suite): for the
-    argv of a background job (tests/background.py), built before any fixture runs."""
+    """The default model's file in the model cache (`make test` pulls it before the suite): the
+    `model_path` fixture, and the argv of a background job (tests/background.py), built before any
+    fixture runs. Raises registry.PullError where it cannot be pulled."""
     from xlaserve.checkpoints import registry
 
     return str(registry.resolve(registry.DEFAULT_MODEL, log=lambda m: None))
