@@ -13,7 +13,9 @@
 // with the dequantized weights. The sum for one (m, n) is the same whatever M, the thread count or
 // the rows' split: batch-invariant and deterministic.
 //
-// Rows n are split into tasks on XLA's intra-op thread pool (parallel.h).
+// Rows n are split into tasks on XLA's intra-op thread pool (parallel.h). Where the CPU has AVX-512
+// the rows run at 16 lanes (quant_gemv_avx512.h), else at 8 (RowsR here): each is deterministic and
+// batch-invariant on its own, and the two round their sums in different orders.
 
 #include <algorithm>
 #include <cstdint>
@@ -28,8 +30,22 @@ namespace ffi = xla::ffi;
 namespace {
 
 enum Kind : int64_t { kQ8 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+// Which rows code runs (attribute isa): the best this CPU has, or one named (tests run both).
+enum Isa : int64_t { kBestIsa = 0, kAvx2 = 1, kAvx512 = 2 };
 // Rows of x sharing each converted sub-block (more than 4 spill the 16 AVX2 registers, measured).
 constexpr int kMaxRows = 4;
+// How far ahead of the block being read the rows code asks for W's bytes (and a row's scales and
+// mins as many rows ahead as that is). On a VM core whose weights stream from DRAM (SmolLM2's
+// layers, 24k rows of 576) the hardware prefetchers alone left a Q4_1 row loop at ~55% of a plain
+// read's bandwidth; 8 KiB ahead ran it at the read's 9-10 GB/s (2 KiB: 7.2, 4 KiB: 7.1; measured on
+// one core of an Emerald Rapids VM). A prefetch never faults, past the matrix's end included.
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline void PrefetchRowScales(const void* scale, const void* min, int64_t row, int64_t nb, int64_t scale_bytes) {
+  const int64_t at = row * nb * scale_bytes;
+  _mm_prefetch(static_cast<const char*>(scale) + at, _MM_HINT_T0);
+  if (min) _mm_prefetch(static_cast<const char*>(min) + at, _MM_HINT_T0);
+}
 
 // AVX2 + FMA (8 float lanes), F16C for float16 scales; the Python side uses this kernel only where
 // the CPU has all three (build.REQUIRED_CPU_FLAGS).
@@ -118,15 +134,18 @@ void RowsR(const Args& a, int64_t n0, int64_t n1, int64_t m0) {
     masks[h] = _mm256_setr_epi32(15 << lo, 15 << lo, 15 << lo, 15 << lo, 15 << hi, 15 << hi, 15 << hi, 15 << hi);
     eights[h] = _mm256_setr_epi32(8 << lo, 8 << lo, 8 << lo, 8 << lo, 8 << hi, 8 << hi, 8 << hi, 8 << hi);
   }
+  const int64_t rows_ahead = std::max<int64_t>(1, kPrefetchBytes / a.row_bytes);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.data + n * a.row_bytes;
     const Sc* d = static_cast<const Sc*>(a.scale) + n * nb;
+    PrefetchRowScales(a.scale, kHasMin ? a.min : nullptr, n + rows_ahead, nb, sizeof(Sc));
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t s = 0, b = 0, left = per_block; s < subs; ++s) {
       const __m256 db = _mm256_set1_ps(ToFloat(d[b]));
       if (--left == 0) ++b, left = per_block;
       const uint8_t* qs = q + s * sub_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(qs) + kPrefetchBytes, _MM_HINT_T0);
       __m256 v[kParts];
       if constexpr (kPacked) {
         // lane order (runtime/quant.py `to_lanes`): 32-bit word i (0-3) of the block's 16 bytes
@@ -176,29 +195,36 @@ void Rows(const Args& a, int64_t n0, int64_t n1) {
   }
 }
 
+#include "quant_gemv_avx512.h"
+
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
+// The rows function for a layout; wide: AVX-512's (sub-blocks of 16 * kParts values), else AVX2's.
 template <typename Sc, int kKind, bool kPacked, bool kHasMin>
-RowsFn PickS(int64_t s) {
+RowsFn PickS(int64_t s, bool wide) {
+  if (wide) {
+    if constexpr (kPacked) return Rows512<Sc, kKind, true, kHasMin, 2>;
+    return s == 32 ? Rows512<Sc, kKind, false, kHasMin, 2> : Rows512<Sc, kKind, false, kHasMin, 1>;
+  }
   if constexpr (kPacked) return Rows<Sc, kKind, true, kHasMin, 4>;
   return s == 32 ? Rows<Sc, kKind, false, kHasMin, 4> : Rows<Sc, kKind, false, kHasMin, 2>;
 }
 
 template <typename Sc>
-RowsFn PickKind(int64_t kind, bool packed, bool has_min, int64_t s) {
-  if (kind == kQ8) return has_min ? PickS<Sc, kQ8, false, true>(s) : PickS<Sc, kQ8, false, false>(s);
-  if (kind == kQ4_0) return packed ? PickS<Sc, kQ4_0, true, false>(s) : PickS<Sc, kQ4_0, false, false>(s);
-  return packed ? PickS<Sc, kQ4_1, true, true>(s) : PickS<Sc, kQ4_1, false, true>(s);
+RowsFn PickKind(int64_t kind, bool packed, bool has_min, int64_t s, bool wide) {
+  if (kind == kQ8) return has_min ? PickS<Sc, kQ8, false, true>(s, wide) : PickS<Sc, kQ8, false, false>(s, wide);
+  if (kind == kQ4_0) return packed ? PickS<Sc, kQ4_0, true, false>(s, wide) : PickS<Sc, kQ4_0, false, false>(s, wide);
+  return packed ? PickS<Sc, kQ4_1, true, true>(s, wide) : PickS<Sc, kQ4_1, false, true>(s, wide);
 }
 
-RowsFn Pick(bool half, int64_t kind, bool packed, bool has_min, int64_t s) {
-  return half ? PickKind<uint16_t>(kind, packed, has_min, s) : PickKind<float>(kind, packed, has_min, s);
+RowsFn Pick(bool half, int64_t kind, bool packed, bool has_min, int64_t s, bool wide) {
+  return half ? PickKind<uint16_t>(kind, packed, has_min, s, wide) : PickKind<float>(kind, packed, has_min, s, wide);
 }
 
 // One matrix's checks and Args (x, x_sums, m and k set by the caller).
 ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& min,
                 ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t l, int64_t kind, int64_t block, bool packed,
-                bool has_min, Args& a, RowsFn& fn) {
+                bool has_min, bool wide, Args& a, RowsFn& fn) {
   auto dd = data.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (dd.size() != 3 || sd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("quant_gemv: data and scale must be [L, N, *], y [M, N]");
@@ -218,7 +244,7 @@ ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const f
   a.min = has_min ? static_cast<const uint8_t*>(min.untyped_data()) + l * n * nb * scale_bytes : nullptr;
   a.y = y->typed_data();
   a.n = n, a.block = block;
-  fn = Pick(half, kind, packed, has_min, std::min<int64_t>(block, 32));
+  fn = Pick(half, kind, packed, has_min, std::min<int64_t>(block, 32), wide);
   return ffi::Error::Success();
 }
 
@@ -228,7 +254,7 @@ ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const f
 // are made once. Each y_g is what a call with W_g alone gives (the same RowsR per row).
 ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                      ffi::RemainingArgs operands, ffi::RemainingRets results, int64_t kind, int64_t block,
-                     bool packed, bool has_min) {
+                     bool packed, bool has_min, int64_t isa) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("quant_gemv: x must be [M, K]");
   const int64_t m = xd[0], k = xd[1], count = static_cast<int64_t>(results.size());
@@ -238,6 +264,11 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     return ffi::Error::InvalidArgument("quant_gemv: unsupported kind/block/packing");
   if (count == 0 || static_cast<int64_t>(operands.size()) != 3 * count)
     return ffi::Error::InvalidArgument("quant_gemv: give data, scale and min for each result");
+  static const bool has_avx512 = HasAvx512();
+  if (isa < kBestIsa || isa > kAvx512) return ffi::Error::InvalidArgument("quant_gemv: isa must be 0, 1 or 2");
+  if (isa == kAvx512 && !has_avx512)
+    return ffi::Error::InvalidArgument("quant_gemv: isa=avx512 asked for, but this CPU lacks AVX-512F/DQ");
+  const bool wide = isa == kAvx512 || (isa == kBestIsa && has_avx512);
 
   Args shared{};
   shared.m = m, shared.k = k;
@@ -257,7 +288,7 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   std::vector<float> scaled;
   if (packed) {
     scaled.resize(m * k);
-    Prescale(x.typed_data(), m * k, scaled.data());
+    (wide ? Prescale512 : Prescale)(x.typed_data(), m * k, scaled.data());
     shared.x = scaled.data();
   }
   const int64_t l = *layer.typed_data();
@@ -272,7 +303,7 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     auto y = results.get<ffi::Buffer<ffi::F32>>(g);
     if (!data.has_value() || !scale.has_value() || !min.has_value() || !y.has_value())
       return ffi::Error::InvalidArgument("quant_gemv: operands must be arrays, results float32 arrays");
-    ffi::Error err = Bind(*data, *scale, *min, *y, l, kind, block, packed, has_min, args[g], fns[g]);
+    ffi::Error err = Bind(*data, *scale, *min, *y, l, kind, block, packed, has_min, wide, args[g], fns[g]);
     if (err.failure()) return err;
     first[g + 1] = first[g] + (args[g].n + per_task - 1) / per_task;
   }
@@ -296,4 +327,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveQuantGemv, QuantGemv,
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("block")
                                   .Attr<bool>("packed")
-                                  .Attr<bool>("has_min"));
+                                  .Attr<bool>("has_min")
+                                  .Attr<int64_t>("isa"));

@@ -10,6 +10,8 @@ back exactly gguf's dequantized weight.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,10 @@ import numpy as np
 from xlaserve.cpu_kernels import build
 
 KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+# Which of the kernel's codes runs: "best" (AVX-512 where the CPU has it, else AVX2), or one named
+# (tests compare both; naming avx512 on a CPU without it is an error, not a silent fallback).
+# XLASERVE_CPU_ISA sets the default for programs traced after it is set (benchmarks compare both).
+ISAS = {"best": 0, "avx2": 1, "avx512": 2}
 # Rows of x above which XLA's GEMM (its dequantization spread over many rows) is the better path.
 MAX_ROWS = 16
 
@@ -31,15 +37,31 @@ def supported(kind: str, block: int, packed: bool, lanes: bool = False) -> bool:
     return block % 16 == 0 and (block <= 32 or block % 32 == 0)
 
 
-def quant_gemv(x, data, scale, min, layer, *, kind: str, block: int, packed: bool, lanes: bool = False):
+def quant_gemv(
+    x,
+    data,
+    scale,
+    min,
+    layer,
+    *,
+    kind: str,
+    block: int,
+    packed: bool,
+    lanes: bool = False,
+    isa: str | None = None,
+):
     """x float32 [M, K]; data [L, N, K] (uint8, int8 for q8_0) or [L, N, K/2] (packed in lane
     order), scale and min [L, N, K/block], both float32 or both float16 (min None: none); layer
     int32 scalar in [0, L). Returns float32 [M, N]."""
-    (y,) = quant_gemvs(x, [(data, scale, min)], layer, kind=kind, block=block, packed=packed, lanes=lanes)
+    (y,) = quant_gemvs(
+        x, [(data, scale, min)], layer, kind=kind, block=block, packed=packed, lanes=lanes, isa=isa
+    )
     return y
 
 
-def quant_gemvs(x, matrices, layer, *, kind: str, block: int, packed: bool, lanes: bool = False) -> list:
+def quant_gemvs(
+    x, matrices, layer, *, kind: str, block: int, packed: bool, lanes: bool = False, isa: str | None = None
+) -> list:
     """[x @ W[layer]^T for W in matrices] in one call of the kernel: matrices are (data, scale, min)
     as `quant_gemv` takes them, of one layout (kind, block, packing, with or without a min) and one
     K; their rows share the call's threads (a layer's q, k and v: one wake of the pool, not three).
@@ -48,6 +70,9 @@ def quant_gemvs(x, matrices, layer, *, kind: str, block: int, packed: bool, lane
     m, k = x.shape
     if not supported(kind, block, packed, lanes):
         raise ValueError(f"quant_gemv does not take {kind} blocks of {block} ({packed=}, {lanes=})")
+    isa = isa or os.environ.get("XLASERVE_CPU_ISA", "best")
+    if isa not in ISAS:
+        raise ValueError(f"quant_gemv: isa must be one of {sorted(ISAS)}, not {isa!r}")
     if not matrices or len({mn is None for _, _, mn in matrices}) != 1:
         raise ValueError("quant_gemvs: give one or more matrices, all with a min or all without")
     operands, shapes = [], []
@@ -71,5 +96,6 @@ def quant_gemvs(x, matrices, layer, *, kind: str, block: int, packed: bool, lane
             block=np.int64(block),
             packed=packed,
             has_min=matrices[0][2] is not None,
+            isa=np.int64(ISAS[isa]),
         )
     )

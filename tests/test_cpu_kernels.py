@@ -31,6 +31,11 @@ LAYOUTS = [  # (quantize kind, block, packed in lane order): GGUF's types (check
 ]
 
 
+# The kernel's codes this host runs: AVX2 everywhere, AVX-512 where the CPU has it ("best" picks it).
+HAS_AVX512 = {"avx512f", "avx512dq"} <= build.cpu_flags()
+ISAS = ["avx2", "avx512"] if HAS_AVX512 else ["avx2"]
+
+
 def test_the_kernel_builds_and_runs_on_this_machine():
     assert build.unavailable() is None, build.unavailable()
     assert build.library().exists()
@@ -46,44 +51,68 @@ def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0, scales=jnp.float3
     return dataclasses.replace(q, data=jnp.asarray(q.data), scale=cast(q.scale), min=cast(q.min))
 
 
-def _call(x, w, layer):
-    call = lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed, lanes=w.lanes)
+def _call(x, w, layer, isa="best"):
+    call = lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed, lanes=w.lanes, isa=isa)
     return jax.jit(call)(x, w, layer)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scales", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
-def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales):
+def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales, isa):
     # x = the identity: row k of y is column k of W, one product by 1.0 plus zeros: exact
     w = _stack(kind, block, packed, scales=scales)
     want = np.asarray(quant.dequantize(quant.map_quant(lambda a: a[2], w)))  # [N, K]
     k = want.shape[1]
     eye = jnp.eye(k, dtype=jnp.float32)
-    got = np.concatenate([np.asarray(_call(eye[i : i + 16], w, 2)) for i in range(0, k, 16)])
+    got = np.concatenate([np.asarray(_call(eye[i : i + 16], w, 2, isa)) for i in range(0, k, 16)])
     np.testing.assert_array_equal(got, want.T)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
 @pytest.mark.parametrize(
     "rows,scales", [(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)]
 )
-def test_products_match_a_float64_reference(kind, block, packed, rows, scales):
+def test_products_match_a_float64_reference(kind, block, packed, rows, scales, isa):
     w = _stack(kind, block, packed, scales=scales)
     x = np.random.default_rng(rows).standard_normal((rows, w.shape[-1])).astype(np.float32)
     for layer in (0, 2):
         dense = quant.dequantize(quant.LayerOf(w, jnp.asarray(layer)).sliced())
         ref = x.astype(np.float64) @ np.asarray(dense, np.float64).T
-        got = np.asarray(_call(jnp.asarray(x), w, layer))
+        got = np.asarray(_call(jnp.asarray(x), w, layer, isa))
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
-def test_a_rows_result_does_not_depend_on_the_batch_around_it():
-    w = _stack("q4_1", 32, False, n=300)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_rows_result_does_not_depend_on_the_batch_around_it(packed, isa):
+    w = _stack("q4_1", 32, packed, n=301)  # odd: AVX-512's rows of W run in pairs, and one alone
     x = jnp.asarray(np.random.default_rng(1).standard_normal((11, w.shape[-1])), jnp.float32)
-    whole = np.asarray(_call(x, w, 1))
+    whole = np.asarray(_call(x, w, 1, isa))
     for i in range(11):
-        np.testing.assert_array_equal(np.asarray(_call(x[i : i + 1], w, 1)), whole[i : i + 1])
-    np.testing.assert_array_equal(np.asarray(_call(x[3:8], w, 1)), whole[3:8])
+        np.testing.assert_array_equal(np.asarray(_call(x[i : i + 1], w, 1, isa)), whole[i : i + 1])
+    np.testing.assert_array_equal(np.asarray(_call(x[3:8], w, 1, isa)), whole[3:8])
+    for n in (0, 299, 300):  # each row of W alone (no pair) gives the same sums
+        alone = jax.tree.map(lambda a, n=n: a[:, n : n + 1], w)
+        np.testing.assert_array_equal(np.asarray(_call(x, alone, 1, isa))[:, 0], whole[:, n])
+
+
+def test_best_is_avx512_where_the_cpu_has_it_and_avx512_elsewhere_is_refused_by_name():
+    """ "best" is AVX-512 on a CPU with it (bit-identical results), AVX2 elsewhere; asking for
+    AVX-512 on a CPU without it is an error that names it, never a silent fallback."""
+    w = _stack("q4_1", 32, True, n=64)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((3, w.shape[-1])), jnp.float32)
+    best = np.asarray(_call(x, w, 0))
+    if HAS_AVX512:
+        np.testing.assert_array_equal(best, np.asarray(_call(x, w, 0, "avx512")))
+        np.testing.assert_allclose(best, np.asarray(_call(x, w, 0, "avx2")), rtol=1e-6, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(best, np.asarray(_call(x, w, 0, "avx2")))
+        with pytest.raises(Exception, match="lacks AVX-512F/DQ"):
+            _call(x, w, 0, "avx512")
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _call(x, w, 0, "sse")
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
