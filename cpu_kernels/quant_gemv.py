@@ -72,7 +72,7 @@ def quant_gemvs(
         raise ValueError(f"quant_gemv does not take {kind} blocks of {block} ({packed=}, {lanes=})")
     isa = isa or os.environ.get("XLASERVE_CPU_ISA", "best")
     if isa not in ISAS:
-        raise ValueError(f"quant_gemv: isa must be one of {sorted(ISAS)}, not {isa!r}")
+        raise ValueError(f"quant_gemv: isa (or $XLASERVE_CPU_ISA) must be one of {sorted(ISAS)}, not {isa!r}")
     if not matrices or len({mn is None for _, _, mn in matrices}) != 1:
         raise ValueError("quant_gemvs: give one or more matrices, all with a min or all without")
     operands, shapes = [], []

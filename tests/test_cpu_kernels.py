@@ -51,7 +51,7 @@ def _stack(kind, block, packed, layers=3, n=96, k=128, seed=0, scales=jnp.float3
     return dataclasses.replace(q, data=jnp.asarray(q.data), scale=cast(q.scale), min=cast(q.min))
 
 
-def _call(x, w, layer, isa="best"):
+def _call(x, w, layer, isa=None):
     call = lambda x, w, i: quant_gemv(x, *w.arrays, i, **w.layout, packed=w.packed, lanes=w.lanes, isa=isa)
     return jax.jit(call)(x, w, layer)
 
@@ -111,8 +111,21 @@ def test_best_is_avx512_where_the_cpu_has_it_and_avx512_elsewhere_is_refused_by_
         np.testing.assert_array_equal(best, np.asarray(_call(x, w, 0, "avx2")))
         with pytest.raises(Exception, match="lacks AVX-512F/DQ"):
             _call(x, w, 0, "avx512")
-    with pytest.raises(ValueError, match="isa must be one of"):
+    with pytest.raises(ValueError, match=r"isa \(or \$XLASERVE_CPU_ISA\) must be one of"):
         _call(x, w, 0, "sse")
+
+
+def test_the_environment_picks_the_code_for_programs_traced_after_it(monkeypatch):
+    w = _stack("q4_1", 32, True, n=64)
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, w.shape[-1])), jnp.float32)
+    for isa in ISAS:
+        monkeypatch.setenv("XLASERVE_CPU_ISA", isa)
+        np.testing.assert_array_equal(np.asarray(_call(x, w, 1)), np.asarray(_call(x, w, 1, isa)))
+    monkeypatch.setenv("XLASERVE_CPU_ISA", "avx")
+    with pytest.raises(
+        ValueError, match=r"XLASERVE_CPU_ISA\) must be one of \['avx2', 'avx512', 'best'\], not 'avx'"
+    ):
+        _call(x, w, 1)
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
