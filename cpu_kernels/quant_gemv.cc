@@ -62,12 +62,16 @@ inline __m256 FloatsLess8(__m128i v) {
 // and 8h + 4; part 3 is shifted right by 4 first (bits 28-31 would read as a negative int32).
 constexpr int Position(int v) { return (v / 8 < 3 ? 8 * (v / 8) : 20) + 4 * (v % 8 >= 4); }
 
-// The x the packed path multiplies: x[k] * 2^-Position(k % 32), so that x' * (q * 2^p) is x * q
-// exactly (both factors scaled by powers of two; only an |x| below 2^-102, whose products are below
-// any sum's last bit, would lose bits as a subnormal).
-void Prescale(const float* x, int64_t count, float* out) {
+// The same for the AVX-512 rows (quant_gemv_avx512.h): value v kept in place at bit 4 * (v / 4).
+constexpr int Position512(int v) { return 4 * (v / 4); }
+
+// The x the packed path multiplies: x[k] * 2^-Position(k % 32) (wide: Position512), so that
+// x' * (q * 2^p) is x * q exactly (both factors scaled by powers of two; only an |x| below 2^-98,
+// whose products are below any sum's last bit, would lose bits as a subnormal).
+void Prescale(const float* x, int64_t count, float* out, bool wide) {
   float scale[32];
-  for (int v = 0; v < 32; ++v) scale[v] = 1.0f / static_cast<float>(int64_t{1} << Position(v));
+  for (int v = 0; v < 32; ++v)
+    scale[v] = 1.0f / static_cast<float>(int64_t{1} << (wide ? Position512(v) : Position(v)));
   for (int64_t i = 0; i < count; ++i) out[i] = x[i] * scale[i % 32];
 }
 
@@ -288,7 +292,7 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   std::vector<float> scaled;
   if (packed) {
     scaled.resize(m * k);
-    (wide ? Prescale512 : Prescale)(x.typed_data(), m * k, scaled.data());
+    Prescale(x.typed_data(), m * k, scaled.data(), wide);
     shared.x = scaled.data();
   }
   const int64_t l = *layer.typed_data();

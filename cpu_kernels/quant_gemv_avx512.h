@@ -1,5 +1,5 @@
-// AVX-512 rows of quant_gemv.cc (included there, after Args, ToFloat, HorizontalSum and Dot): the same
-// factored product, 16 float lanes a vector. Compiled for AVX-512F/DQ by a target attribute and run
+// AVX-512 rows of quant_gemv.cc (included there, after Args, Position512, HorizontalSum and Dot):
+// the same factored product, 16 float lanes a vector. Compiled for AVX-512F/DQ by a target attribute and run
 // only where the CPU has both (`HasAvx512`), so the library still loads on AVX2-only hosts.
 //
 // Per block of 32 values: 2 integer ops and 2 exact conversions (AVX2's RowsR: 4 + 4 and a shift),
@@ -9,7 +9,7 @@
 // Packed blocks (lane order, runtime/quant_layouts.py `to_lanes`): the 16 bytes are broadcast to the
 // four 128-bit quarters; lane j of vector a keeps bits 4j..4j+3 of its word (values 0-15), lane j of
 // b bits 16 + 4j' (values 16-31), so value v stays at bit Position512(v) = 4 * (v / 4) and converts
-// exactly (b's top nibble as unsigned). x comes prescaled by 2^-Position512 (`Prescale512`).
+// exactly (b's top nibble as unsigned). x comes prescaled by 2^-Position512 (`Prescale`).
 //
 // Sums for row (m, n): t = x_lo * a + x_hi * b per block (16 lanes), acc = d * t + acc in block
 // order, the 16 lanes summed (`HorizontalSum512`), then the mins (`Dot`): the same whatever R, the
@@ -21,14 +21,6 @@
 inline bool HasAvx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-}
-
-constexpr int Position512(int v) { return 4 * (v / 4); }
-
-void Prescale512(const float* x, int64_t count, float* out) {
-  float scale[32];
-  for (int v = 0; v < 32; ++v) scale[v] = 1.0f / static_cast<float>(int64_t{1} << Position512(v));
-  for (int64_t i = 0; i < count; ++i) out[i] = x[i] * scale[i % 32];
 }
 
 XLASERVE_AVX512 inline float HorizontalSum512(__m512 v) {
