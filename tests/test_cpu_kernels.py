@@ -170,6 +170,28 @@ def test_matrices_of_one_input_share_one_call_and_give_each_ones_result():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(quant.linear(rows, w, kernels=native)))
 
 
+def test_calls_back_to_back_and_from_many_threads_each_get_their_own_result():
+    """The pool's helpers stay parked between calls and take the latest one posted (parallel.h):
+    calls a few us apart in one program, and programs running at once on several threads, each
+    give what the same call gives alone."""
+    import concurrent.futures
+
+    w = _stack("q4_1", 32, True, layers=4, n=2048, k=128)  # 4 tasks a call
+
+    @jax.jit
+    def chain(x):  # 16 dependent calls: each one's input is the last one's output
+        for i in range(16):
+            x = _call(x, w, i % 4)[:, :128] * 1e-2
+        return x
+
+    xs = [jnp.asarray(np.random.default_rng(s).standard_normal((2, 128)), jnp.float32) for s in range(6)]
+    alone = [np.asarray(chain(x)) for x in xs]
+    with concurrent.futures.ThreadPoolExecutor(len(xs)) as pool:
+        for _ in range(5):
+            for got, want in zip(pool.map(lambda x: np.asarray(chain(x)), xs), alone, strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
 def test_layouts_it_does_not_take_are_refused_by_name():
     assert not supported("q8_0", 32, packed=True) and not supported("q4_1", 16, packed=True)
     assert not supported("q4_1", 32, packed=True, lanes=False)  # GGUF's order: XLA's path
