@@ -1,10 +1,14 @@
 // Tasks on XLA's intra-op thread pool, for our XLA:CPU custom calls.
 //
 // ParallelFor(pool, count, fn) runs fn(i) for every i in [0, count) and returns when all have run.
-// Tasks are claimed from a counter by the calling thread and by up to num_threads - 1 helpers; the
-// caller waits only for tasks a helper has claimed (and is running), so a pool whose threads all sit
-// in such a call cannot deadlock. A helper that comes after the last task was claimed finds none
-// (the shared state outlives the call).
+// The tasks are cut into as many contiguous parts as threads take part (the caller and up to
+// num_threads - 1 helpers); each thread claims from its own part's counter, in order, then from the
+// others'. So a thread streams neighbouring rows (its prefetches run on into its own next task), and
+// a batch-1 attention step's query heads of one kv head mostly stay on one thread, which reads that
+// head's K/V once (context 2048: 56-61 -> 61-63 tok/s against one shared counter). The caller waits
+// only for tasks a helper has claimed (and is running), so a pool whose threads all sit in such a
+// call cannot deadlock. A helper that comes after the last task was claimed finds none (the shared
+// state outlives the call). Which thread runs a task never changes its result.
 //
 // Waking a sleeping thread costs ~20 us on a VM: as much as a small layer's whole GEMV, and a decode
 // step makes ~150 calls a few us apart. So neither side sleeps at once:
@@ -49,20 +53,34 @@ bool SpinFor(Done done) {
   }
 }
 
+struct alignas(64) Part {  // the unclaimed tasks [next, end) of one part; a cache line of its own
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 struct Tasks {
   std::function<void(int64_t)> fn;
-  int64_t count = 0;
-  std::atomic<int64_t> next{0};
+  int64_t count = 0, parts = 1;
+  std::unique_ptr<Part[]> part;
+  std::atomic<int64_t> arrived{0};
   std::atomic<int64_t> done{0};
   std::mutex mu;
   std::condition_variable cv;
 
+  Tasks(std::function<void(int64_t)> f, int64_t n, int64_t p) : fn(std::move(f)), count(n), parts(p), part(new Part[p]) {
+    for (int64_t i = 0; i < p; ++i) part[i].next = i * n / p, part[i].end = (i + 1) * n / p;
+  }
+
   void Drain() {
-    for (int64_t i; (i = next.fetch_add(1)) < count;) {
-      fn(i);
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
+    const int64_t first = arrived.fetch_add(1) % parts;
+    for (int64_t j = 0; j < parts; ++j) {
+      Part& pt = part[(first + j) % parts];
+      for (int64_t i; (i = pt.next.fetch_add(1)) < pt.end;) {
+        fn(i);
+        if (done.fetch_add(1) + 1 == count) {
+          std::lock_guard<std::mutex> lock(mu);
+          cv.notify_all();
+        }
       }
     }
   }
@@ -100,10 +118,8 @@ inline void Help(std::shared_ptr<Tasks> tasks) {
 
 inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> fn) {
   if (count <= 0) return;
-  auto tasks = std::make_shared<Tasks>();
-  tasks->fn = std::move(fn);
-  tasks->count = count;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  auto tasks = std::make_shared<Tasks>(std::move(fn), count, helpers + 1);
   Park& park = ThePark();
   int64_t parked = 0;
   if (helpers > 0) {
