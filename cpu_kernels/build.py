@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name(n) for n in ("quant_gemv.cc", "paged_attention.cc")]
-HEADERS = [Path(__file__).with_name(n) for n in ("parallel.h", "quant_gemv_avx512.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("parallel.h", "quant_gemv_avx512.h", "quant_gemm_avx512.h")]
 TARGET = "xlaserve_quant_gemv"
 ATTENTION_TARGET = "xlaserve_paged_attention"
 TARGETS = {TARGET: "XlaserveQuantGemv", ATTENTION_TARGET: "XlaservePagedAttention"}  # target -> symbol

@@ -200,6 +200,7 @@ void Rows(const Args& a, int64_t n0, int64_t n1) {
 }
 
 #include "quant_gemv_avx512.h"
+#include "quant_gemm_avx512.h"
 
 using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
@@ -228,7 +229,7 @@ RowsFn Pick(bool half, int64_t kind, bool packed, bool has_min, int64_t s, bool 
 // One matrix's checks and Args (x, x_sums, m and k set by the caller).
 ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& min,
                 ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t l, int64_t kind, int64_t block, bool packed,
-                bool has_min, bool wide, Args& a, RowsFn& fn) {
+                bool has_min, bool wide, Args& a, RowsFn& fn, GemmFn& gemm) {
   auto dd = data.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (dd.size() != 3 || sd.size() != 3 || yd.size() != 2)
     return ffi::Error::InvalidArgument("quant_gemv: data and scale must be [L, N, *], y [M, N]");
@@ -249,6 +250,7 @@ ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const f
   a.y = y->typed_data();
   a.n = n, a.block = block;
   fn = Pick(half, kind, packed, has_min, std::min<int64_t>(block, 32), wide);
+  gemm = PickGemm(half, kind, packed, has_min);
   return ffi::Error::Success();
 }
 
@@ -274,32 +276,43 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     return ffi::Error::InvalidArgument("quant_gemv: isa=avx512 asked for, but this CPU lacks AVX-512F/DQ");
   const bool wide = isa == kAvx512 || (isa == kBestIsa && has_avx512);
 
+  // More than kMaxGemvRows rows on AVX-512: each weight dequantized once a call, then register
+  // tiles (quant_gemm_avx512.h); x packed into blocks first, a task per block.
+  const bool gemm = wide && m > kMaxGemvRows;
   Args shared{};
   shared.m = m, shared.k = k;
-  std::vector<float> x_sums;
-  if (has_min) {  // each block's sum of x, in order, once for all rows n
-    const int64_t nb = k / block;
-    x_sums.resize(m * nb);
-    for (int64_t i = 0; i < m * nb; ++i) {
-      const float* xb = x.typed_data() + i * block;
-      float t = 0.0f;
-      for (int64_t j = 0; j < block; ++j) t += xb[j];
-      x_sums[i] = t;
-    }
-    shared.x_sums = x_sums.data();
-  }
+  std::vector<float> x_sums, scaled, xp;
   shared.x = x.typed_data();
-  std::vector<float> scaled;
-  if (packed) {
-    scaled.resize(m * k);
-    Prescale(x.typed_data(), m * k, scaled.data(), wide);
-    shared.x = scaled.data();
+  if (gemm) {
+    const int64_t blocks = (m + kTileM - 1) / kTileM;
+    xp.resize(blocks * k * kTileM);
+    xlaserve::ParallelFor(pool, blocks, [&](int64_t b) { PackBlock512(x.typed_data(), m, k, b, xp.data()); });
+  } else {
+    if (has_min) {  // each block's sum of x, in order, once for all rows n
+      const int64_t nb = k / block;
+      x_sums.resize(m * nb);
+      for (int64_t i = 0; i < m * nb; ++i) {
+        const float* xb = x.typed_data() + i * block;
+        float t = 0.0f;
+        for (int64_t j = 0; j < block; ++j) t += xb[j];
+        x_sums[i] = t;
+      }
+      shared.x_sums = x_sums.data();
+    }
+    if (packed) {
+      scaled.resize(m * k);
+      Prescale(x.typed_data(), m * k, scaled.data(), wide);
+      shared.x = scaled.data();
+    }
   }
   const int64_t l = *layer.typed_data();
-  // ~64 Ki weights a task: enough tasks to balance, few enough to keep the counter cold.
-  const int64_t per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
+  // ~64 Ki weights a task: enough tasks to balance, few enough to keep the counter cold (the GEMM
+  // path's a whole number of tiles: its dequantized rows, 256 KiB, stay in L2).
+  int64_t per_task = std::max<int64_t>(1, (int64_t{1} << 16) / k);
+  if (gemm) per_task = (per_task + kTileN - 1) / kTileN * kTileN;
   std::vector<Args> args(count, shared);
   std::vector<RowsFn> fns(count);
+  std::vector<GemmFn> gemms(count);
   std::vector<int64_t> first(count + 1, 0);  // matrix g's tasks are [first[g], first[g + 1])
   for (int64_t g = 0; g < count; ++g) {
     auto data = operands.get<ffi::AnyBuffer>(3 * g), scale = operands.get<ffi::AnyBuffer>(3 * g + 1),
@@ -307,14 +320,16 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     auto y = results.get<ffi::Buffer<ffi::F32>>(g);
     if (!data.has_value() || !scale.has_value() || !min.has_value() || !y.has_value())
       return ffi::Error::InvalidArgument("quant_gemv: operands must be arrays, results float32 arrays");
-    ffi::Error err = Bind(*data, *scale, *min, *y, l, kind, block, packed, has_min, wide, args[g], fns[g]);
+    ffi::Error err =
+        Bind(*data, *scale, *min, *y, l, kind, block, packed, has_min, wide, args[g], fns[g], gemms[g]);
     if (err.failure()) return err;
     first[g + 1] = first[g] + (args[g].n + per_task - 1) / per_task;
   }
   xlaserve::ParallelFor(pool, first[count], [&](int64_t t) {
     const int64_t g = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
-    const int64_t n0 = (t - first[g]) * per_task;
-    fns[g](args[g], n0, std::min(args[g].n, n0 + per_task));
+    const int64_t n0 = (t - first[g]) * per_task, n1 = std::min(args[g].n, n0 + per_task);
+    if (gemm) gemms[g](args[g], xp.data(), n0, n1);
+    else fns[g](args[g], n0, n1);
   });
   return ffi::Error::Success();
 }

@@ -1,11 +1,14 @@
 """y = x @ W[layer]^T for a quantized, layer-stacked W, by our C++ kernel (quant_gemv.cc) on XLA:CPU.
 
-For few rows of x (decode: one per sequence), where XLA:CPU dequantizes whole matrices into memory
-before a dot: the kernel converts the stored integers of each 32-weight block in registers and
-computes the block's product in factored form, d * sum(x q) + m * sum(x), reading each weight once
-for up to 4 rows of x. Stored values are used exactly (nothing requantized, weights or activations);
-the sums round differently from a dot with the dequantized weights, and a one-hot row of x gives
-back exactly gguf's dequantized weight.
+For few rows of x (decode: one per sequence; up to MAX_ROWS), where XLA:CPU dequantizes whole
+matrices into memory before a dot: the kernel converts the stored integers of each 32-weight block
+in registers and computes the block's product in factored form, d * sum(x q) + m * sum(x), reading
+each weight once for up to 4 rows of x. For more rows, where the CPU has AVX-512 (`many_rows`): each
+weight is dequantized once a call into a buffer that stays in cache, then multiplied in register
+tiles (quant_gemm_avx512.h): 1.6-2.4x XLA's dequantize-then-dot at 32 rows, 1.15-1.4x at 512 on
+SmolLM2's matrices. Stored values are used exactly (nothing requantized, weights or activations);
+the sums round differently from a dot with the dequantized weights (and the two paths differently
+from each other), and a one-hot row of x gives back exactly gguf's dequantized weight.
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 # (tests compare both; naming avx512 on a CPU without it is an error, not a silent fallback).
 # XLASERVE_CPU_ISA sets the default for programs traced after it is set (benchmarks compare both).
 ISAS = {"best": 0, "avx2": 1, "avx512": 2}
-# Rows of x above which XLA's GEMM (its dequantization spread over many rows) is the better path.
+# Rows of x up to which the factored GEMV runs; above it the GEMM path (quant_gemm_avx512.h
+# kMaxGemvRows), or XLA's dot where the CPU lacks AVX-512.
 MAX_ROWS = 16
+AVX512_FLAGS = {"avx512f", "avx512dq"}
+
+
+def many_rows(isa: str | None = None) -> bool:
+    """Whether calls of more than MAX_ROWS rows run the kernel (its AVX-512 GEMM path) for programs
+    traced now: the CPU has AVX-512 and the code is not named avx2 (`isa` or $XLASERVE_CPU_ISA)."""
+    isa = isa or os.environ.get("XLASERVE_CPU_ISA", "best")
+    return isa != "avx2" and AVX512_FLAGS <= build.cpu_flags()
 
 
 def supported(kind: str, block: int, packed: bool, lanes: bool = False) -> bool:

@@ -59,20 +59,23 @@ def _call(x, w, layer, isa=None):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scales", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
-def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales, isa):
+@pytest.mark.parametrize("rows", [16, 48])  # the GEMV rows; over MAX_ROWS, AVX-512's GEMM path
+def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales, isa, rows):
     # x = the identity: row k of y is column k of W, one product by 1.0 plus zeros: exact
     w = _stack(kind, block, packed, scales=scales)
     want = np.asarray(quant.dequantize(quant.map_quant(lambda a: a[2], w)))  # [N, K]
     k = want.shape[1]
     eye = jnp.eye(k, dtype=jnp.float32)
-    got = np.concatenate([np.asarray(_call(eye[i : i + 16], w, 2, isa)) for i in range(0, k, 16)])
+    got = np.concatenate([np.asarray(_call(eye[i : i + rows], w, 2, isa)) for i in range(0, k, rows)])
     np.testing.assert_array_equal(got, want.T)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
 @pytest.mark.parametrize(
-    "rows,scales", [(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)]
+    "rows,scales",
+    [(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)]
+    + [(17, jnp.float32), (40, jnp.float16), (77, jnp.float32)],  # the GEMM path: blocks of 32 rows
 )
 def test_products_match_a_float64_reference(kind, block, packed, rows, scales, isa):
     w = _stack(kind, block, packed, scales=scales)
@@ -96,6 +99,20 @@ def test_a_rows_result_does_not_depend_on_the_batch_around_it(packed, isa):
     for n in (0, 299, 300):  # each row of W alone (no pair) gives the same sums
         alone = jax.tree.map(lambda a, n=n: a[:, n : n + 1], w)
         np.testing.assert_array_equal(np.asarray(_call(x, alone, 1, isa))[:, 0], whole[:, n])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("packed", [True, False])
+def test_over_max_rows_a_rows_result_does_not_depend_on_the_batch_around_it(packed, isa):
+    # 301 rows of W: tiles of 12 with a part-filled last one; 70 rows of x: two blocks of 32 and a
+    # last of 6 (one vector), against the same rows in calls of 17 and 33 rows
+    w = _stack("q4_1", 32, packed, n=301, k=256)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((70, w.shape[-1])), jnp.float32)
+    whole = np.asarray(_call(x, w, 1, isa))
+    for lo, hi in ((0, 17), (5, 38), (37, 70), (50, 70)):
+        np.testing.assert_array_equal(np.asarray(_call(x[lo:hi], w, 1, isa)), whole[lo:hi])
+    alone = jax.tree.map(lambda a: a[:, 299:301], w)
+    np.testing.assert_array_equal(np.asarray(_call(x, alone, 1, isa)), whole[:, 299:301])
 
 
 def test_best_is_avx512_where_the_cpu_has_it_and_avx512_elsewhere_is_refused_by_name():
@@ -200,7 +217,7 @@ def test_layouts_it_does_not_take_are_refused_by_name():
         quant_gemv(jnp.zeros((1, 64)), *w.arrays, 0, **w.layout, packed=False)
 
 
-def test_linear_routes_few_rows_to_the_kernel_and_many_to_xla():
+def test_linear_routes_few_rows_to_the_kernel_and_many_to_it_only_with_avx512(monkeypatch):
     w = _stack("q4_1", 32, False)
     one = quant.LayerOf(w, jnp.asarray(1))
     native = Kernels(matmul="native")
@@ -210,7 +227,10 @@ def test_linear_routes_few_rows_to_the_kernel_and_many_to_xla():
         .as_text()
     )
     assert build.TARGET in hlo(4)
-    assert build.TARGET not in hlo(64)  # prefill: XLA's dot over the sliced layer
+    # prefill and batches over MAX_ROWS: the kernel's GEMM path on AVX-512, else XLA's dot
+    assert (build.TARGET in hlo(64)) == HAS_AVX512
+    monkeypatch.setenv("XLASERVE_CPU_ISA", "avx2")
+    assert build.TARGET in hlo(4) and build.TARGET not in hlo(64)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, w.shape[-1])), jnp.float32)
     got = quant.linear(x, one, kernels=native)
     ref = quant.linear(x, one.sliced(), kernels=Kernels(matmul="xla"))
