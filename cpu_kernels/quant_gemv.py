@@ -36,7 +36,7 @@ def many_rows(isa: str | None = None) -> bool:
     """Whether calls of more than MAX_ROWS rows run the kernel (its AVX-512 GEMM path) for programs
     traced now: the CPU has AVX-512 and the code is not named avx2 (`isa` or $XLASERVE_CPU_ISA)."""
     isa = isa or os.environ.get("XLASERVE_CPU_ISA", "best")
-    return isa != "avx2" and AVX512_FLAGS <= build.cpu_flags()
+    return isa != "avx2" and build.cpu_flags() >= AVX512_FLAGS
 
 
 def supported(kind: str, block: int, packed: bool, lanes: bool = False) -> bool:

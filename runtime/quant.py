@@ -220,7 +220,7 @@ def _native(x, w: QuantArray, kernels: Kernels) -> bool:
     rows = int(np.prod(x.shape[:-1]))
     return (
         reads_in_place(kernels)
-        and 0 < rows
+        and rows > 0
         and (rows <= native.MAX_ROWS or native.many_rows())
         and native.supported(w.kind, w.block, w.packed, w.lanes)
         and w.scale.dtype in (jnp.float32, jnp.float16)  # as the kernel reads them

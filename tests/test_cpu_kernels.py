@@ -74,8 +74,10 @@ def test_each_weight_is_the_exact_dequantized_value(kind, block, packed, scales,
 @pytest.mark.parametrize("kind,block,packed", LAYOUTS)
 @pytest.mark.parametrize(
     "rows,scales",
-    [(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)]
-    + [(17, jnp.float32), (40, jnp.float16), (77, jnp.float32)],  # the GEMM path: blocks of 32 rows
+    [
+        *[(1, jnp.float16), (2, jnp.float32), (3, jnp.float16), (5, jnp.float32), (16, jnp.float16)],
+        *[(17, jnp.float32), (40, jnp.float16), (77, jnp.float32)],  # the GEMM path: blocks of 32 rows
+    ],
 )
 def test_products_match_a_float64_reference(kind, block, packed, rows, scales, isa):
     w = _stack(kind, block, packed, scales=scales)

@@ -9,6 +9,7 @@ import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -219,6 +220,34 @@ def test_longest_prefers_the_page_sharing_the_most_tokens_after_the_same_prefix(
     pool.check()
     pool.alloc(8)  # evicts all three: none is found any more
     assert pool.longest(h, [5, 6, 9]) == (None, 0) and pool.lookup(h, [1, 2, 3, 4]) is None
+    pool.check()
+
+
+def test_longest_finds_the_most_shared_tokens_among_many_pages_with_one_first_token():
+    # an eval's questions all start alike: the match is found among hundreds of such pages
+    rng = np.random.default_rng(0)
+    pool = PageAllocator(400)
+    h = chain_hash(None, [9, 9])
+    held = {}
+    for page in pool.alloc(400):
+        tokens = [7, *rng.integers(0, 3, int(rng.integers(1, 8)))]
+        if page % 3:
+            pool.publish(page, chain_hash(h, tokens), tokens, h)
+        else:
+            pool.publish_tail(page, tokens, h)
+        held[page] = tokens
+
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    for _ in range(300):
+        want = [int(t) for t in rng.integers(0, 3, int(rng.integers(1, 9)))]
+        want[0] = 7 if rng.random() < 0.9 else 1
+        page, n = pool.longest(h, want)
+        best = max(shared(t, want) for t in held.values())
+        assert n == best and (page is None) == (best == 0)
+        if page is not None:
+            assert shared(held[page], want) == n
     pool.check()
 
 
