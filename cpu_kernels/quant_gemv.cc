@@ -10,8 +10,10 @@
 //
 // The stored integers and scales are used exactly (no requantization of weights or activations);
 // the product is computed in a factored form (see RowsR) whose sums round differently from a dot
-// with the dequantized weights. The sum for one (m, n) is the same whatever M, the thread count or
-// the rows' split: batch-invariant and deterministic.
+// with the dequantized weights. The sum for one (m, n) is the same whatever M (up to kMaxGemvRows),
+// the thread count or the rows' split: batch-invariant and deterministic. Calls of more rows run,
+// on AVX-512, the GEMM path (quant_gemm_avx512.h): batch-invariant among themselves, rounded
+// differently from the rows here.
 //
 // Rows n are split into tasks on XLA's intra-op thread pool (parallel.h). Where the CPU has AVX-512
 // the rows run at 16 lanes (quant_gemv_avx512.h), else at 8 (RowsR here): each is deterministic and
