@@ -34,13 +34,18 @@ CACHE = Path(os.environ.get("XLASERVE_CPU_KERNELS", Path.home() / ".cache" / "xl
 REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none); read once, as
+    `quant_gemv.many_rows` asks for every matrix a program traces."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next(
+                (frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                frozenset(),
+            )
     except OSError:
-        return set()
+        return frozenset()
 
 
 def _compiler() -> str | None:

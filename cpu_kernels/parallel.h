@@ -67,7 +67,8 @@ struct Tasks {
   std::mutex mu;
   std::condition_variable cv;
 
-  Tasks(std::function<void(int64_t)> f, int64_t n, int64_t p) : fn(std::move(f)), count(n), parts(p), part(new Part[p]) {
+  Tasks(std::function<void(int64_t)> f, int64_t n, int64_t p)
+      : fn(std::move(f)), count(n), parts(p), part(new Part[p]) {
     for (int64_t i = 0; i < p; ++i) part[i].next = i * n / p, part[i].end = (i + 1) * n / p;
   }
 

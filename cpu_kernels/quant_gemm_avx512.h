@@ -30,9 +30,9 @@ XLASERVE_AVX512 void DequantRow512(const Args& a, int64_t n, float* out) {
   const Sc* mn = kHasMin ? static_cast<const Sc*>(a.min) + n * nb : nullptr;
   // packed (lane order): lane j of the low half keeps value j at bit Position512(j) of word j % 4,
   // of the high half value 16 + j; shifted down and masked, both come out in k order
-  alignas(64) int32_t lo_shift[16], hi_shift[16];
-  for (int j = 0; j < 16; ++j) lo_shift[j] = Position512(j), hi_shift[j] = Position512(16 + j);
-  const __m512i shift_lo = _mm512_load_si512(lo_shift), shift_hi = _mm512_load_si512(hi_shift);
+  const __m512i shift_lo = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+  const __m512i shift_hi = _mm512_add_epi32(shift_lo, _mm512_set1_epi32(16));
+  static_assert(Position512(4) == 4 && Position512(12) == 12 && Position512(16 + 15) == 16 + 12);
   const __m512i fifteen = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   for (int64_t k = 0; k < a.k; k += 16) {
     const int64_t b = k / a.block;

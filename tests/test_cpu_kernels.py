@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from xlaserve.cpu_kernels import build
-from xlaserve.cpu_kernels.quant_gemv import quant_gemv, supported
+from xlaserve.cpu_kernels.quant_gemv import AVX512_FLAGS, quant_gemv, supported
 from xlaserve.runtime import quant, quant_layouts
 from xlaserve.runtime.config import Kernels
 
@@ -32,7 +32,7 @@ LAYOUTS = [  # (quantize kind, block, packed in lane order): GGUF's types (check
 
 
 # The kernel's codes this host runs: AVX2 everywhere, AVX-512 where the CPU has it ("best" picks it).
-HAS_AVX512 = {"avx512f", "avx512dq"} <= build.cpu_flags()
+HAS_AVX512 = build.cpu_flags() >= AVX512_FLAGS
 ISAS = ["avx2", "avx512"] if HAS_AVX512 else ["avx2"]
 
 
