@@ -32,6 +32,7 @@ from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.engine import Engine, to_host
 from xlaserve.runtime.layout import Layout, Program
 from xlaserve.runtime.programs import Statics
+from xlaserve.runtime.sampling import argmax
 
 # Tokens a row feeds the propose program before its first guess. In steady state a row lacks one
 # (its next input) or two (after a verify step that kept every guess, the last guess's K/V was never
@@ -65,7 +66,7 @@ def propose(weights, cache, page_table, window, start, n_valid, most, *, st: Sta
         block,
     )
     last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-    guesses = jnp.zeros((rows, steps), jnp.int32).at[:, 0].set(_argmax(st.logits(weights, last)))
+    guesses = jnp.zeros((rows, steps), jnp.int32).at[:, 0].set(argmax(st.logits(weights, last)))
     first = start + n_valid  # the position of guess 0
 
     def step(i, carry):
@@ -82,16 +83,12 @@ def propose(weights, cache, page_table, window, start, n_valid, most, *, st: Sta
             jnp.where(on, first + i, 0),
             block,
         )
-        guess = jnp.where(on, _argmax(st.logits(weights, hidden[:, 0])), 0)
+        guess = jnp.where(on, argmax(st.logits(weights, hidden[:, 0])), 0)
         return cache, guesses.at[:, i].set(guess)
 
     # as many steps as the row that wants the most guesses needs
     last_step = jnp.minimum(jnp.max(jnp.where(active, most, 1)), steps)
     return jax.lax.fori_loop(1, last_step, step, (cache, guesses))
-
-
-def _argmax(logits):
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def propose_program(lay: Layout, rows: int, kv_tokens: int, k: int) -> Program:

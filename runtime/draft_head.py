@@ -40,6 +40,7 @@ from xlaserve.runtime import draft_features, models
 from xlaserve.runtime.config import ModelConfig
 from xlaserve.runtime.models import decoder
 from xlaserve.runtime.models.layers import rms_norm, rope
+from xlaserve.runtime.sampling import argmax
 
 INIT_STD = 0.02  # the head's matrices start ~ N(0, 0.02²), as EAGLE's (HF's Llama init)
 MAX_K = 16  # the longest chain a head runs: the verify program's guesses are a handful
@@ -194,7 +195,7 @@ def chain(params, target, feats, tokens, pos, *, cfg: ModelConfig, k: int, pad=N
         predicted.append(feat)
         logits.append(lg)
         if j + 1 < k:
-            token = forced[:, j + 1] if forced is not None else jnp.argmax(lg, axis=-1).astype(jnp.int32)
+            token = forced[:, j + 1] if forced is not None else argmax(lg)
             emb = draft_features.embed(target, token, cfg)[:, None]
             out, cache = model.apply(params, feat[:, None], emb, (pos + j + 1)[:, None], cache, w + j, pad)
             feat = out[:, 0]
@@ -217,4 +218,4 @@ def propose(params, target, features, tokens, position, pad=None, *, cfg: ModelC
     int32 [R, k]: the guesses for positions p+2 .. p+k+1. Rows are independent; an idle row's
     guesses are garbage that verify's n_proposed = 0 ignores."""
     _, logits = chain(params, target, features, tokens, position, cfg=cfg, k=k, pad=pad)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)

@@ -31,7 +31,7 @@ import numpy as np
 from xlaserve.runtime import models
 from xlaserve.runtime.attention import KVCache
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
-from xlaserve.runtime.sampling import SamplingState, sample
+from xlaserve.runtime.sampling import SamplingState, argmax, log_probs_of, sample
 from xlaserve.runtime.speculative import accept
 
 
@@ -249,8 +249,8 @@ def score_packed(weights, cache: KVCache, tokens, positions, seq_of, count, page
 
 def _scores(lg, targets):
     """logits [..., V], targets [..., K] -> int32 [..., K, 2]: bitcast log-prob, is-greedy."""
-    lp = jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), targets, axis=-1)
-    greedy = jnp.argmax(lg, axis=-1)[..., None] == targets
+    lp = log_probs_of(lg, targets)
+    greedy = argmax(lg)[..., None] == targets
     return jnp.stack([jax.lax.bitcast_convert_type(lp, jnp.int32), greedy.astype(jnp.int32)], axis=-1)
 
 

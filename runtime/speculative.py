@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from xlaserve.runtime.sampling import SamplingState, draw_keys, penalize, warp
+from xlaserve.runtime.sampling import SamplingState, argmax, draw_keys, log_probs_of, penalize, warp
 
 ACCEPT, RESIDUAL = 1, 2  # sub-keys of a position's key: the accept test, the draw after a rejection
 
@@ -92,7 +92,7 @@ def accept(logits, proposed, n_proposed, state: SamplingState, seen, positions, 
         lambda lg: lg,
         flat(logits),
     )
-    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32).reshape(s, k1)
+    greedy = argmax(penalized).reshape(s, k1)
     guess = jnp.concatenate([proposed, jnp.zeros((s, 1), jnp.int32)], axis=1)  # [S, K+1]
     proposed_at = jnp.arange(k1)[None, :] < n_proposed[:, None]
     leading = lambda agree: jnp.sum(jnp.cumprod((agree & proposed_at).astype(jnp.int32), axis=1), axis=1)
@@ -136,5 +136,5 @@ def accept(logits, proposed, n_proposed, state: SamplingState, seen, positions, 
 
     j = jnp.arange(k1)[None, :]
     tokens = jnp.where(j < kept[:, None], guess, jnp.where(j == kept[:, None], own[:, None], 0))
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    logprobs = log_probs_of(logits, tokens[..., None])[..., 0]
     return kept + 1, tokens, jnp.where(j <= kept[:, None], logprobs, 0.0)

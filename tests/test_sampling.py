@@ -19,7 +19,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from xlaserve.runtime.sampling import SamplingState, filter_logits, sample
+from xlaserve.runtime.sampling import (
+    SamplingState,
+    _argmax_by_blocks,
+    argmax,
+    filter_logits,
+    log_probs_of,
+    sample,
+)
 from xlaserve.runtime.sampling_params import SamplingParams
 
 V = 4096
@@ -134,6 +141,39 @@ def test_top_logprobs(logits):
     for r in range(2):
         np.testing.assert_array_equal(ids[r], np.argsort(-raw[r])[:8])
         np.testing.assert_allclose(lps[r], raw[r][np.asarray(ids[r])], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["blocks", "both-infinities", "nans"])
+@pytest.mark.parametrize("vocab", [49152, 300, 7])
+def test_argmax_is_jnp_argmax_with_ties_nans_and_infinities(vocab, case):
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-3, 4, size=(3, 5, vocab)).astype(np.float32)  # many ties among small integers
+    x[0, 0] = -np.inf  # all -inf: index 0
+    x[0, 3, [vocab // 3, vocab - 1]] = np.inf
+    x[1, 0] = -0.0
+    x[1, 0, vocab - 1] = 0.0  # -0.0 == 0.0: the first
+    x[1, 1, :] = 5.0  # all equal
+    x[1, 2, 1:] = -np.inf  # a grammar mask: one token allowed
+    if case == "both-infinities":  # in one block: the exact path
+        x[0, 1, 1 : vocab // 2] = -np.inf
+        x[0, 1, [0, vocab // 2]] = np.inf
+    if case == "nans":
+        x[2, 0, vocab // 2 :] = np.nan  # NaNs after the maximum: the first NaN wins
+        x[2, 1, -1] = np.nan  # a NaN in the last (padded) block
+        x[2, 2, ::3] = np.nan
+    ours = jax.jit(argmax)(jnp.asarray(x))
+    assert ours.dtype == jnp.int32
+    want = jnp.argmax(jnp.asarray(x), axis=-1)
+    np.testing.assert_array_equal(ours, want)
+    if case == "blocks" and vocab % 128 == 0:  # the fast path itself, which the others do not take
+        np.testing.assert_array_equal(_argmax_by_blocks(jnp.asarray(x).reshape(3, 5, -1, 128)), want)
+
+
+def test_log_probs_of_reads_log_softmax(logits):
+    rows = jnp.asarray(logits[:2])
+    tokens = jnp.asarray([[0, 5, V - 1], [7, 7, 3]])
+    ours = jax.jit(log_probs_of)(rows, tokens)
+    np.testing.assert_array_equal(ours, jnp.take_along_axis(jax.jit(jax.nn.log_softmax)(rows), tokens, -1))
 
 
 @pytest.mark.parametrize(
