@@ -12,9 +12,9 @@ family choosing its variant by the weights it declares and a few static switches
   attention-logit soft-capping, final-logit soft-capping.
 
 Weights are a pytree of typed dataclasses; every per-layer array is stacked on a leading layer
-axis and the forward pass scans over it (per-layer windows and RoPE frequencies are scanned with
-the weights), so compile time does not grow with depth. Matrices are stored [out, in] (GGUF's and
-torch's layout). Any matrix may be a `QuantArray`.
+axis and the forward pass scans over it (per-layer windows and which RoPE table are scanned with
+the weights; the tables are computed once per pass), so compile time does not grow with depth.
+Matrices are stored [out, in] (GGUF's and torch's layout). Any matrix may be a `QuantArray`.
 
 Dimension letters: B batch, T tokens, D hidden, F ffn, V vocab, L layers, H kv heads, G query heads
 per kv head, K head dim.
@@ -33,7 +33,7 @@ import numpy as np
 from xlaserve.runtime.attention import NO_WINDOW, KVCache, paged_attention, token_slots, write_kv
 from xlaserve.runtime.config import XLA_KERNELS, Kernels, ModelConfig
 from xlaserve.runtime.models import moe as moe_ffn
-from xlaserve.runtime.models.layers import head, matmul, matmuls, rms_norm, rope
+from xlaserve.runtime.models.layers import head, matmul, matmuls, rms_norm, rope_angles, rotate
 from xlaserve.runtime.models.params import declare, declare_stacked
 from xlaserve.runtime.quant import LayerOf, QuantArray, reads_in_place, take_rows
 
@@ -130,7 +130,7 @@ def param_info(
 
 
 def per_layer(cfg: ModelConfig):
-    """(windows int32 [L], inverse RoPE frequencies float32 [L, K/2]): scanned with the layers."""
+    """(windows int32 [L], inverse RoPE frequencies float32 [L, K/2]) of each layer."""
     windows = np.array([w or NO_WINDOW for w in cfg.windows()], np.int32)
     inv_freq = np.stack([r.inv_freq(cfg.head_dim) for r in cfg.ropes()]).astype(np.float32)
     return windows, inv_freq
@@ -168,6 +168,8 @@ def forward(
     scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
     norm = lambda x, w: rms_norm(x, w, cfg.rms_norm_eps, style.norm_offset)
     windows, inv_freqs = per_layer(cfg)
+    tables, rope_of = np.unique(inv_freqs, axis=0, return_inverse=True)
+    cos, sin = rope_angles(positions, tables)  # [R, B, T, K/2] for the R distinct RoPEs, once
     pages, offsets = token_slots(page_table, positions, valid, cache.page_size, cache.num_pages)
     x = take_rows(weights.embed, tokens, dtype)
     if style.embed_scale:  # in the activations' dtype, as HF does
@@ -186,7 +188,7 @@ def forward(
 
     def layer(carry, xs):
         x, cache = carry
-        w, i, window, inv_freq = xs
+        w, i, window, r = xs
         w = dataclasses.replace(w, **{f: LayerOf(m, i) for f, m in stacks.items()})
         with jax.named_scope("attention"):
             y = norm(x, w.attn_norm)
@@ -201,7 +203,7 @@ def forward(
             q, kk = q.reshape(b, t, h, g, k), kk.reshape(b, t, h, k)
             if w.q_norm is not None and not whole:
                 q, kk = norm(q, w.q_norm), norm(kk, w.k_norm)
-            q, kk = rope(q, positions, inv_freq), rope(kk, positions, inv_freq)
+            q, kk = rotate(q, cos[r], sin[r]), rotate(kk, cos[r], sin[r])
             cache = write_kv(cache, i, kk, v, pages, offsets)
             o = paged_attention(
                 q,
@@ -230,7 +232,12 @@ def forward(
         return (x, cache), counts
 
     scanned = dataclasses.replace(weights.layers, **{f: None for f in stacks})
-    xs = (scanned, jnp.arange(cfg.num_layers), jnp.asarray(windows), jnp.asarray(inv_freqs))
+    xs = (
+        scanned,
+        jnp.arange(cfg.num_layers),
+        jnp.asarray(windows),
+        jnp.asarray(rope_of.reshape(-1), jnp.int32),
+    )
     (x, cache), counts = jax.lax.scan(layer, (x, cache), xs)  # counts [L, E]
     return (norm(x, weights.final_norm), cache) + ((counts,) if routed else ()) + ((x,) if features else ())
 
