@@ -76,7 +76,9 @@ inline void Axpy(float a, const float* x, float* y, int64_t d) {
 
 // Token ti of row b, query heads [i0, i1) of its H x G (query head i reads kv head i / G). s:
 // scratch of (i1 - i0) x (visible keys) scores, then a softmax denominator per query head.
-void Query(const Args& a, int64_t b, int64_t ti, int64_t i0, int64_t i1, std::vector<float>& s) {
+// rec: scratch for the visible keys' record offsets.
+void Query(const Args& a, int64_t b, int64_t ti, int64_t i0, int64_t i1, std::vector<float>& s,
+           std::vector<int64_t>& rec) {
   const int64_t row = b * a.t + ti;
   const float* q = a.q + row * a.h * a.g * a.d;
   float* out = a.out + row * a.h * a.g * a.d;
@@ -87,11 +89,15 @@ void Query(const Args& a, int64_t b, int64_t ti, int64_t i0, int64_t i1, std::ve
   if (hi <= lo) return;
   const int64_t n = hi - lo, heads = i1 - i0;
   s.resize(heads * (n + 1));
+  // Offsets of keys lo .. hi-1's records [H, D] within a layer's cache, page by page: no division
+  // per key (an integer division for each key and head cost more than the key's FMAs).
+  rec.resize(n);
   const int32_t* table = a.pages + b * a.w;
-  auto at = [&](const float* cache, int64_t j) {  // token j's record [H, D]
-    const int64_t page = std::clamp<int64_t>(table[j / a.p], 0, a.n - 1);
-    return cache + (page * a.p + j % a.p) * a.h * a.d;
-  };
+  for (int64_t j = lo; j < hi;) {
+    const int64_t page = std::clamp<int64_t>(table[j / a.p], 0, a.n - 1), end = std::min(hi, (j / a.p + 1) * a.p);
+    for (int64_t at = (page * a.p + j % a.p) * a.h * a.d; j < end; ++j, at += a.h * a.d) rec[j - lo] = at;
+  }
+  auto at = [&](const float* cache, int64_t j) { return cache + rec[j - lo]; };  // token j's record
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t off = i / a.g * a.d;  // its kv head's row within a token's record
@@ -168,10 +174,11 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const int64_t split = bs * chunks < 4 ? heads : 1;
   xlaserve::ParallelFor(pool, bs * chunks * split, [&](int64_t i) {
     thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> rec;
     const int64_t b = i / (chunks * split), c = i / split % chunks, part = i % split;
     const int64_t i0 = part * heads / split, i1 = (part + 1) * heads / split;
     for (int64_t ti = c * kTokensPerTask; ti < std::min(a.t, (c + 1) * kTokensPerTask); ++ti)
-      Query(a, b, ti, i0, i1, scores);
+      Query(a, b, ti, i0, i1, scores, rec);
   });
   return ffi::Error::Success();
 }
