@@ -98,18 +98,15 @@ def sample(logits, state: SamplingState, seen, positions, *, max_top: int, allow
     """
     if allowed is not None:
         logits = jnp.where(allowed_tokens(allowed, logits.shape[-1]), logits, -jnp.inf)
+    penalized = lambda: penalize(logits, seen, state.repetition_penalty)
     # the penalty writes a [B, V] copy of the logits: skipped when no row has one
-    penalized = jax.lax.cond(
-        jnp.any(state.repetition_penalty != 1.0),
-        lambda lg: penalize(lg, seen, state.repetition_penalty),
-        lambda lg: lg,
-        logits,
+    greedy_tokens = jax.lax.cond(
+        jnp.any(state.repetition_penalty != 1.0), lambda: argmax(penalized()), lambda: argmax(logits)
     )
-    greedy_tokens = argmax(penalized)
     is_greedy = state.temperature == 0.0
 
     def draw(_):
-        drawn = jax.vmap(jax.random.categorical)(draw_keys(state, positions), warp(penalized, state))
+        drawn = jax.vmap(jax.random.categorical)(draw_keys(state, positions), warp(penalized(), state))
         return jnp.where(is_greedy, greedy_tokens, drawn.astype(jnp.int32))
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy_tokens, draw, None)
