@@ -140,8 +140,11 @@ def argmax(x):
     maximum; the answer is the argmax within the first block holding the row's maximum (~1 ms).
     That needs no NaN anywhere (XLA:CPU's vectorized max does not propagate NaN): a block's sum is
     NaN if the block holds one (or holds both infinities, or overflows both ways), and then the
-    whole call takes jnp.argmax itself.
+    whole call takes jnp.argmax itself. Other backends take jnp.argmax always: it is fast there, and
+    reduces a vocabulary split over devices without gathering it (the block read here would).
     """
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
     *lead, v = x.shape
     pad = -v % _ARGMAX_BLOCK
     if pad:  # -inf after the last token never comes first among equals
