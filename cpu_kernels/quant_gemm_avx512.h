@@ -1,4 +1,4 @@
-// Many rows of x (M > kMaxGemvRows) on AVX-512, for quant_gemv.cc (included there after
+// Many rows of x (M > gemv_rows, quant_gemv.py MAX_ROWS) on AVX-512, for quant_gemv.cc (included there after
 // quant_gemv_avx512.h): batched decode and prefill, where the GEMV rows (which convert each block
 // again for every 4 rows of x) run at about half the FMA ports' bound and XLA's own path writes a
 // dequantized copy of every matrix each call.
@@ -13,13 +13,12 @@
 // x comes packed per block as xp[k][kTileM] (zeros past M), so a step loads two vectors of x and
 // broadcasts kTileN weights. Each (m, n) is one fma chain over k in order: the same whatever M, the
 // block or tile it falls in, or the thread (batch-invariant among calls of this path). It is not the
-// GEMV rows' factored order, so results differ in the last bits from a call of <= kMaxGemvRows rows.
+// GEMV rows' factored order, so results differ in the last bits from a call of <= gemv_rows rows.
 
 #pragma once
 
 constexpr int kTileN = 12;        // rows of W per register tile
 constexpr int kTileM = 32;        // rows of x per block: two 16-lane vectors
-constexpr int kMaxGemvRows = 16;  // M above which the GEMM path runs (quant_gemv.py MAX_ROWS)
 
 // Row n of W as float32 into out[0, K): w = d * q (+ m), q the stored integer (q4_0: q - 8).
 template <typename Sc, int kKind, bool kPacked, bool kHasMin>

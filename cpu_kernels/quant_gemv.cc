@@ -10,7 +10,7 @@
 //
 // The stored integers and scales are used exactly (no requantization of weights or activations);
 // the product is computed in a factored form (see RowsR) whose sums round differently from a dot
-// with the dequantized weights. The sum for one (m, n) is the same whatever M (up to kMaxGemvRows),
+// with the dequantized weights. The sum for one (m, n) is the same whatever M (up to gemv_rows),
 // the thread count or the rows' split: batch-invariant and deterministic. Calls of more rows run,
 // on AVX-512, the GEMM path (quant_gemm_avx512.h): batch-invariant among themselves, rounded
 // differently from the rows here.
@@ -262,7 +262,7 @@ ffi::Error Bind(const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale, const f
 // are made once. Each y_g is what a call with W_g alone gives (the same RowsR per row).
 ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                      ffi::RemainingArgs operands, ffi::RemainingRets results, int64_t kind, int64_t block,
-                     bool packed, bool has_min, int64_t isa) {
+                     bool packed, bool has_min, int64_t isa, int64_t gemv_rows) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("quant_gemv: x must be [M, K]");
   const int64_t m = xd[0], k = xd[1], count = static_cast<int64_t>(results.size());
@@ -277,10 +277,11 @@ ffi::Error QuantGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (isa == kAvx512 && !has_avx512)
     return ffi::Error::InvalidArgument("quant_gemv: isa=avx512 asked for, but this CPU lacks AVX-512F/DQ");
   const bool wide = isa == kAvx512 || (isa == kBestIsa && has_avx512);
+  if (gemv_rows < 0) return ffi::Error::InvalidArgument("quant_gemv: gemv_rows must be >= 0");
 
-  // More than kMaxGemvRows rows on AVX-512: each weight dequantized once a call, then register
+  // More than gemv_rows rows on AVX-512: each weight dequantized once a call, then register
   // tiles (quant_gemm_avx512.h); x packed into blocks first, a task per block.
-  const bool gemm = wide && m > kMaxGemvRows;
+  const bool gemm = wide && m > gemv_rows;
   Args shared{};
   shared.m = m, shared.k = k;
   std::vector<float> x_sums, scaled, xp;
@@ -349,4 +350,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveQuantGemv, QuantGemv,
                                   .Attr<int64_t>("block")
                                   .Attr<bool>("packed")
                                   .Attr<bool>("has_min")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("gemv_rows"));

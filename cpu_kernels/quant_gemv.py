@@ -26,8 +26,8 @@ KINDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 # (tests compare both; naming avx512 on a CPU without it is an error, not a silent fallback).
 # XLASERVE_CPU_ISA sets the default for programs traced after it is set (benchmarks compare both).
 ISAS = {"best": 0, "avx2": 1, "avx512": 2}
-# Rows of x up to which the factored GEMV runs; above it the GEMM path (quant_gemm_avx512.h
-# kMaxGemvRows), or XLA's dot where the CPU lacks AVX-512.
+# Rows of x up to which the factored GEMV runs; above it the GEMM path (quant_gemm_avx512.h: the
+# kernel takes this as its gemv_rows), or XLA's dot where the CPU lacks AVX-512.
 MAX_ROWS = 16
 AVX512_FLAGS = {"avx512f", "avx512dq"}
 
@@ -109,5 +109,6 @@ def quant_gemvs(
             packed=packed,
             has_min=matrices[0][2] is not None,
             isa=np.int64(ISAS[isa]),
+            gemv_rows=np.int64(MAX_ROWS),
         )
     )

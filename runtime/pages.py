@@ -119,8 +119,8 @@ class PageAllocator:
         if h in self._by_hash or page in self._page_key:
             return
         self._by_hash[h] = page
-        self._page_key[page] = (h, tuple(tokens), prev)
-        bisect.insort(self._after.setdefault(prev, []), (tuple(tokens), page))
+        self._page_key[page] = (h, held := tuple(tokens), prev)
+        bisect.insort(self._after.setdefault(prev, []), (held, page))
 
     def publish_tail(self, page: int, tokens: Sequence[int], prev: int | None) -> None:
         """A held page whose first `tokens` (fewer than a page) have their K/V written, following the
@@ -130,8 +130,8 @@ class PageAllocator:
             raise ValueError(f"page {page} is not held and cannot be published")
         if page in self._page_key or not tokens:
             return
-        self._page_key[page] = (None, tuple(tokens), prev)
-        bisect.insort(self._after.setdefault(prev, []), (tuple(tokens), page))
+        self._page_key[page] = (None, held := tuple(tokens), prev)
+        bisect.insort(self._after.setdefault(prev, []), (held, page))
 
     def longest(self, prev: int | None, tokens: Sequence[int]) -> tuple[int | None, int]:
         """(page, n): the published page after hash `prev` whose first n tokens are the first n of
